@@ -1,0 +1,37 @@
+"""``leanlstm`` command line. Each command is a small module; this file only dispatches."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from ..checkpoint import CheckpointError
+from ..runs import RunDirError
+from ..tasks.data import DataError
+from ..train import TrainingDiverged
+from . import eval as eval_command
+from . import train as train_command
+
+# Errors whose message already tells the user what to do: print it, no traceback.
+USER_ERRORS = (CheckpointError, DataError, RunDirError, TrainingDiverged, ValueError)
+
+
+class Main(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as error:
+            raise click.ClickException(str(error)) from error
+
+
+@click.group(cls=Main)
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def main(verbose: bool) -> None:
+    """leanlstm: compress LSTMs into compact, accurate and genuinely faster ones."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
+
+
+main.add_command(train_command.command)
+main.add_command(eval_command.command)

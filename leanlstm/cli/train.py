@@ -1,0 +1,41 @@
+"""``leanlstm train``: train a model from a preset into a run directory."""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+
+import click
+
+from ..presets import PRESETS
+from ..runs import RunConfig, train_run
+
+
+@click.command("train")
+@click.option("--task", default="ptb", show_default=True, help="Task to train on.")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="small", show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to create.")
+@click.option("--resume", is_flag=True, help="Continue the unfinished run in --out from its last checkpoint.")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Data folder (default: $LEANLSTM_DATA, "
+              "else ~/.cache/leanlstm; missing files are downloaded there).")
+@click.option("--epochs", type=int, help="Override the preset's number of epochs.")
+@click.option("--lr", type=float, help="Override the preset's learning rate.")
+@click.option("--clip", type=float, help="Override the preset's gradient-norm clip.")
+@click.option("--seed", type=int, help="Override the random seed.")
+@click.option("--max-batches", type=int, help="Stop each epoch after this many windows (smoke runs).")
+@click.option("--max-tokens", type=int, help="Use only the first N tokens of every split (smoke runs).")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def command(task, preset, out, resume, data_dir, epochs, lr, clip, seed, max_batches, max_tokens, no_progress):
+    """Train a model from a preset.
+
+    \b
+    Example:  leanlstm train --task ptb --preset small --out runs/ptb-small
+    """
+    overrides = {k: v for k, v in dict(epochs=epochs, lr=lr, clip=clip, seed=seed,
+                                       max_batches=max_batches).items() if v is not None}
+    run = RunConfig(task=task, preset=preset, data_dir=data_dir, max_tokens=max_tokens, overrides=overrides,
+                    command=shlex.join(["leanlstm"] + sys.argv[1:]))
+    metrics = train_run(run, out, resume=resume, progress=not no_progress)
+    if metrics is not None:
+        summary = {k: metrics[k] for k in ("hidden_sizes", "lstm_params", "val_ppl", "test_ppl", "train_minutes")}
+        click.echo(json.dumps(summary))

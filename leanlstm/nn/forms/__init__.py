@@ -1,0 +1,9 @@
+"""Weight forms: pluggable representations of one LSTM weight matrix (see ``base.WeightForm``)."""
+from .base import FORMS, WeightForm, build_form, form_class
+from .dense import Dense
+from .kronecker import Kronecker, kron_factor_shapes
+from .lowrank import LowRank
+from .sparse import MaskedSparse, magnitude_mask
+
+__all__ = ["FORMS", "WeightForm", "build_form", "form_class", "Dense", "Kronecker", "kron_factor_shapes",
+           "LowRank", "MaskedSparse", "magnitude_mask"]

@@ -1,0 +1,109 @@
+"""The weight-form interface: one LSTM weight matrix in some stored representation.
+
+A weight form is an ``nn.Module`` standing for an ``(out_features, in_features)`` matrix ``W``. It can
+- ``materialize()`` the dense ``W`` differentiably, so training reuses PyTorch's fused LSTM kernel and the
+  gradient flows back into the form's own parameters;
+- ``matvec(x)`` compute ``x @ W.T`` using its structure (the reference for the fast runtime);
+- report what it honestly stores: ``nbytes()`` (values plus sparse index overhead) and ``stored_params()``;
+- be built from a dense matrix (``from_dense``) and rebuilt empty from ``options()`` when loading a checkpoint.
+
+Subclasses register themselves by ``name``; adding a form is one new file, never an edit of a switch.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+FORMS: dict[str, type["WeightForm"]] = {}
+
+FLOAT_BYTES = 4  # float32 storage of every value
+
+
+class WeightForm(nn.Module):
+    """Base class of all weight forms. ``W`` has shape ``(out_features, in_features)``."""
+
+    name: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            if cls.name in FORMS:
+                raise ValueError(f"weight form name {cls.name!r} is already registered by {FORMS[cls.name]}")
+            FORMS[cls.name] = cls
+
+    def __init__(self, out_features: int, in_features: int) -> None:
+        super().__init__()
+        if out_features <= 0 or in_features <= 0:
+            raise ValueError(f"a weight form needs positive sizes, got {out_features}x{in_features}")
+        self.out_features = int(out_features)
+        self.in_features = int(in_features)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
+
+    # --- what every form implements -------------------------------------------------------------------
+    def materialize(self) -> torch.Tensor:
+        """The dense ``(out_features, in_features)`` matrix, differentiable w.r.t. the form's parameters."""
+        raise NotImplementedError
+
+    def matvec(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` for ``x`` of shape ``(..., in_features)``, computed through the form's structure."""
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        """Bytes this form stores at inference time: float32 values plus any index overhead."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, **options: Any) -> "WeightForm":
+        """The form (with ``options``) that best approximates the dense ``weight``."""
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        """Constructor keyword arguments (besides the sizes) that rebuild a form of the same structure."""
+        return {}
+
+    def reset_parameters(self, init_range: float) -> None:
+        """Initialise so that entries of ``W`` have the spread of ``uniform(-init_range, init_range)``."""
+        raise NotImplementedError
+
+    # --- shared behaviour ----------------------------------------------------------------------------
+    def stored_params(self) -> int:
+        """Float32-equivalent parameter count: ``nbytes / 4`` rounded up (index overhead included)."""
+        return math.ceil(self.nbytes() / FLOAT_BYTES)
+
+    def compression(self) -> float:
+        """Dense float32 size divided by what this form stores."""
+        return self.out_features * self.in_features * FLOAT_BYTES / self.nbytes()
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "out_features": self.out_features, "in_features": self.in_features,
+                "options": self.options()}
+
+    def extra_repr(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.options().items())
+        return f"{self.out_features}x{self.in_features}" + (f", {opts}" if opts else "")
+
+
+def form_class(name: str) -> type[WeightForm]:
+    try:
+        return FORMS[name]
+    except KeyError:
+        raise ValueError(f"unknown weight form {name!r}; known forms: {', '.join(sorted(FORMS))}") from None
+
+
+def build_form(config: dict[str, Any]) -> WeightForm:
+    """Rebuild an (uninitialised) form from ``WeightForm.config()``, e.g. before loading a state dict."""
+    cls = form_class(config["name"])
+    return cls(config["out_features"], config["in_features"], **config.get("options", {}))
+
+
+def uniform_(tensor: torch.Tensor, variance: float) -> torch.Tensor:
+    """Fill ``tensor`` from the uniform distribution with the given variance."""
+    bound = math.sqrt(3.0 * variance)
+    with torch.no_grad():
+        return tensor.uniform_(-bound, bound)

@@ -1,0 +1,92 @@
+"""Word-level language model head: embedding -> leanlstm.LSTM -> decoder (Zaremba et al. 2014)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..nn import LSTM
+
+
+@dataclass
+class LMConfig:
+    vocab_size: int = 10000                                        # PTB's vocabulary
+    embed_size: int = 200                                          # width of the word embedding (LSTM input)
+    hidden_sizes: list[int] = field(default_factory=lambda: [200, 200])  # per-layer LSTM sizes
+    dropout: float = 0.0                                           # on embeddings, between layers, before decoder
+    init_range: float = 0.1                                        # uniform(-r, r) for every parameter
+
+
+class WordLM(nn.Module):
+    """``forward(tokens, state, targets=None) -> (logits, loss, state)``; tokens are ``(T, B)`` ids.
+
+    The LSTM may carry any weight forms; ``lstm_config`` (stored in checkpoints) records them.
+    """
+
+    def __init__(self, config: LMConfig, lstm_config: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.embed_size)
+        if lstm_config is None:
+            self.lstm = LSTM(config.embed_size, config.hidden_sizes, dropout=config.dropout)
+        else:
+            self.lstm = LSTM.from_config(lstm_config)
+        self.dropout = nn.Dropout(config.dropout)
+        self.decoder = nn.Linear(_layer_sizes(self.lstm)[-1], config.vocab_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        r = self.config.init_range
+        self.lstm.reset_parameters(r)
+        for parameter in (self.embedding.weight, self.decoder.weight, self.decoder.bias):
+            nn.init.uniform_(parameter, -r, r)
+
+    def init_state(self, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        weight = self.decoder.weight  # follows device and dtype
+        zeros = [weight.new_zeros(1, batch_size, size) for size in _layer_sizes(self.lstm)]
+        return zeros, [z.clone() for z in zeros]
+
+    def forward(self, tokens: torch.Tensor, state=None, targets: torch.Tensor | None = None):
+        embedded = self.dropout(self.embedding(tokens))            # (T, B, E)
+        if state is None:
+            state = self.init_state(tokens.shape[1])
+        h, c = _per_layer(state)
+        if isinstance(self.lstm, nn.LSTM):  # a plain torch.nn.LSTM (the baseline) wants stacked state
+            h, c = torch.cat(h), torch.cat(c)
+        output, state = self.lstm(embedded, (h, c))                # (T, B, H)
+        logits = self.decoder(self.dropout(output))                # (T, B, V)
+        loss = None
+        if targets is not None:
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return logits, loss, _per_layer(state)
+
+    def model_config(self) -> dict[str, Any]:
+        return {"kind": "word_lm", "lm": asdict(self.config), "lstm": self.lstm.config()}
+
+    @classmethod
+    def from_model_config(cls, config: dict[str, Any]) -> "WordLM":
+        lm_config = LMConfig(**config["lm"])
+        lm_config.hidden_sizes = list(config["lstm"]["hidden_size"])
+        return cls(lm_config, config["lstm"])
+
+
+def _layer_sizes(lstm: nn.Module) -> list[int]:
+    if isinstance(lstm, nn.LSTM):
+        return [lstm.hidden_size] * lstm.num_layers
+    return lstm.hidden_sizes
+
+
+def _per_layer(state):
+    """The LSTM returns stacked tensors for equal sizes; keep per-layer lists so state shapes never vary."""
+    h, c = state
+    if isinstance(h, torch.Tensor):
+        return list(h.split(1)), list(c.split(1))
+    return list(h), list(c)
+
+
+def detach_state(state):
+    """Cut the graph between BPTT windows."""
+    h, c = state
+    return [t.detach() for t in h], [t.detach() for t in c]

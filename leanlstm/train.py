@@ -1,0 +1,191 @@
+"""One training loop for every task and compression method.
+
+Methods never own the loop: they are ``Callback`` objects that add loss terms and act around optimiser steps,
+and they work the same from a user's own loop (call ``extra_loss`` / ``after_step`` yourself).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import distributed
+from .checkpoint import load_checkpoint, load_state, save_checkpoint
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 13                 # passes over the training split
+    batch_size: int = 20             # global batch (split across processes under torchrun)
+    bptt: int = 20                   # unrolled steps per window
+    lr: float = 1.0                  # SGD learning rate (for the loss summed over the window)
+    lr_decay: float = 0.5            # lr factor per epoch once decay starts
+    decay_after: int = 4             # epochs at the full lr
+    clip: float = 5.0                # gradient-norm clipping
+    seed: int = 1234                 # initialisation and dropout
+    max_batches: int | None = None   # per epoch; None = all (smoke runs set it)
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate of 1-based ``epoch``."""
+        return self.lr * self.lr_decay ** max(epoch - self.decay_after, 0)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class Callback:
+    """Hooks a compression method into training. Every hook is optional."""
+
+    def on_train_begin(self, trainer: "Trainer") -> None: ...
+    def extra_loss(self, trainer: "Trainer") -> torch.Tensor | None: return None  # added to the task loss
+    def before_step(self, trainer: "Trainer") -> None: ...                          # gradients are ready
+    def after_step(self, trainer: "Trainer") -> None: ...                           # weights were updated
+    def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict[str, float]) -> None: ...
+    def state_dict(self) -> dict[str, Any]: return {}
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Trainer:
+    """Trains ``model`` on ``task`` with SGD, clipping and a per-epoch lr schedule; checkpoints every epoch.
+
+    ``task`` provides ``train_batches()``, ``num_train_batches()``, ``training_loss(model, batch, state)``,
+    ``evaluate(model, split)`` and ``metric``. ``model`` must offer ``model_config()`` for checkpoints.
+    """
+
+    def __init__(self, model: nn.Module, task, config: TrainConfig, run_dir: str | Path | None = None,
+                 callbacks: Sequence[Callback] = (), progress: bool = False,
+                 run_info: dict[str, Any] | None = None) -> None:
+        self.model, self.task, self.config = model, task, config
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.callbacks, self.progress, self.run_info = list(callbacks), progress, run_info or {}
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+        self.epoch = 0          # epochs completed
+        self.step = 0           # optimiser steps taken
+        self.history: list[dict[str, Any]] = []
+        self.train_model = model
+        if distributed.is_distributed():
+            self.train_model = nn.parallel.DistributedDataParallel(model)
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.run_dir / CHECKPOINT if self.run_dir is not None else None
+
+    # --- the loop ------------------------------------------------------------------------------------
+    def fit(self) -> list[dict[str, Any]]:
+        """Train the remaining epochs; returns the per-epoch history."""
+        for callback in self.callbacks:
+            callback.on_train_begin(self)
+        for epoch in range(self.epoch + 1, self.config.epochs + 1):
+            started = time.perf_counter()
+            lr = self.config.lr_at(epoch)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            train_loss = self.train_epoch(epoch)
+            metrics = {"epoch": epoch, "lr": lr, f"train_{self.task.metric}": math.exp(train_loss)}
+            metrics |= {f"val_{k}": v for k, v in self.evaluate("valid").items()}
+            metrics["seconds"] = time.perf_counter() - started
+            for callback in self.callbacks:
+                callback.on_epoch_end(self, epoch, metrics)
+            self.history.append(metrics)
+            self.epoch = epoch
+            log.info("epoch %d  lr %.4g  train %s %.2f  valid %s %.2f  (%.0f s)", epoch, lr, self.task.metric,
+                     metrics[f"train_{self.task.metric}"], self.task.metric,
+                     metrics[f"val_{self.task.metric}"], metrics["seconds"])
+            self.save()
+        return self.history
+
+    def train_epoch(self, epoch: int) -> float:
+        """One pass over the training windows; returns the mean per-token training loss."""
+        self.train_model.train()
+        total = batches = 0
+        state = None
+        limit = self.task.num_train_batches()
+        if self.config.max_batches is not None:
+            limit = min(limit, self.config.max_batches)
+        bar = tqdm(total=limit, desc=f"epoch {epoch}/{self.config.epochs}", leave=False, unit="batch",
+                   disable=not self.progress or distributed.rank() != 0)
+        for batch in self.task.train_batches():
+            if batches == limit:
+                break
+            loss, state = self.task.training_loss(self.train_model, batch, state)
+            state = _detach(state)
+            self._check_finite(loss, epoch, batches)
+            self.optimise(loss)
+            total += loss.item() / batch[0].shape[0]
+            batches += 1
+            bar.update()
+            if batches % 50 == 0:
+                bar.set_postfix({self.task.metric: f"{math.exp(total / batches):.1f}"})
+        bar.close()
+        return total / max(batches, 1)
+
+    def optimise(self, loss: torch.Tensor) -> None:
+        """Backward, clip, step, with the callbacks' loss terms and hooks."""
+        for callback in self.callbacks:
+            extra = callback.extra_loss(self)
+            if extra is not None:
+                loss = loss + extra
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip)
+        for callback in self.callbacks:
+            callback.before_step(self)
+        self.optimizer.step()
+        self.step += 1
+        for callback in self.callbacks:
+            callback.after_step(self)
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Metrics on ``split``, computed on rank 0 and shared with the other processes."""
+        result = self.task.evaluate(self.model, split) if distributed.rank() == 0 else None
+        return distributed.broadcast_object(result)
+
+    def _check_finite(self, loss: torch.Tensor, epoch: int, batch: int) -> None:
+        if not torch.isfinite(loss):
+            where = f"the last good checkpoint is {self.checkpoint_path}; " if self.epoch else ""
+            raise TrainingDiverged(f"training loss became {float(loss)} at epoch {epoch}, batch {batch}: "
+                                   f"{where}lower the learning rate (--lr) or the clipping norm (--clip)")
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {"model_config": self.model.model_config(), "model_state": self.model.state_dict(),
+                "optimizer_state": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step,
+                "history": self.history, "rng_state": torch.get_rng_state(), "run_info": self.run_info,
+                "callbacks": [c.state_dict() for c in self.callbacks]}
+
+    def save(self) -> None:
+        if self.checkpoint_path is not None and distributed.rank() == 0:
+            save_checkpoint(self.checkpoint_path, self.state())
+        distributed.barrier()
+
+    def resume(self, path: str | Path | None = None) -> None:
+        """Continue from a checkpoint: weights, optimiser, epoch, history, RNG and callback states."""
+        path = Path(path) if path is not None else self.checkpoint_path
+        payload = load_checkpoint(path)
+        load_state(self.model, payload["model_state"], path)
+        self.optimizer.load_state_dict(payload["optimizer_state"])
+        self.epoch, self.step, self.history = payload["epoch"], payload["step"], payload["history"]
+        torch.set_rng_state(payload["rng_state"])
+        for callback, state in zip(self.callbacks, payload["callbacks"]):
+            callback.load_state_dict(state)
+        log.info("resumed from %s after epoch %d", path, self.epoch)
+
+
+def _detach(state):
+    if state is None:
+        return None
+    if isinstance(state, torch.Tensor):
+        return state.detach()
+    return type(state)(_detach(s) for s in state)
