@@ -155,7 +155,7 @@ class Trainer:
     def _check_finite(self, loss: torch.Tensor, epoch: int, batch: int) -> None:
         if not torch.isfinite(loss):
             where = f"the last good checkpoint is {self.checkpoint_path}; " if self.epoch else ""
-            raise TrainingDiverged(f"training loss became {float(loss)} at epoch {epoch}, batch {batch}: "
+            raise TrainingDiverged(f"training loss became {loss.item()} at epoch {epoch}, batch {batch}: "
                                    f"{where}lower the learning rate (--lr) or the clipping norm (--clip)")
 
     # --- checkpoints ---------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from ..runs import RunDirError
 from ..tasks.data import DataError
 from ..train import TrainingDiverged
 from . import eval as eval_command
+from . import export as export_command
 from . import train as train_command
 
 # Errors whose message already tells the user what to do: print it, no traceback.
@@ -35,3 +36,4 @@ def main(verbose: bool) -> None:
 
 main.add_command(train_command.command)
 main.add_command(eval_command.command)
+main.add_command(export_command.command)

@@ -24,8 +24,10 @@ from ..runs import RunConfig, train_run
 @click.option("--seed", type=int, help="Override the random seed.")
 @click.option("--max-batches", type=int, help="Stop each epoch after this many windows (smoke runs).")
 @click.option("--max-tokens", type=int, help="Use only the first N tokens of every split (smoke runs).")
+@click.option("--no-verify-data", is_flag=True, help="Skip the md5 check of the data files (for slices).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def command(task, preset, out, resume, data_dir, epochs, lr, clip, seed, max_batches, max_tokens, no_progress):
+def command(task, preset, out, resume, data_dir, epochs, lr, clip, seed, max_batches, max_tokens,
+            no_verify_data, no_progress):
     """Train a model from a preset.
 
     \b
@@ -33,7 +35,8 @@ def command(task, preset, out, resume, data_dir, epochs, lr, clip, seed, max_bat
     """
     overrides = {k: v for k, v in dict(epochs=epochs, lr=lr, clip=clip, seed=seed,
                                        max_batches=max_batches).items() if v is not None}
-    run = RunConfig(task=task, preset=preset, data_dir=data_dir, max_tokens=max_tokens, overrides=overrides,
+    run = RunConfig(task=task, preset=preset, data_dir=data_dir, max_tokens=max_tokens,
+                    verify_data=not no_verify_data, overrides=overrides,
                     command=shlex.join(["leanlstm"] + sys.argv[1:]))
     metrics = train_run(run, out, resume=resume, progress=not no_progress)
     if metrics is not None:

@@ -5,6 +5,7 @@ sub-folder, checks each file's md5 and downloads missing files from their canoni
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,8 @@ MD5 = {  # of the decompressed text
     "test": "8b80168b89c18661a38ef683c0dc3721",
 }
 EOS = "<eos>"
+UNK = "<unk>"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,16 +72,22 @@ def load_ptb(directory: str | Path | None = None, *, verify: bool = True, fetch:
                             f"modified. Delete it to download it again, or use a good copy.")
         words[split] = tokenize(text)
     vocab = sorted(set(words["train"]))
-    index = {word: i for i, word in enumerate(vocab)}
-    ids = {}
-    for split in SPLITS:
-        unknown = {w for w in words[split] if w not in index}
-        if unknown:
-            raise DataError(f"ptb.{split}.txt has words missing from the training vocabulary "
-                            f"(e.g. {sorted(unknown)[:3]}); the files do not belong together")
-        tokens = words[split][:max_tokens] if max_tokens else words[split]
-        ids[split] = torch.tensor([index[w] for w in tokens], dtype=torch.long)
+    ids = {split: encode(words[split][:max_tokens] if max_tokens else words[split], vocab, split)
+           for split in SPLITS}
     return Corpus(vocab, ids["train"], ids["valid"], ids["test"])
+
+
+def encode(words: list[str], vocab: list[str], split: str) -> torch.Tensor:
+    """Token ids; words outside the training vocabulary become ``<unk>`` (never the case for full PTB)."""
+    index = {word: i for i, word in enumerate(vocab)}
+    unknown = [w for w in words if w not in index]
+    if unknown:
+        if UNK not in index:
+            raise DataError(f"ptb.{split}.txt has words missing from the training vocabulary (e.g. "
+                            f"{sorted(set(unknown))[:3]}) and no {UNK} token to map them to")
+        log.warning("%d tokens of ptb.%s.txt are not in the training vocabulary; mapped to %s",
+                    len(unknown), split, UNK)
+    return torch.tensor([index.get(w, index.get(UNK)) for w in words], dtype=torch.long)
 
 
 def batchify(tokens: torch.Tensor, batch_size: int) -> torch.Tensor:

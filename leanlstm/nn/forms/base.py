@@ -26,6 +26,9 @@ class WeightForm(nn.Module):
     """Base class of all weight forms. ``W`` has shape ``(out_features, in_features)``."""
 
     name: ClassVar[str]
+    # ONNX export: whether x @ W.T for a whole sequence at once (before the recurrence) beats one step at a
+    # time; False for products that gain nothing from batching and would hold a large intermediate.
+    onnx_batch_over_time: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -62,6 +65,21 @@ class WeightForm(nn.Module):
     def from_dense(cls, weight: torch.Tensor, **options: Any) -> "WeightForm":
         """The form (with ``options``) that best approximates the dense ``weight``."""
         raise NotImplementedError
+
+    def onnx_matvec(self, graph: Any, x: str) -> str:
+        """Write ``x @ W.T`` into an ONNX graph through the form's structure; returns the result's name.
+
+        ``x`` names an ``(N, in_features)`` float tensor, the result is ``(N, out_features)``; ``graph`` is a
+        ``leanlstm.runtime.onnx.GraphBuilder``. Forms without this method cannot be exported to ONNX.
+        """
+        raise NotImplementedError
+
+    def runtime_op(self) -> Any:
+        """The form's arrays and Numba kernels for ``leanlstm.runtime`` (a ``kernels.RuntimeOp``), or None.
+
+        Forms without one still run: the engine multiplies by ``materialize()`` densely and logs a warning.
+        """
+        return None
 
     def options(self) -> dict[str, Any]:
         """Constructor keyword arguments (besides the sizes) that rebuild a form of the same structure."""

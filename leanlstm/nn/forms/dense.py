@@ -29,6 +29,13 @@ class Dense(WeightForm):
     def nbytes(self) -> int:
         return self.weight.numel() * FLOAT_BYTES
 
+    def onnx_matvec(self, graph, x: str) -> str:
+        return graph.node("MatMul", [x, graph.weight("weight_t", self.weight.T)])   # (N, in) @ (in, out)
+
+    def runtime_op(self):
+        from ...runtime.kernels import dense_op  # Numba loads only when the runtime is used
+        return dense_op(self.weight.detach().cpu().numpy())
+
     def reset_parameters(self, init_range: float) -> None:
         uniform_(self.weight, init_range**2 / 3)
 

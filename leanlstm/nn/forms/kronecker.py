@@ -75,6 +75,25 @@ class Kronecker(WeightForm):
     def nbytes(self) -> int:
         return (self.a.numel() + self.b.numel()) * FLOAT_BYTES
 
+    def onnx_matvec(self, graph, x: str) -> str:
+        (m1, n1), (m2, n2) = self.factor_shapes
+        if n1 * n2 > self.in_features:                                     # zero-pad x to the factor grid
+            x = graph.node("Pad", [x, graph.ints([0, 0, 0, n1 * n2 - self.in_features], "pads")])
+        grid = graph.node("Reshape", [x, graph.ints([-1, n1, n2], "grid_shape")])   # X: (N, n1, n2)
+        a, b_t = graph.weight("a", self.a), graph.weight("b_t", self.b.T)
+        if m1 * n1 * n2 + m1 * n2 * m2 <= n1 * n2 * m2 + m1 * n1 * m2:    # A X B^T, cheaper product first
+            y = graph.node("MatMul", [graph.node("MatMul", [a, grid]), b_t])
+        else:
+            y = graph.node("MatMul", [a, graph.node("MatMul", [grid, b_t])])
+        y = graph.node("Reshape", [y, graph.ints([-1, m1 * m2], "out_shape")])      # (N, m1*m2)
+        if m1 * m2 > self.out_features:                                    # crop the padded rows
+            y = graph.node("Slice", [y, graph.ints([0]), graph.ints([self.out_features]), graph.ints([1])])
+        return y
+
+    def runtime_op(self):
+        from ...runtime.kernels import kron_op  # the reshape identity on the factors; crops like materialize
+        return kron_op(self.a.detach().cpu().numpy(), self.b.detach().cpu().numpy())
+
     def options(self) -> dict:
         return {"factor_shapes": [list(s) for s in self.factor_shapes]}
 

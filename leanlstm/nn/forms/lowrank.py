@@ -12,7 +12,7 @@ from .base import FLOAT_BYTES, WeightForm, uniform_
 class LowRank(WeightForm):
     """Rank-``rank`` factorisation; ``from_dense`` keeps the top singular directions.
 
-    >>> w = LowRank.from_dense(torch.ones(4, 3), rank=1); round(float(w.materialize()[0, 0]), 5)
+    >>> w = LowRank.from_dense(torch.ones(4, 3), rank=1); round(w.materialize()[0, 0].item(), 5)
     1.0
     """
 
@@ -35,6 +35,14 @@ class LowRank(WeightForm):
 
     def nbytes(self) -> int:
         return (self.left.numel() + self.right.numel()) * FLOAT_BYTES
+
+    def onnx_matvec(self, graph, x: str) -> str:
+        thin = graph.node("MatMul", [x, graph.weight("right_t", self.right.T)])         # (N, rank)
+        return graph.node("MatMul", [thin, graph.weight("left_t", self.left.T)])        # (N, out)
+
+    def runtime_op(self):
+        from ...runtime.kernels import lowrank_op  # two thin products, as in matvec
+        return lowrank_op(self.left.detach().cpu().numpy(), self.right.detach().cpu().numpy())
 
     def options(self) -> dict[str, int]:
         return {"rank": self.rank}

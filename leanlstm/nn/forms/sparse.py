@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -26,6 +27,44 @@ def csr_nbytes(rows: int, cols: int, nnz: int) -> int:
     return nnz * (FLOAT_BYTES + index_bytes) + (rows + 1) * 4
 
 
+def ell_slices(mask: torch.Tensor, max_slices: int = 4, slack: float = 0.1
+               ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The rows of a 0/1 ``mask`` packed as sliced ELL: ``[(rows, cols, valid), ...]``.
+
+    Each slice stores, for its ``R`` rows, the column indices of their entries left-aligned in an ``(R, K)``
+    table padded with column 0 (``valid`` is False there), ``K`` being the slice's longest row. Rows are
+    sorted by length and cut into the fewest equal slices (up to ``max_slices``) whose padding stays within
+    ``slack`` of the entry count, so uneven rows do not pad every row to the longest one.
+
+    >>> [(r.tolist(), c.tolist()) for r, c, _ in ell_slices(torch.tensor([[1, 0, 1], [0, 1, 0]]))]
+    [([0], [[0, 2]]), ([1], [[1]])]
+    >>> [(r.tolist(), c.tolist(), v.tolist()) for r, c, v in ell_slices(torch.tensor([[1, 1], [0, 1]]), slack=0.5)]
+    [([0, 1], [[0, 1], [1, 0]], [[True, True], [True, False]])]
+    """
+    mask = mask.to(torch.bool)
+    counts = mask.sum(1)
+    order = counts.argsort(descending=True, stable=True)
+    for n in range(1, max_slices + 1):
+        chunks = [chunk for chunk in order.tensor_split(n) if chunk.numel()]
+        padded = sum(len(chunk) * max(int(counts[chunk[0]]), 1) for chunk in chunks)
+        if padded <= (1 + slack) * int(counts.sum()):
+            break
+    if len(chunks) == 1:
+        chunks = [torch.arange(mask.shape[0])]
+    slices = []
+    for chunk in chunks:
+        rows = chunk.sort().values
+        sub = mask[rows]                                                   # (R, in)
+        r, c = sub.nonzero(as_tuple=True)                                  # row-major: columns ascend per row
+        position = (sub.cumsum(1) - 1)[r, c]                               # slot of each entry in its row
+        width = max(int(counts[rows].max()), 1)
+        cols = torch.zeros(len(rows), width, dtype=torch.long)
+        valid = torch.zeros(len(rows), width, dtype=torch.bool)
+        cols[r, position], valid[r, position] = c, True
+        slices.append((rows, cols, valid))
+    return slices
+
+
 class MaskedSparse(WeightForm):
     """``W = weight * mask``; the zeros are structural and cost nothing at inference.
 
@@ -35,6 +74,7 @@ class MaskedSparse(WeightForm):
     """
 
     name = "sparse"
+    onnx_batch_over_time = False  # the gather-based product would hold a (T*B, nnz) intermediate
 
     def __init__(self, out_features: int, in_features: int) -> None:
         super().__init__(out_features, in_features)
@@ -45,9 +85,31 @@ class MaskedSparse(WeightForm):
         return self.weight * self.mask
 
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
-        sparse = self.materialize().detach().to_sparse_csr()
+        with warnings.catch_warnings():  # PyTorch flags CSR support as beta on every conversion
+            warnings.simplefilter("ignore", UserWarning)
+            sparse = self.materialize().detach().to_sparse_csr()
         flat = x.reshape(-1, self.in_features)
         return (sparse @ flat.T).T.reshape(*x.shape[:-1], self.out_features)
+
+    def onnx_matvec(self, graph, x: str) -> str:
+        # Sliced ELL: per slice, gather the inputs each row needs, weight them and sum per row;
+        # the work and the stored values scale with the entries kept, never with out x in.
+        weight, outputs, rows_done = self.materialize().detach().cpu(), [], []
+        for rows, cols, valid in ell_slices(self.mask.cpu()):
+            values = torch.where(valid, weight[rows[:, None], cols], 0.0)                  # (R, K)
+            picked = graph.node("Gather", [x, graph.weight("cols", cols, "int32")], axis=1)  # (N, R, K)
+            weighted = graph.node("Mul", [picked, graph.weight("values", values)])
+            outputs.append(graph.node("ReduceSum", [weighted, graph.ints([2], "axes")], keepdims=0))  # (N, R)
+            rows_done.append(rows)
+        if len(outputs) == 1:
+            return outputs[0]
+        rows = torch.cat(rows_done)                                        # output column j is row rows[j]
+        y = graph.node("Concat", outputs, axis=1)
+        return graph.node("Gather", [y, graph.weight("row_order", rows.argsort(), "int32")], axis=1)
+
+    def runtime_op(self):
+        from ...runtime.kernels import jds_op  # jagged diagonals: only the kept entries are stored and read
+        return jds_op(self.materialize().detach().cpu().numpy())
 
     def nnz(self) -> int:
         return int(self.mask.sum())

@@ -1,0 +1,33 @@
+"""``leanlstm export``: write a run directory's model in a deployment format."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..runs import load_run
+from ..runtime.onnx import DEFAULT_OPSET, RECURRENCES, export_onnx
+
+
+@click.command("export")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), help="Output file (default: RUN_DIR/model.onnx).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset version.")
+@click.option("--recurrence", type=click.Choice(RECURRENCES), default="auto", show_default=True,
+              help="auto: ONNX LSTM operator for dense layers, a Scan over the forms' own products otherwise.")
+@click.option("--no-state-inputs", is_flag=True, help="Start from a zero state instead of taking h0/c0 inputs.")
+def command(run_dir, fmt, out, force, opset, recurrence, no_state_inputs):
+    """Export RUN_DIR's model (token ids in, logits and final state out).
+
+    \b
+    Example:  leanlstm export runs/ptb-small --format onnx
+    """
+    out = Path(out) if out else Path(run_dir) / f"model.{fmt}"
+    if out.exists() and not force:
+        raise click.ClickException(f"{out} already exists; pass --force to replace it, or choose another --out")
+    _, model, _ = load_run(run_dir)
+    path = export_onnx(model.eval(), out, opset=opset, state_inputs=not no_state_inputs,
+                       recurrence=recurrence, overwrite=True)
+    click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")

@@ -1,0 +1,1 @@
+"""Inference runtimes and exporters: what turns a compressed LSTM into measured latency."""

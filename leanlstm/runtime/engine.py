@@ -1,0 +1,294 @@
+"""``compile(model) -> Engine``: batch-1 streaming inference of a leanlstm model in compiled code.
+
+The engine asks every weight form for its ``runtime_op()`` (arrays + Numba kernels, see ``kernels``), so a
+sparse matrix runs as sparse, a Kronecker one through its factors, a low-rank one as two thin products; a
+form without an op runs as its dense ``materialize()`` (with a warning). Per layer, ``run`` makes one call
+into compiled code that batches the input products of the whole sequence and loops over time; ``step``
+advances one time step. Inference semantics: dropout is off. Everything is float32 NumPy.
+
+State is ``(h, c)``: two lists with one ``(H_l,)`` array per layer (``Engine.initial_state()``); stacked
+``(L, H)`` or PyTorch's ``(L, 1, H)`` arrays are accepted as input. Calls never modify the state passed in.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numba
+import numpy as np
+import torch
+from torch import nn
+
+from ..nn import LSTM, LSTMLayer, WeightForm
+from . import kernels
+from .kernels import RuntimeOp
+
+log = logging.getLogger(__name__)
+
+State = tuple[list[np.ndarray], list[np.ndarray]]
+
+
+class EngineError(ValueError):
+    """The model or an input cannot be run as given; the message names the part and the problem."""
+
+
+# --- compiling a model -------------------------------------------------------------------------------------
+def compile(model: nn.Module) -> "Engine":  # noqa: A001 - the issue's name for it
+    """An inference engine for a ``leanlstm.LSTM``, a ``torch.nn.LSTM`` or a language model
+    (``embedding`` -> ``lstm`` -> ``decoder``, such as ``WordLM``), in any mix of weight forms.
+
+    >>> import leanlstm, numpy as np
+    >>> engine = compile(leanlstm.LSTM(8, [16, 12]).replace_forms("lowrank", rank=4))
+    >>> y, (h, c) = engine.run(np.zeros((5, 8), np.float32))
+    >>> y.shape, [t.shape for t in h]
+    ((5, 12), [(16,), (12,)])
+    """
+    lstm, embedding, decoder = _parts(model)
+    with torch.no_grad():
+        layers = [_compile_layer(layer, index) for index, layer in enumerate(lstm.layers)]
+        source = _Tokens(embedding) if embedding is not None else _Vectors(lstm.input_size)
+        sink = _Decoder(decoder) if decoder is not None else None
+    return Engine(layers, source, sink)
+
+
+def _parts(model: nn.Module) -> tuple[LSTM, nn.Embedding | None, nn.Linear | None]:
+    if isinstance(model, nn.LSTM):
+        return LSTM.from_torch(model.cpu()), None, None
+    if isinstance(model, LSTM):
+        return model, None, None
+    if all(hasattr(model, part) for part in ("embedding", "lstm", "decoder")):
+        lstm, embedding, decoder = model.lstm, model.embedding, model.decoder
+        lstm, _, _ = _parts(lstm) if isinstance(lstm, (LSTM, nn.LSTM)) else _unsupported("model.lstm", lstm)
+        if not isinstance(embedding, nn.Embedding):
+            _unsupported("model.embedding", embedding)
+        if not isinstance(decoder, nn.Linear):
+            _unsupported("model.decoder", decoder)
+        return lstm, embedding, decoder
+    return _unsupported("the model", model)
+
+
+def _unsupported(part: str, module: Any):
+    raise EngineError(f"leanlstm.runtime.compile cannot run {part}, a {type(module).__name__}: it takes a "
+                      f"leanlstm.LSTM, a torch.nn.LSTM, or a language model whose embedding is nn.Embedding, "
+                      f"lstm one of those two LSTMs and decoder nn.Linear")
+
+
+def form_op(form: WeightForm, name: str = "weight") -> RuntimeOp:
+    """The form's ``runtime_op()``, or, if it has none, its dense ``materialize()`` with a logged warning."""
+    try:
+        op = form.runtime_op()
+    except NotImplementedError:
+        op = None
+    if op is None:
+        log.warning("%s: weight form %s has no runtime op; running it as a dense %dx%d matrix", name,
+                    type(form).__name__, form.out_features, form.in_features)
+        return kernels.dense_op(form.materialize().detach().cpu().numpy())
+    if not (hasattr(op, "arrays") and hasattr(op, "matvec")):
+        raise EngineError(f"{name}: {type(form).__name__}.runtime_op() returned {type(op).__name__}, "
+                          f"not a RuntimeOp (arrays, matvec, matmat)")
+    return op
+
+
+def _bind(dispatcher: Any, *example: Any) -> Callable:
+    """The compiled entry point of ``dispatcher`` for the types of ``example``.
+
+    Calling it skips Numba's per-call type dispatch (about 6 us with function-valued arguments, more than
+    a whole step of a small LSTM). It does not check types: callers pass arrays of the example's types.
+    """
+    return dispatcher.compile(tuple(numba.typeof(value) for value in example))
+
+
+# --- layers ------------------------------------------------------------------------------------------------
+@dataclass
+class _Layer:
+    input_size: int
+    hidden_size: int
+    ih: RuntimeOp
+    hh: RuntimeOp
+    bias: np.ndarray                 # bias_ih + bias_hh, (4H,)
+    _run: Callable | None = None     # bound on first use: each costs a second of Numba compilation
+    _step: Callable | None = None
+
+    def run(self, xs: np.ndarray, h: np.ndarray, c: np.ndarray) -> np.ndarray:
+        out = np.empty((xs.shape[0], self.hidden_size), np.float32)
+        args = (self.ih.matvec, self.ih.matmat, self.ih.arrays, self.hh.matvec, self.hh.arrays, self.bias,
+                xs, h, c, out)
+        if self._run is None:
+            self._run = _bind(kernels.layer_run, *args)
+        self._run(*args)
+        return out
+
+    def step(self, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> None:
+        args = (self.ih.matvec, self.ih.arrays, self.hh.matvec, self.hh.arrays, self.bias, x, h, c)
+        if self._step is None:
+            self._step = _bind(kernels.layer_step, *args)
+        self._step(*args)
+
+    def nbytes(self) -> int:
+        return self.ih.nbytes() + self.hh.nbytes() + self.bias.nbytes
+
+
+def _compile_layer(layer: LSTMLayer, index: int) -> _Layer:
+    ih = form_op(layer.weight_ih, f"layers.{index}.weight_ih")
+    hh = form_op(layer.weight_hh, f"layers.{index}.weight_hh")
+    bias = np.zeros(4 * layer.hidden_size, np.float32)
+    if layer.bias_ih is not None:
+        bias += (layer.bias_ih + layer.bias_hh).detach().cpu().numpy()
+    return _Layer(layer.input_size, layer.hidden_size, ih, hh, bias)
+
+
+# --- inputs and outputs --------------------------------------------------------------------------------------
+def _float32(array: np.ndarray) -> np.ndarray:
+    """C-contiguous, writeable float32: the exact array type the bound kernels were compiled for."""
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    return array if array.flags.writeable else array.copy()
+
+
+class _Vectors:
+    """Input of an LSTM: float vectors of ``size``."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def sequence(self, xs: Any) -> np.ndarray:
+        xs = _numeric(xs, "input")
+        if xs.ndim == 3 and xs.shape[1] == 1:        # PyTorch's (T, 1, in) batch-1 layout
+            xs = xs[:, 0]
+        if xs.ndim != 2 or xs.shape[1] != self.size:
+            raise EngineError(f"input must have shape (T, {self.size}) (or (T, 1, {self.size})), "
+                              f"got {xs.shape}")
+        _check_finite(xs, "input", "time step ")
+        return _float32(xs)
+
+    def single(self, x: Any) -> np.ndarray:
+        x = _numeric(x, "input")
+        if x.shape not in ((self.size,), (1, self.size)):
+            raise EngineError(f"a step's input must have shape ({self.size},), got {x.shape}")
+        _check_finite(x.reshape(1, -1), "input", "")
+        return _float32(x.reshape(self.size))
+
+
+class _Tokens:
+    """Input of a language model: token ids, looked up in the embedding table."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        self.table = _float32(embedding.weight.detach().cpu().numpy())   # (V, E)
+
+    def sequence(self, tokens: Any) -> np.ndarray:
+        tokens = np.asarray(tokens)
+        if tokens.ndim == 2 and tokens.shape[1] == 1:
+            tokens = tokens[:, 0]
+        if tokens.ndim != 1:
+            raise EngineError(f"token ids must have shape (T,) (or (T, 1)), got {tokens.shape}")
+        if tokens.size and not np.issubdtype(tokens.dtype, np.integer):
+            raise EngineError(f"token ids must be integers, got dtype {tokens.dtype}")
+        outside = np.flatnonzero((tokens < 0) | (tokens >= len(self.table)))
+        if outside.size:
+            raise EngineError(f"token id {tokens[outside[0]]} at position {outside[0]} is outside the "
+                              f"vocabulary [0, {len(self.table)})")
+        return self.table[tokens.astype(np.int64)]                 # (T, E)
+
+    def single(self, token: Any) -> np.ndarray:
+        return self.sequence(np.reshape(token, (1,)))[0]
+
+
+class _Decoder:
+    """The language model's output layer: logits = h @ W.T + b."""
+
+    def __init__(self, decoder: nn.Linear) -> None:
+        self.weight = _float32(decoder.weight.detach().cpu().numpy())   # (V, H)
+        bias = decoder.bias.detach().cpu().numpy() if decoder.bias is not None else np.zeros(len(self.weight))
+        self.bias = _float32(bias)
+        self._affine = _bind(kernels.affine, self.weight, self.bias, np.zeros((1, self.weight.shape[1]),
+                                                                           np.float32))
+
+    def __call__(self, hs: np.ndarray) -> np.ndarray:
+        return self._affine(self.weight, self.bias, hs)
+
+    def nbytes(self) -> int:
+        return self.weight.nbytes + self.bias.nbytes
+
+
+def _numeric(value: Any, what: str) -> np.ndarray:
+    array = np.asarray(value)
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise EngineError(f"{what} must be real numbers, got dtype {array.dtype}")
+    return array
+
+
+def _check_finite(rows: np.ndarray, what: str, unit: str) -> None:
+    """Raise naming the first row with a NaN or inf: the recurrence would spread it to every later step."""
+    bad = ~np.isfinite(rows).all(axis=-1)
+    if bad.any():
+        where = f" at {unit}{int(np.flatnonzero(bad)[0])}" if unit else ""
+        raise EngineError(f"{what} contains NaN or inf{where}")
+
+
+# --- the engine ----------------------------------------------------------------------------------------------
+class Engine:
+    """Batch-1 streaming inference; build it with ``leanlstm.runtime.compile(model)``.
+
+    ``run(xs, state=None) -> (ys, state)``: ``xs`` is (T, input) floats, or (T,) token ids for a language
+    model; ``ys`` is (T, H_last), or logits (T, vocab). ``step(x, state=None) -> (y, state)`` does one step.
+    """
+
+    def __init__(self, layers: Sequence[_Layer], source: _Vectors | _Tokens, sink: _Decoder | None) -> None:
+        self.layers, self._source, self._sink = list(layers), source, sink
+
+    @property
+    def hidden_sizes(self) -> list[int]:
+        return [layer.hidden_size for layer in self.layers]
+
+    @property
+    def input_size(self) -> int:
+        return self.layers[0].input_size
+
+    def initial_state(self) -> State:
+        """Zero state: ``([h_0, h_1, ...], [c_0, c_1, ...])`` with one (H_l,) array per layer."""
+        return ([np.zeros(s, np.float32) for s in self.hidden_sizes],
+                [np.zeros(s, np.float32) for s in self.hidden_sizes])
+
+    def run(self, xs: Any, state: Any = None) -> tuple[np.ndarray, State]:
+        """Outputs (or logits) for a whole sequence and the state after its last step."""
+        xs = self._source.sequence(xs)
+        h, c = self._state(state)
+        for layer, h_l, c_l in zip(self.layers, h, c):
+            xs = layer.run(xs, h_l, c_l)                           # (T, H_l)
+        return (xs if self._sink is None else self._sink(xs)), (h, c)
+
+    def step(self, x: Any, state: Any = None) -> tuple[np.ndarray, State]:
+        """The output (or logits) of one time step and the state after it."""
+        x = self._source.single(x)
+        h, c = self._state(state)
+        for layer, h_l, c_l in zip(self.layers, h, c):
+            layer.step(x, h_l, c_l)
+            x = h_l
+        y = x.copy() if self._sink is None else self._sink(x.reshape(1, -1))[0]
+        return y, (h, c)
+
+    def nbytes(self) -> int:
+        """Bytes of every array the engine multiplies by (embedding table excluded: it is only indexed)."""
+        return sum(layer.nbytes() for layer in self.layers) + (self._sink.nbytes() if self._sink else 0)
+
+    def _state(self, state: Any) -> State:
+        """Fresh float32 copies of a given state (checked), or zeros."""
+        if state is None:
+            return self.initial_state()
+        if not (isinstance(state, (tuple, list)) and len(state) == 2):
+            raise EngineError("state must be a pair (h, c), as returned by run/step or initial_state()")
+        return tuple(self._state_part(part, name) for part, name in zip(state, "hc"))
+
+    def _state_part(self, part: Any, name: str) -> list[np.ndarray]:
+        layers = list(part) if isinstance(part, (list, tuple)) else list(_numeric(part, f"state {name}"))
+        if len(layers) != len(self.layers):
+            raise EngineError(f"state {name} holds {len(layers)} layers, the model has {len(self.layers)}")
+        out = []
+        for index, (value, size) in enumerate(zip(layers, self.hidden_sizes)):
+            value = _numeric(value, f"state {name}")
+            if value.size != size or value.shape[-1] != size:
+                raise EngineError(f"state {name} of layer {index} must have shape ({size},), got {value.shape}")
+            _check_finite(value.reshape(1, size), f"state {name} of layer {index}", "")
+            out.append(np.array(value.reshape(size), dtype=np.float32))   # a copy: never modify the caller's
+        return out

@@ -1,0 +1,383 @@
+"""Numba kernels of the batch-1 engine: weight products per storage layout, LSTM gates and the recurrence.
+
+Every weight form hands the engine a ``RuntimeOp``: a tuple of NumPy arrays plus two kernels,
+
+- ``matvec(arrays, x, out, flip)``: ``out += W @ x`` for one time step, ``x`` (in,), ``out`` (out,);
+- ``matmat(arrays, X, out)`` (optional): ``out += X @ W.T`` for a whole sequence, ``X`` (T, in), ``out`` (T, out).
+
+``flip`` asks a kernel to walk its weights in reverse. The engine alternates it every step: a matrix larger
+than the cache then starts where the previous step stopped, on rows that are still cached (about 20% less
+traffic from L3 for a 2600x650 dense matrix). Kernels for which order does not matter ignore it.
+
+The recurrence (``layer_run``) takes the kernels as first-class function arguments; Numba compiles one
+specialisation per kernel pair, so the loop over time runs entirely in compiled code.
+
+Numba idioms that decide vectorisation here (each cost 3-5x when missing):
+- ``error_model="numpy"``: otherwise every division checks for zero and no loop with one vectorises;
+- rows and diagonals are taken as slices and indexed by ``range`` variables: a computed index such as
+  ``vals[base + r]`` keeps Numba's negative-index wraparound and blocks contiguous vector loads;
+- the sparse kernel accumulates into a stack buffer: LLVM cannot prove a heap buffer does not alias the
+  gathered input, and then refuses to vectorise the gather at all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from llvmlite import ir
+from numba import carray, njit, types
+from numba.extending import intrinsic
+
+JIT = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
+f32 = np.float32
+
+
+@dataclass(frozen=True)
+class RuntimeOp:
+    """What the engine needs from a weight form: its arrays and the Numba kernels that multiply by it.
+
+    >>> op = dense_op(np.eye(2, dtype=np.float32)); out = np.zeros(2, np.float32)
+    >>> op.matvec(op.arrays, np.ones(2, np.float32), out, False); out.tolist()
+    [1.0, 1.0]
+    """
+
+    arrays: tuple[np.ndarray, ...]   # passed unchanged to the kernels
+    matvec: Any                      # njit: matvec(arrays, x, out, flip), out += W @ x
+    matmat: Any = None               # njit: matmat(arrays, X, out), out += X @ W.T; None: matvec per step
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+
+# --- helpers ----------------------------------------------------------------------------------------------
+@intrinsic
+def _stack_f32(typingctx, n):
+    """A pointer to ``n`` float32 on the caller's stack (an ``alloca``, which LLVM knows aliases nothing).
+
+    Only valid inside the calling function: wrap it with ``carray`` there, never return it.
+    """
+    def codegen(context, builder, signature, args):
+        return builder.alloca(ir.FloatType(), size=args[0])
+    return types.CPointer(types.float32)(types.intp), codegen
+
+
+# --- dense products ---------------------------------------------------------------------------------------
+@njit(**JIT)
+def _dot4(w, x, out, i):
+    r0, r1, r2, r3 = w[i], w[i + 1], w[i + 2], w[i + 3]
+    a0 = a1 = a2 = a3 = f32(0.0)
+    for j in range(x.shape[0]):
+        xj = x[j]
+        a0 += r0[j] * xj
+        a1 += r1[j] * xj
+        a2 += r2[j] * xj
+        a3 += r3[j] * xj
+    out[i] += a0
+    out[i + 1] += a1
+    out[i + 2] += a2
+    out[i + 3] += a3
+
+
+@njit(**JIT)
+def gemv(w, x, out, flip):
+    """``out += w @ x``; four rows share each load of ``x``. ``flip`` walks the row blocks backwards."""
+    blocks = w.shape[0] // 4
+    for b in range(blocks):
+        _dot4(w, x, out, 4 * (blocks - 1 - b) if flip else 4 * b)
+    for i in range(4 * blocks, w.shape[0]):
+        row, acc = w[i], f32(0.0)
+        for j in range(x.shape[0]):
+            acc += row[j] * x[j]
+        out[i] += acc
+
+
+@njit(**JIT)
+def _tile4x4(w, xs, out, i, t):
+    w0, w1, w2, w3 = w[i], w[i + 1], w[i + 2], w[i + 3]
+    x0, x1, x2, x3 = xs[t], xs[t + 1], xs[t + 2], xs[t + 3]
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = f32(0.0)
+    a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = f32(0.0)
+    for j in range(w0.shape[0]):
+        v0, v1, v2, v3 = w0[j], w1[j], w2[j], w3[j]
+        y0, y1, y2, y3 = x0[j], x1[j], x2[j], x3[j]
+        a00 += v0 * y0; a01 += v0 * y1; a02 += v0 * y2; a03 += v0 * y3  # noqa: E702
+        a10 += v1 * y0; a11 += v1 * y1; a12 += v1 * y2; a13 += v1 * y3  # noqa: E702
+        a20 += v2 * y0; a21 += v2 * y1; a22 += v2 * y2; a23 += v2 * y3  # noqa: E702
+        a30 += v3 * y0; a31 += v3 * y1; a32 += v3 * y2; a33 += v3 * y3  # noqa: E702
+    o0, o1, o2, o3 = out[t], out[t + 1], out[t + 2], out[t + 3]
+    o0[i] += a00; o1[i] += a01; o2[i] += a02; o3[i] += a03  # noqa: E702
+    o0[i + 1] += a10; o1[i + 1] += a11; o2[i + 1] += a12; o3[i + 1] += a13  # noqa: E702
+    o0[i + 2] += a20; o1[i + 2] += a21; o2[i + 2] += a22; o3[i + 2] += a23  # noqa: E702
+    o0[i + 3] += a30; o1[i + 3] += a31; o2[i + 3] += a32; o3[i + 3] += a33  # noqa: E702
+
+
+@njit(**JIT)
+def gemm(w, xs, out):
+    """``out += xs @ w.T`` with ``xs`` (T, n), ``w`` (m, n), ``out`` (T, m): 4x4 register tiles, so each
+    load feeds four multiply-adds; leftover rows and steps fall back to ``gemv``."""
+    m, steps = w.shape[0], xs.shape[0]
+    for i in range(0, m - m % 4, 4):
+        for t in range(0, steps - steps % 4, 4):
+            _tile4x4(w, xs, out, i, t)
+    for t in range(steps - steps % 4, steps):
+        gemv(w[: m - m % 4], xs[t], out[t], False)
+    if m % 4:
+        for t in range(steps):
+            gemv(w[m - m % 4:], xs[t], out[t, m - m % 4:], False)
+
+
+@njit(**JIT)
+def dense_matvec(arrays, x, out, flip):
+    gemv(arrays[0], x, out, flip)
+
+
+@njit(**JIT)
+def dense_matmat(arrays, xs, out):
+    gemm(arrays[0], xs, out)
+
+
+def dense_op(weight: np.ndarray) -> RuntimeOp:
+    """The op of a dense ``(out, in)`` matrix (also the fallback for forms without their own op)."""
+    return RuntimeOp((np.ascontiguousarray(weight, dtype=np.float32),), dense_matvec, dense_matmat)
+
+
+# --- low rank: two thin products ----------------------------------------------------------------------------
+@njit(**JIT)
+def gemv_t(wt, x, out):
+    """``out += wt.T @ x`` for ``wt`` (k, m): four scaled rows of ``wt`` added per pass over ``out``.
+
+    For a tall thin matrix (2600 x 64) this runs along the long side, where ``gemv`` would reduce
+    thousands of short rows (about 3x slower).
+    """
+    k = wt.shape[0]
+    for p in range(0, k - k % 4, 4):
+        r0, r1, r2, r3 = wt[p], wt[p + 1], wt[p + 2], wt[p + 3]
+        x0, x1, x2, x3 = x[p], x[p + 1], x[p + 2], x[p + 3]
+        for i in range(out.shape[0]):
+            out[i] += x0 * r0[i] + x1 * r1[i] + x2 * r2[i] + x3 * r3[i]
+    for p in range(k - k % 4, k):
+        row, xp = wt[p], x[p]
+        for i in range(out.shape[0]):
+            out[i] += xp * row[i]
+
+
+@njit(**JIT)
+def lowrank_matvec(arrays, x, out, flip):
+    left_t, right = arrays                                 # U^T (r, out), V (r, in)
+    thin = np.zeros(right.shape[0], np.float32)
+    gemv(right, x, thin, flip)
+    gemv_t(left_t, thin, out)
+
+
+@njit(**JIT)
+def lowrank_matmat(arrays, xs, out):
+    left_t, right = arrays
+    thin = np.zeros((xs.shape[0], right.shape[0]), np.float32)  # (T, r)
+    gemm(right, xs, thin)
+    for t in range(xs.shape[0]):
+        gemv_t(left_t, thin[t], out[t])
+
+
+def lowrank_op(left: np.ndarray, right: np.ndarray) -> RuntimeOp:
+    """The op of ``left @ right``; ``left`` is stored transposed for ``gemv_t``."""
+    arrays = tuple(np.ascontiguousarray(a, dtype=np.float32) for a in (np.transpose(left), right))
+    return RuntimeOp(arrays, lowrank_matvec, lowrank_matmat)
+
+
+# --- Kronecker: (A kron B) x = vec(A X B^T), never forming the big matrix ---------------------------------------
+@njit(**JIT)
+def _kron_grid(xs, n1, n2):
+    """Rows of ``xs`` (T, in) zero-padded to ``n1*n2`` and viewed as T stacked (n1, n2) grids: (T*n1, n2)."""
+    grid = np.zeros((xs.shape[0], n1 * n2), np.float32)
+    grid[:, : xs.shape[1]] = xs
+    return grid.reshape(xs.shape[0] * n1, n2)
+
+
+@njit(**JIT)
+def _kron_finish(a, z, out, t):
+    """``out[t] += crop(vec(A Z_t))`` with ``z`` (T*n1, m2) holding ``Z_t = X_t B^T`` for every step."""
+    (m1, n1), m2 = a.shape, z.shape[1]
+    row = np.empty(m2, np.float32)
+    target = out[t]
+    for r in range(m1):
+        row[:] = 0.0
+        coef = a[r]
+        for p in range(n1):
+            zp, ap = z[t * n1 + p], coef[p]
+            for q in range(m2):
+                row[q] += ap * zp[q]
+        start = r * m2
+        for q in range(min(m2, target.shape[0] - start)):
+            target[start + q] += row[q]
+
+
+@njit(**JIT)
+def kron_matmat(arrays, xs, out):
+    a, b = arrays                                          # A (m1, n1), B (m2, n2)
+    n1, (m2, n2) = a.shape[1], b.shape
+    z = np.zeros((xs.shape[0] * n1, m2), np.float32)
+    gemm(b, _kron_grid(xs, n1, n2), z)                     # Z_t = X_t B^T for all steps in one product
+    for t in range(xs.shape[0]):
+        _kron_finish(a, z, out, t)
+
+
+@njit(**JIT)
+def kron_matvec(arrays, x, out, flip):
+    kron_matmat(arrays, x.reshape(1, x.shape[0]), out.reshape(1, out.shape[0]))
+
+
+def kron_op(a: np.ndarray, b: np.ndarray) -> RuntimeOp:
+    arrays = tuple(np.ascontiguousarray(m, dtype=np.float32) for m in (a, b))
+    return RuntimeOp(arrays, kron_matvec, kron_matmat)
+
+
+# --- sparse: jagged diagonals ---------------------------------------------------------------------------------
+def jagged_diagonals(weight: np.ndarray) -> tuple[np.ndarray, ...]:
+    """A sparse matrix as jagged diagonals (JDS): ``(perm, ptr, cols, vals)``.
+
+    Rows are sorted by entry count (``perm[r]`` is the r-th longest row); diagonal ``d`` holds the d-th
+    entry of every row that has one, contiguously, at ``ptr[d]:ptr[d+1]``. A product then runs long
+    contiguous loops that vectorise with gathers of ``x``, where CSR runs one short loop per row (about 3x
+    slower at 10% density). Column indices are uint16 where they fit (as in ``csr_nbytes``).
+
+    >>> perm, ptr, cols, vals = jagged_diagonals(np.array([[0, 2.0], [3.0, 4.0]]))
+    >>> perm.tolist(), ptr.tolist(), cols.tolist(), vals.tolist()
+    ([1, 0], [0, 2, 3], [0, 1, 1], [3.0, 2.0, 4.0])
+    """
+    weight = np.asarray(weight, dtype=np.float32)
+    rows, cols = np.nonzero(weight)                         # row-major: columns ascend within a row
+    counts = np.bincount(rows, minlength=weight.shape[0])
+    perm = np.argsort(-counts, kind="stable").astype(np.int32)
+    rank = np.empty_like(perm)
+    rank[perm] = np.arange(len(perm), dtype=np.int32)        # sorted position of each row
+    slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)  # d: entry's place in its row
+    per_diagonal = np.bincount(slot, minlength=int(counts.max(initial=0)))
+    ptr = np.concatenate([[0], np.cumsum(per_diagonal)]).astype(np.int64)
+    where = ptr[slot] + rank[rows]                          # rows with a d-th entry are a prefix of perm
+    index_type = np.uint16 if weight.shape[1] <= 2**16 else np.int32
+    packed_cols = np.empty(len(rows), index_type)
+    packed_vals = np.empty(len(rows), np.float32)
+    packed_cols[where], packed_vals[where] = cols, weight[rows, cols]
+    return perm, ptr, packed_cols, packed_vals
+
+
+@njit(**JIT)
+def jds_matvec(arrays, x, out, flip):
+    perm, ptr, cols, vals = arrays
+    acc = carray(_stack_f32(perm.shape[0]), perm.shape[0])  # in sorted row order; 4 bytes a row
+    acc[:] = 0.0
+    for d in range(ptr.shape[0] - 1):
+        v, c = vals[ptr[d]:ptr[d + 1]], cols[ptr[d]:ptr[d + 1]]
+        for r in range(v.shape[0]):
+            acc[r] += v[r] * x[c[r]]
+    for r in range(perm.shape[0]):
+        out[perm[r]] += acc[r]
+
+
+@njit(**JIT)
+def jds_matmat(arrays, xs, out):
+    """All steps at once: each stored entry scales one input row across time (contiguous, no gather)."""
+    perm, ptr, cols, vals = arrays
+    steps, width = xs.shape[0], (xs.shape[0] + 7) // 8 * 8   # padded so the time loop has no remainder
+    by_input = np.zeros((xs.shape[1], width), np.float32)   # X^T: (in, T)
+    by_input[:, :steps] = xs.T
+    acc = np.zeros((perm.shape[0], width), np.float32)      # sorted rows x time
+    for d in range(ptr.shape[0] - 1):
+        v, c = vals[ptr[d]:ptr[d + 1]], cols[ptr[d]:ptr[d + 1]]
+        for r in range(v.shape[0]):
+            value, source, target = v[r], by_input[c[r]], acc[r]
+            for t in range(width):
+                target[t] += value * source[t]
+    for r in range(perm.shape[0]):
+        row, target = perm[r], acc[r]
+        for t in range(steps):
+            out[t, row] += target[t]
+
+
+def jds_op(weight: np.ndarray) -> RuntimeOp:
+    """The op of a sparse matrix given densely (zeros are structural)."""
+    return RuntimeOp(jagged_diagonals(weight), jds_matvec, jds_matmat)
+
+
+# --- LSTM gates ---------------------------------------------------------------------------------------------
+# tanh as Eigen's float rational approximation (max error 3e-7 against float64): plain arithmetic, so the
+# gate loop vectorises; libm's tanh/exp are scalar calls that would cost more than the whole product for
+# a 2x32 LSTM.
+_CLAMP = f32(7.90531110763549805)
+_A = tuple(f32(v) for v in (4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05,
+                            5.12229709037114e-08, -8.60467152213735e-11, 2.00018790482477e-13,
+                            -2.76076847742355e-16))
+_B = tuple(f32(v) for v in (4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04,
+                            1.19825839466702e-06))
+A1, A3, A5, A7, A9, A11, A13 = _A
+B0, B2, B4, B6 = _B
+
+
+@njit(inline="always", **JIT)
+def tanh32(value):
+    x = min(max(value, -_CLAMP), _CLAMP)
+    x2 = x * x
+    p = ((((((A13 * x2 + A11) * x2 + A9) * x2 + A7) * x2 + A5) * x2 + A3) * x2 + A1) * x
+    q = ((B6 * x2 + B4) * x2 + B2) * x2 + B0
+    return p / q
+
+
+@njit(inline="always", **JIT)
+def sigmoid32(value):
+    return f32(0.5) * tanh32(f32(0.5) * value) + f32(0.5)
+
+
+@njit(**JIT)
+def lstm_cell(gates, h, c):
+    """Gates packed ``[i|f|g|o]`` as in ``leanlstm.nn.gates``: ``c = f*c + i*g``, ``h = o*tanh(c)``."""
+    size = h.shape[0]
+    gi, gf = gates[:size], gates[size:2 * size]
+    gg, go = gates[2 * size:3 * size], gates[3 * size:]
+    for j in range(size):
+        cell = sigmoid32(gf[j]) * c[j] + sigmoid32(gi[j]) * tanh32(gg[j])
+        c[j] = cell
+        h[j] = sigmoid32(go[j]) * tanh32(cell)
+
+
+# --- one layer over a sequence, and one step -----------------------------------------------------------------
+@njit(fastmath=True, error_model="numpy", nogil=True)
+def layer_run(ih_matvec, ih_matmat, ih_arrays, hh_matvec, hh_arrays, bias, xs, h, c, out):
+    """``out[t]`` = h after step t for inputs ``xs`` (T, in); ``h``, ``c`` (H,) are updated in place.
+
+    The input products of all steps go first, batched (``ih_matmat``; per step when it is None, a branch
+    Numba prunes at compile time); the loop over time then only adds the recurrent product.
+    Not cached: Numba cannot cache functions that take other compiled functions as arguments.
+    """
+    steps = xs.shape[0]
+    gates = np.empty((steps, bias.shape[0]), np.float32)    # (T, 4H)
+    for t in range(steps):
+        gates[t] = bias
+    if ih_matmat is None:
+        for t in range(steps):
+            ih_matvec(ih_arrays, xs[t], gates[t], False)
+    else:
+        ih_matmat(ih_arrays, xs, gates)
+    for t in range(steps):
+        hh_matvec(hh_arrays, h, gates[t], (t & 1) == 1)
+        lstm_cell(gates[t], h, c)
+        out[t] = h
+
+
+@njit(fastmath=True, error_model="numpy", nogil=True)
+def layer_step(ih_matvec, ih_arrays, hh_matvec, hh_arrays, bias, x, h, c):
+    """One time step of one layer: ``h``, ``c`` (H,) are updated in place."""
+    gates = bias.copy()
+    ih_matvec(ih_arrays, x, gates, False)
+    hh_matvec(hh_arrays, h, gates, False)
+    lstm_cell(gates, h, c)
+
+
+@njit(**JIT)
+def affine(weight, bias, xs):
+    """``xs @ weight.T + bias`` for a (T, in) batch: the language model's dense decoder."""
+    out = np.empty((xs.shape[0], bias.shape[0]), np.float32)
+    for t in range(xs.shape[0]):
+        out[t] = bias
+    gemm(weight, xs, out)
+    return out

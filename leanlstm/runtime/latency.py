@@ -1,0 +1,175 @@
+"""Measured batch-1 latency: microseconds per time step, per backend, in one interleaved run.
+
+Every sample runs a whole sequence of ``seq_len`` steps from a zero state and divides by ``seq_len``.
+Backends (and models, in ``measure``) take turns within each repeat, in an order that rotates every
+repeat, so drift in the machine's speed (turbo, a neighbour's load) hits all of them alike. Threads are
+pinned for PyTorch, Numba and ONNX Runtime; garbage collection is paused while timing.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numba
+import numpy as np
+import torch
+from torch import nn
+
+from .backends import get_backend
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BACKENDS = ("leanlstm", "torch", "onnxruntime")
+MIN_SAMPLE_SECONDS = 1e-3    # short sequences are repeated within a sample, to stay well above timer noise
+
+
+def latency(model: nn.Module, backends: Sequence[str] = DEFAULT_BACKENDS, seq_len: int = 35,
+            repeats: int = 30, warmup: int = 3, threads: int = 1, seed: int = 0) -> dict[str, Any]:
+    """Per-step latency of ``model`` (an LSTM or language model) on each backend, batch 1.
+
+    Returns ``{"backends": {name: {"median", "p25", "p75", "iqr", "min", "max", "samples"}}, "errors":
+    {name: message}, "seq_len", "threads", ...}``, all times in microseconds per time step. A backend
+    that cannot run the model is reported under ``errors`` instead of stopping the others.
+
+    >>> import leanlstm
+    >>> result = latency(leanlstm.LSTM(8, 16), backends=("leanlstm",), seq_len=5, repeats=3)
+    >>> sorted(result["backends"]["leanlstm"])
+    ['iqr', 'max', 'median', 'min', 'p25', 'p75', 'samples']
+    """
+    result = measure({"model": model}, backends, seq_len, repeats, warmup, threads, seed)
+    return {**{k: v for k, v in result.items() if k != "models"}, **result["models"]["model"]}
+
+
+def measure(models: Mapping[str, nn.Module], backends: Sequence[str] = DEFAULT_BACKENDS, seq_len: int = 35,
+            repeats: int = 30, warmup: int = 3, threads: int = 1, seed: int = 0) -> dict[str, Any]:
+    """``latency`` for several models at once, all (model, backend) pairs interleaved in one run.
+
+    Returns the settings plus ``{"models": {label: {"backends": ..., "errors": ...}}}``.
+    """
+    if seq_len < 1 or repeats < 1 or warmup < 0 or threads < 1:
+        raise ValueError(f"need seq_len >= 1, repeats >= 1, warmup >= 0 and threads >= 1; got seq_len={seq_len}, "
+                         f"repeats={repeats}, warmup={warmup}, threads={threads}")
+    backends = list(backends)
+    for name in backends:
+        get_backend(name)                                   # unknown names fail before any work
+    with pinned_threads(threads):
+        runners, errors = _build_runners(models, backends, seq_len, threads, seed)
+        samples = _interleave(runners, seq_len, repeats, warmup, errors)
+    report = {label: {"backends": {}, "errors": errors.get(label, {})} for label in models}
+    for (label, name), values in samples.items():
+        report[label]["backends"][name] = summarise(values)
+    return {"unit": "us per time step", "batch": 1, "seq_len": seq_len, "repeats": repeats, "warmup": warmup,
+            "threads": threads, "machine": machine_info(), "models": report}
+
+
+def _build_runners(models: Mapping[str, nn.Module], backends: list[str], seq_len: int, threads: int, seed: int
+                   ) -> tuple[dict[tuple[str, str], Callable], dict[str, dict[str, str]]]:
+    runners, errors = {}, {}
+    for label, model in models.items():
+        inputs = example_inputs(model, seq_len, seed)
+        for name in backends:
+            try:
+                with torch.no_grad():
+                    runners[label, name] = get_backend(name)(model, inputs, threads)
+            except Exception as error:  # noqa: BLE001 - one backend failing must not stop the others
+                log.warning("%s on %s: cannot run (%s: %s)", label, name, type(error).__name__, error)
+                errors.setdefault(label, {})[name] = f"{type(error).__name__}: {error}"
+    return runners, errors
+
+
+def example_inputs(model: nn.Module, seq_len: int, seed: int = 0) -> np.ndarray:
+    """Random inputs for one sequence: (T,) token ids for a language model, else (T, input) floats."""
+    rng = np.random.default_rng(seed)
+    if hasattr(model, "embedding"):
+        return rng.integers(0, model.embedding.num_embeddings, seq_len).astype(np.int64)
+    lstm = model.lstm if hasattr(model, "lstm") else model
+    return rng.standard_normal((seq_len, lstm.input_size)).astype(np.float32)
+
+
+def _interleave(runners: dict[Any, Callable], seq_len: int, repeats: int, warmup: int,
+                errors: dict[str, dict[str, str]]) -> dict[Any, list[float]]:
+    """Microseconds per step of each runner, taking turns in a rotating order."""
+    inner = {}
+    for key, run in list(runners.items()):
+        try:
+            inner[key] = _calibrate(run, warmup)
+        except Exception as error:  # noqa: BLE001
+            log.warning("%s on %s: failed while warming up (%s)", *key, error)
+            errors.setdefault(key[0], {})[key[1]] = f"{type(error).__name__}: {error}"
+            del runners[key]
+    keys, samples = list(runners), {key: [] for key in runners}
+    with _gc_paused():
+        for repeat in range(repeats):
+            shift = repeat % max(len(keys), 1)
+            for key in keys[shift:] + keys[:shift]:
+                run, count = runners[key], inner[key]
+                start = time.perf_counter_ns()
+                for _ in range(count):
+                    run()
+                samples[key].append((time.perf_counter_ns() - start) / 1e3 / count / seq_len)
+    return samples
+
+
+def _calibrate(run: Callable, warmup: int) -> int:
+    """Warm up (compilation, caches) and return how many runs one sample needs."""
+    for _ in range(max(warmup, 1)):
+        start = time.perf_counter()
+        run()
+        seconds = time.perf_counter() - start
+    return max(1, math.ceil(MIN_SAMPLE_SECONDS / max(seconds, 1e-9)))
+
+
+def summarise(values: Sequence[float]) -> dict[str, float]:
+    """Median, quartiles, IQR, min and max of latency samples."""
+    p25, median, p75 = np.percentile(values, [25, 50, 75])
+    return {"median": float(median), "p25": float(p25), "p75": float(p75), "iqr": float(p75 - p25),
+            "min": float(np.min(values)), "max": float(np.max(values)), "samples": len(values)}
+
+
+@contextmanager
+def pinned_threads(threads: int) -> Iterator[None]:
+    """Run PyTorch and Numba with ``threads`` threads (ONNX Runtime sessions get it at creation)."""
+    old_torch, old_numba = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_torch)
+        numba.set_num_threads(old_numba)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on, including the load at the time (a busy machine reads slow)."""
+    import onnxruntime
+
+    model_name = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model_name = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": model_name, "cpus": os.cpu_count(), "platform": platform.platform(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "versions": {"numpy": np.__version__, "numba": numba.__version__, "torch": torch.__version__,
+                         "onnxruntime": onnxruntime.__version__},
+            "env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS")
+                    if k in os.environ}}

@@ -1,0 +1,149 @@
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from leanlstm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from leanlstm.cli import main
+from leanlstm.runs import RunConfig, RunDirError, evaluate_run, load_run, train_run
+from leanlstm.train import Callback, Trainer, TrainConfig, TrainingDiverged
+
+TINY = {"epochs": 3, "max_batches": 15}
+
+
+def _run(data_dir, **overrides):
+    return RunConfig(preset="tiny", data_dir=str(data_dir), verify_data=False, overrides={**TINY, **overrides})
+
+
+class StopAfter(Callback):
+    """Simulates an interruption (Ctrl-C, a killed job) at the end of an epoch, before its checkpoint."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_end(self, trainer, epoch, metrics):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, ptb_slice_dir):
+    straight = train_run(_run(ptb_slice_dir), tmp_path / "straight", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(_run(ptb_slice_dir), tmp_path / "resumed", progress=False, callbacks=[StopAfter(2)])
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["epoch"] == 1
+    resumed = train_run(_run(ptb_slice_dir), tmp_path / "resumed", resume=True, progress=False)
+    assert resumed["test_ppl"] == straight["test_ppl"]
+    assert [h["val_ppl"] for h in resumed["history"]] == [h["val_ppl"] for h in straight["history"]]
+    a, b = load_run(tmp_path / "straight")[1], load_run(tmp_path / "resumed")[1]
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_training_learns_and_writes_metrics(tmp_path, ptb_slice_dir):
+    metrics = train_run(_run(ptb_slice_dir, epochs=2, max_batches=40), tmp_path / "run", progress=False)
+    history = metrics["history"]
+    assert history[-1]["val_ppl"] < history[0]["val_ppl"] < 10000 * 0.5  # far better than uniform guessing
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("task", "preset", "method", "hidden_sizes", "lstm_params", "total_params", "val_ppl",
+                "test_ppl", "train_minutes", "command"):
+        assert key in saved
+    assert saved["hidden_sizes"] == [32, 32] and saved["lstm_params"] == 2 * (4 * 32 * 64 + 8 * 32)
+    assert evaluate_run(tmp_path / "run", ["test"])["test"]["ppl"] == pytest.approx(metrics["test_ppl"], rel=1e-6)
+
+
+def test_finished_and_foreign_run_dirs_are_never_overwritten(tmp_path, ptb_slice_dir):
+    out = tmp_path / "run"
+    train_run(_run(ptb_slice_dir, epochs=1, max_batches=3), out, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(RunDirError, match="already holds a finished run"):
+        train_run(_run(ptb_slice_dir), out, progress=False)
+    with pytest.raises(RunDirError, match="already holds a finished run"):
+        train_run(_run(ptb_slice_dir), out, resume=True, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep me")
+    with pytest.raises(RunDirError, match="not empty; pass --resume"):
+        train_run(_run(ptb_slice_dir), other, progress=False)
+    with pytest.raises(RunDirError, match="has no checkpoint.pt"):
+        train_run(_run(ptb_slice_dir), tmp_path / "empty", resume=True, progress=False)
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path, ptb_slice_dir):
+    class Poison(Callback):
+        def after_step(self, trainer):
+            if trainer.step == 20:
+                with torch.no_grad():
+                    trainer.model.decoder.weight.fill_(float("nan"))
+
+    with pytest.raises(TrainingDiverged, match=r"became nan at epoch 2.*checkpoint.pt.*--lr"):
+        train_run(_run(ptb_slice_dir), tmp_path / "run", progress=False, callbacks=[Poison()])
+    # the checkpoint of the last good epoch survives
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
+
+
+def test_corrupt_and_incompatible_checkpoints(tmp_path, ptb_slice_dir):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train_run(_run(ptb_slice_dir), out, progress=False, callbacks=[StopAfter(2)])
+    checkpoint = out / "checkpoint.pt"
+    good = checkpoint.read_bytes()
+    checkpoint.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or not a leanlstm checkpoint"):
+        train_run(_run(ptb_slice_dir), out, resume=True, progress=False)
+    checkpoint.write_bytes(good)
+    payload = load_checkpoint(checkpoint)
+    save_checkpoint(checkpoint, {**payload, "format_version": 99})
+    with pytest.raises(CheckpointError, match="format 99"):
+        load_checkpoint(checkpoint)
+    payload["model_state"]["decoder.weight"] = torch.zeros(3, 3)
+    save_checkpoint(checkpoint, {k: v for k, v in payload.items() if k != "format_version"})
+    with pytest.raises(CheckpointError, match="does not match this model"):
+        train_run(_run(ptb_slice_dir), out, resume=True, progress=False)
+
+
+def test_lr_schedule_follows_zaremba():
+    config = TrainConfig(lr=1.0, lr_decay=0.5, decay_after=4)
+    assert [config.lr_at(e) for e in (1, 4, 5, 6)] == [1.0, 1.0, 0.5, 0.25]
+
+
+def test_cli_train_and_eval(tmp_path, ptb_slice_dir):
+    runner = CliRunner()
+    out = tmp_path / "run"
+    args = ["train", "--preset", "tiny", "--out", str(out), "--data-dir", str(ptb_slice_dir),
+            "--no-verify-data", "--epochs", "1", "--max-batches", "5", "--no-progress"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["hidden_sizes"] == [32, 32]
+    again = runner.invoke(main, args)
+    assert again.exit_code != 0 and "already holds a finished run" in again.output
+    assert "Traceback" not in again.output
+    evaluated = runner.invoke(main, ["eval", str(out), "--split", "valid", "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert math.isfinite(json.loads(evaluated.stdout)["valid"]["ppl"])
+    missing = runner.invoke(main, ["train", "--preset", "tiny", "--out", str(tmp_path / "x"),
+                                   "--data-dir", str(tmp_path / "nowhere"), "--no-progress"])
+    # No network here: the download fails and the message says where to put the files instead.
+    assert missing.exit_code != 0 and "LEANLSTM_DATA" in missing.output and "Traceback" not in missing.output
+
+
+def test_trainer_works_in_a_users_own_loop(ptb_slice_dir):
+    """Callbacks are plain objects; the Trainer is usable without a run directory."""
+    from leanlstm.tasks import build_ptb
+    from leanlstm.tasks.lm import LMConfig, WordLM
+
+    task = build_ptb(ptb_slice_dir, 4, 10, verify=False)
+    model = WordLM(LMConfig(task.corpus.vocab_size, 8, [8], 0.0, 0.1))
+    seen = []
+
+    class Record(Callback):
+        def extra_loss(self, trainer):
+            return 0.0 * sum(p.sum() for p in trainer.model.parameters())
+
+        def after_step(self, trainer):
+            seen.append(trainer.step)
+
+    Trainer(model, task, TrainConfig(epochs=1, max_batches=4), callbacks=[Record()]).fit()
+    assert seen == [1, 2, 3, 4]
