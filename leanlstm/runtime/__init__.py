@@ -1,1 +1,8 @@
 """Inference runtimes and exporters: what turns a compressed LSTM into measured latency."""
+from .engine import Engine, EngineError, compile
+from .kernels import RuntimeOp
+from .latency import latency, measure
+from .profile import LatencyTable, ProfileSettings, profile
+
+__all__ = ["Engine", "EngineError", "compile", "RuntimeOp", "latency", "measure", "LatencyTable",
+           "ProfileSettings", "profile"]
