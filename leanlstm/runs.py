@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ import torch
 
 from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint, load_state, write_json
+from .methods import get_method
+from .nn.lstm import dense_lstm_params
 from .presets import get_preset
 from .tasks import TASKS
 from .tasks.lm import WordLM
@@ -39,9 +42,18 @@ class RunConfig:
     verify_data: bool = True                # md5 check of the data files
     overrides: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields changed on the command line
     command: str = ""
+    method_config: dict[str, Any] = field(default_factory=dict)       # the method's own options
+    source: str | None = None                                         # run directory compressed from
+    finetune_overrides: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields of fine-tuning
 
     def train_config(self) -> TrainConfig:
         return replace(get_preset(self.preset).train, **self.overrides)
+
+    def finetune_config(self) -> TrainConfig:
+        """Fine-tuning continues from the compression phase's last lr and decays every epoch by default."""
+        train = self.train_config()
+        defaults = {"epochs": 3, "lr": train.lr_at(train.epochs), "decay_after": 1}
+        return replace(train, **(defaults | self.finetune_overrides))
 
 
 def prepare(out: Path, resume: bool) -> None:
@@ -69,9 +81,27 @@ def build_task(run: RunConfig, train: TrainConfig, rank: int = 0, world_size: in
     return builder(run.data_dir, train.batch_size, train.bptt, rank, world_size, run.max_tokens, run.verify_data)
 
 
+@dataclass
+class Phase:
+    """One training phase of a run: its schedule, its callbacks, and the transform that opens it."""
+
+    name: str
+    train: TrainConfig
+    callbacks: list = field(default_factory=list)
+    enter: Callable[[WordLM], WordLM] | None = None  # applied when the phase starts, not when it resumes
+
+
 def train_run(run: RunConfig, out: str | Path, resume: bool = False, progress: bool = True,
               callbacks=()) -> dict[str, Any]:
-    """Train (or resume) the run in ``out`` and write its ``metrics.json``; returns the metrics."""
+    """Train (or resume) a baseline run in ``out`` and write its ``metrics.json``; returns the metrics."""
+    phase = Phase("train", run.train_config(), list(callbacks))
+    return run_phases(run, out, lambda: WordLM(get_preset(run.preset).lm), [phase], resume, progress)
+
+
+def run_phases(run: RunConfig, out: str | Path, make_model: Callable[[], WordLM], phases: list[Phase],
+               resume: bool = False, progress: bool = True, summary: Callable[[WordLM], dict] | None = None
+               ) -> dict[str, Any]:
+    """Run ``phases`` in order in ``out`` with per-epoch checkpoints; resume picks up at the saved phase."""
     out = Path(out)
     rank, world_size = distributed.init_from_env()
     if rank == 0:
@@ -83,22 +113,86 @@ def train_run(run: RunConfig, out: str | Path, resume: bool = False, progress: b
         else:
             write_json(out / CONFIG, asdict(run))
     distributed.barrier()
-    train = run.train_config()
-    torch.manual_seed(train.seed)
-    task = build_task(run, train, rank, world_size)
-    model = WordLM(get_preset(run.preset).lm)
-    trainer = Trainer(model, task, train, out, callbacks, progress, run_info=asdict(run))
+    torch.manual_seed(phases[0].train.seed)
+    first = phases[0].train
+    task = build_task(run, first, rank, world_size)
+    start, payload, model, history = 0, None, None, []
     if resume:
-        trainer.resume()
-    trainer.fit()
+        payload = load_checkpoint(out / CHECKPOINT)
+        names = [p.name for p in phases]
+        if payload.get("phase", "train") not in names:
+            raise CheckpointError(f"{out / CHECKPOINT} is from phase {payload.get('phase')!r}; this run has "
+                                  f"phases {names}")
+        start = names.index(payload.get("phase", "train"))
+        model = _model_from(payload, out / CHECKPOINT)
+    for index in range(start, len(phases)):
+        phase = phases[index]
+        resuming = payload is not None and index == start
+        if model is None:
+            model = make_model()
+        if not resuming and phase.enter is not None:
+            model = phase.enter(model)
+        trainer = Trainer(model, task, phase.train, out, phase.callbacks, progress, asdict(run), phase.name,
+                          history)
+        if resuming:
+            trainer.resume(out / CHECKPOINT, payload)
+        elif index > 0:
+            trainer.save()  # the transformed model is the new starting point should we be interrupted
+        trainer.fit()
+        history = trainer.history
     metrics = None
     if rank == 0:
-        metrics = summarise(run, model, trainer.history, task.evaluate(model, "test"))
+        metrics = summarise(run, model, history, task.evaluate(model, "test"))
+        if summary is not None:
+            metrics |= summary(model)
         write_json(out / METRICS, metrics)
         log.info("finished: valid %s %.2f, test %s %.2f", task.metric, metrics["val_ppl"], task.metric,
                  metrics["test_ppl"])
     distributed.barrier()
     return metrics
+
+
+def compress_run(run: RunConfig, out: str | Path, resume: bool = False, progress: bool = True
+                 ) -> dict[str, Any]:
+    """Compress with ``run.method``: from ``run.source`` (a trained run) or from scratch, then fine-tune."""
+    method = get_method(run.method)(get_method(run.method).Config(**run.method_config))
+
+    def make_model() -> WordLM:
+        return load_run(run.source)[1] if run.source else WordLM(get_preset(run.preset).lm)
+
+    phases = [Phase("compress", run.train_config(), method.callbacks(), method.prepare)]
+    if method.has_finetune:
+        phases.append(Phase("finetune", run.finetune_config(), method.finetune_callbacks(), method.finalize))
+
+    def summary(model: WordLM) -> dict[str, Any]:
+        extra = {"method_config": run.method_config, "source": run.source, **method.summary(model)}
+        baseline = Path(run.source) / METRICS if run.source else None
+        if baseline is not None and baseline.is_file():
+            base = json.loads(baseline.read_text())
+            extra |= {"baseline_test_ppl": base["test_ppl"], "baseline_lstm_params": base["lstm_params"]}
+        # against the dense LSTM the preset starts from, so that removed units count as compression
+        lm = get_preset(run.preset).lm
+        extra["lstm_compression"] = dense_lstm_params(lm.embed_size, lm.hidden_sizes) / model.lstm.stored_params()
+        return extra
+
+    return run_phases(run, out, make_model, phases, resume, progress, summary)
+
+
+def source_preset(source: str | Path) -> str:
+    """The preset a trained run directory was made with."""
+    config = Path(source) / CONFIG
+    if not config.is_file():
+        raise RunDirError(f"--from {source} is not a leanlstm run directory (no {CONFIG})")
+    return json.loads(config.read_text())["preset"]
+
+
+def _model_from(payload: dict[str, Any], source: Path) -> WordLM:
+    try:
+        model = WordLM.from_model_config(payload["model_config"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{source} has an unreadable model config ({error})") from error
+    load_state(model, payload["model_state"], source)
+    return model
 
 
 def _check_same_run(out: Path, run: RunConfig) -> RunConfig:
@@ -130,12 +224,7 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, WordLM, dict[str, Any]]:
         raise RunDirError(f"{run_dir} is not a leanlstm run directory (no {CONFIG})")
     run = RunConfig(**json.loads((run_dir / CONFIG).read_text()))
     payload = load_checkpoint(run_dir / CHECKPOINT)
-    try:
-        model = WordLM.from_model_config(payload["model_config"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"{run_dir / CHECKPOINT} has an unreadable model config ({error})") from error
-    load_state(model, payload["model_state"], run_dir / CHECKPOINT)
-    return run, model, payload
+    return run, _model_from(payload, run_dir / CHECKPOINT), payload
 
 
 def evaluate_run(run_dir: str | Path, splits=("valid", "test"), data_dir: str | None = None) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import load_checkpoint, load_state, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -65,14 +65,16 @@ class Trainer:
 
     def __init__(self, model: nn.Module, task, config: TrainConfig, run_dir: str | Path | None = None,
                  callbacks: Sequence[Callback] = (), progress: bool = False,
-                 run_info: dict[str, Any] | None = None) -> None:
+                 run_info: dict[str, Any] | None = None, phase: str = "train",
+                 history: Sequence[dict[str, Any]] = ()) -> None:
         self.model, self.task, self.config = model, task, config
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.callbacks, self.progress, self.run_info = list(callbacks), progress, run_info or {}
+        self.phase = phase      # name of this training phase of the run (train, compress, finetune)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
-        self.epoch = 0          # epochs completed
-        self.step = 0           # optimiser steps taken
-        self.history: list[dict[str, Any]] = []
+        self.epoch = 0          # epochs completed in this phase
+        self.step = 0           # optimiser steps taken in this phase
+        self.history: list[dict[str, Any]] = list(history)  # earlier phases' epochs come first
         self.train_model = model
         if distributed.is_distributed():
             self.train_model = nn.parallel.DistributedDataParallel(model)
@@ -92,16 +94,17 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             train_loss = self.train_epoch(epoch)
-            metrics = {"epoch": epoch, "lr": lr, f"train_{self.task.metric}": math.exp(train_loss)}
+            metrics = {"phase": self.phase, "epoch": epoch, "lr": lr,
+                       f"train_{self.task.metric}": math.exp(train_loss)}
             metrics |= {f"val_{k}": v for k, v in self.evaluate("valid").items()}
             metrics["seconds"] = time.perf_counter() - started
             for callback in self.callbacks:
                 callback.on_epoch_end(self, epoch, metrics)
             self.history.append(metrics)
             self.epoch = epoch
-            log.info("epoch %d  lr %.4g  train %s %.2f  valid %s %.2f  (%.0f s)", epoch, lr, self.task.metric,
-                     metrics[f"train_{self.task.metric}"], self.task.metric,
-                     metrics[f"val_{self.task.metric}"], metrics["seconds"])
+            metric = self.task.metric
+            log.info("%s epoch %d  lr %.4g  train %s %.2f  valid %s %.2f  (%.0f s)", self.phase, epoch, lr,
+                     metric, metrics[f"train_{metric}"], metric, metrics[f"val_{metric}"], metrics["seconds"])
             self.save()
         return self.history
 
@@ -160,7 +163,8 @@ class Trainer:
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {"model_config": self.model.model_config(), "model_state": self.model.state_dict(),
+        return {"phase": self.phase, "model_config": self.model.model_config(),
+                "model_state": self.model.state_dict(),
                 "optimizer_state": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step,
                 "history": self.history, "rng_state": torch.get_rng_state(), "run_info": self.run_info,
                 "callbacks": [c.state_dict() for c in self.callbacks]}
@@ -170,10 +174,12 @@ class Trainer:
             save_checkpoint(self.checkpoint_path, self.state())
         distributed.barrier()
 
-    def resume(self, path: str | Path | None = None) -> None:
+    def resume(self, path: str | Path | None = None, payload: dict[str, Any] | None = None) -> None:
         """Continue from a checkpoint: weights, optimiser, epoch, history, RNG and callback states."""
         path = Path(path) if path is not None else self.checkpoint_path
-        payload = load_checkpoint(path)
+        payload = payload if payload is not None else load_checkpoint(path)
+        if payload.get("phase", "train") != self.phase:
+            raise CheckpointError(f"{path} is from the {payload.get('phase')!r} phase, not {self.phase!r}")
         load_state(self.model, payload["model_state"], path)
         self.optimizer.load_state_dict(payload["optimizer_state"])
         self.epoch, self.step, self.history = payload["epoch"], payload["step"], payload["history"]

@@ -10,6 +10,7 @@ from ..checkpoint import CheckpointError
 from ..runs import RunDirError
 from ..tasks.data import DataError
 from ..train import TrainingDiverged
+from . import compress as compress_command
 from . import eval as eval_command
 from . import export as export_command
 from . import train as train_command
@@ -36,4 +37,6 @@ def main(verbose: bool) -> None:
 
 main.add_command(train_command.command)
 main.add_command(eval_command.command)
+main.add_command(compress_command.command)
+main.add_command(compress_command.list_methods)
 main.add_command(export_command.command)

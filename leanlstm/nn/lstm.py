@@ -73,6 +73,12 @@ def _as_sizes(hidden_size: int | Sequence[int], num_layers: int | None) -> list[
     return sizes
 
 
+def dense_lstm_params(input_size: int, hidden_sizes: Sequence[int], bias: bool = True) -> int:
+    """Parameters of a dense LSTM stack: ``4H(in + H)`` weights and ``8H`` biases per layer."""
+    inputs = [input_size] + list(hidden_sizes[:-1])
+    return sum(NUM_GATES * h * (i + h) + (2 * NUM_GATES * h if bias else 0) for i, h in zip(inputs, hidden_sizes))
+
+
 class LSTM(nn.Module):
     """Stacked LSTM with the constructor and ``forward`` contract of ``torch.nn.LSTM``.
 
@@ -218,8 +224,7 @@ class LSTM(nn.Module):
 
     def dense_params(self) -> int:
         """Parameters of the dense ``torch.nn.LSTM`` with the same sizes."""
-        return sum(4 * h * (i + h) + (8 * h if self.bias else 0)
-                   for i, h in zip([self.input_size] + self.hidden_sizes[:-1], self.hidden_sizes))
+        return dense_lstm_params(self.input_size, self.hidden_sizes, self.bias)
 
     # --- configuration and conversion ----------------------------------------------------------------
     def config(self) -> dict[str, Any]:

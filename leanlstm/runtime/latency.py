@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..nn import WeightForm
 from .backends import get_backend
 
 log = logging.getLogger(__name__)
@@ -173,3 +174,13 @@ def machine_info() -> dict[str, Any]:
                          "onnxruntime": onnxruntime.__version__},
             "env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS")
                     if k in os.environ}}
+
+
+def model_size(model: nn.Module) -> dict[str, int]:
+    """Stored parameters and bytes of a model: weight forms count what they store (index overhead
+    included), everything else four bytes a parameter."""
+    forms = [m for m in model.modules() if isinstance(m, WeightForm)]
+    inside = {id(p) for form in forms for p in form.parameters()}
+    other = sum(p.numel() for p in model.parameters() if id(p) not in inside)
+    nbytes = sum(form.nbytes() for form in forms) + 4 * other
+    return {"params": sum(form.stored_params() for form in forms) + other, "bytes": nbytes}

@@ -1,0 +1,71 @@
+"""``leanlstm compress``: apply a compression method to a trained run (or from scratch), then fine-tune."""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+
+import click
+
+from .. import methods
+from ..presets import PRESETS
+from ..runs import RunConfig, compress_run, source_preset
+
+
+def _pairs(values: tuple[str, ...]) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        key, sep, text = value.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected KEY=VALUE, got {value!r}", param_hint="--set")
+        pairs[key.strip().replace("-", "_")] = text.strip()
+    return pairs
+
+
+@click.command("compress")
+@click.option("--method", "method_name", required=True, help="Compression method (see `leanlstm methods`).")
+@click.option("--from", "source", type=click.Path(exists=True, file_okay=False),
+              help="Trained run directory to start from; without it the model is trained from scratch.")
+@click.option("--preset", type=click.Choice(list(PRESETS)), help="Preset (default: the --from run's).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to create.")
+@click.option("--strength", type=str, help="Shorthand for --set strength=VALUE (e.g. the ISS lambda).")
+@click.option("--set", "settings", multiple=True, help="Method option KEY=VALUE (repeatable).")
+@click.option("--epochs", type=int, help="Epochs of the compression phase (default: the preset's).")
+@click.option("--lr", type=float, help="Learning rate of the compression phase.")
+@click.option("--finetune-epochs", type=int, help="Epochs of fine-tuning (default 3).")
+@click.option("--finetune-lr", type=float, help="Fine-tuning lr (default: the compression phase's last lr).")
+@click.option("--resume", is_flag=True, help="Continue the unfinished run in --out.")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Data folder (default: $LEANLSTM_DATA).")
+@click.option("--max-batches", type=int, help="Stop each epoch after this many windows (smoke runs).")
+@click.option("--max-tokens", type=int, help="Use only the first N tokens of every split (smoke runs).")
+@click.option("--no-verify-data", is_flag=True, help="Skip the md5 check of the data files (for slices).")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def command(method_name, source, preset, out, strength, settings, epochs, lr, finetune_epochs, finetune_lr,
+            resume, data_dir, max_batches, max_tokens, no_verify_data, no_progress):
+    """Compress a model with a method, with checkpoints in OUT.
+
+    \b
+    Example:  leanlstm compress --method iss --from runs/ptb-small --strength 0.002 --out runs/ptb-small-iss
+    """
+    method = methods.get_method(method_name)
+    options = _pairs(settings) | ({"strength": strength} if strength is not None else {})
+    config = method.Config.from_strings(options)
+    if preset is None:
+        preset = source_preset(source) if source else "small"
+    overrides = {k: v for k, v in dict(epochs=epochs, lr=lr, max_batches=max_batches).items() if v is not None}
+    finetune = {k: v for k, v in dict(epochs=finetune_epochs, lr=finetune_lr).items() if v is not None}
+    run = RunConfig(preset=preset, method=method_name, data_dir=data_dir, max_tokens=max_tokens,
+                    verify_data=not no_verify_data, overrides=overrides, method_config=config.to_dict(),
+                    source=source, finetune_overrides=finetune, command=shlex.join(["leanlstm"] + sys.argv[1:]))
+    metrics = compress_run(run, out, resume=resume, progress=not no_progress)
+    if metrics is not None:
+        keys = ("hidden_sizes", "lstm_params", "lstm_compression", "val_ppl", "test_ppl", "train_minutes")
+        click.echo(json.dumps({k: metrics[k] for k in keys if k in metrics}))
+
+
+@click.command("methods")
+def list_methods():
+    """List the compression methods and their options."""
+    for name, method in sorted(methods.METHODS.items()):
+        options = ", ".join(f"{k}={v}" for k, v in method.Config().to_dict().items())
+        click.echo(f"{name:12s} {options}")

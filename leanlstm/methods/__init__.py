@@ -1,0 +1,4 @@
+"""Compression methods, one module each, all with the shape of ``base.Method``."""
+from .base import METHODS, Method, MethodConfig, get_method
+
+__all__ = ["METHODS", "Method", "MethodConfig", "get_method"]

@@ -1,0 +1,101 @@
+"""The shape every compression method has.
+
+A method is a pure transform plus training callbacks, in up to two phases:
+
+    compress:  prepare(model) -> model        e.g. convert weights to doped Kronecker forms
+               callbacks()                     e.g. a group-Lasso term, a sparsity schedule
+    finetune:  finalize(model) -> model        e.g. remove dead hidden units (a smaller dense LSTM)
+               finetune_callbacks()            e.g. keep the zero structure frozen
+
+``leanlstm compress`` runs both phases with checkpoints; a user's own loop calls the same pieces.
+Methods register by ``name``; adding one is a new file in ``leanlstm/methods/``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from torch import nn
+
+from ..train import Callback
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    """Base of every method's configuration; fields need defaults that work."""
+
+    @classmethod
+    def from_strings(cls, values: dict[str, str]) -> "MethodConfig":
+        """Build from ``KEY=VALUE`` strings of the command line, converting by each field's type."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no option {', '.join(unknown)}; options: {', '.join(fields)}")
+        defaults = cls()
+        parsed = {name: _parse(text, type(getattr(defaults, name)), name) for name, text in values.items()}
+        return cls(**parsed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _parse(text: str, kind: type, name: str) -> Any:
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"option {name} expects true or false, got {text!r}")
+        return text.lower() in ("true", "1", "yes")
+    if kind in (int, float, str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise ValueError(f"option {name} expects a {kind.__name__}, got {text!r}") from None
+    if kind in (list, tuple):
+        return [float(v) if "." in v else int(v) for v in text.split(",")]
+    return text
+
+
+class Method:
+    """A compression method. Subclasses set ``name`` and ``Config`` and override what they need."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    has_finetune: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            if cls.name in METHODS:
+                raise ValueError(f"method name {cls.name!r} is already registered")
+            METHODS[cls.name] = cls
+
+    def __init__(self, config: MethodConfig | None = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Transform a (trained or fresh) model before the compression phase."""
+        return model
+
+    def callbacks(self) -> list[Callback]:
+        """Hooks for the compression phase."""
+        return []
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        """Transform the model after the compression phase, before fine-tuning."""
+        return model
+
+    def finetune_callbacks(self) -> list[Callback]:
+        """Hooks for the fine-tuning phase."""
+        return []
+
+    def summary(self, model: nn.Module) -> dict[str, Any]:
+        """Method-specific numbers for ``metrics.json``."""
+        return {}
+
+
+def get_method(name: str) -> type[Method]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS)) or 'none'}") from None

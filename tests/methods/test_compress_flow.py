@@ -1,0 +1,135 @@
+"""The two-phase compress flow that every method goes through, with a small method defined here."""
+import dataclasses
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from leanlstm.checkpoint import load_checkpoint
+from leanlstm.cli import main
+from leanlstm.methods import METHODS, Method, MethodConfig
+from leanlstm.nn import LSTM
+from leanlstm.runs import RunConfig, compress_run, train_run
+from leanlstm.train import Callback
+
+
+@dataclasses.dataclass
+class ShrinkConfig(MethodConfig):
+    rank: int = 4
+    keep: int = 24
+
+
+class CountSteps(Callback):
+    def __init__(self):
+        self.steps = 0
+
+    def after_step(self, trainer):
+        self.steps += 1
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.steps = state["steps"]
+
+
+class LowRankThenSlice(Method):
+    """Low-rank forms while compressing; then keep the first ``keep`` units of the last layer, densely."""
+
+    name = "test-lowrank-slice"
+    Config = ShrinkConfig
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.counter = CountSteps()
+
+    def prepare(self, model):
+        model.lstm.replace_forms("lowrank", rank=self.config.rank)
+        return model
+
+    def callbacks(self):
+        return [self.counter]
+
+    def finalize(self, model):
+        model.lstm.replace_forms("dense")
+        old = model.lstm
+        sizes = old.hidden_sizes[:-1] + [self.config.keep]
+        new = LSTM(old.input_size, sizes)
+        state = old.state_dict()
+        keep = torch.cat([torch.arange(self.config.keep) + g * old.hidden_sizes[-1] for g in range(4)])
+        last = f"layers.{len(sizes) - 1}"
+        for key in list(state):
+            if key.startswith(last):
+                state[key] = state[key][keep]
+                if key.endswith("weight_hh.weight"):
+                    state[key] = state[key][:, : self.config.keep]
+        new.load_state_dict(state)
+        model.lstm = new
+        model.decoder.weight = torch.nn.Parameter(model.decoder.weight[:, : self.config.keep].detach().clone())
+        return model
+
+    def summary(self, model):
+        return {"steps_counted": self.counter.steps}
+
+
+@pytest.fixture
+def baseline(tmp_path, ptb_slice_dir):
+    run = RunConfig(preset="tiny", data_dir=str(ptb_slice_dir), verify_data=False,
+                    overrides={"epochs": 1, "max_batches": 10})
+    train_run(run, tmp_path / "base", progress=False)
+    return tmp_path / "base"
+
+
+def _compress(ptb_slice_dir, source):
+    return RunConfig(preset="tiny", method="test-lowrank-slice", data_dir=str(ptb_slice_dir), verify_data=False,
+                     overrides={"epochs": 2, "max_batches": 10}, method_config={"rank": 3, "keep": 20},
+                     source=str(source), finetune_overrides={"epochs": 2})
+
+
+def test_compress_then_finetune_with_resume_in_either_phase(tmp_path, ptb_slice_dir, baseline):
+    assert "test-lowrank-slice" in METHODS
+    straight = compress_run(_compress(ptb_slice_dir, baseline), tmp_path / "a", progress=False)
+    assert straight["hidden_sizes"] == [32, 20]
+    assert [(h["phase"], h["epoch"]) for h in straight["history"]] == [
+        ("compress", 1), ("compress", 2), ("finetune", 1), ("finetune", 2)]
+    assert straight["steps_counted"] == 20 and "baseline_test_ppl" in straight
+    assert straight["lstm_compression"] > 1
+
+    for phase, epoch in (("compress", 1), ("finetune", 1)):
+        class Stop(Callback):
+            def on_epoch_end(self, trainer, e, metrics):
+                if (trainer.phase, e) == (phase, epoch + 1):
+                    raise KeyboardInterrupt
+
+        out = tmp_path / f"stop-{phase}"
+        method = METHODS["test-lowrank-slice"]
+        original = method.callbacks
+        method.callbacks = lambda self: [self.counter, Stop()] if phase == "compress" else [self.counter]
+        original_ft = method.finetune_callbacks
+        method.finetune_callbacks = lambda self: [Stop()] if phase == "finetune" else []
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                compress_run(_compress(ptb_slice_dir, baseline), out, progress=False)
+        finally:
+            method.callbacks, method.finetune_callbacks = original, original_ft
+        assert load_checkpoint(out / "checkpoint.pt")["phase"] == phase
+        resumed = compress_run(_compress(ptb_slice_dir, baseline), out, resume=True, progress=False)
+        assert resumed["test_ppl"] == pytest.approx(straight["test_ppl"], rel=1e-6)
+        assert resumed["hidden_sizes"] == [32, 20]
+
+
+def test_cli_compress_and_method_options(tmp_path, ptb_slice_dir, baseline):
+    runner = CliRunner()
+    args = ["compress", "--method", "test-lowrank-slice", "--from", str(baseline), "--set", "rank=2",
+            "--set", "keep=16", "--out", str(tmp_path / "c"), "--epochs", "1", "--max-batches", "4",
+            "--finetune-epochs", "1", "--data-dir", str(ptb_slice_dir), "--no-verify-data", "--no-progress"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["hidden_sizes"] == [32, 16]
+    saved = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert saved["method_config"] == {"rank": 2, "keep": 16} and saved["preset"] == "tiny"
+    bad = runner.invoke(main, args[:5] + ["--set", "nope=1", "--out", str(tmp_path / "d")])
+    assert bad.exit_code != 0 and "has no option nope" in bad.output
+    unknown = runner.invoke(main, ["compress", "--method", "nope", "--out", str(tmp_path / "e")])
+    assert unknown.exit_code != 0 and "unknown method 'nope'" in unknown.output
