@@ -175,7 +175,10 @@ def compress_run(run: RunConfig, out: str | Path, resume: bool = False, progress
         extra["lstm_compression"] = dense_lstm_params(lm.embed_size, lm.hidden_sizes) / model.lstm.stored_params()
         return extra
 
-    return run_phases(run, out, make_model, phases, resume, progress, summary)
+    metrics = run_phases(run, out, make_model, phases, resume, progress, summary)
+    if metrics is not None:  # None on the other processes of a distributed run
+        method.on_run_end(Path(out), metrics)
+    return metrics
 
 
 def source_preset(source: str | Path) -> str:

@@ -13,6 +13,7 @@ Methods register by ``name``; adding one is a new file in ``leanlstm/methods/``.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import nn
@@ -92,6 +93,9 @@ class Method:
     def summary(self, model: nn.Module) -> dict[str, Any]:
         """Method-specific numbers for ``metrics.json``."""
         return {}
+
+    def on_run_end(self, run_dir: Path, metrics: dict[str, Any]) -> None:
+        """Called once ``metrics.json`` is written (main process only), e.g. to draw plots into ``run_dir``."""
 
 
 def get_method(name: str) -> type[Method]:

@@ -1,0 +1,42 @@
+"""Copy a finished run's metrics into ``results/`` with the machine it ran on.
+
+    python benchmarks/record_run.py runs/ptb-small results/ptb-small-baseline.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        cpu = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--note", default="", help="anything a reader must know (e.g. a loaded machine)")
+    args = parser.parse_args()
+    metrics = json.loads((args.run_dir / "metrics.json").read_text())
+    metrics["machine"] = machine()
+    if args.note:
+        metrics["note"] = args.note
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
