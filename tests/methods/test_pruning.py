@@ -1,0 +1,67 @@
+"""Gradual magnitude pruning to an honest compression factor (CSR index overhead counted)."""
+import json
+
+import pytest
+import torch
+
+from leanlstm import LSTM
+from leanlstm.methods import get_method
+from leanlstm.methods.pruning import GradualPruning, csr_entries_within, final_entries, weight_compression
+from leanlstm.nn.forms import MaskedSparse
+from leanlstm.nn.forms.sparse import csr_nbytes
+from leanlstm.runs import RunConfig, compress_run
+
+
+def test_entries_within_a_byte_budget_count_csr_exactly():
+    budget = 2600 * 650 * 4 / 20                                        # 338 000 bytes
+    nnz = csr_entries_within(2600, 650, budget)
+    assert nnz == (338_000 - 2601 * 4) // 6 == 54_599                  # 3.23% density, not 5%
+    assert csr_nbytes(2600, 650, nnz) <= budget < csr_nbytes(2600, 650, nnz + 1)
+    assert csr_entries_within(4, 70_000, 1e9) == 4 * 70_000             # capped at dense
+    assert csr_nbytes(4, 70_000, 1) - csr_nbytes(4, 70_000, 0) == 8     # int32 column indices past 65536
+    assert csr_entries_within(100, 10, 100) == -1                       # the row pointers alone do not fit
+
+
+def test_gradual_pruning_follows_the_schedule_to_the_exact_final_entries():
+    lstm = LSTM(30, 40, 2).replace_forms("sparse")
+    pruner = GradualPruning(compression=20.0, start=0.1, end=0.8, every=5)
+    counts = []
+    for step in range(0, 101):
+        pruner.prune(lstm, step, 100)
+        counts.append(sum(form.nnz() for _, form in lstm.forms()))
+    assert counts[10] == sum(f.out_features * f.in_features for _, f in lstm.forms())   # untouched before start
+    assert all(b <= a for a, b in zip(counts, counts[1:]))
+    finals = {name: final_entries(name, form, 20.0) for name, form in lstm.forms()}
+    assert {name: form.nnz() for name, form in lstm.forms()} == finals
+    assert counts[80] == counts[100] == sum(finals.values())
+    assert 20.0 <= weight_compression(lstm) < 20.0 * 1.002
+    before = {name: form.mask.clone() for name, form in lstm.forms()}
+    pruner.prune_to_final(lstm)                                         # idempotent
+    assert all(torch.equal(before[name], form.mask) for name, form in lstm.forms())
+
+
+def test_prune_method_keeps_the_largest_weights():
+    lstm = LSTM(8, 16)
+    dense = lstm.layers[0].weight_hh.weight.detach().clone()
+    method = get_method("prune")(get_method("prune").Config(compression=4.0))
+    method.prepare(lstm)
+    assert isinstance(lstm.layers[0].weight_hh, MaskedSparse) and lstm.layers[0].weight_hh.density() == 1.0
+    method.finalize(lstm)
+    form = lstm.layers[0].weight_hh
+    kept = form.mask
+    assert dense[kept].abs().min() >= dense[~kept].abs().max()
+    torch.testing.assert_close(form.materialize()[kept], dense[kept])
+    assert method.summary(lstm)["lstm_weight_compression"] >= 4.0
+    with pytest.raises(ValueError, match="cannot reach 100.0x"):
+        get_method("prune")(get_method("prune").Config(compression=100.0)).prepare(LSTM(8, 16))
+
+
+def test_prune_run_on_a_ptb_slice_ends_at_the_target_density(tmp_path, ptb_slice_dir):
+    run = RunConfig(preset="tiny", method="prune", data_dir=str(ptb_slice_dir), verify_data=False,
+                    overrides={"epochs": 2, "max_batches": 8}, finetune_overrides={"epochs": 1},
+                    method_config={"compression": 10.0, "prune_every": 3})
+    metrics = compress_run(run, tmp_path / "prune", progress=False)
+    final = csr_entries_within(128, 32, 128 * 32 * 4 / 10)              # 187 entries of 4096 per matrix
+    assert metrics["sparse_density"] == {f"layers.{i}.weight_{m}": final / 4096 for i in (0, 1) for m in ("ih", "hh")}
+    assert 10.0 <= metrics["lstm_weight_compression"] < 10.0 * 1.005
+    assert json.loads((tmp_path / "prune" / "metrics.json").read_text())["method"] == "prune"
