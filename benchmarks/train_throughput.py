@@ -55,8 +55,11 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=40, help="timed training windows per repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--data-dir")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
     parser.add_argument("--out")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     results = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "windows": args.windows, "repeats": args.repeats, "presets": {}}

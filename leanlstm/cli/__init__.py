@@ -10,9 +10,11 @@ from ..checkpoint import CheckpointError
 from ..runs import RunDirError
 from ..tasks.data import DataError
 from ..train import TrainingDiverged
+from . import bench as bench_command
 from . import compress as compress_command
 from . import eval as eval_command
 from . import export as export_command
+from . import profile as profile_command
 from . import train as train_command
 
 # Errors whose message already tells the user what to do: print it, no traceback.
@@ -40,3 +42,5 @@ main.add_command(eval_command.command)
 main.add_command(compress_command.command)
 main.add_command(compress_command.list_methods)
 main.add_command(export_command.command)
+main.add_command(bench_command.command)
+main.add_command(profile_command.command)

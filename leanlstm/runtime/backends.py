@@ -101,7 +101,7 @@ def _torch_runner(module: nn.Module, inputs: np.ndarray, threads: int) -> Runner
 
 @backend("torch")
 def _torch(model: nn.Module, inputs: np.ndarray, threads: int) -> Runner:
-    return _torch_runner(DenseTorch(model.cpu()), inputs, threads)
+    return _torch_runner(DenseTorch(model).cpu(), inputs, threads)
 
 
 @backend("torch-int8")
@@ -109,7 +109,7 @@ def _torch_int8(model: nn.Module, inputs: np.ndarray, threads: int) -> Runner:
     # quantize_dynamic swaps child modules only, so the LSTMs must sit inside a container (DenseTorch).
     with warnings.catch_warnings():                               # deprecated in favour of torchao
         warnings.simplefilter("ignore")
-        quantized = torch.ao.quantization.quantize_dynamic(DenseTorch(model.cpu()), {nn.LSTM, nn.Linear},
+        quantized = torch.ao.quantization.quantize_dynamic(DenseTorch(model).cpu(), {nn.LSTM, nn.Linear},
                                                            dtype=torch.qint8)
     return _torch_runner(quantized, inputs, threads)
 

@@ -55,7 +55,7 @@ def compile(model: nn.Module) -> "Engine":  # noqa: A001 - the issue's name for 
 
 def _parts(model: nn.Module) -> tuple[LSTM, nn.Embedding | None, nn.Linear | None]:
     if isinstance(model, nn.LSTM):
-        return LSTM.from_torch(model.cpu()), None, None
+        return LSTM.from_torch(model), None, None
     if isinstance(model, LSTM):
         return model, None, None
     if all(hasattr(model, part) for part in ("embedding", "lstm", "decoder")):
@@ -177,7 +177,7 @@ class _Tokens:
         self.table = _float32(embedding.weight.detach().cpu().numpy())   # (V, E)
 
     def sequence(self, tokens: Any) -> np.ndarray:
-        tokens = np.asarray(tokens)
+        tokens = _array(tokens)
         if tokens.ndim == 2 and tokens.shape[1] == 1:
             tokens = tokens[:, 0]
         if tokens.ndim != 1:
@@ -198,10 +198,10 @@ class _Decoder:
     """The language model's output layer: logits = h @ W.T + b."""
 
     def __init__(self, decoder: nn.Linear) -> None:
-        self.weight = _float32(decoder.weight.detach().cpu().numpy())   # (V, H)
+        self.weight = kernels.aligned_matrix(decoder.weight.detach().cpu().numpy())   # (V, H), padded
         bias = decoder.bias.detach().cpu().numpy() if decoder.bias is not None else np.zeros(len(self.weight))
         self.bias = _float32(bias)
-        self._affine = _bind(kernels.affine, self.weight, self.bias, np.zeros((1, self.weight.shape[1]),
+        self._affine = _bind(kernels.affine, self.weight, self.bias, np.zeros((1, decoder.in_features),
                                                                            np.float32))
 
     def __call__(self, hs: np.ndarray) -> np.ndarray:
@@ -211,8 +211,15 @@ class _Decoder:
         return self.weight.nbytes + self.bias.nbytes
 
 
+def _array(value: Any) -> np.ndarray:
+    """NumPy view of an array-like; PyTorch tensors are detached and moved to the CPU first."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
 def _numeric(value: Any, what: str) -> np.ndarray:
-    array = np.asarray(value)
+    array = _array(value)
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
         raise EngineError(f"{what} must be real numbers, got dtype {array.dtype}")
     return array

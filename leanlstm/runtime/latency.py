@@ -48,17 +48,21 @@ def latency(model: nn.Module, backends: Sequence[str] = DEFAULT_BACKENDS, seq_le
     return {**{k: v for k, v in result.items() if k != "models"}, **result["models"]["model"]}
 
 
-def measure(models: Mapping[str, nn.Module], backends: Sequence[str] = DEFAULT_BACKENDS, seq_len: int = 35,
-            repeats: int = 30, warmup: int = 3, threads: int = 1, seed: int = 0) -> dict[str, Any]:
+def measure(models: Mapping[str, nn.Module], backends: Sequence[str] | Mapping[str, Sequence[str]] = DEFAULT_BACKENDS,
+            seq_len: int = 35, repeats: int = 30, warmup: int = 3, threads: int = 1, seed: int = 0
+            ) -> dict[str, Any]:
     """``latency`` for several models at once, all (model, backend) pairs interleaved in one run.
 
-    Returns the settings plus ``{"models": {label: {"backends": ..., "errors": ...}}}``.
+    ``backends`` is one list for every model or a mapping from model label to its own list. Returns the
+    settings plus ``{"models": {label: {"backends": ..., "errors": ...}}}``.
     """
     if seq_len < 1 or repeats < 1 or warmup < 0 or threads < 1:
         raise ValueError(f"need seq_len >= 1, repeats >= 1, warmup >= 0 and threads >= 1; got seq_len={seq_len}, "
                          f"repeats={repeats}, warmup={warmup}, threads={threads}")
-    backends = list(backends)
-    for name in backends:
+    if not isinstance(backends, Mapping):
+        backends = {label: backends for label in models}
+    backends = {label: list(backends.get(label, ())) for label in models}
+    for name in {name for names in backends.values() for name in names}:
         get_backend(name)                                   # unknown names fail before any work
     with pinned_threads(threads):
         runners, errors = _build_runners(models, backends, seq_len, threads, seed)
@@ -70,12 +74,12 @@ def measure(models: Mapping[str, nn.Module], backends: Sequence[str] = DEFAULT_B
             "threads": threads, "machine": machine_info(), "models": report}
 
 
-def _build_runners(models: Mapping[str, nn.Module], backends: list[str], seq_len: int, threads: int, seed: int
-                   ) -> tuple[dict[tuple[str, str], Callable], dict[str, dict[str, str]]]:
+def _build_runners(models: Mapping[str, nn.Module], backends: Mapping[str, list[str]], seq_len: int, threads: int,
+                   seed: int) -> tuple[dict[tuple[str, str], Callable], dict[str, dict[str, str]]]:
     runners, errors = {}, {}
     for label, model in models.items():
         inputs = example_inputs(model, seq_len, seed)
-        for name in backends:
+        for name in backends[label]:
             try:
                 with torch.no_grad():
                     runners[label, name] = get_backend(name)(model, inputs, threads)

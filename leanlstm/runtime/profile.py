@@ -137,7 +137,7 @@ def profile(sizes: Iterable[int], out_dir: str | Path, settings: ProfileSettings
             raise ValueError(f"layer sizes must be positive, got {size}")
         row = _measure_size(size, settings)
         _append_row(out / ROWS, size, row)
-        log.info("profiled size %d: %.2f us/step", size, row["median"])
+        log.debug("profiled size %d: %.2f us/step", size, row["median"])
         if on_row is not None:
             on_row(size, row)
     table = LatencyTable.load(out)

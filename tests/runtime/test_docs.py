@@ -1,0 +1,14 @@
+"""The runtime's docstring examples run and hold."""
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["leanlstm.runtime.engine", "leanlstm.runtime.kernels", "leanlstm.runtime.latency",
+           "leanlstm.runtime.profile", "leanlstm.cli.profile"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

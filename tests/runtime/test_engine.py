@@ -1,0 +1,245 @@
+"""The batch-1 engine computes what PyTorch computes, for every weight form and mixes of them."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+import leanlstm
+from leanlstm.nn.forms import Dense, Kronecker, LowRank, MaskedSparse, WeightForm
+from leanlstm.runtime import EngineError, RuntimeOp, compile
+from leanlstm.runtime.kernels import dense_matvec, jagged_diagonals
+from leanlstm.tasks.lm import LMConfig, WordLM
+
+ATOL = 2e-5
+
+
+def reference(lstm, xs, state=None):
+    """PyTorch's (T, H) outputs and per-layer final state for one unbatched sequence."""
+    with torch.no_grad():
+        x = torch.from_numpy(xs).unsqueeze(1)                      # (T, 1, in)
+        if state is not None:
+            state = tuple([torch.from_numpy(t).reshape(1, 1, -1) for t in part] for part in state)
+            if lstm.uniform_sizes:
+                state = tuple(torch.cat(part) for part in state)
+        y, (h, c) = lstm(x, state)
+    return y[:, 0].numpy(), [t.reshape(-1).numpy() for t in h], [t.reshape(-1).numpy() for t in c]
+
+
+def random_state(sizes, seed=1):
+    rng = np.random.default_rng(seed)
+    return ([rng.uniform(-0.5, 0.5, s).astype(np.float32) for s in sizes],
+            [rng.uniform(-1, 1, s).astype(np.float32) for s in sizes])
+
+
+def assert_matches(lstm, steps=7, seed=0):
+    engine = compile(lstm)
+    xs = np.random.default_rng(seed).standard_normal((steps, lstm.input_size)).astype(np.float32)
+    for state in (None, random_state(lstm.hidden_sizes)):
+        want, want_h, want_c = reference(lstm, xs, state)
+        got, (h, c) = engine.run(xs, state)
+        np.testing.assert_allclose(got, want, atol=ATOL)
+        for a, b in zip(h + c, want_h + want_c):
+            np.testing.assert_allclose(a, b, atol=ATOL)
+        stepped, current = [], state
+        for x in xs:                                               # step() through the same sequence
+            y, current = engine.step(x, current)
+            stepped.append(y)
+        np.testing.assert_allclose(np.stack(stepped), want, atol=ATOL)
+        for a, b in zip(current[0] + current[1], want_h + want_c):
+            np.testing.assert_allclose(a, b, atol=ATOL)
+
+
+FORMS = {
+    "dense": {"form": "dense"},
+    "sparse": {"form": "sparse", "density": 0.2},
+    "kronecker": {"form": "kronecker"},
+    "lowrank": {"form": "lowrank", "rank": 3},
+}
+
+
+@pytest.mark.parametrize("name", FORMS)
+def test_every_form_matches_pytorch(name):
+    options = dict(FORMS[name])
+    lstm = leanlstm.LSTM(13, 24, 2).replace_forms(options.pop("form"), **options)
+    assert_matches(lstm)
+
+
+def test_mixed_forms_and_per_layer_sizes():
+    lstm = leanlstm.LSTM(10, [24, 16, 9])
+    lstm.replace_forms("sparse", layers=[0], matrices=["ih"], density=0.3)
+    lstm.replace_forms("lowrank", layers=[0], matrices=["hh"], rank=4)
+    lstm.replace_forms("kronecker", layers=[1])
+    lstm.replace_forms("sparse", layers=[2], matrices=["hh"], density=0.05)   # rows without entries
+    assert_matches(lstm)
+
+
+def test_padded_kronecker_factors_and_no_bias():
+    lstm = leanlstm.LSTM(11, 13, 2, bias=False)                  # 52x11 and 52x13: factors pad and crop
+    lstm.replace_forms("kronecker", layers=[0], matrices=["ih"], factor_shapes=((6, 3), (9, 4)))
+    lstm.replace_forms("kronecker", layers=[1], factor_shapes=((7, 4), (8, 4)))
+    lstm.replace_forms("kronecker", layers=[0], matrices=["hh"], factor_shapes=((7, 4), (8, 4)))
+    assert lstm.layers[0].weight_ih.factor_shapes == ((6, 3), (9, 4))
+    assert_matches(lstm)
+
+
+def test_sequences_longer_than_a_tile_and_of_one_step():
+    lstm = leanlstm.LSTM(33, 37, 1)                             # odd sizes: every kernel's leftover path
+    assert_matches(lstm, steps=1)
+    assert_matches(lstm, steps=66)
+
+
+def test_tiny_sizes():
+    assert_matches(leanlstm.LSTM(1, [1, 2]))
+    assert_matches(leanlstm.LSTM(1, [1, 2]).replace_forms("lowrank", rank=1))
+    assert_matches(leanlstm.LSTM(2, 3).replace_forms("sparse", density=0.0))   # no entries at all
+
+
+def test_torch_lstm_and_torch_layout_inputs():
+    module = torch.nn.LSTM(6, 8, 2)
+    engine = compile(module)
+    xs = np.random.default_rng(0).standard_normal((5, 1, 6)).astype(np.float32)   # (T, 1, in)
+    with torch.no_grad():
+        want, (h, c) = module(torch.from_numpy(xs))
+    got, state = engine.run(torch.from_numpy(xs).requires_grad_(), (h, c))   # tensors, stacked (L, 1, H) state
+    with torch.no_grad():
+        want, _ = module(torch.from_numpy(xs), (h, c))
+    np.testing.assert_allclose(got, want[:, 0].numpy(), atol=ATOL)
+
+
+def test_word_lm_logits():
+    torch.manual_seed(0)
+    model = WordLM(LMConfig(vocab_size=40, embed_size=12, hidden_sizes=[16, 10])).eval()
+    model.lstm.replace_forms("lowrank", layers=[1], rank=3)
+    tokens = np.random.default_rng(0).integers(0, 40, 9)
+    with torch.no_grad():
+        want, _, (h, c) = model(torch.from_numpy(tokens).unsqueeze(1))
+    engine = compile(model)
+    logits, state = engine.run(tokens)
+    assert logits.shape == (9, 40)
+    np.testing.assert_allclose(logits, want[:, 0].numpy(), atol=ATOL)
+    np.testing.assert_allclose(state[0][1], h[1].reshape(-1).numpy(), atol=ATOL)
+    first, state = engine.step(int(tokens[0]))
+    np.testing.assert_allclose(first, want[0, 0].numpy(), atol=ATOL)
+
+
+def test_the_callers_state_is_never_modified():
+    engine = compile(leanlstm.LSTM(4, 5))
+    state = random_state([5])
+    before = [a.copy() for a in state[0] + state[1]]
+    engine.run(np.ones((3, 4), np.float32), state)
+    engine.step(np.ones(4, np.float32), state)
+    for a, b in zip(state[0] + state[1], before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_empty_sequence_returns_the_state_unchanged():
+    engine = compile(leanlstm.LSTM(4, 5))
+    state = random_state([5])
+    y, (h, c) = engine.run(np.zeros((0, 4), np.float32), state)
+    assert y.shape == (0, 5)
+    np.testing.assert_array_equal(h[0], state[0][0])
+
+
+class Scaled(WeightForm):
+    """A form without a runtime op: ``W = s * I`` (cropped)."""
+
+    name = "test_scaled_identity"
+
+    def __init__(self, out_features, in_features):
+        super().__init__(out_features, in_features)
+        self.scale = torch.nn.Parameter(torch.tensor(0.3))
+
+    def materialize(self):
+        return self.scale * torch.eye(self.out_features, self.in_features)
+
+    def nbytes(self):
+        return 4
+
+
+def test_a_form_without_runtime_op_runs_densely_with_a_warning(caplog):
+    lstm = leanlstm.LSTM(6, 6)
+    lstm.layers[0].set_form("hh", Scaled(24, 6))
+    with caplog.at_level(logging.WARNING, logger="leanlstm.runtime"):
+        assert_matches(lstm)
+    assert "layers.0.weight_hh" in caplog.text and "Scaled" in caplog.text and "dense" in caplog.text
+
+
+class Recorded(Scaled):
+    """A new form bringing its own op: the engine uses it without knowing the type."""
+
+    name = "test_recorded_identity"
+    calls = 0
+
+    def runtime_op(self):
+        Recorded.calls += 1
+        return RuntimeOp((self.materialize().detach().numpy(),), dense_matvec)   # no matmat: per step
+
+
+def test_a_new_forms_runtime_op_is_used_through_the_interface(caplog):
+    lstm = leanlstm.LSTM(6, 6)
+    lstm.layers[0].set_form("ih", Recorded(24, 6))
+    with caplog.at_level(logging.WARNING, logger="leanlstm.runtime"):
+        assert_matches(lstm)
+    assert Recorded.calls and "no runtime op" not in caplog.text
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.full((3, 4), np.nan, np.float32), "NaN or inf at time step 0"),
+    (np.array([[0, 0, 0, 0], [0, np.inf, 0, 0]], np.float32), "NaN or inf at time step 1"),
+    (np.zeros((3, 5), np.float32), "shape (T, 4)"),
+    (np.zeros(4, np.float32), "shape (T, 4)"),
+    (np.array([["a"] * 4]), "real numbers"),
+])
+def test_bad_inputs_raise_clear_errors(bad, message):
+    engine = compile(leanlstm.LSTM(4, 5, 2))
+    with pytest.raises(EngineError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        engine.run(bad)
+
+
+@pytest.mark.parametrize("state, message", [
+    (([np.zeros(5)], [np.zeros(5)]), "holds 1 layers, the model has 2"),
+    (([np.zeros(5), np.zeros(4)], [np.zeros(5)] * 2), r"state h of layer 1 must have shape \(5,\)"),
+    (([np.zeros(5)] * 2, [np.zeros(5), np.full(5, np.nan)]), "state c of layer 1 contains NaN"),
+    (np.zeros((2, 5)), "pair"),
+])
+def test_bad_states_raise_clear_errors(state, message):
+    engine = compile(leanlstm.LSTM(4, 5, 2))
+    with pytest.raises(EngineError, match=message):
+        engine.run(np.zeros((3, 4), np.float32), state)
+
+
+def test_bad_tokens_and_unsupported_models():
+    model = WordLM(LMConfig(vocab_size=10, embed_size=4, hidden_sizes=[5]))
+    engine = compile(model)
+    with pytest.raises(EngineError, match="token id 10 at position 1 is outside the vocabulary"):
+        engine.run(np.array([1, 10]))
+    with pytest.raises(EngineError, match="must be integers"):
+        engine.run(np.array([1.0, 2.0]))
+    with pytest.raises(EngineError, match="a GRU"):
+        compile(torch.nn.GRU(4, 5))
+    model.lstm = torch.nn.GRU(4, 5)
+    with pytest.raises(EngineError, match="model.lstm, a GRU"):
+        compile(model)
+    with pytest.raises(ValueError, match="bidirectional"):
+        compile(torch.nn.LSTM(4, 5, bidirectional=True))
+
+
+def test_jagged_diagonals_store_every_entry_once():
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((30, 20)) * (rng.random((30, 20)) < 0.2)
+    perm, ptr, cols, vals = jagged_diagonals(weight)
+    assert len(vals) == np.count_nonzero(weight) and cols.dtype == np.uint16
+    rebuilt = np.zeros_like(weight)
+    for d in range(len(ptr) - 1):
+        for r in range(ptr[d + 1] - ptr[d]):
+            rebuilt[perm[r], cols[ptr[d] + r]] = vals[ptr[d] + r]
+    np.testing.assert_allclose(rebuilt, weight.astype(np.float32))
+
+
+def test_forms_report_runtime_ops():
+    weight = torch.randn(8, 6)
+    for form in (Dense.from_dense(weight), MaskedSparse.from_dense(weight, density=0.5),
+                 Kronecker.from_dense(weight), LowRank.from_dense(weight, rank=2)):
+        op = form.runtime_op()
+        assert isinstance(op, RuntimeOp) and all(a.dtype.kind in "fiu" for a in op.arrays)

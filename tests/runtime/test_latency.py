@@ -1,0 +1,91 @@
+"""latency() and ``leanlstm bench``: structure and sanity of the measurements (no timing thresholds)."""
+import json
+
+import torch
+from click.testing import CliRunner
+
+import leanlstm
+from leanlstm.checkpoint import save_checkpoint, write_json
+from leanlstm.cli import main
+from leanlstm.runtime import latency, measure
+from leanlstm.runtime.latency import model_size
+from leanlstm.tasks.lm import LMConfig, WordLM
+
+ALL = ("leanlstm", "torch", "torch-int8", "onnxruntime", "onnxruntime-forms")
+
+
+def test_latency_of_a_tiny_lstm_on_every_backend():
+    model = leanlstm.LSTM(8, 16, 2).replace_forms("sparse", layers=[1], density=0.3)
+    result = latency(model, backends=ALL, seq_len=6, repeats=4, warmup=1)
+    assert result["errors"] == {}
+    assert set(result["backends"]) == set(ALL)
+    for stats in result["backends"].values():
+        assert 0 < stats["min"] <= stats["p25"] <= stats["median"] <= stats["p75"] <= stats["max"]
+        assert stats["iqr"] == stats["p75"] - stats["p25"] and stats["samples"] == 4
+    assert result["threads"] == 1 and result["seq_len"] == 6 and result["unit"] == "us per time step"
+    assert torch.get_num_threads() >= 1                          # restored after pinning
+
+
+def test_a_failing_backend_is_reported_not_fatal():
+    model = leanlstm.LSTM(8, [16, 12])
+    model.layers[0].set_form("hh", _NoOnnx(64, 16))
+    result = latency(model, backends=("leanlstm", "onnxruntime-forms"), seq_len=4, repeats=2, warmup=1)
+    assert "leanlstm" in result["backends"]
+    assert "onnxruntime-forms" in result["errors"]
+
+
+class _NoOnnx(leanlstm.nn.forms.WeightForm):
+    """A form with neither an ONNX product nor a runtime op: ``W = 0.3 * I``."""
+
+    name = "test_form_without_onnx"
+
+    def materialize(self):
+        return 0.3 * torch.eye(self.out_features, self.in_features)
+
+    def nbytes(self):
+        return 4
+
+
+def test_measure_interleaves_models_of_different_kinds():
+    lm = WordLM(LMConfig(vocab_size=30, embed_size=6, hidden_sizes=[8, 8]))
+    result = measure({"lm": lm, "lstm": leanlstm.LSTM(6, 8)}, ("leanlstm", "torch", "onnxruntime"),
+                     seq_len=5, repeats=3, warmup=1)
+    assert set(result["models"]) == {"lm", "lstm"}
+    assert all(set(m["backends"]) == {"leanlstm", "torch", "onnxruntime"} for m in result["models"].values())
+
+
+def test_model_size_counts_stored_bytes():
+    lstm = leanlstm.LSTM(10, 20)
+    assert model_size(lstm) == {"params": lstm.dense_params(), "bytes": 4 * lstm.dense_params()}
+    lstm.replace_forms("lowrank", rank=2)
+    assert model_size(lstm)["params"] == lstm.stored_params()
+
+
+def _run_dir(path, hidden, form=None):
+    torch.manual_seed(0)
+    model = WordLM(LMConfig(vocab_size=50, embed_size=8, hidden_sizes=hidden))
+    if form:
+        model.lstm.replace_forms(form, rank=2)
+    path.mkdir()
+    write_json(path / "config.json", {"task": "ptb", "preset": "tiny", "method": "baseline"})
+    save_checkpoint(path / "checkpoint.pt", {"phase": "train", "model_config": model.model_config(),
+                                             "model_state": model.state_dict()})
+    return path
+
+
+def test_cli_bench_prints_runs_side_by_side(tmp_path):
+    first, second = _run_dir(tmp_path / "dense", [16, 16]), _run_dir(tmp_path / "lowrank", [16, 16], "lowrank")
+    runner = CliRunner()
+    args = ["bench", str(first), str(second), "--seq-len", "5", "--repeats", "3"]
+    result = runner.invoke(main, args + ["--json", "--backend", "leanlstm", "--backend", "torch"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    runs = report["runs"]
+    assert [r["run"] for r in runs] == [str(first), str(second)]
+    assert runs[0]["ratio_to_first"]["leanlstm"] == 1.0 and runs[1]["bytes"] < runs[0]["bytes"]
+    assert set(runs[1]["latency_us"]) == {"leanlstm", "torch"}
+    table = runner.invoke(main, args + ["--backend", "leanlstm"])
+    assert table.exit_code == 0, table.output
+    assert "ratio" in table.stdout and str(second) in table.stdout and "1.00x" in table.stdout
+    missing = runner.invoke(main, ["bench", str(tmp_path)])
+    assert missing.exit_code != 0 and "not a leanlstm run directory" in missing.output
