@@ -264,7 +264,22 @@ class ComponentLog(list):
         self[:] = [dict(entry) for entry in state.get("components", [])]
 
 
-class ISSRegularizer(Callback):
+class _LogsComponents(Callback):
+    """Records surviving components per layer at every epoch end; the log is the callback's whole state."""
+
+    log: ComponentLog
+
+    def on_epoch_end(self, trainer, epoch: int, metrics: dict[str, Any]) -> None:
+        metrics["iss_components"] = self.log.record(trainer.phase, epoch, trainer.model)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.log.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.log.load_state_dict(state)
+
+
+class ISSRegularizer(_LogsComponents):
     """The group-Lasso term plus thresholding after every step; also records surviving units per epoch.
 
     From your own loop::
@@ -312,17 +327,9 @@ class ISSRegularizer(Callback):
     def after_step(self, trainer) -> None:
         self.threshold_(trainer.model)
 
-    def on_epoch_end(self, trainer, epoch: int, metrics: dict[str, Any]) -> None:
-        metrics["iss_components"] = self.log.record(trainer.phase, epoch, trainer.model)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.log.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.log.load_state_dict(state)
 
 
-class FreezeZeros(Callback):
+class FreezeZeros(_LogsComponents):
     """Fine-tuning: weights that are zero when training starts stay exactly zero after every step.
 
     Its state holds the component log too, so a run resumed while fine-tuning keeps the whole history.
@@ -349,14 +356,6 @@ class FreezeZeros(Callback):
     def after_step(self, trainer) -> None:
         self.apply(trainer.model)
 
-    def on_epoch_end(self, trainer, epoch: int, metrics: dict[str, Any]) -> None:
-        metrics["iss_components"] = self.log.record(trainer.phase, epoch, trainer.model)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.log.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.log.load_state_dict(state)
 
 
 # --- choosing the strength ----------------------------------------------------------------------------------
