@@ -113,8 +113,8 @@ def run_phases(run: RunConfig, out: str | Path, make_model: Callable[[], WordLM]
         else:
             write_json(out / CONFIG, asdict(run))
     distributed.barrier()
-    torch.manual_seed(phases[0].train.seed)
     first = phases[0].train
+    torch.manual_seed(first.seed)
     task = build_task(run, first, rank, world_size)
     start, payload, model, history = 0, None, None, []
     if resume:
