@@ -43,7 +43,8 @@ from ..nn.forms.base import FLOAT_BYTES
 from ..nn.forms.sparse import csr_nbytes
 from ..train import Callback
 from .base import Method, MethodConfig
-from .pruning import GradualPruning, final_entries, lstm_of, sparsity_summary, weight_compression
+from ..nn.lstm import lstm_of
+from .pruning import GradualPruning, final_entries, sparsity_summary, weight_compression
 
 
 # --- sizing a structure to a budget of stored values -------------------------------------------------------

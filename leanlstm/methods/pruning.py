@@ -20,21 +20,13 @@ import torch
 from torch import nn
 
 from ..nn import LSTM
+from ..nn.lstm import lstm_of
 from ..nn.forms import Doped, MaskedSparse, WeightForm
 from ..nn.forms.base import FLOAT_BYTES
 from ..nn.forms.sparse import csr_nbytes
 from ..train import Callback
 from .base import Method, MethodConfig
 from .schedules import gradual_sparsity, phase_steps
-
-
-def lstm_of(model: nn.Module) -> LSTM:
-    """The ``leanlstm.LSTM`` of a model (``model.lstm``) or the model itself."""
-    lstm = getattr(model, "lstm", model)
-    if not isinstance(lstm, LSTM):
-        raise TypeError(f"this method compresses a leanlstm.LSTM (or a model with one as .lstm), got "
-                        f"{type(lstm).__name__}")
-    return lstm
 
 
 def byte_budget(form: WeightForm, compression: float) -> float:

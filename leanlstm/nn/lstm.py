@@ -272,3 +272,12 @@ class LSTM(nn.Module):
                     if self.bias:
                         getattr(module, f"bias_{matrix}_l{index}").copy_(getattr(layer, f"bias_{matrix}"))
         return module.to(self.layers[0].bias_device())
+
+
+def lstm_of(model: nn.Module) -> LSTM:
+    """The ``leanlstm.LSTM`` of a model (``model.lstm``) or the model itself; methods transform through it."""
+    lstm = getattr(model, "lstm", model)
+    if not isinstance(lstm, LSTM):
+        raise TypeError(f"this method compresses a leanlstm.LSTM (or a model with one as .lstm), got "
+                        f"{type(lstm).__name__}")
+    return lstm
