@@ -38,3 +38,45 @@ def plot_components(metrics: str | Path | dict[str, Any], out_png: str | Path) -
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     return Path(out_png)
+
+
+def method_label(run: dict[str, Any]) -> str:
+    """A run's line in a comparison: its method, marked when an ablation switched co-matrix dropout off."""
+    label = run.get("method", "?")
+    if run.get("role") == "control":
+        return f"{label} (control)"
+    if (run.get("method_config") or {}).get("cmr") == 0:
+        label += " (no CMR)"
+    return label
+
+
+def plot_tradeoff(report: str | Path | dict[str, Any], out_png: str | Path) -> Path:
+    """Test perplexity against LSTM compression, one line per method, the dense baseline as a dashed line.
+
+    ``report`` is what ``benchmarks/compression_results.py`` writes (its JSON file or dict): ``baseline`` and
+    ``runs``, each with ``lstm_compression`` and ``test_ppl``.
+
+    >>> plot_tradeoff({"baseline": {"test_ppl": 114.0}, "runs": [
+    ...     {"method": "prune", "lstm_compression": 10.0, "test_ppl": 120.0},
+    ...     {"method": "prune", "lstm_compression": 20.0, "test_ppl": 131.0}]}, "/tmp/tradeoff.png").name
+    'tradeoff.png'
+    """
+    from matplotlib.figure import Figure
+
+    if not isinstance(report, dict):
+        report = json.loads(Path(report).read_text())
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for run in report["runs"]:
+        lines.setdefault(method_label(run), []).append((run["lstm_compression"], run["test_ppl"]))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    for label, points in sorted(lines.items()):
+        points.sort()
+        ax.plot(*zip(*points), marker="o", label=label)
+    ax.axhline(report["baseline"]["test_ppl"], color="grey", ls="--", lw=1, label="dense baseline")
+    ax.set(xscale="log", xlabel="LSTM compression (dense bytes / stored bytes incl. indices)",
+           ylabel="test perplexity", title="Perplexity against compression")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    return Path(out_png)

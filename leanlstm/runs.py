@@ -45,6 +45,7 @@ class RunConfig:
     method_config: dict[str, Any] = field(default_factory=dict)       # the method's own options
     source: str | None = None                                         # run directory compressed from
     finetune_overrides: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields of fine-tuning
+    latency_repeats: int = 20          # compressed runs: batch-1 latency samples at the end (0: don't measure)
 
     def train_config(self) -> TrainConfig:
         return replace(get_preset(self.preset).train, **self.overrides)
@@ -173,12 +174,37 @@ def compress_run(run: RunConfig, out: str | Path, resume: bool = False, progress
         # against the dense LSTM the preset starts from, so that removed units count as compression
         lm = get_preset(run.preset).lm
         extra["lstm_compression"] = dense_lstm_params(lm.embed_size, lm.hidden_sizes) / model.lstm.stored_params()
+        if run.latency_repeats > 0:
+            dense = load_run(run.source)[1] if run.source else WordLM(lm)
+            extra |= compare_latency(model, dense, repeats=run.latency_repeats)
         return extra
 
     metrics = run_phases(run, out, make_model, phases, resume, progress, summary)
     if metrics is not None:  # None on the other processes of a distributed run
         method.on_run_end(Path(out), metrics)
     return metrics
+
+
+def compare_latency(model: WordLM, baseline: WordLM, backends=("leanlstm", "onnxruntime"), repeats: int = 20,
+                    threads: int = 1) -> dict[str, Any]:
+    """Batch-1 latency per time step of the compressed model and its dense baseline, whole and LSTM stack only,
+    measured in one interleaved run, plus the stack speed-up of leanlstm over the baseline on each backend.
+
+    Measured when training ends, on whatever else the machine is doing then (the load average is recorded);
+    ``benchmarks/compression_results.py`` re-measures finished runs side by side on a quiet machine.
+    """
+    from .runtime.latency import medians, stack_and_model
+
+    result = stack_and_model({"compressed": model, "baseline": baseline}, backends, repeats=repeats, threads=threads)
+    latency = {label: {part: medians(measured[part]) for part in ("lstm", "model")}
+               for label, measured in result["models"].items()}
+    compressed = latency["compressed"]["lstm"].get("leanlstm")
+    speedup = {f"leanlstm_vs_baseline_{name}": latency["baseline"]["lstm"][name] / compressed
+               for name in backends if compressed and name in latency["baseline"]["lstm"]}
+    errors = {label: measured["errors"] for label, measured in result["models"].items() if measured["errors"]}
+    settings = {k: result[k] for k in ("seq_len", "repeats", "threads", "machine")}
+    return {"latency_us_per_step": latency, "lstm_speedup": speedup, "latency_settings": settings,
+            **({"latency_errors": errors} if errors else {})}
 
 
 def source_preset(source: str | Path) -> str:

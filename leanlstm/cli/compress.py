@@ -32,16 +32,22 @@ def _pairs(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--set", "settings", multiple=True, help="Method option KEY=VALUE (repeatable).")
 @click.option("--epochs", type=int, help="Epochs of the compression phase (default: the preset's).")
 @click.option("--lr", type=float, help="Learning rate of the compression phase.")
-@click.option("--finetune-epochs", type=int, help="Epochs of fine-tuning (default 3).")
+@click.option("--decay-after", type=click.IntRange(min=0), help="Compression-phase epochs at the full lr.")
+@click.option("--lr-decay", type=float, help="Compression-phase lr factor per epoch after --decay-after.")
+@click.option("--finetune-epochs", type=click.IntRange(min=0),
+              help="Epochs of fine-tuning (default 3; 0: apply the method's final step and stop).")
 @click.option("--finetune-lr", type=float, help="Fine-tuning lr (default: the compression phase's last lr).")
 @click.option("--resume", is_flag=True, help="Continue the unfinished run in --out.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Data folder (default: $LEANLSTM_DATA).")
 @click.option("--max-batches", type=int, help="Stop each epoch after this many windows (smoke runs).")
 @click.option("--max-tokens", type=int, help="Use only the first N tokens of every split (smoke runs).")
 @click.option("--no-verify-data", is_flag=True, help="Skip the md5 check of the data files (for slices).")
+@click.option("--latency-repeats", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Batch-1 latency samples of the result and its dense baseline at the end (0: skip).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def command(method_name, source, preset, out, strength, settings, epochs, lr, finetune_epochs, finetune_lr,
-            resume, data_dir, max_batches, max_tokens, no_verify_data, no_progress):
+def command(method_name, source, preset, out, strength, settings, epochs, lr, decay_after, lr_decay,
+            finetune_epochs, finetune_lr,
+            resume, data_dir, max_batches, max_tokens, no_verify_data, latency_repeats, no_progress):
     """Compress a model with a method, with checkpoints in OUT.
 
     \b
@@ -52,14 +58,16 @@ def command(method_name, source, preset, out, strength, settings, epochs, lr, fi
     config = method.Config.from_strings(options)
     if preset is None:
         preset = source_preset(source) if source else "small"
-    overrides = {k: v for k, v in dict(epochs=epochs, lr=lr, max_batches=max_batches).items() if v is not None}
+    overrides = {k: v for k, v in dict(epochs=epochs, lr=lr, decay_after=decay_after, lr_decay=lr_decay,
+                                         max_batches=max_batches).items() if v is not None}
     finetune = {k: v for k, v in dict(epochs=finetune_epochs, lr=finetune_lr).items() if v is not None}
     run = RunConfig(preset=preset, method=method_name, data_dir=data_dir, max_tokens=max_tokens,
                     verify_data=not no_verify_data, overrides=overrides, method_config=config.to_dict(),
-                    source=source, finetune_overrides=finetune, command=shlex.join(["leanlstm"] + sys.argv[1:]))
+                    source=source, finetune_overrides=finetune, latency_repeats=latency_repeats, command=shlex.join(["leanlstm"] + sys.argv[1:]))
     metrics = compress_run(run, out, resume=resume, progress=not no_progress)
     if metrics is not None:
-        keys = ("hidden_sizes", "lstm_params", "lstm_compression", "val_ppl", "test_ppl", "train_minutes")
+        keys = ("hidden_sizes", "lstm_params", "lstm_compression", "val_ppl", "test_ppl", "train_minutes",
+                "lstm_speedup")
         click.echo(json.dumps({k: metrics[k] for k in keys if k in metrics}))
 
 

@@ -74,6 +74,33 @@ def measure(models: Mapping[str, nn.Module], backends: Sequence[str] | Mapping[s
             "threads": threads, "machine": machine_info(), "models": report}
 
 
+def stack_and_model(models: Mapping[str, nn.Module], backends: Sequence[str] = ("leanlstm", "onnxruntime"),
+                    seq_len: int = 35, repeats: int = 30, threads: int = 1) -> dict[str, Any]:
+    """Latency of each language model whole (embedding, LSTM stack, decoder) and of its LSTM stack alone.
+
+    All (model, part, backend) triples take turns in one interleaved run, so the ratios between models
+    compare like with like. Returns the settings plus ``{"models": {label: {"lstm": {backend: stats},
+    "model": {backend: stats}, "errors": {"lstm/backend": message}}}}``.
+    """
+    parts = {}
+    for label, model in models.items():
+        parts[f"{label}\0lstm"] = model.lstm if hasattr(model, "lstm") else model
+        if hasattr(model, "lstm"):
+            parts[f"{label}\0model"] = model
+    result = measure(parts, backends, seq_len=seq_len, repeats=repeats, threads=threads)
+    report = {label: {"lstm": {}, "model": {}, "errors": {}} for label in models}
+    for key, measured in result.pop("models").items():
+        label, part = key.split("\0")
+        report[label][part] = measured["backends"]
+        report[label]["errors"] |= {f"{part}/{name}": message for name, message in measured["errors"].items()}
+    return {**result, "models": report}
+
+
+def medians(stats: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """``{backend: median}`` of a ``{backend: stats}`` mapping."""
+    return {name: values["median"] for name, values in stats.items()}
+
+
 def _build_runners(models: Mapping[str, nn.Module], backends: Mapping[str, list[str]], seq_len: int, threads: int,
                    seed: int) -> tuple[dict[tuple[str, str], Callable], dict[str, dict[str, str]]]:
     runners, errors = {}, {}

@@ -180,3 +180,19 @@ def test_cli_compress_with_doped_kp(tmp_path, ptb_slice_dir):
     assert 10.0 <= metrics["lstm_weight_compression"] <= 10.0 * 1.005
     assert printed["lstm_compression"] < metrics["lstm_weight_compression"]     # biases count there
     assert metrics["sparse_density"] == _final_densities(out / "checkpoint.pt")
+
+
+def test_cli_compress_schedule_flags_and_no_finetuning(tmp_path, ptb_slice_dir):
+    """--decay-after/--lr-decay shape the compression phase; --finetune-epochs 0 finalises without training."""
+    out = tmp_path / "cli0"
+    args = ["compress", "--method", "doped-kp", "--preset", "tiny", "--set", "compression=10", "--set",
+            "prune_every=2", "--out", str(out), "--epochs", "2", "--lr", "0.5", "--decay-after", "1",
+            "--lr-decay", "0.25", "--max-batches", "8", "--finetune-epochs", "0", "--latency-repeats", "0",
+            "--data-dir", str(ptb_slice_dir), "--no-verify-data", "--no-progress"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [(h["phase"], h["lr"]) for h in metrics["history"]] == [("compress", 0.5), ("compress", 0.125)]
+    # the final step still ran: D at its final density, CMR off in the saved model
+    assert metrics["sparse_density"] == _final_densities(out / "checkpoint.pt")
+    assert "latency_us_per_step" not in metrics

@@ -8,7 +8,7 @@ import leanlstm
 from leanlstm.checkpoint import save_checkpoint, write_json
 from leanlstm.cli import main
 from leanlstm.runtime import latency, measure
-from leanlstm.runtime.latency import model_size
+from leanlstm.runtime.latency import medians, model_size, stack_and_model
 from leanlstm.tasks.lm import LMConfig, WordLM
 
 ALL = ("leanlstm", "torch", "torch-int8", "onnxruntime", "onnxruntime-forms")
@@ -52,6 +52,19 @@ def test_measure_interleaves_models_of_different_kinds():
                      seq_len=5, repeats=3, warmup=1)
     assert set(result["models"]) == {"lm", "lstm"}
     assert all(set(m["backends"]) == {"leanlstm", "torch", "onnxruntime"} for m in result["models"].values())
+
+
+def test_stack_and_model_times_the_lstm_stack_and_the_whole_model():
+    big = WordLM(LMConfig(vocab_size=2000, embed_size=16, hidden_sizes=[256, 256]))
+    small = WordLM(LMConfig(vocab_size=2000, embed_size=16, hidden_sizes=[8, 8]))
+    result = stack_and_model({"big": big, "small": small}, ("leanlstm", "onnxruntime"), seq_len=5, repeats=5)
+    for label in ("big", "small"):
+        for part in ("lstm", "model"):
+            assert set(medians(result["models"][label][part])) == {"leanlstm", "onnxruntime"}
+        assert result["models"][label]["errors"] == {}
+    big_stack = medians(result["models"]["big"]["lstm"])["leanlstm"]
+    assert big_stack > medians(result["models"]["small"]["lstm"])["leanlstm"]
+    assert medians(result["models"]["big"]["model"])["leanlstm"] > big_stack   # embedding + decoder on top
 
 
 def test_model_size_counts_stored_bytes():

@@ -1,0 +1,102 @@
+"""Compressed runs beside their dense baseline: perplexity, size and batch-1 latency, measured in one run.
+
+    python benchmarks/compression_results.py --baseline runs/ptb-small runs/ptb-small-iss-a runs/ptb-small-iss-b \
+        --out results/ptb-small-iss.json [--control runs/ptb-small-direct] [--plot results/ptb-small-iss.png]
+
+Every model's LSTM stack and whole model (embedding + stack + decoder) is timed on the leanlstm runtime and on
+ONNX Runtime (dense), all interleaved in one measurement, so the speed-ups compare like with like. Perplexities,
+sizes and configurations come from each run's ``metrics.json`` (finished runs only). ``--control`` marks runs
+that are controls (e.g. the found sizes trained from scratch) rather than compression results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record_run import machine  # noqa: E402
+
+from leanlstm.report import plot_tradeoff  # noqa: E402
+from leanlstm.runs import load_run  # noqa: E402
+from leanlstm.runtime.latency import medians, stack_and_model  # noqa: E402
+
+KEEP = ("method", "preset", "hidden_sizes", "lstm_params", "dense_lstm_params", "lstm_compression", "val_ppl",
+        "test_ppl", "epochs", "train_minutes", "command", "method_config", "source", "iss_hidden_sizes",
+        "structure", "target_compression", "lstm_weight_compression", "sparse_density")
+
+
+def summary(run_dir: Path) -> dict:
+    metrics_file = run_dir / "metrics.json"
+    if not metrics_file.is_file():
+        raise SystemExit(f"{run_dir} has no metrics.json: finish the run first (leanlstm compress ... --resume)")
+    metrics = json.loads(metrics_file.read_text())
+    out = {"run": str(run_dir), **{k: metrics[k] for k in KEEP if k in metrics}}
+    out["epochs_by_phase"] = {}
+    for entry in metrics.get("history", []):
+        out["epochs_by_phase"][entry["phase"]] = out["epochs_by_phase"].get(entry["phase"], 0) + 1
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="finished compressed run directories")
+    parser.add_argument("--baseline", required=True, type=Path, help="the dense run they were compressed from")
+    parser.add_argument("--control", nargs="*", type=Path, default=[], help="control runs (reported, not ranked)")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--plot", type=Path, help="PNG of test perplexity against LSTM compression per method")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--backends", nargs="+", default=["leanlstm", "onnxruntime"])
+    parser.add_argument("--note", default="")
+    args = parser.parse_args()
+
+    dirs = {"baseline": args.baseline, **{str(d): d for d in [*args.runs, *args.control]}}
+    models = {label: load_run(d)[1] for label, d in dirs.items()}
+    timing = stack_and_model(models, args.backends, repeats=args.repeats)
+    latency = {label: {part: medians(m[part]) for part in ("lstm", "model")} for label, m in timing["models"].items()}
+    base = summary(args.baseline) | {"latency_us_per_step": latency["baseline"]}
+    dense_ort = latency["baseline"]["lstm"].get("onnxruntime")
+
+    def entry(run_dir: Path, role: str) -> dict:
+        result = summary(run_dir) | {"role": role, "baseline_test_ppl": base["test_ppl"]}
+        result["test_ppl_change"] = result["test_ppl"] - base["test_ppl"]
+        result["test_ppl_change_percent"] = 100 * result["test_ppl_change"] / base["test_ppl"]
+        result["latency_us_per_step"] = own = latency[str(run_dir)]
+        result["baseline_latency_us_per_step"] = latency["baseline"]
+        if dense_ort and "leanlstm" in own["lstm"]:
+            result["lstm_speedup_vs_dense_onnxruntime"] = dense_ort / own["lstm"]["leanlstm"]
+            result["model_speedup_vs_dense_onnxruntime"] = (latency["baseline"]["model"]["onnxruntime"]
+                                                            / own["model"]["leanlstm"])
+        result["lstm_speedup_vs_dense_leanlstm"] = latency["baseline"]["lstm"]["leanlstm"] / own["lstm"]["leanlstm"]
+        errors = timing["models"][str(run_dir)]["errors"]
+        return result | ({"latency_errors": errors} if errors else {})
+
+    report = {
+        "command": shlex.join(["python"] + sys.argv),
+        "machine": machine() | {"load_average": timing["machine"]["load_average"]},
+        "latency_settings": {k: timing[k] for k in ("unit", "batch", "seq_len", "repeats", "threads")},
+        "note": args.note,
+        "baseline": base,
+        "runs": [entry(d, "result") for d in args.runs] + [entry(d, "control") for d in args.control],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        plot_tradeoff(report, args.plot)
+    width = max(len(r["run"]) for r in report["runs"]) + 2
+    print(f"{'run':<{width}}{'sizes':>12}{'compr':>8}{'test':>8}{'d%':>7}{'stack us':>10}{'vs ORT':>8}{'model us':>10}")
+    print(f"{'baseline':<{width}}{str(base['hidden_sizes']):>12}{1:>8.2f}{base['test_ppl']:>8.2f}{0:>7.1f}"
+          f"{latency['baseline']['lstm']['leanlstm']:>10.1f}{'':>8}{latency['baseline']['model']['leanlstm']:>10.1f}")
+    for r in report["runs"]:
+        own = r["latency_us_per_step"]
+        print(f"{r['run']:<{width}}{str(r['hidden_sizes']):>12}{r['lstm_compression']:>8.2f}{r['test_ppl']:>8.2f}"
+              f"{r['test_ppl_change_percent']:>7.1f}{own['lstm']['leanlstm']:>10.1f}"
+              f"{r.get('lstm_speedup_vs_dense_onnxruntime', float('nan')):>8.2f}{own['model']['leanlstm']:>10.1f}")
+    print(f"dense baseline stack on ONNX Runtime: {dense_ort:.1f} us/step; whole model "
+          f"{latency['baseline']['model'].get('onnxruntime', float('nan')):.1f}")
+
+
+if __name__ == "__main__":
+    main()
