@@ -21,7 +21,7 @@ from .methods import get_method
 from .nn.lstm import dense_lstm_params
 from .presets import get_preset
 from .tasks import TASKS
-from .tasks.lm import WordLM
+from .tasks.lm import LMConfig, WordLM
 from .train import CHECKPOINT, Trainer, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,16 @@ class RunConfig:
     source: str | None = None                                         # run directory compressed from
     finetune_overrides: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields of fine-tuning
     latency_repeats: int = 20          # compressed runs: batch-1 latency samples at the end (0: don't measure)
+    hidden_sizes: list[int] | None = None   # per-layer LSTM sizes instead of the preset's (e.g. ISS's found sizes)
+
+    def lm_config(self) -> LMConfig:
+        lm = get_preset(self.preset).lm
+        if self.hidden_sizes is None:
+            return lm
+        if len(self.hidden_sizes) != len(lm.hidden_sizes) or min(self.hidden_sizes) < 1:
+            raise RunDirError(f"--hidden-sizes needs {len(lm.hidden_sizes)} positive sizes for preset "
+                              f"{self.preset!r}, got {self.hidden_sizes}")
+        return replace(lm, hidden_sizes=list(self.hidden_sizes))
 
     def train_config(self) -> TrainConfig:
         return replace(get_preset(self.preset).train, **self.overrides)
@@ -96,7 +106,7 @@ def train_run(run: RunConfig, out: str | Path, resume: bool = False, progress: b
               callbacks=()) -> dict[str, Any]:
     """Train (or resume) a baseline run in ``out`` and write its ``metrics.json``; returns the metrics."""
     phase = Phase("train", run.train_config(), list(callbacks))
-    return run_phases(run, out, lambda: WordLM(get_preset(run.preset).lm), [phase], resume, progress)
+    return run_phases(run, out, lambda: WordLM(run.lm_config()), [phase], resume, progress)
 
 
 def run_phases(run: RunConfig, out: str | Path, make_model: Callable[[], WordLM], phases: list[Phase],
@@ -159,7 +169,7 @@ def compress_run(run: RunConfig, out: str | Path, resume: bool = False, progress
     method = get_method(run.method)(get_method(run.method).Config(**run.method_config))
 
     def make_model() -> WordLM:
-        return load_run(run.source)[1] if run.source else WordLM(get_preset(run.preset).lm)
+        return load_run(run.source)[1] if run.source else WordLM(run.lm_config())
 
     phases = [Phase("compress", run.train_config(), method.callbacks(), method.prepare)]
     if method.has_finetune:
@@ -172,7 +182,7 @@ def compress_run(run: RunConfig, out: str | Path, resume: bool = False, progress
             base = json.loads(baseline.read_text())
             extra |= {"baseline_test_ppl": base["test_ppl"], "baseline_lstm_params": base["lstm_params"]}
         # against the dense LSTM the preset starts from, so that removed units count as compression
-        lm = get_preset(run.preset).lm
+        lm = run.lm_config()
         extra["lstm_compression"] = dense_lstm_params(lm.embed_size, lm.hidden_sizes) / model.lstm.stored_params()
         if run.latency_repeats > 0:
             dense = load_run(run.source)[1] if run.source else WordLM(lm)

@@ -147,3 +147,17 @@ def test_trainer_works_in_a_users_own_loop(ptb_slice_dir):
 
     Trainer(model, task, TrainConfig(epochs=1, max_batches=4), callbacks=[Record()]).fit()
     assert seen == [1, 2, 3, 4]
+
+
+def test_hidden_sizes_train_a_direct_design_with_per_layer_sizes(tmp_path, ptb_slice_dir):
+    args = ["train", "--preset", "tiny", "--hidden-sizes", "12,7", "--epochs", "1", "--max-batches", "3",
+            "--data-dir", str(ptb_slice_dir), "--no-verify-data", "--no-progress", "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["hidden_sizes"] == [12, 7]
+    assert saved["lstm_params"] == (4 * 12 * (32 + 12) + 8 * 12) + (4 * 7 * (12 + 7) + 8 * 7)
+    assert load_run(tmp_path / "run")[1].lstm.hidden_sizes == [12, 7]  # the checkpoint rebuilds the same shape
+    for bad in ("12", "12,x", "12,0"):
+        result = CliRunner().invoke(main, args[:4] + [bad] + args[5:-1] + [str(tmp_path / f"bad-{bad}")])
+        assert result.exit_code != 0 and "hidden-sizes" in result.output, result.output

@@ -11,6 +11,16 @@ from ..presets import PRESETS
 from ..runs import RunConfig, train_run
 
 
+def _sizes(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(size) for size in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers such as 120,95, got {text!r}",
+                                 param_hint="--hidden-sizes") from None
+
+
 @click.command("train")
 @click.option("--task", default="ptb", show_default=True, help="Task to train on.")
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="small", show_default=True)
@@ -22,12 +32,13 @@ from ..runs import RunConfig, train_run
 @click.option("--lr", type=float, help="Override the preset's learning rate.")
 @click.option("--clip", type=float, help="Override the preset's gradient-norm clip.")
 @click.option("--seed", type=int, help="Override the random seed.")
+@click.option("--hidden-sizes", help="Per-layer LSTM sizes instead of the preset's, e.g. 120,95 (a direct design).")
 @click.option("--max-batches", type=int, help="Stop each epoch after this many windows (smoke runs).")
 @click.option("--max-tokens", type=int, help="Use only the first N tokens of every split (smoke runs).")
 @click.option("--no-verify-data", is_flag=True, help="Skip the md5 check of the data files (for slices).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def command(task, preset, out, resume, data_dir, epochs, lr, clip, seed, max_batches, max_tokens,
-            no_verify_data, no_progress):
+def command(task, preset, out, resume, data_dir, epochs, lr, clip, seed, hidden_sizes, max_batches,
+            max_tokens, no_verify_data, no_progress):
     """Train a model from a preset.
 
     \b
@@ -36,7 +47,7 @@ def command(task, preset, out, resume, data_dir, epochs, lr, clip, seed, max_bat
     overrides = {k: v for k, v in dict(epochs=epochs, lr=lr, clip=clip, seed=seed,
                                        max_batches=max_batches).items() if v is not None}
     run = RunConfig(task=task, preset=preset, data_dir=data_dir, max_tokens=max_tokens,
-                    verify_data=not no_verify_data, overrides=overrides,
+                    verify_data=not no_verify_data, overrides=overrides, hidden_sizes=_sizes(hidden_sizes),
                     command=shlex.join(["leanlstm"] + sys.argv[1:]))
     metrics = train_run(run, out, resume=resume, progress=not no_progress)
     if metrics is not None:

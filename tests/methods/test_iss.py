@@ -358,6 +358,6 @@ def test_iss_from_a_trained_baseline_and_from_the_cli(tmp_path, ptb_slice_dir):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.strip().splitlines()[-1])["hidden_sizes"] == metrics["hidden_sizes"]
     saved = json.loads((tmp_path / "cli" / "metrics.json").read_text())
-    assert saved["method_config"] == {"strength": 0.1, "threshold": 0.01, "eps": 1e-8}
+    assert saved["method_config"] == {"strength": 0.1, "threshold": 0.01, "eps": 1e-8, "group_rule": True}
     assert (tmp_path / "cli" / "components.png").is_file()
     assert "iss" in METHODS

@@ -1,0 +1,77 @@
+"""Run a list of ``leanlstm`` commands, a few at a time, each on one thread; resumable.
+
+    python benchmarks/sweep.py benchmarks/sweeps/ptb-small-doping.txt --runs runs --workers 2
+
+The sweep file holds one ``leanlstm ...`` command per line (``#`` starts a comment) with ``{runs}`` standing
+for the runs folder; each command must have ``--out``. A command whose ``--out`` already holds
+``metrics.json`` is skipped, one with a checkpoint is resumed (``--resume`` added), so re-running the sweep
+after an interruption finishes it. Every command runs with ``OMP_NUM_THREADS=1``: on a 2-core machine two
+one-thread runs finish sooner than two two-thread runs taking turns (two OpenMP threads stall when a core is
+taken). Each command's output goes to ``OUT.log`` beside its run directory.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def commands(sweep: Path, runs: str) -> list[list[str]]:
+    out = []
+    for number, line in enumerate(sweep.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        args = shlex.split(line.replace("{runs}", runs))
+        if args[0] != "leanlstm" or "--out" not in args:
+            raise SystemExit(f"{sweep}:{number}: expected a `leanlstm ... --out DIR` command, got {line!r}")
+        out.append(args)
+    return out
+
+
+def prepared(args: list[str]) -> list[str] | None:
+    """The command to run now: None when finished, with --resume when a checkpoint is there."""
+    out = Path(args[args.index("--out") + 1])
+    if (out / "metrics.json").is_file():
+        return None
+    if (out / "checkpoint.pt").is_file() and "--resume" not in args:
+        return args + ["--resume"]
+    return args
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep", type=Path)
+    parser.add_argument("--runs", default="runs", help="folder that {runs} stands for")
+    parser.add_argument("--workers", type=int, default=2)
+    options = parser.parse_args()
+    queue = [c for c in map(prepared, commands(options.sweep, options.runs)) if c is not None]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    running: list[tuple[subprocess.Popen, list[str], float]] = []
+    failed = 0
+    while queue or running:
+        while queue and len(running) < options.workers:
+            args = queue.pop(0)
+            log = Path(args[args.index("--out") + 1] + ".log")
+            log.parent.mkdir(parents=True, exist_ok=True)
+            print(f"start: {shlex.join(args)}", flush=True)
+            with log.open("a") as handle:
+                running.append((subprocess.Popen(args + ["--no-progress"], stdout=handle, stderr=subprocess.STDOUT,
+                                                 env=env), args, time.time()))
+        time.sleep(5)
+        for entry in list(running):
+            process, args, started = entry
+            if process.poll() is not None:
+                running.remove(entry)
+                status = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode})"
+                failed += process.returncode != 0
+                print(f"{status} in {(time.time() - started) / 60:.1f} min: {shlex.join(args)}", flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
