@@ -61,6 +61,8 @@ def main() -> None:
 
     def entry(run_dir: Path, role: str) -> dict:
         result = summary(run_dir) | {"role": role, "baseline_test_ppl": base["test_ppl"]}
+        # a plain training run (e.g. a direct-design control) records no compression: against the baseline's stack
+        result.setdefault("lstm_compression", base["lstm_params"] / result["lstm_params"])
         result["test_ppl_change"] = result["test_ppl"] - base["test_ppl"]
         result["test_ppl_change_percent"] = 100 * result["test_ppl_change"] / base["test_ppl"]
         result["latency_us_per_step"] = own = latency[str(run_dir)]
