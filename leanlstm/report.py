@@ -43,8 +43,8 @@ def plot_components(metrics: str | Path | dict[str, Any], out_png: str | Path) -
 def method_label(run: dict[str, Any]) -> str:
     """A run's line in a comparison: its method, marked when an ablation switched co-matrix dropout off."""
     label = run.get("method", "?")
-    if run.get("role") == "control":
-        return f"{label} (control)"
+    if run.get("role") == "control":  # a plain training run is the direct design of the same sizes
+        return "direct design (control)" if label == "baseline" else f"{label} (control)"
     if (run.get("method_config") or {}).get("cmr") == 0:
         label += " (no CMR)"
     return label
@@ -62,6 +62,7 @@ def plot_tradeoff(report: str | Path | dict[str, Any], out_png: str | Path) -> P
     'tradeoff.png'
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
 
     if not isinstance(report, dict):
         report = json.loads(Path(report).read_text())
@@ -74,8 +75,13 @@ def plot_tradeoff(report: str | Path | dict[str, Any], out_png: str | Path) -> P
         points.sort()
         ax.plot(*zip(*points), marker="o", label=label)
     ax.axhline(report["baseline"]["test_ppl"], color="grey", ls="--", lw=1, label="dense baseline")
+    factors = [x for points in lines.values() for x, _ in points]
+    if factors and max(factors) / min(factors) < 2:  # one target factor: a log axis would zoom into rounding
+        ax.set_xlim(min(factors) / 1.5, max(factors) * 1.5)
     ax.set(xscale="log", xlabel="LSTM compression (dense bytes / stored bytes incl. indices)",
            ylabel="test perplexity", title="Perplexity against compression")
+    ax.xaxis.set_major_formatter(ScalarFormatter())  # after set_xscale, which installs its own formatters
+    ax.xaxis.set_minor_formatter(ScalarFormatter())
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)

@@ -16,7 +16,7 @@ def test_plot_tradeoff_draws_one_line_per_method(tmp_path):
 def test_method_label_marks_ablations_and_controls():
     assert method_label({"method": "doped-kp", "method_config": {"cmr": 0.5}}) == "doped-kp"
     assert method_label({"method": "doped-kp", "method_config": {"cmr": 0}}) == "doped-kp (no CMR)"
-    assert method_label({"method": "baseline", "role": "control"}) == "baseline (control)"
+    assert method_label({"method": "baseline", "role": "control"}) == "direct design (control)"
 
 
 def test_plot_components_needs_iss_metrics(tmp_path):
