@@ -106,7 +106,8 @@ def train_run(run: RunConfig, out: str | Path, resume: bool = False, progress: b
               callbacks=()) -> dict[str, Any]:
     """Train (or resume) a baseline run in ``out`` and write its ``metrics.json``; returns the metrics."""
     phase = Phase("train", run.train_config(), list(callbacks))
-    return run_phases(run, out, lambda: WordLM(run.lm_config()), [phase], resume, progress)
+    lm = run.lm_config()  # bad sizes fail here, before the run directory is made
+    return run_phases(run, out, lambda: WordLM(lm), [phase], resume, progress)
 
 
 def run_phases(run: RunConfig, out: str | Path, make_model: Callable[[], WordLM], phases: list[Phase],

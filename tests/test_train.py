@@ -161,3 +161,4 @@ def test_hidden_sizes_train_a_direct_design_with_per_layer_sizes(tmp_path, ptb_s
     for bad in ("12", "12,x", "12,0"):
         result = CliRunner().invoke(main, args[:4] + [bad] + args[5:-1] + [str(tmp_path / f"bad-{bad}")])
         assert result.exit_code != 0 and "hidden-sizes" in result.output, result.output
+        assert not (tmp_path / f"bad-{bad}").exists()  # refused before a run directory is made
