@@ -272,54 +272,167 @@ def lowrank_op(left: np.ndarray, right: np.ndarray) -> RuntimeOp:
 
 
 # --- Kronecker: (A kron B) x = vec(A X B^T), never forming the big matrix ---------------------------------------
+# Every plan computes Y = L X R^T as row combinations (``_combine``), whose inner loop runs along a row
+# of the right-hand matrix and vectorises when that row is long. Two orientations: direct (L = A, R = B,
+# X the input as an (n1, n2) grid, Y's rows m2 wide) or transposed (L = B, R = A, X^T, Y^T's rows m1 wide),
+# by the identity vec(Y^T) = (B kron A) vec(X^T); and two orders: X R^T first or L X first. ``kron_op``
+# picks the cheapest of the four for the factor shapes: a lopsided pair such as (275x29) kron (3x7) runs
+# along its 275-wide side, where the direct plan would combine rows 3 wide (about 10x slower).
+KRON_STACK_FLOATS = 16384    # scratch up to 64 KB goes on the stack; more (huge factors) on the heap
+
+
 @njit(inline="always", **JIT)
-def _combine_rows(coef, ci, rows, first, out, oi):
-    """``out[oi] += sum_p coef[ci, p] * rows[first + p]``, four rows per pass over ``out[oi]``.
+def _combine(coef, rows, out):
+    """``out += coef @ rows`` as row combinations: four output rows at a time share each load of four rows of
+    ``rows`` (16 multiply-adds per 12 loads and stores; twice as fast as one output row at a time)."""
+    m, k, width = coef.shape[0], coef.shape[1], out.shape[1]
+    for i in range(0, m - m % 4, 4):
+        for p in range(0, k - k % 4, 4):
+            a0, a1, a2, a3 = coef[i, p], coef[i, p + 1], coef[i, p + 2], coef[i, p + 3]
+            b0, b1, b2, b3 = coef[i + 1, p], coef[i + 1, p + 1], coef[i + 1, p + 2], coef[i + 1, p + 3]
+            c0, c1, c2, c3 = coef[i + 2, p], coef[i + 2, p + 1], coef[i + 2, p + 2], coef[i + 2, p + 3]
+            d0, d1, d2, d3 = coef[i + 3, p], coef[i + 3, p + 1], coef[i + 3, p + 2], coef[i + 3, p + 3]
+            for q in range(width):
+                r0, r1, r2, r3 = rows[p, q], rows[p + 1, q], rows[p + 2, q], rows[p + 3, q]
+                out[i, q] += a0 * r0 + a1 * r1 + a2 * r2 + a3 * r3
+                out[i + 1, q] += b0 * r0 + b1 * r1 + b2 * r2 + b3 * r3
+                out[i + 2, q] += c0 * r0 + c1 * r1 + c2 * r2 + c3 * r3
+                out[i + 3, q] += d0 * r0 + d1 * r1 + d2 * r2 + d3 * r3
+        for p in range(k - k % 4, k):
+            a, b, c, d = coef[i, p], coef[i + 1, p], coef[i + 2, p], coef[i + 3, p]
+            for q in range(width):
+                r = rows[p, q]
+                out[i, q] += a * r
+                out[i + 1, q] += b * r
+                out[i + 2, q] += c * r
+                out[i + 3, q] += d * r
+    for i in range(m - m % 4, m):
+        for p in range(0, k - k % 4, 4):
+            c0, c1, c2, c3 = coef[i, p], coef[i, p + 1], coef[i, p + 2], coef[i, p + 3]
+            for q in range(width):
+                out[i, q] += c0 * rows[p, q] + c1 * rows[p + 1, q] + c2 * rows[p + 2, q] + c3 * rows[p + 3, q]
+        for p in range(k - k % 4, k):
+            cp = coef[i, p]
+            for q in range(width):
+                out[i, q] += cp * rows[p, q]
 
-    The Kronecker factors are small (about 50x25): their products are best run along the longer output
-    side, as row combinations, rather than as dot products of 25 elements.
-    """
-    k, width = coef.shape[1], out.shape[1]
-    for p in range(0, k - k % 4, 4):
-        c0, c1, c2, c3 = coef[ci, p], coef[ci, p + 1], coef[ci, p + 2], coef[ci, p + 3]
-        r = first + p
-        for q in range(width):
-            out[oi, q] += c0 * rows[r, q] + c1 * rows[r + 1, q] + c2 * rows[r + 2, q] + c3 * rows[r + 3, q]
-    for p in range(k - k % 4, k):
-        cp, r = coef[ci, p], first + p
-        for q in range(width):
-            out[oi, q] += cp * rows[r, q]
+
+@njit(inline="always", **JIT)
+def _scratch(rows, cols):
+    """A zeroed (rows, cols) float32 buffer: on the stack when small (no allocator call), else on the heap."""
+    if rows * cols <= KRON_STACK_FLOATS:
+        buffer = carray(_stack_f32(rows * cols), (rows, cols))
+        buffer[:] = 0.0
+    else:
+        buffer = np.zeros((rows, cols), np.float32)
+    return buffer
 
 
-@njit(**JIT)
-def kron_matmat(arrays, xs, out):
-    a, b_t = arrays                                        # A (m1, n1), B^T (n2, m2)
-    (m1, n1), (n2, m2) = a.shape, b_t.shape
-    steps = xs.shape[0]
-    grid = np.zeros((steps * n1, n2), np.float32)          # each step's x, zero-padded, as an (n1, n2) grid X
-    grid.reshape(steps, n1 * n2)[:, : xs.shape[1]] = xs
-    z = np.zeros((steps * n1, m2), np.float32)             # Z = X B^T, all steps at once
-    for g in range(steps * n1):
-        _combine_rows(grid, g, b_t, 0, z, g)
-    y = np.empty((m1, m2), np.float32)                     # Y = A Z, cropped into out[t]
-    for t in range(steps):
-        y[:] = 0.0
-        for r in range(m1):
-            _combine_rows(a, r, z, t * n1, y, r)
-        for r in range(m1):
-            start = r * m2
-            for q in range(min(m2, out.shape[1] - start)):
-                out[t, start + q] += y[r, q]
+@njit(inline="always", **JIT)
+def _gather_grid(x, gather, grid):
+    """``grid.flat[i] = x[gather[i]]``; entries with ``gather < 0`` (padding) stay as they are (zero)."""
+    k, s = grid.shape
+    for g in range(k):
+        for j in range(s):
+            source = gather[g * s + j]
+            if source >= 0:
+                grid[g, j] = x[source]
+
+
+@njit(inline="always", **JIT)
+def _scatter_add(y, scatter, out):
+    """``out[scatter[i]] += y.flat[i]``; entries with ``scatter < 0`` (cropped rows) are dropped."""
+    p, q = y.shape
+    for r in range(p):
+        for c in range(q):
+            target = scatter[r * q + c]
+            if target >= 0:
+                out[target] += y[r, c]
 
 
 @njit(**JIT)
 def kron_matvec(arrays, x, out, flip):
-    kron_matmat(arrays, x.reshape(1, x.shape[0]), out.reshape(1, out.shape[0]))
+    """One step: ``Y = L X R^T`` in the plan's order, every buffer on the stack."""
+    left, right_t, gather, scatter, plan = arrays
+    (p, k), (s, q) = left.shape, right_t.shape
+    grid = _scratch(k, s)
+    _gather_grid(x, gather, grid)
+    y = _scratch(p, q)
+    if plan[0] == 1:
+        v = _scratch(p, s)
+        _combine(left, grid, v)                            # V = L X
+        _combine(v, right_t, y)                            # Y = V R^T
+    else:
+        z = _scratch(k, q)
+        _combine(grid, right_t, z)                         # Z = X R^T
+        _combine(left, z, y)                               # Y = L Z
+    _scatter_add(y, scatter, out)
 
 
-def kron_op(a: np.ndarray, b: np.ndarray) -> RuntimeOp:
-    """The op of ``(a kron b)``, cropped to the output and input sizes of the vectors it is given."""
-    arrays = tuple(np.ascontiguousarray(m, dtype=np.float32) for m in (a, np.transpose(b)))
+@njit(**JIT)
+def kron_matmat(arrays, xs, out):
+    """All steps: the product with R^T, the larger stage, runs once over the steps' stacked rows (fewer
+    remainder rows than per step; the tiled ``gemm`` was slower here, its tiles being too big for factors
+    this small); the product with L runs per step."""
+    left, right_t, gather, scatter, plan = arrays
+    (p, k), (s, q), steps = left.shape, right_t.shape, xs.shape[0]
+    grids = np.zeros((steps, k, s), np.float32)
+    for t in range(steps):
+        _gather_grid(xs[t], gather, grids[t])
+    ys = np.zeros((steps, p, q), np.float32)
+    if plan[0] == 1:
+        vs = np.zeros((steps, p, s), np.float32)
+        for t in range(steps):
+            _combine(left, grids[t], vs[t])                # V = L X, per step
+        _combine(vs.reshape(steps * p, s), right_t, ys.reshape(steps * p, q))  # Y = V R^T, all steps
+    else:
+        zs = np.zeros((steps, k, q), np.float32)
+        _combine(grids.reshape(steps * k, s), right_t, zs.reshape(steps * k, q))  # Z = X R^T, all steps
+        for t in range(steps):
+            _combine(left, zs[t], ys[t])                   # Y = L Z, per step
+    for t in range(steps):
+        _scatter_add(ys[t], scatter, out[t])
+
+
+def _combine_cost(rows: int, terms: int, width: int) -> float:
+    """Relative cost of ``_combine`` for ``rows`` output rows of ``terms`` terms ``width`` wide: 16-float
+    vectors (a block of four output rows costs about half as much per row as a single one) plus a fixed cost
+    per pass (loop set-up, coefficient loads)."""
+    blocks, single = divmod(rows, 4)
+    passes = (blocks + single) * -(-terms // 4)
+    return (blocks * 2 + single) * terms * -(-width // 16) + passes * 4
+
+
+def kron_plan(m1: int, n1: int, m2: int, n2: int) -> tuple[bool, bool]:
+    """``(transposed, left_first)``: the cheapest way to run ``(A kron B) x`` for these factor shapes.
+
+    >>> kron_plan(275, 29, 3, 7), kron_plan(6, 5, 134, 40)
+    ((True, True), (False, False))
+    """
+    costs = {}
+    for transposed in (False, True):
+        (p, k), (q, s) = ((m2, n2), (m1, n1)) if transposed else ((m1, n1), (m2, n2))
+        costs[transposed, True] = _combine_cost(p, k, s) + _combine_cost(p, s, q)      # V = L X, then V R^T
+        costs[transposed, False] = _combine_cost(k, s, q) + _combine_cost(p, k, q)     # Z = X R^T, then L Z
+    return min(costs, key=costs.get)
+
+
+def kron_op(a: np.ndarray, b: np.ndarray, out_features: int, in_features: int) -> RuntimeOp:
+    """The op of ``(a kron b)`` cropped to ``(out_features, in_features)``, in the plan ``kron_plan`` picks."""
+    (m1, n1), (m2, n2) = a.shape, b.shape
+    transposed, left_first = kron_plan(m1, n1, m2, n2)
+    rows, cols = np.divmod(np.arange(m1 * m2), m2)          # output i*m2+j is Y[i, j]
+    ins, inj = np.divmod(np.arange(n1 * n2), n2)            # input g*n2+j is X[g, j]
+    scatter = np.where(np.arange(m1 * m2) < out_features, np.arange(m1 * m2), -1)
+    gather = np.where(np.arange(n1 * n2) < in_features, np.arange(n1 * n2), -1)
+    if transposed:                                         # Y^T[j, i] and X^T[j, g]: reorder both index maps
+        left, right = b, a
+        scatter = scatter[np.lexsort((rows, cols))]         # Y^T row-major: by j, then i
+        gather = gather[np.lexsort((ins, inj))]
+    else:
+        left, right = a, b
+    arrays = (np.ascontiguousarray(left, dtype=f32), np.ascontiguousarray(np.transpose(right), dtype=f32),
+              gather.astype(np.int32), scatter.astype(np.int32), np.array([int(left_first)], np.int64))
     return RuntimeOp(arrays, kron_matvec, kron_matmat)
 
 
@@ -398,6 +511,53 @@ def jds_matmat(arrays, xs, out):
 def jds_op(weight: np.ndarray) -> RuntimeOp:
     """The op of a sparse matrix given densely (zeros are structural)."""
     return RuntimeOp(jagged_diagonals(weight), jds_matvec, jds_matmat)
+
+
+# --- very sparse: a plain entry list --------------------------------------------------------------------------
+@njit(**JIT)
+def entries_matvec(arrays, x, out, flip):
+    """``out[rows[e]] += vals[e] * x[cols[e]]`` over the entries only: below about two entries a row (a doping
+    matrix at 99% sparsity has one), JDS's pass over every row's accumulator costs more than the entries."""
+    rows, cols, vals = arrays
+    for e in range(vals.shape[0]):
+        out[rows[e]] += vals[e] * x[cols[e]]
+
+
+@njit(**JIT)
+def entries_matmat(arrays, xs, out):
+    """All steps at once, time innermost: each entry scales one input row across time (contiguous)."""
+    rows, cols, vals = arrays
+    steps, width = xs.shape[0], (xs.shape[0] + 15) // 16 * 16
+    by_input = np.zeros((xs.shape[1], width), np.float32)   # X^T: (in, T)
+    by_input[:, :steps] = xs.T
+    by_output = np.zeros((out.shape[1], width), np.float32)
+    for e in range(vals.shape[0]):
+        row, col, value = rows[e], cols[e], vals[e]
+        for t in range(width):
+            by_output[row, t] += value * by_input[col, t]
+    for t in range(steps):
+        for row in range(out.shape[1]):
+            out[t, row] += by_output[row, t]
+
+
+ENTRY_LIST_MAX_PER_ROW = 2.0   # measured crossover with JDS on 800x200 matrices (see ``sparse_op``)
+
+
+def sparse_op(weight: np.ndarray) -> RuntimeOp:
+    """The op of a sparse matrix given densely: an entry list when it has fewer than
+    ``ENTRY_LIST_MAX_PER_ROW`` entries a row, jagged diagonals otherwise."""
+    weight = np.asarray(weight, dtype=np.float32)
+    rows, cols = np.nonzero(weight)
+    if len(rows) >= ENTRY_LIST_MAX_PER_ROW * weight.shape[0]:
+        return jds_op(weight)
+    # Every row's first entry, then every row's second...: consecutive updates then hit different rows, so
+    # none waits for the previous one's store (row order would chain them through the same out[row]).
+    counts = np.bincount(rows, minlength=weight.shape[0])
+    slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+    order = np.lexsort((rows, slot))
+    rows, cols = rows[order], cols[order]
+    arrays = (rows.astype(np.int32), cols.astype(np.int32), weight[rows, cols].astype(np.float32))
+    return RuntimeOp(arrays, entries_matvec, entries_matmat)
 
 
 # --- LSTM gates ---------------------------------------------------------------------------------------------

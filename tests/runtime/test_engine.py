@@ -8,7 +8,7 @@ import torch
 import leanlstm
 from leanlstm.nn.forms import Dense, Kronecker, LowRank, MaskedSparse, WeightForm
 from leanlstm.runtime import EngineError, RuntimeOp, compile
-from leanlstm.runtime.kernels import dense_matvec, jagged_diagonals
+from leanlstm.runtime.kernels import dense_matvec, entries_matvec, jagged_diagonals, kron_plan, sparse_op
 from leanlstm.tasks.lm import LMConfig, WordLM
 
 ATOL = 2e-5
@@ -235,6 +235,49 @@ def test_jagged_diagonals_store_every_entry_once():
         for r in range(ptr[d + 1] - ptr[d]):
             rebuilt[perm[r], cols[ptr[d] + r]] = vals[ptr[d] + r]
     np.testing.assert_allclose(rebuilt, weight.astype(np.float32))
+
+
+def assert_op_computes(op, weight, steps=5, seed=0):
+    """``op``'s one-step and whole-sequence products equal ``weight``'s."""
+    rng = np.random.default_rng(seed)
+    xs = rng.standard_normal((steps, weight.shape[1])).astype(np.float32)
+    out = np.ones(weight.shape[0], np.float32)                 # products accumulate into out
+    op.matvec(op.arrays, xs[0], out, False)
+    np.testing.assert_allclose(out, 1 + weight @ xs[0], atol=ATOL)
+    outs = np.ones((steps, weight.shape[0]), np.float32)
+    op.matmat(op.arrays, xs, outs)
+    np.testing.assert_allclose(outs, 1 + xs @ weight.T, atol=ATOL)
+
+
+# Every plan of the Kronecker kernel: direct and transposed orientation, either product first, cropped
+# rows and padded inputs, and factors big enough for the heap scratch path.
+KRON_CASES = [(800, 200, ((275, 29), (3, 7))), (800, 200, ((3, 7), (275, 29))), (800, 200, ((6, 5), (134, 40))),
+              (13, 11, ((4, 3), (4, 4))), (37, 23, ((5, 6), (8, 4))), (2600, 650, ((653, 94), (4, 7)))]
+
+
+@pytest.mark.parametrize("out_features, in_features, shapes", KRON_CASES)
+def test_kronecker_op_matches_its_matrix(out_features, in_features, shapes):
+    torch.manual_seed(0)
+    form = Kronecker(out_features, in_features, shapes)
+    form.reset_parameters(0.3)
+    assert_op_computes(form.runtime_op(), form.materialize().detach().numpy())
+
+
+def test_kronecker_plans_run_along_the_long_side():
+    plans = {kron_plan(*a, *b) for _, _, (a, b) in KRON_CASES}
+    assert {transposed for transposed, _ in plans} == {True, False}
+    assert {left_first for _, left_first in plans} == {True, False}
+    assert kron_plan(275, 29, 3, 7)[0] and not kron_plan(3, 7, 275, 29)[0]   # rows 275 wide, not 3
+
+
+@pytest.mark.parametrize("density", [0.005, 0.3])
+def test_sparse_op_picks_entry_list_or_diagonals(density):
+    rng = np.random.default_rng(1)
+    weight = (rng.standard_normal((60, 40)) * (rng.random((60, 40)) < density)).astype(np.float32)
+    weight[3, :4] = 1.0                                        # one row with several entries
+    op = sparse_op(weight)
+    assert (op.matvec is entries_matvec) == (np.count_nonzero(weight) < 2 * weight.shape[0])
+    assert_op_computes(op, weight)
 
 
 def test_forms_report_runtime_ops():

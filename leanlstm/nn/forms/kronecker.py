@@ -92,7 +92,8 @@ class Kronecker(WeightForm):
 
     def runtime_op(self):
         from ...runtime.kernels import kron_op  # the reshape identity on the factors; crops like materialize
-        return kron_op(self.a.detach().cpu().numpy(), self.b.detach().cpu().numpy())
+        return kron_op(self.a.detach().cpu().numpy(), self.b.detach().cpu().numpy(), self.out_features,
+                       self.in_features)
 
     def options(self) -> dict:
         return {"factor_shapes": [list(s) for s in self.factor_shapes]}

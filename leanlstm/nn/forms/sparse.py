@@ -108,8 +108,8 @@ class MaskedSparse(WeightForm):
         return graph.node("Gather", [y, graph.weight("row_order", rows.argsort(), "int32")], axis=1)
 
     def runtime_op(self):
-        from ...runtime.kernels import jds_op  # jagged diagonals: only the kept entries are stored and read
-        return jds_op(self.materialize().detach().cpu().numpy())
+        from ...runtime.kernels import sparse_op  # only the kept entries are stored and read
+        return sparse_op(self.materialize().detach().cpu().numpy())
 
     def nnz(self) -> int:
         return int(self.mask.sum())
