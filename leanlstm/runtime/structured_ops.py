@@ -12,7 +12,7 @@ from functools import lru_cache
 import numpy as np
 from numba import njit
 
-from .kernels import JIT, RuntimeOp, dense_op, f32
+from .kernels import JIT, RuntimeOp, _combine, _gather_grid, _scatter_add, _scratch, dense_op, f32
 
 # Closures over other kernels cannot be cached on disk; everything else as in ``kernels.JIT``.
 COMPOSED = {key: value for key, value in JIT.items() if key != "cache"}
@@ -91,32 +91,75 @@ def _kernels_only(op: RuntimeOp) -> RuntimeOp:
     return RuntimeOp((), op.matvec, op.matmat)
 
 
-# --- block circulant ----------------------------------------------------------------------------------------
+# --- block circulant: products in the frequency domain ------------------------------------------------------
+# C x = irfft(rfft(c) * rfft(x)) per block. Numba has no FFT, and blocks are a few dozen wide, so both
+# transforms are small real matrices (``F`` stacks the cosine and sine rows of the real DFT, ``G`` inverts
+# it using the spectrum's symmetry), applied with the row-combination kernel; the spectra of the stored
+# vectors are computed once. Per block pair the product is then b/2+1 complex multiply-adds where a dense
+# block costs b^2, run along the P output blocks so the loop vectorises.
+@njit(**JIT)
+def _circulant_apply(forward, inverse, c_real, c_imag, gather, scatter, x, out):
+    half, b = forward.shape[0] // 2, forward.shape[1]
+    cols, rows = c_real.shape[0], c_real.shape[2]           # Q input blocks, P output blocks
+    blocks = _scratch(b, cols)                               # x as columns of blocks
+    _gather_grid(x, gather, blocks)
+    x_freq = _scratch(2 * half, cols)                        # [Re; Im] of each block's rfft
+    _combine(forward, blocks, x_freq)
+    y_freq = _scratch(2 * half, rows)
+    for q in range(cols):
+        for k in range(half):
+            xr, xi = x_freq[k, q], x_freq[half + k, q]
+            for p in range(rows):
+                cr, ci = c_real[q, k, p], c_imag[q, k, p]
+                y_freq[k, p] += cr * xr - ci * xi
+                y_freq[half + k, p] += cr * xi + ci * xr
+    y = _scratch(b, rows)                                    # y[i, p]: element i of output block p
+    _combine(inverse, y_freq, y)
+    _scatter_add(y, scatter, out)
+
+
 @njit(**JIT)
 def circulant_matvec(arrays, x, out, flip):
-    """``out += W @ x``, block by block: ``C x`` adds ``x[j]`` times ``c`` rotated by ``j``, i.e. two
-    contiguous runs ``c[:b-j]`` into ``acc[j:]`` and ``c[b-j:]`` into ``acc[:j]``. Direct rather than FFT:
-    Numba has no FFT, and for blocks of a few dozen the direct sum over a cached vector is cheap."""
-    vectors, sizes = arrays                                  # (P, Q, b); [out, in]
-    rows, cols, b = vectors.shape
-    n_out, n_in = sizes[0], sizes[1]
-    acc = np.empty(b, np.float32)
-    for p in range(rows):
-        acc[:] = 0.0
-        for q in range(cols):
-            c = vectors[p, q]
-            for j in range(min(b, n_in - q * b)):
-                xj = x[q * b + j]
-                head, tail, low, high = acc[j:], c[: b - j], acc[:j], c[b - j:]
-                for i in range(b - j):
-                    head[i] += xj * tail[i]
-                for i in range(j):
-                    low[i] += xj * high[i]
-        for i in range(min(b, n_out - p * b)):
-            out[p * b + i] += acc[i]
+    forward, inverse, c_real, c_imag, gather, scatter = arrays
+    _circulant_apply(forward, inverse, c_real, c_imag, gather, scatter, x, out)
+
+
+@njit(**JIT)
+def circulant_matmat(arrays, xs, out):
+    forward, inverse, c_real, c_imag, gather, scatter = arrays
+    for t in range(xs.shape[0]):
+        _circulant_apply(forward, inverse, c_real, c_imag, gather, scatter, xs[t], out[t])
+
+
+def real_dft(b: int) -> tuple[np.ndarray, np.ndarray]:
+    """``F`` (2h, b) with ``F @ x = [Re; Im] rfft(x)`` and ``G`` (b, 2h) with ``G @ [Re; Im] = irfft``, h = b//2+1.
+
+    >>> f, g = real_dft(6); x = np.arange(6.0)
+    >>> bool(np.allclose(f @ x, np.concatenate([np.fft.rfft(x).real, np.fft.rfft(x).imag])))
+    True
+    >>> bool(np.allclose(g @ f @ x, x))
+    True
+    """
+    half = b // 2 + 1
+    angle = 2 * np.pi * np.outer(np.arange(half), np.arange(b)) / b           # (h, b)
+    forward = np.concatenate([np.cos(angle), -np.sin(angle)])
+    weight = np.full(half, 2.0)                                                # each bin stands for its mirror too
+    weight[0] = 1.0
+    if b % 2 == 0:
+        weight[-1] = 1.0                                                       # the Nyquist bin has no mirror
+    inverse = np.concatenate([np.cos(angle).T * weight, -np.sin(angle).T * weight], axis=1) / b
+    return forward, inverse
 
 
 def circulant_op(vectors: np.ndarray, out_features: int, in_features: int) -> RuntimeOp:
     """The op of a block-circulant matrix from its ``(P, Q, b)`` block vectors, cropped to ``(out, in)``."""
-    arrays = (np.ascontiguousarray(vectors, dtype=f32), np.array([out_features, in_features], np.int64))
-    return RuntimeOp(arrays, circulant_matvec)
+    rows, cols, b = vectors.shape
+    forward, inverse = real_dft(b)
+    spectrum = np.fft.rfft(np.asarray(vectors, np.float64), axis=-1).transpose(1, 2, 0)  # (Q, h, P)
+    element, block = np.divmod(np.arange(b * cols), cols)          # blocks[j, q] holds x[q*b + j]
+    gather = np.where(block * b + element < in_features, block * b + element, -1)
+    element, block = np.divmod(np.arange(b * rows), rows)          # y[i, p] is output p*b + i
+    scatter = np.where(block * b + element < out_features, block * b + element, -1)
+    arrays = (forward.astype(f32), inverse.astype(f32), np.ascontiguousarray(spectrum.real, f32),
+              np.ascontiguousarray(spectrum.imag, f32), gather.astype(np.int32), scatter.astype(np.int32))
+    return RuntimeOp(arrays, circulant_matvec, circulant_matmat)

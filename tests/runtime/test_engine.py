@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import leanlstm
-from leanlstm.nn.forms import Dense, Kronecker, LowRank, MaskedSparse, WeightForm
+from leanlstm.nn.forms import BlockCirculant, Dense, Kronecker, LowRank, MaskedSparse, WeightForm
 from leanlstm.runtime import EngineError, RuntimeOp, compile
 from leanlstm.runtime.kernels import dense_matvec, entries_matvec, jagged_diagonals, kron_plan, sparse_op
 from leanlstm.tasks.lm import LMConfig, WordLM
@@ -268,6 +268,15 @@ def test_kronecker_plans_run_along_the_long_side():
     assert {transposed for transposed, _ in plans} == {True, False}
     assert {left_first for _, left_first in plans} == {True, False}
     assert kron_plan(275, 29, 3, 7)[0] and not kron_plan(3, 7, 275, 29)[0]   # rows 275 wide, not 3
+
+
+@pytest.mark.parametrize("out_features, in_features, block_size", [(800, 200, 20), (37, 23, 5), (13, 11, 4),
+                                                                    (6, 5, 1)])
+def test_circulant_op_matches_its_matrix(out_features, in_features, block_size):
+    torch.manual_seed(0)
+    form = BlockCirculant(out_features, in_features, block_size)      # odd and even blocks, cropped and exact
+    form.reset_parameters(0.3)
+    assert_op_computes(form.runtime_op(), form.materialize().detach().numpy())
 
 
 @pytest.mark.parametrize("density", [0.005, 0.3])
