@@ -34,6 +34,7 @@ class TrainConfig:
     clip: float = 5.0                # gradient-norm clipping
     seed: int = 1234                 # initialisation and dropout
     max_batches: int | None = None   # per epoch; None = all (smoke runs set it)
+    checkpoint_minutes: float = 10.0  # also checkpoint inside an epoch this often (0: at epoch ends only)
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of 1-based ``epoch``."""
@@ -57,7 +58,9 @@ class Callback:
 
 
 class Trainer:
-    """Trains ``model`` on ``task`` with SGD, clipping and a per-epoch lr schedule; checkpoints every epoch.
+    """Trains ``model`` on ``task`` with SGD, clipping and a per-epoch lr schedule; checkpoints every epoch and,
+    in single-process runs, every ``checkpoint_minutes`` inside an epoch (a medium PTB epoch takes minutes on
+    a CPU; resuming from inside one continues exactly where it stopped: same windows, carried state, RNG).
 
     ``task`` provides ``train_batches()``, ``num_train_batches()``, ``training_loss(model, batch, state)``,
     ``evaluate(model, split)`` and ``metric``. ``model`` must offer ``model_config()`` for checkpoints.
@@ -76,6 +79,8 @@ class Trainer:
         self.step = 0           # optimiser steps taken in this phase
         self.history: list[dict[str, Any]] = list(history)  # earlier phases' epochs come first
         self.train_model = model
+        self.within_epoch: dict[str, Any] | None = None  # where an interrupted epoch stopped (from resume)
+        self._last_save = time.perf_counter()
         if distributed.is_distributed():
             self.train_model = nn.parallel.DistributedDataParallel(model)
 
@@ -89,7 +94,7 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_train_begin(self)
         for epoch in range(self.epoch + 1, self.config.epochs + 1):
-            started = time.perf_counter()
+            started = time.perf_counter() - (self.within_epoch or {}).get("seconds", 0.0)
             lr = self.config.lr_at(epoch)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -111,8 +116,11 @@ class Trainer:
     def train_epoch(self, epoch: int) -> float:
         """One pass over the training windows; returns the mean per-token training loss."""
         self.train_model.train()
-        total = batches = 0
-        state = None
+        total, batches, state, done = 0.0, 0, None, 0
+        if self.within_epoch is not None and self.within_epoch["epoch"] == epoch:
+            total, done, state = self.within_epoch["total"], self.within_epoch["batches"], self.within_epoch["state"]
+        self.within_epoch = None
+        epoch_started = time.perf_counter()
         limit = self.task.num_train_batches()
         if self.config.max_batches is not None:
             limit = min(limit, self.config.max_batches)
@@ -121,6 +129,10 @@ class Trainer:
         for batch in self.task.train_batches():
             if batches == limit:
                 break
+            if batches < done:                   # resumed inside this epoch: skip the windows already trained
+                batches += 1
+                bar.update()
+                continue
             loss, state = self.task.training_loss(self.train_model, batch, state)
             state = _detach(state)
             self._check_finite(loss, epoch, batches)
@@ -130,6 +142,9 @@ class Trainer:
             bar.update()
             if batches % 50 == 0:
                 bar.set_postfix({self.task.metric: f"{math.exp(total / batches):.1f}"})
+            if self._checkpoint_due() and batches < limit:
+                self.save({"epoch": epoch, "batches": batches, "total": total, "state": state,
+                           "seconds": time.perf_counter() - epoch_started})
         bar.close()
         return total / max(batches, 1)
 
@@ -169,10 +184,19 @@ class Trainer:
                 "history": self.history, "rng_state": torch.get_rng_state(), "run_info": self.run_info,
                 "callbacks": [c.state_dict() for c in self.callbacks]}
 
-    def save(self) -> None:
+    def save(self, within_epoch: dict[str, Any] | None = None) -> None:
+        """Checkpoint; ``within_epoch`` (epoch, batches done, running loss, carried state) marks a save from
+        inside an epoch, which resuming continues rather than repeats."""
         if self.checkpoint_path is not None and distributed.rank() == 0:
-            save_checkpoint(self.checkpoint_path, self.state())
+            save_checkpoint(self.checkpoint_path, self.state() | {"within_epoch": within_epoch})
+        self._last_save = time.perf_counter()
         distributed.barrier()
+
+    def _checkpoint_due(self) -> bool:
+        # Single process only: under torchrun every rank carries its own state, and rank 0 saves alone.
+        minutes = self.config.checkpoint_minutes
+        return (bool(minutes) and self.checkpoint_path is not None and not distributed.is_distributed()
+                and time.perf_counter() - self._last_save >= 60 * minutes)
 
     def resume(self, path: str | Path | None = None, payload: dict[str, Any] | None = None) -> None:
         """Continue from a checkpoint: weights, optimiser, epoch, history, RNG and callback states."""
@@ -186,7 +210,12 @@ class Trainer:
         torch.set_rng_state(payload["rng_state"])
         for callback, state in zip(self.callbacks, payload["callbacks"]):
             callback.load_state_dict(state)
-        log.info("resumed from %s after epoch %d", path, self.epoch)
+        self.within_epoch = payload.get("within_epoch")
+        if self.within_epoch is not None:
+            log.info("resumed from %s inside epoch %d, after %d windows", path, self.within_epoch["epoch"],
+                     self.within_epoch["batches"])
+        else:
+            log.info("resumed from %s after epoch %d", path, self.epoch)
 
 
 def _detach(state):

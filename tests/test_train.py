@@ -41,6 +41,31 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, ptb_slic
         assert torch.equal(p, q), name
 
 
+class StopAtStep(Callback):
+    """Simulates an interruption in the middle of an epoch, right after optimiser step ``step``."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def after_step(self, trainer):
+        if trainer.step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_inside_an_epoch_continues_exactly(tmp_path, ptb_slice_dir):
+    every_window = {"checkpoint_minutes": 1e-9}                 # a checkpoint after every window
+    straight = train_run(_run(ptb_slice_dir), tmp_path / "straight", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(_run(ptb_slice_dir, **every_window), tmp_path / "resumed", progress=False,
+                  callbacks=[StopAtStep(22)])                   # epoch 2, window 7 of 15
+    saved = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")
+    assert saved["epoch"] == 1 and saved["within_epoch"]["epoch"] == 2 and saved["within_epoch"]["batches"] == 6
+    resumed = train_run(_run(ptb_slice_dir, **every_window), tmp_path / "resumed", resume=True, progress=False)
+    assert [h["val_ppl"] for h in resumed["history"]] == [h["val_ppl"] for h in straight["history"]]
+    assert [h["train_ppl"] for h in resumed["history"]] == pytest.approx([h["train_ppl"] for h in straight["history"]])
+    assert resumed["test_ppl"] == straight["test_ppl"]
+
+
 def test_training_learns_and_writes_metrics(tmp_path, ptb_slice_dir):
     metrics = train_run(_run(ptb_slice_dir, epochs=2, max_batches=40), tmp_path / "run", progress=False)
     history = metrics["history"]
