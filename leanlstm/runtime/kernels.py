@@ -278,7 +278,7 @@ def lowrank_op(left: np.ndarray, right: np.ndarray) -> RuntimeOp:
 # by the identity vec(Y^T) = (B kron A) vec(X^T); and two orders: X R^T first or L X first. ``kron_op``
 # picks the cheapest of the four for the factor shapes: a lopsided pair such as (275x29) kron (3x7) runs
 # along its 275-wide side, where the direct plan would combine rows 3 wide (about 10x slower).
-KRON_STACK_FLOATS = 16384    # scratch up to 64 KB goes on the stack; more (huge factors) on the heap
+SCRATCH_STACK_FLOATS = 16384    # scratch up to 64 KB goes on the stack; more (huge factors) on the heap
 
 
 @njit(inline="always", **JIT)
@@ -320,7 +320,7 @@ def _combine(coef, rows, out):
 @njit(inline="always", **JIT)
 def _scratch(rows, cols):
     """A zeroed (rows, cols) float32 buffer: on the stack when small (no allocator call), else on the heap."""
-    if rows * cols <= KRON_STACK_FLOATS:
+    if rows * cols <= SCRATCH_STACK_FLOATS:
         buffer = carray(_stack_f32(rows * cols), (rows, cols))
         buffer[:] = 0.0
     else:
