@@ -233,6 +233,14 @@ def _check_finite(rows: np.ndarray, what: str, unit: str) -> None:
         raise EngineError(f"{what} contains NaN or inf{where}")
 
 
+@numba.njit(cache=True, error_model="numpy")   # no fastmath: it would fold the NaN and inf checks away
+def _all_finite(x: np.ndarray) -> bool:
+    for value in x:
+        if not np.isfinite(value):
+            return False
+    return True
+
+
 # --- the engine ----------------------------------------------------------------------------------------------
 class Engine:
     """Batch-1 streaming inference; build it with ``leanlstm.runtime.compile(model)``.
@@ -265,8 +273,13 @@ class Engine:
             xs = layer.run(xs, h_l, c_l)                           # (T, H_l)
         return (xs if self._sink is None else self._sink(xs)), (h, c)
 
+    def stream(self, state: Any = None) -> "Stream":
+        """A ``Stream`` for inputs that arrive one at a time, starting from ``state`` (default zeros)."""
+        return Stream(self, state)
+
     def step(self, x: Any, state: Any = None) -> tuple[np.ndarray, State]:
-        """The output (or logits) of one time step and the state after it."""
+        """The output (or logits) of one time step and the state after it (the state passed in is copied
+        and checked on every call: for a long stream of steps, ``stream()`` is several times faster)."""
         x = self._source.single(x)
         h, c = self._state(state)
         for layer, h_l, c_l in zip(self.layers, h, c):
@@ -299,3 +312,47 @@ class Engine:
             _check_finite(value.reshape(1, size), f"state {name} of layer {index}", "")
             out.append(np.array(value.reshape(size), dtype=np.float32))   # a copy: never modify the caller's
         return out
+
+
+class Stream:
+    """Step-by-step inference that keeps its state inside, for inputs that arrive one at a time (audio
+    frames, sensor readings, generated tokens): ``stream = engine.stream()``, then ``y = stream.step(x)``.
+
+    ``Engine.step`` copies and checks the whole state on every call, which costs more than the step itself
+    for a small LSTM (about 30 us against 3 for 2x32); a stream checks only the input and updates its own
+    state arrays in place. ``state`` returns a copy of ``(h, c)``; ``reset()`` starts over from zeros.
+
+    >>> import leanlstm, numpy as np
+    >>> engine = compile(leanlstm.LSTM(4, 6))
+    >>> xs = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    >>> stream = engine.stream()
+    >>> bool(np.allclose(np.stack([stream.step(x) for x in xs]), engine.run(xs)[0], atol=1e-6))
+    True
+    """
+
+    def __init__(self, engine: Engine, state: Any = None) -> None:
+        self._engine = engine
+        self._h, self._c = engine._state(state)
+        self._vector_shape = (engine.input_size,) if isinstance(engine._source, _Vectors) else None
+
+    @property
+    def state(self) -> State:
+        return [h.copy() for h in self._h], [c.copy() for c in self._c]
+
+    def reset(self, state: Any = None) -> None:
+        """Start again from ``state`` (default zeros)."""
+        self._h, self._c = self._engine._state(state)
+
+    def step(self, x: Any) -> np.ndarray:
+        """The output (or logits) for input ``x``: a ``(input_size,)`` vector, or one token id."""
+        engine = self._engine
+        if (type(x) is np.ndarray and x.shape == self._vector_shape and x.dtype == np.float32
+                and x.flags.c_contiguous):                # the common case, checked in compiled code
+            if not _all_finite(x):
+                raise EngineError("input contains NaN or inf")
+        else:
+            x = engine._source.single(x)
+        for layer, h, c in zip(engine.layers, self._h, self._c):
+            layer.step(x, h, c)
+            x = h
+        return x.copy() if engine._sink is None else engine._sink(x.reshape(1, -1))[0]

@@ -295,3 +295,38 @@ def test_forms_report_runtime_ops():
                  Kronecker.from_dense(weight), LowRank.from_dense(weight, rank=2)):
         op = form.runtime_op()
         assert isinstance(op, RuntimeOp) and all(a.dtype.kind in "fiu" for a in op.arrays)
+
+
+def test_stream_steps_equal_the_whole_run_and_keep_their_own_state():
+    torch.manual_seed(0)
+    lstm = leanlstm.LSTM(6, [9, 5]).replace_forms("lowrank", layers=[1], rank=2)
+    engine = compile(lstm)
+    xs = np.random.default_rng(0).standard_normal((8, 6)).astype(np.float32)
+    start = random_state(lstm.hidden_sizes)
+    want, want_state = engine.run(xs, start)
+    stream = engine.stream(start)
+    got = np.stack([stream.step(x) for x in xs[:4]] + [stream.step(x.astype(np.float64).tolist()) for x in xs[4:]])
+    np.testing.assert_allclose(got, want, atol=ATOL)                  # fast path, then lists checked in full
+    for a, b in zip(stream.state[0] + stream.state[1], want_state[0] + want_state[1]):
+        np.testing.assert_allclose(a, b, atol=ATOL)
+    stream.state[0][0][:] = 99.0                                      # a copy: the stream is unaffected
+    stream.reset(start)
+    np.testing.assert_allclose(stream.step(xs[0]), want[0], atol=ATOL)
+    bad = xs[1].copy()
+    bad[2] = np.nan
+    with pytest.raises(EngineError, match="NaN or inf"):
+        stream.step(bad)
+    with pytest.raises(EngineError, match=r"shape \(6,\)"):
+        stream.step(xs[:2])
+
+
+def test_stream_of_tokens_gives_the_language_models_logits():
+    torch.manual_seed(0)
+    model = WordLM(LMConfig(vocab_size=40, embed_size=12, hidden_sizes=[16, 10])).eval()
+    engine = compile(model)
+    tokens = np.array([3, 17, 0, 39, 5])
+    logits, _ = engine.run(tokens)
+    stream = engine.stream()
+    np.testing.assert_allclose(np.stack([stream.step(int(t)) for t in tokens]), logits, atol=1e-4)
+    with pytest.raises(EngineError, match="outside the vocabulary"):
+        stream.step(40)
