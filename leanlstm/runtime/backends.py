@@ -8,7 +8,11 @@ whole sequence ``inputs`` at batch 1 from a zero state. ``inputs`` is (T, input)
 - ``torch``: the equivalent dense ``torch.nn.LSTM`` (forms materialised), eager, under ``inference_mode``;
 - ``torch-int8``: the same after ``torch.ao.quantization.quantize_dynamic`` (int8 weights of LSTM and decoder);
 - ``onnxruntime``: the equivalent dense model exported to ONNX (the fused ``LSTM`` operator);
-- ``onnxruntime-forms``: the model exported with its forms' structure (``runtime.onnx``), for comparison.
+- ``onnxruntime-forms``: the model exported with its forms' structure (``runtime.onnx``), for comparison;
+- ``leanlstm-stream`` and ``onnxruntime-stream``: true streaming, one input at a time with the state carried
+  between calls (``Engine.stream()``; one ``T = 1`` ONNX Runtime call per step with state inputs), as an
+  application sees inputs that arrive one by one. Nothing is batched over time, so these are slower per
+  step than the whole-sequence backends.
 """
 from __future__ import annotations
 
@@ -48,6 +52,17 @@ def get_backend(name: str) -> Builder:
 def _leanlstm(model: nn.Module, inputs: np.ndarray, threads: int) -> Runner:
     engine = compile_engine(model)
     return lambda: engine.run(inputs)
+
+
+@backend("leanlstm-stream")
+def _leanlstm_stream(model: nn.Module, inputs: np.ndarray, threads: int) -> Runner:
+    stream = compile_engine(model).stream()
+    steps = [x for x in inputs] if inputs.dtype != np.int64 else [int(token) for token in inputs]
+
+    def run():
+        stream.reset()
+        return [stream.step(x) for x in steps]
+    return run
 
 
 # --- PyTorch ---------------------------------------------------------------------------------------------
@@ -152,3 +167,21 @@ def _onnxruntime_forms(model: nn.Module, inputs: np.ndarray, threads: int) -> Ru
     from .onnx import to_onnx
 
     return _ort_runner(to_onnx(copy.deepcopy(model).cpu(), state_inputs=False), inputs, threads)
+
+
+@backend("onnxruntime-stream")
+def _onnxruntime_stream(model: nn.Module, inputs: np.ndarray, threads: int) -> Runner:
+    from .onnx import to_onnx
+
+    session = _ort_session(to_onnx(dense_copy(model), state_inputs=True), threads)
+    names = [i.name for i in session.get_inputs()]
+    states = [np.zeros([1 if d == "B" else d for d in i.shape], np.float32) for i in session.get_inputs()[1:]]
+    steps = [x[None, None] if inputs.dtype == np.int64 else x[None, None, :] for x in inputs]   # T = B = 1
+
+    def run():
+        state, outputs = states, []
+        for x in steps:
+            y, *state = session.run(None, dict(zip(names, [x, *state])))
+            outputs.append(y)
+        return outputs
+    return run

@@ -1,6 +1,8 @@
 """latency() and ``leanlstm bench``: structure and sanity of the measurements (no timing thresholds)."""
 import json
 
+import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -8,10 +10,12 @@ import leanlstm
 from leanlstm.checkpoint import save_checkpoint, write_json
 from leanlstm.cli import main
 from leanlstm.runtime import latency, measure
+from leanlstm.runtime.backends import get_backend
 from leanlstm.runtime.latency import medians, model_size, stack_and_model
 from leanlstm.tasks.lm import LMConfig, WordLM
 
-ALL = ("leanlstm", "torch", "torch-int8", "onnxruntime", "onnxruntime-forms")
+ALL = ("leanlstm", "torch", "torch-int8", "onnxruntime", "onnxruntime-forms", "leanlstm-stream",
+       "onnxruntime-stream")
 
 
 def test_latency_of_a_tiny_lstm_on_every_backend():
@@ -24,6 +28,21 @@ def test_latency_of_a_tiny_lstm_on_every_backend():
         assert stats["iqr"] == stats["p75"] - stats["p25"] and stats["samples"] == 4
     assert result["threads"] == 1 and result["seq_len"] == 6 and result["unit"] == "us per time step"
     assert torch.get_num_threads() >= 1                          # restored after pinning
+
+
+@pytest.mark.parametrize("language_model", [False, True])
+def test_streaming_backends_compute_the_sequence_one_step_at_a_time(language_model):
+    torch.manual_seed(0)
+    if language_model:
+        model, inputs = WordLM(LMConfig(vocab_size=30, embed_size=6, hidden_sizes=[8, 8])).eval(), np.arange(5)
+    else:
+        model = leanlstm.LSTM(6, [8, 5]).replace_forms("lowrank", layers=[0], rank=2)
+        inputs = np.random.default_rng(0).standard_normal((5, 6)).astype(np.float32)
+    whole = get_backend("leanlstm")(model, inputs, 1)()[0]
+    for name in ("leanlstm-stream", "onnxruntime-stream"):
+        steps = get_backend(name)(model, inputs, 1)
+        for _ in range(2):                                    # every run starts again from the zero state
+            np.testing.assert_allclose(np.stack([np.reshape(y, -1) for y in steps()]), whole, atol=1e-5)
 
 
 def test_a_failing_backend_is_reported_not_fatal():
