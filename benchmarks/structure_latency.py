@@ -3,6 +3,11 @@
     python benchmarks/structure_latency.py --preset medium-cpu --compression 20 \
         --methods doped-kp,kp,lmf,hmd,circulant,prune --out results/structure-latency-medium-cpu-20x.json
 
+Two ways of running each stack, both batch 1 and per time step: ``sequence`` (a 35-step sequence in one call,
+input products batched over time; the dense reference is ONNX Runtime's fused LSTM operator) and
+``stream`` (one input per call with the state carried, as inputs that arrive one at a time; the dense
+reference is one ONNX Runtime call per step).
+
 Latency depends on the structure (shapes, factor sizes, number of sparse entries), not on trained values, so
 this times each method's final form at a preset's exact shapes without training it: the dense model gets
 random weights, every method converts it (``prepare``) and applies its final step (``finalize``: the sparse
@@ -51,16 +56,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     options = parser.parse_args()
     models = structures(options.preset, options.compression, options.methods.split(","))
-    backends = {label: (["leanlstm", "onnxruntime"] if label == "dense" else ["leanlstm"]) for label in models}
+    ours = ["leanlstm", "leanlstm-stream"]
+    backends = {label: ours + (["onnxruntime", "onnxruntime-stream"] if label == "dense" else []) for label in models}
     result = measure(models, backends, seq_len=35, repeats=options.repeats, threads=1)
-    reference = result["models"]["dense"]["backends"]["onnxruntime"]["median"]
+    dense = medians(result["models"]["dense"]["backends"])
+    reference = {"sequence": dense["onnxruntime"], "stream": dense["onnxruntime-stream"]}
     rows = {}
     for label, measured in result["models"].items():
         latency = medians(measured["backends"])
+        speedup = {"sequence": reference["sequence"] / latency["leanlstm"],
+                   "stream": reference["stream"] / latency["leanlstm-stream"]}
         rows[label] = {"latency_us_per_step": latency, "stored_params": models[label].stored_params(),
-                       "speedup_vs_dense_onnxruntime": reference / latency["leanlstm"], "errors": measured["errors"]}
-        print(f"{label:>10}  {models[label].stored_params():>9} params  leanlstm {latency['leanlstm']:7.2f} us  "
-              f"{reference / latency['leanlstm']:5.2f}x vs dense ORT ({reference:.2f} us)")
+                       "speedup_vs_dense_onnxruntime": speedup, "errors": measured["errors"]}
+        print(f"{label:>10}  {models[label].stored_params():>9} params  sequence {latency['leanlstm']:7.2f} us "
+              f"{speedup['sequence']:5.2f}x   stream {latency['leanlstm-stream']:7.2f} us {speedup['stream']:5.2f}x  "
+              f"(vs dense ORT {reference['sequence']:.2f} / {reference['stream']:.2f} us)")
     if options.out:
         report = {"preset": options.preset, "compression": options.compression, "command": " ".join(sys.argv),
                   "settings": {k: result[k] for k in ("seq_len", "repeats", "threads")}, "machine": machine(),
