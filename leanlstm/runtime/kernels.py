@@ -516,8 +516,8 @@ def jds_op(weight: np.ndarray) -> RuntimeOp:
 # --- very sparse: a plain entry list --------------------------------------------------------------------------
 @njit(**JIT)
 def entries_matvec(arrays, x, out, flip):
-    """``out[rows[e]] += vals[e] * x[cols[e]]`` over the entries only: below about two entries a row (a doping
-    matrix at 99% sparsity has one), JDS's pass over every row's accumulator costs more than the entries."""
+    """``out[rows[e]] += vals[e] * x[cols[e]]`` over the entries only: below about 1.5 entries a row (a doping
+    matrix at 99% sparsity has one or two), JDS's pass over every row's accumulator costs more than this."""
     rows, cols, vals = arrays
     for e in range(vals.shape[0]):
         out[rows[e]] += vals[e] * x[cols[e]]
@@ -540,7 +540,9 @@ def entries_matmat(arrays, xs, out):
             out[t, row] += by_output[row, t]
 
 
-ENTRY_LIST_MAX_PER_ROW = 2.0   # measured crossover with JDS on 800x200 matrices (see ``sparse_op``)
+# The crossover with JDS measured on 800x200 and 2600x650 matrices: below it the entry list is faster (twice
+# as fast at 0.5 entries a row), above it JDS (1.7x faster at 6 a row).
+ENTRY_LIST_MAX_PER_ROW = 1.5
 
 
 def sparse_op(weight: np.ndarray) -> RuntimeOp:
