@@ -163,6 +163,11 @@ class _Vectors:
         return _float32(xs)
 
     def single(self, x: Any) -> np.ndarray:
+        if (type(x) is np.ndarray and x.shape == (self.size,) and x.dtype == np.float32
+                and x.flags.c_contiguous and x.flags.writeable):   # the kernels' exact type: check it compiled
+            if not _all_finite(x):
+                raise EngineError("input contains NaN or inf")
+            return x
         x = _numeric(x, "input")
         if x.shape not in ((self.size,), (1, self.size)):
             raise EngineError(f"a step's input must have shape ({self.size},), got {x.shape}")
@@ -280,13 +285,15 @@ class Engine:
     def step(self, x: Any, state: Any = None) -> tuple[np.ndarray, State]:
         """The output (or logits) of one time step and the state after it (the state passed in is copied
         and checked on every call: for a long stream of steps, ``stream()`` is several times faster)."""
-        x = self._source.single(x)
         h, c = self._state(state)
+        return self._advance(self._source.single(x), h, c), (h, c)
+
+    def _advance(self, x: np.ndarray, h: list[np.ndarray], c: list[np.ndarray]) -> np.ndarray:
+        """One step through every layer, updating ``h`` and ``c`` in place; the output (or logits)."""
         for layer, h_l, c_l in zip(self.layers, h, c):
             layer.step(x, h_l, c_l)
             x = h_l
-        y = x.copy() if self._sink is None else self._sink(x.reshape(1, -1))[0]
-        return y, (h, c)
+        return x.copy() if self._sink is None else self._sink(x.reshape(1, -1))[0]
 
     def nbytes(self) -> int:
         """Bytes of every array the engine multiplies by (embedding table excluded: it is only indexed)."""
@@ -333,7 +340,6 @@ class Stream:
     def __init__(self, engine: Engine, state: Any = None) -> None:
         self._engine = engine
         self._h, self._c = engine._state(state)
-        self._vector_shape = (engine.input_size,) if isinstance(engine._source, _Vectors) else None
 
     @property
     def state(self) -> State:
@@ -345,14 +351,4 @@ class Stream:
 
     def step(self, x: Any) -> np.ndarray:
         """The output (or logits) for input ``x``: a ``(input_size,)`` vector, or one token id."""
-        engine = self._engine
-        if (type(x) is np.ndarray and x.shape == self._vector_shape and x.dtype == np.float32
-                and x.flags.c_contiguous):                # the common case, checked in compiled code
-            if not _all_finite(x):
-                raise EngineError("input contains NaN or inf")
-        else:
-            x = engine._source.single(x)
-        for layer, h, c in zip(engine.layers, self._h, self._c):
-            layer.step(x, h, c)
-            x = h
-        return x.copy() if engine._sink is None else engine._sink(x.reshape(1, -1))[0]
+        return self._engine._advance(self._engine._source.single(x), self._h, self._c)

@@ -394,6 +394,19 @@ def kron_matmat(arrays, xs, out):
         _scatter_add(ys[t], scatter, out[t])
 
 
+def grid_index(rows: int, cols: int, limit: int, transposed: bool = False) -> np.ndarray:
+    """Flat positions of a row-major ``(rows, cols)`` grid, in the grid's order or its transpose's, with
+    those at or past ``limit`` (padding, cropped outputs) as -1: the gather and scatter maps of
+    ``_gather_grid`` and ``_scatter_add``.
+
+    >>> grid_index(2, 3, 5).tolist(), grid_index(2, 3, 5, transposed=True).tolist()
+    ([0, 1, 2, 3, 4, -1], [0, 3, 1, 4, 2, -1])
+    """
+    index = np.arange(rows * cols).reshape(rows, cols)
+    index = (index.T if transposed else index).ravel()
+    return np.where(index < limit, index, -1).astype(np.int32)
+
+
 def _combine_cost(rows: int, terms: int, width: int) -> float:
     """Relative cost of ``_combine`` for ``rows`` output rows of ``terms`` terms ``width`` wide: 16-float
     vectors (a block of four output rows costs about half as much per row as a single one) plus a fixed cost
@@ -421,19 +434,18 @@ def kron_op(a: np.ndarray, b: np.ndarray, out_features: int, in_features: int) -
     """The op of ``(a kron b)`` cropped to ``(out_features, in_features)``, in the plan ``kron_plan`` picks."""
     (m1, n1), (m2, n2) = a.shape, b.shape
     transposed, left_first = kron_plan(m1, n1, m2, n2)
-    rows, cols = np.divmod(np.arange(m1 * m2), m2)          # output i*m2+j is Y[i, j]
-    ins, inj = np.divmod(np.arange(n1 * n2), n2)            # input g*n2+j is X[g, j]
-    scatter = np.where(np.arange(m1 * m2) < out_features, np.arange(m1 * m2), -1)
-    gather = np.where(np.arange(n1 * n2) < in_features, np.arange(n1 * n2), -1)
-    if transposed:                                         # Y^T[j, i] and X^T[j, g]: reorder both index maps
-        left, right = b, a
-        scatter = scatter[np.lexsort((rows, cols))]         # Y^T row-major: by j, then i
-        gather = gather[np.lexsort((ins, inj))]
-    else:
-        left, right = a, b
+    left, right = (b, a) if transposed else (a, b)
+    gather = grid_index(n1, n2, in_features, transposed)   # input g*n2+j is X[g, j]
+    scatter = grid_index(m1, m2, out_features, transposed)  # output i*m2+j is Y[i, j]
     arrays = (np.ascontiguousarray(left, dtype=f32), np.ascontiguousarray(np.transpose(right), dtype=f32),
-              gather.astype(np.int32), scatter.astype(np.int32), np.array([int(left_first)], np.int64))
+              gather, scatter, np.array([int(left_first)], np.int64))
     return RuntimeOp(arrays, kron_matvec, kron_matmat)
+
+
+def _places_in_rows(rows: np.ndarray, row_count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Entries per row, and each entry's place within its row, for row indices in row-major order."""
+    counts = np.bincount(rows, minlength=row_count)
+    return counts, np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
 # --- sparse: jagged diagonals ---------------------------------------------------------------------------------
@@ -451,11 +463,10 @@ def jagged_diagonals(weight: np.ndarray) -> tuple[np.ndarray, ...]:
     """
     weight = np.asarray(weight, dtype=np.float32)
     rows, cols = np.nonzero(weight)                         # row-major: columns ascend within a row
-    counts = np.bincount(rows, minlength=weight.shape[0])
+    counts, slot = _places_in_rows(rows, weight.shape[0])   # slot d: the entry's place in its row
     perm = np.argsort(-counts, kind="stable").astype(np.int32)
     rank = np.empty_like(perm)
     rank[perm] = np.arange(len(perm), dtype=np.int32)        # sorted position of each row
-    slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)  # d: entry's place in its row
     per_diagonal = np.bincount(slot, minlength=int(counts.max(initial=0)))
     ptr = np.concatenate([[0], np.cumsum(per_diagonal)]).astype(np.int64)
     where = ptr[slot] + rank[rows]                          # rows with a d-th entry are a prefix of perm
@@ -554,8 +565,7 @@ def sparse_op(weight: np.ndarray) -> RuntimeOp:
         return jds_op(weight)
     # Every row's first entry, then every row's second...: consecutive updates then hit different rows, so
     # none waits for the previous one's store (row order would chain them through the same out[row]).
-    counts = np.bincount(rows, minlength=weight.shape[0])
-    slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+    _, slot = _places_in_rows(rows, weight.shape[0])
     order = np.lexsort((rows, slot))
     rows, cols = rows[order], cols[order]
     arrays = (rows.astype(np.int32), cols.astype(np.int32), weight[rows, cols].astype(np.float32))

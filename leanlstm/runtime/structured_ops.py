@@ -12,7 +12,8 @@ from functools import lru_cache
 import numpy as np
 from numba import njit
 
-from .kernels import JIT, RuntimeOp, _combine, _gather_grid, _scatter_add, _scratch, dense_op, f32
+from .kernels import (JIT, RuntimeOp, _combine, _gather_grid, _scatter_add, _scratch, dense_op, f32,
+                      grid_index)
 
 # Closures over other kernels cannot be cached on disk; everything else as in ``kernels.JIT``.
 COMPOSED = {key: value for key, value in JIT.items() if key != "cache"}
@@ -156,10 +157,8 @@ def circulant_op(vectors: np.ndarray, out_features: int, in_features: int) -> Ru
     rows, cols, b = vectors.shape
     forward, inverse = real_dft(b)
     spectrum = np.fft.rfft(np.asarray(vectors, np.float64), axis=-1).transpose(1, 2, 0)  # (Q, h, P)
-    element, block = np.divmod(np.arange(b * cols), cols)          # blocks[j, q] holds x[q*b + j]
-    gather = np.where(block * b + element < in_features, block * b + element, -1)
-    element, block = np.divmod(np.arange(b * rows), rows)          # y[i, p] is output p*b + i
-    scatter = np.where(block * b + element < out_features, block * b + element, -1)
+    gather = grid_index(cols, b, in_features, transposed=True)     # blocks[j, q] holds x[q*b + j]
+    scatter = grid_index(rows, b, out_features, transposed=True)   # y[i, p] is output p*b + i
     arrays = (forward.astype(f32), inverse.astype(f32), np.ascontiguousarray(spectrum.real, f32),
-              np.ascontiguousarray(spectrum.imag, f32), gather.astype(np.int32), scatter.astype(np.int32))
+              np.ascontiguousarray(spectrum.imag, f32), gather, scatter)
     return RuntimeOp(arrays, circulant_matvec, circulant_matmat)
