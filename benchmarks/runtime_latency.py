@@ -51,14 +51,14 @@ def build_models() -> dict[str, torch.nn.Module]:
 @njit(fastmath=True, error_model="numpy")
 def _stream(weight, x, out, count):
     for step in range(count):
-        kernels.gemv(weight, x, out, (step & 1) == 1)
+        kernels.panel_gemv(weight, x, out, (step & 1) == 1)
 
 
 def dense_bandwidth(nbytes: int, repeats: int = 7) -> float:
     """Bytes per second of the engine's dense product on a matrix of ``nbytes`` (median of repeats)."""
     cols = min(HIDDEN, max(1, nbytes // 4))
     rows = max(1, nbytes // (4 * cols))
-    weight = np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32)
+    weight = kernels.pack_panels(np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32))
     x, out = np.ones(cols, np.float32), np.zeros(rows, np.float32)
     count = max(8, int(4e8 // max(weight.nbytes, 1)) // 100)   # about 4 MB x 100 read per timing
     _stream(weight, x, out, 2)

@@ -203,8 +203,8 @@ class _Decoder:
     """The language model's output layer: logits = h @ W.T + b."""
 
     def __init__(self, decoder: nn.Linear) -> None:
-        self.weight = kernels.aligned_matrix(decoder.weight.detach().cpu().numpy())   # (V, H), padded
-        bias = decoder.bias.detach().cpu().numpy() if decoder.bias is not None else np.zeros(len(self.weight))
+        self.weight = kernels.pack_panels(decoder.weight.detach().cpu().numpy())      # (V, H) as panels
+        bias = decoder.bias.detach().cpu().numpy() if decoder.bias is not None else np.zeros(decoder.out_features)
         self.bias = _float32(bias)
         self._affine = _bind(kernels.affine, self.weight, self.bias, np.zeros((1, decoder.in_features),
                                                                            np.float32))

@@ -8,7 +8,7 @@ import torch
 import leanlstm
 from leanlstm.nn.forms import BlockCirculant, Dense, Kronecker, LowRank, MaskedSparse, WeightForm
 from leanlstm.runtime import EngineError, RuntimeOp, compile
-from leanlstm.runtime.kernels import dense_matvec, entries_matvec, jagged_diagonals, kron_plan, sparse_op
+from leanlstm.runtime.kernels import dense_matvec, dense_op, entries_matvec, jagged_diagonals, kron_plan, pack_panels, sparse_op
 from leanlstm.tasks.lm import LMConfig, WordLM
 
 ATOL = 2e-5
@@ -173,7 +173,7 @@ class Recorded(Scaled):
 
     def runtime_op(self):
         Recorded.calls += 1
-        return RuntimeOp((self.materialize().detach().numpy(),), dense_matvec)   # no matmat: per step
+        return RuntimeOp((pack_panels(self.materialize().detach().numpy()),), dense_matvec)   # no matmat: per step
 
 
 def test_a_new_forms_runtime_op_is_used_through_the_interface(caplog):
@@ -247,6 +247,37 @@ def assert_op_computes(op, weight, steps=5, seed=0):
     outs = np.ones((steps, weight.shape[0]), np.float32)
     op.matmat(op.arrays, xs, outs)
     np.testing.assert_allclose(outs, 1 + xs @ weight.T, atol=ATOL)
+
+
+# Panel products: whole and partial panels (64 outputs each), vectors cut short, steps past a 4-step block.
+@pytest.mark.parametrize("rows, cols, steps", [(1, 1, 1), (5, 3, 3), (16, 7, 4), (17, 64, 9), (64, 2, 5),
+                                               (70, 100, 8), (130, 33, 2), (428, 107, 35)])
+def test_dense_panels_compute_the_product(rows, cols, steps):
+    weight = np.random.default_rng(rows).standard_normal((rows, cols)).astype(np.float32)
+    op = dense_op(weight)
+    assert_op_computes(op, weight, steps)
+    x = np.random.default_rng(1).standard_normal(cols).astype(np.float32)
+    flipped = np.zeros(rows, np.float32)
+    op.matvec(op.arrays, x, flipped, True)                     # panels walked backwards: same product
+    np.testing.assert_allclose(flipped, weight @ x, atol=ATOL)
+
+
+def test_panel_products_into_strided_views():
+    """Row-stacked forms hand their parts column slices of the output: they must land in place."""
+    weight = np.random.default_rng(0).standard_normal((20, 9)).astype(np.float32)
+    xs = np.random.default_rng(1).standard_normal((6, 18)).astype(np.float32)[:, ::2]   # non-contiguous input
+    op = dense_op(weight)
+    wide = np.zeros((6, 31), np.float32)
+    op.matmat(op.arrays, xs, wide[:, 5:25])
+    np.testing.assert_allclose(wide[:, 5:25], xs @ weight.T, atol=ATOL)
+    assert not wide[:, :5].any() and not wide[:, 25:].any()
+    transposed = np.zeros((20, 6), np.float32)
+    op.matmat(op.arrays, xs, transposed.T)
+    np.testing.assert_allclose(transposed.T, xs @ weight.T, atol=ATOL)
+    every_other = np.zeros(40, np.float32)
+    op.matvec(op.arrays, xs[0], every_other[::2], False)
+    np.testing.assert_allclose(every_other[::2], weight @ xs[0], atol=ATOL)
+    assert not every_other[1::2].any()
 
 
 # Every plan of the Kronecker kernel: direct and transposed orientation, either product first, cropped

@@ -74,7 +74,7 @@ def test_measure_interleaves_models_of_different_kinds():
 
 
 def test_stack_and_model_times_the_lstm_stack_and_the_whole_model():
-    big = WordLM(LMConfig(vocab_size=2000, embed_size=16, hidden_sizes=[256, 256]))
+    big = WordLM(LMConfig(vocab_size=20000, embed_size=16, hidden_sizes=[256, 256]))   # decoder >> stack
     small = WordLM(LMConfig(vocab_size=2000, embed_size=16, hidden_sizes=[8, 8]))
     result = stack_and_model({"big": big, "small": small}, ("leanlstm", "onnxruntime"), seq_len=5, repeats=5)
     for label in ("big", "small"):
