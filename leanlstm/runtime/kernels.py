@@ -283,55 +283,75 @@ SCRATCH_STACK_FLOATS = 16384    # scratch up to 64 KB goes on the stack; more (h
 
 @njit(inline="always", **JIT)
 def _combine(coef, rows, out):
-    """``out += coef @ rows`` as row combinations: four output rows at a time share each load of four rows of
-    ``rows`` (16 multiply-adds per 12 loads and stores; twice as fast as one output row at a time)."""
+    """``out += coef @ rows[:, :width]`` as row combinations, with the panel products' register blocks: four
+    output rows by 64 columns per block, every row of ``rows`` loaded once per block.
+
+    Rows are read in whole 16-float vectors, so ``rows`` must be readable up to 15 floats past its last row's
+    end (``_scratch`` and ``padded_rows`` buffers are); lanes past ``width`` are never written. Every array's
+    rows must be contiguous (any row stride).
+    """
     m, k, width = coef.shape[0], coef.shape[1], out.shape[1]
-    for i in range(0, m - m % 4, 4):
-        for p in range(0, k - k % 4, 4):
-            a0, a1, a2, a3 = coef[i, p], coef[i, p + 1], coef[i, p + 2], coef[i, p + 3]
-            b0, b1, b2, b3 = coef[i + 1, p], coef[i + 1, p + 1], coef[i + 1, p + 2], coef[i + 1, p + 3]
-            c0, c1, c2, c3 = coef[i + 2, p], coef[i + 2, p + 1], coef[i + 2, p + 2], coef[i + 2, p + 3]
-            d0, d1, d2, d3 = coef[i + 3, p], coef[i + 3, p + 1], coef[i + 3, p + 2], coef[i + 3, p + 3]
-            for q in range(width):
-                r0, r1, r2, r3 = rows[p, q], rows[p + 1, q], rows[p + 2, q], rows[p + 3, q]
-                out[i, q] += a0 * r0 + a1 * r1 + a2 * r2 + a3 * r3
-                out[i + 1, q] += b0 * r0 + b1 * r1 + b2 * r2 + b3 * r3
-                out[i + 2, q] += c0 * r0 + c1 * r1 + c2 * r2 + c3 * r3
-                out[i + 3, q] += d0 * r0 + d1 * r1 + d2 * r2 + d3 * r3
-        for p in range(k - k % 4, k):
-            a, b, c, d = coef[i, p], coef[i + 1, p], coef[i + 2, p], coef[i + 3, p]
-            for q in range(width):
-                r = rows[p, q]
-                out[i, q] += a * r
-                out[i + 1, q] += b * r
-                out[i + 2, q] += c * r
-                out[i + 3, q] += d * r
-    for i in range(m - m % 4, m):
-        for p in range(0, k - k % 4, 4):
-            c0, c1, c2, c3 = coef[i, p], coef[i, p + 1], coef[i, p + 2], coef[i, p + 3]
-            for q in range(width):
-                out[i, q] += c0 * rows[p, q] + c1 * rows[p + 1, q] + c2 * rows[p + 2, q] + c3 * rows[p + 3, q]
-        for p in range(k - k % 4, k):
-            cp = coef[i, p]
-            for q in range(width):
-                out[i, q] += cp * rows[p, q]
+    coef_at, rows_at, out_at = coef.ctypes.data, rows.ctypes.data, out.ctypes.data
+    coef_step, rows_step, out_step = coef.strides[0] // 4, rows.strides[0] // 4, out.strides[0] // 4
+    for j in range(0, width, PANEL):
+        whole = j + PANEL <= width
+        for i in range(0, m - m % 4, 4):
+            source, target = coef_at + 4 * i * coef_step, out_at + 4 * (i * out_step + j)
+            if whole:
+                _block_4x4(rows_at + 4 * j, rows_step, source, coef_step, target, out_step, k, _LANES)
+            else:
+                for v in range(j, width, _LANES):
+                    _block_4x1(rows_at + 4 * v, rows_step, source, coef_step, target + 4 * (v - j), out_step, k,
+                               min(_LANES, width - v))
+        for i in range(m - m % 4, m):
+            source, target = coef_at + 4 * i * coef_step, out_at + 4 * (i * out_step + j)
+            if whole:
+                _block_1x4(rows_at + 4 * j, rows_step, source, 0, target, 0, k, _LANES)
+            else:
+                for v in range(j, width, _LANES):
+                    _block_1x1(rows_at + 4 * v, rows_step, source, 0, target + 4 * (v - j), 0, k,
+                               min(_LANES, width - v))
+
+
+def padded_rows(matrix: np.ndarray) -> np.ndarray:
+    """A float32 copy of ``matrix`` with 16 floats of slack after its end, as ``_combine`` reads rows."""
+    rows, cols = matrix.shape
+    buffer = np.zeros(rows * cols + _LANES, np.float32)
+    out = buffer[: rows * cols].reshape(rows, cols)
+    out[:] = matrix
+    return out
+
+
+@njit(inline="always", **JIT)
+def _zeros_padded(shape):
+    """Zeros of ``shape`` (3-D) on the heap, with 16 floats of slack after the end for ``_combine``."""
+    size = shape[0] * shape[1] * shape[2]
+    return np.zeros(size + _LANES, np.float32)[:size].reshape(shape)
 
 
 @njit(inline="always", **JIT)
 def _scratch(rows, cols):
     """A zeroed (rows, cols) float32 buffer: on the stack when small (no allocator call), else on the heap."""
-    if rows * cols <= SCRATCH_STACK_FLOATS:
-        buffer = carray(_stack_f32(rows * cols), (rows, cols))
+    if rows * cols <= SCRATCH_STACK_FLOATS:      # 16 floats of slack after the end: ``_combine`` reads rows whole
+        buffer = carray(_stack_f32(rows * cols + _LANES), (rows, cols))
         buffer[:] = 0.0
     else:
-        buffer = np.zeros((rows, cols), np.float32)
+        buffer = np.zeros(rows * cols + _LANES, np.float32)[: rows * cols].reshape(rows, cols)
     return buffer
 
 
 @njit(inline="always", **JIT)
 def _gather_grid(x, gather, grid):
-    """``grid.flat[i] = x[gather[i]]``; entries with ``gather < 0`` (padding) stay as they are (zero)."""
+    """``grid.flat[i] = x[gather[i]]``; entries with ``gather < 0`` (padding) stay as they are (zero). An empty
+    ``gather`` is the identity: ``grid.flat[i] = x[i]`` while ``i < len(x)``, copied row by row."""
     k, s = grid.shape
+    if gather.shape[0] == 0:
+        n = x.shape[0]
+        for g in range(k):
+            part = x[g * s: min(n, g * s + s)]
+            for j in range(part.shape[0]):
+                grid[g, j] = part[j]
+        return
     for g in range(k):
         for j in range(s):
             source = gather[g * s + j]
@@ -341,8 +361,16 @@ def _gather_grid(x, gather, grid):
 
 @njit(inline="always", **JIT)
 def _scatter_add(y, scatter, out):
-    """``out[scatter[i]] += y.flat[i]``; entries with ``scatter < 0`` (cropped rows) are dropped."""
+    """``out[scatter[i]] += y.flat[i]``; entries with ``scatter < 0`` (cropped rows) are dropped. An empty
+    ``scatter`` is the identity, cropped where ``out`` ends."""
     p, q = y.shape
+    if scatter.shape[0] == 0:
+        n = out.shape[0]
+        for r in range(p):
+            part = out[r * q: min(n, r * q + q)]
+            for c in range(part.shape[0]):
+                part[c] += y[r, c]
+        return
     for r in range(p):
         for c in range(q):
             target = scatter[r * q + c]
@@ -375,17 +403,17 @@ def kron_matmat(arrays, xs, out):
     remainder rows than per step); the product with L runs per step."""
     left, right_t, gather, scatter, plan = arrays
     (p, k), (s, q), steps = left.shape, right_t.shape, xs.shape[0]
-    grids = np.zeros((steps, k, s), np.float32)
+    grids = _zeros_padded((steps, k, s))
     for t in range(steps):
         _gather_grid(xs[t], gather, grids[t])
     ys = np.zeros((steps, p, q), np.float32)
     if plan[0] == 1:
-        vs = np.zeros((steps, p, s), np.float32)
+        vs = _zeros_padded((steps, p, s))
         for t in range(steps):
             _combine(left, grids[t], vs[t])                # V = L X, per step
         _combine(vs.reshape(steps * p, s), right_t, ys.reshape(steps * p, q))  # Y = V R^T, all steps
     else:
-        zs = np.zeros((steps, k, q), np.float32)
+        zs = _zeros_padded((steps, k, q))
         _combine(grids.reshape(steps * k, s), right_t, zs.reshape(steps * k, q))  # Z = X R^T, all steps
         for t in range(steps):
             _combine(left, zs[t], ys[t])                   # Y = L Z, per step
@@ -434,9 +462,12 @@ def kron_op(a: np.ndarray, b: np.ndarray, out_features: int, in_features: int) -
     (m1, n1), (m2, n2) = a.shape, b.shape
     transposed, left_first = kron_plan(m1, n1, m2, n2)
     left, right = (b, a) if transposed else (a, b)
-    gather = grid_index(n1, n2, in_features, transposed)   # input g*n2+j is X[g, j]
-    scatter = grid_index(m1, m2, out_features, transposed)  # output i*m2+j is Y[i, j]
-    arrays = (np.ascontiguousarray(left, dtype=f32), np.ascontiguousarray(np.transpose(right), dtype=f32),
+    # Input g*n2+j is X[g, j] and output i*m2+j is Y[i, j]: in the direct orientation both maps are the
+    # identity (empty: copied row by row, no index loads); the transposed one needs index maps.
+    no_map = np.zeros(0, np.int32)
+    gather = grid_index(n1, n2, in_features, transposed=True) if transposed else no_map
+    scatter = grid_index(m1, m2, out_features, transposed=True) if transposed else no_map
+    arrays = (np.ascontiguousarray(left, dtype=f32), padded_rows(np.transpose(right)),
               gather, scatter, np.array([int(left_first)], np.int64))
     return RuntimeOp(arrays, kron_matvec, kron_matmat)
 
