@@ -511,9 +511,10 @@ def jagged_diagonals(weight: np.ndarray) -> tuple[np.ndarray, ...]:
 def jds_matvec(arrays, x, out, flip):
     """Two diagonals per pass over the accumulator (8% faster than one: half its loads and stores)."""
     perm, ptr, cols, vals = arrays
-    acc = carray(_stack_f32(perm.shape[0]), perm.shape[0])  # in sorted row order; 4 bytes a row
-    acc[:] = 0.0
     count = ptr.shape[0] - 1
+    filled = ptr[1] - ptr[0] if count else 0               # rows with an entry: a prefix of perm
+    acc = carray(_stack_f32(filled), filled)               # in sorted row order; 4 bytes a row
+    acc[:] = 0.0
     for d in range(0, count - count % 2, 2):
         v0, c0 = vals[ptr[d]:ptr[d + 1]], cols[ptr[d]:ptr[d + 1]]
         v1, c1 = vals[ptr[d + 1]:ptr[d + 2]], cols[ptr[d + 1]:ptr[d + 2]]   # no longer than diagonal d
@@ -525,7 +526,7 @@ def jds_matvec(arrays, x, out, flip):
         v, c = vals[ptr[count - 1]:ptr[count]], cols[ptr[count - 1]:ptr[count]]
         for r in range(v.shape[0]):
             acc[r] += v[r] * x[c[r]]
-    for r in range(perm.shape[0]):
+    for r in range(filled):                                # empty rows add nothing
         out[perm[r]] += acc[r]
 
 
@@ -536,14 +537,15 @@ def jds_matmat(arrays, xs, out):
     steps, width = xs.shape[0], (xs.shape[0] + 7) // 8 * 8   # padded so the time loop has no remainder
     by_input = np.zeros((xs.shape[1], width), np.float32)   # X^T: (in, T)
     by_input[:, :steps] = xs.T
-    acc = np.zeros((perm.shape[0], width), np.float32)      # sorted rows x time
+    filled = ptr[1] - ptr[0] if ptr.shape[0] > 1 else 0    # rows with an entry: a prefix of perm
+    acc = np.zeros((filled, width), np.float32)             # sorted rows x time
     for d in range(ptr.shape[0] - 1):
         v, c = vals[ptr[d]:ptr[d + 1]], cols[ptr[d]:ptr[d + 1]]
         for r in range(v.shape[0]):
             value, source = v[r], c[r]
             for t in range(width):
                 acc[r, t] += value * by_input[source, t]
-    for r in range(perm.shape[0]):
+    for r in range(filled):
         row = perm[r]
         for t in range(steps):
             out[t, row] += acc[r, t]
