@@ -232,6 +232,8 @@ def _numeric(value: Any, what: str) -> np.ndarray:
 
 def _check_finite(rows: np.ndarray, what: str, unit: str) -> None:
     """Raise naming the first row with a NaN or inf: the recurrence would spread it to every later step."""
+    if rows.dtype == np.float32 and rows.flags.c_contiguous and _all_finite(rows.reshape(-1)):
+        return                                   # the common case, without NumPy's temporaries
     bad = ~np.isfinite(rows).all(axis=-1)
     if bad.any():
         where = f" at {unit}{int(np.flatnonzero(bad)[0])}" if unit else ""
