@@ -65,30 +65,15 @@ def _stack_f32(typingctx, n):
     return types.CPointer(types.float32)(types.intp), codegen
 
 
-@intrinsic
-def _wide_vectors(typingctx):
-    """Let LLVM vectorise the calling function with 512-bit registers where the CPU has them.
-
-    LLVM defaults to 256 bits on x86 CPUs, and then splits even the explicit 16-float vectors of the panel
-    products into halves. (A string function attribute: llvmlite has no API for those.)
-    """
-    def codegen(context, builder, signature, args):
-        try:
-            set.add(builder.function.attributes, '"prefer-vector-width"="512"')
-        except Exception:  # noqa: BLE001 - only a speed hint; never fail compilation over it
-            pass
-        return context.get_dummy_value()
-    return types.none(), codegen
-
-
 # --- dense products: W^T in 64-wide panels, accumulated in vector registers --------------------------------
 # The weight is stored as W^T cut into panels of 64 output columns, each panel's rows contiguous, so a product
 # streams memory in order. For a block of outputs the kernel keeps rows x vectors accumulators of 16 floats in
 # registers and adds x[p] * (row p of the panel) for every input p: no horizontal sums, which cost a dot-product
 # kernel most of its time on narrow matrices (a 428x107 product reduces rows only 7 vectors long). Numba has no
-# SIMD types, so the block is written in LLVM IR (``_outer_block``). Measured on the development machine
-# against the previous row-dot kernels: the sequence product 1.3-2.8x faster (about 50 GMAC/s), the one-step
-# product 1.3-1.6x faster on matrices up to 128 wide and within 15% on wider ones (memory bound there).
+# SIMD types, so the block is written in LLVM IR (``_outer_block_intrinsic``). Against the previous row-dot
+# kernels the sequence product is 1.1-2.8x faster (about 50 GMAC/s on one core), the one-step product 1.1-1.6x
+# on matrices up to 128 wide and within 16% on wider ones, where both are bound by reading the weights
+# (BENCHMARKS.md, "Panel kernels").
 PANEL = 64                       # output columns per panel: 4 vectors of 16 floats
 _LANES = 16
 _I64 = ir.IntType(64)
@@ -180,7 +165,6 @@ def panel_gemv(panels, x, out, flip):
 
 @njit(**JIT)
 def _panel_gemv(panels, x, out, flip):
-    _wide_vectors()
     count, k, m = panels.shape[0], panels.shape[1], out.shape[0]
     address, x_address, out_address = panels.ctypes.data, x.ctypes.data, out.ctypes.data
     for index in range(count):
@@ -206,7 +190,6 @@ def panel_gemm(panels, xs, out):
 
 @njit(**JIT)
 def _panel_gemm(panels, xs, out):
-    _wide_vectors()
     count, k, m, steps = panels.shape[0], panels.shape[1], out.shape[1], xs.shape[0]
     x_step, out_step = xs.shape[1], out.strides[0] // 4
     address, x_address, out_address = panels.ctypes.data, xs.ctypes.data, out.ctypes.data
