@@ -152,6 +152,33 @@ def pack_panels(weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(count, PANEL, cols).transpose(0, 2, 1))
 
 
+@njit(inline="always", **JIT)
+def _combine_at(coef_at, coef_step, rows_at, rows_step, out_at, out_step, m, k, width):
+    """``out[i, :width] += sum_p coef[i, p] * rows[p, :width]`` for ``i < m``, on raw float addresses with row
+    steps in floats: four output rows by 64 columns per register block, each row of ``rows`` loaded once a block.
+
+    Rows of ``rows`` are read in whole 16-float vectors; lanes past ``width`` are never written.
+    """
+    for j in range(0, width, PANEL):
+        whole = j + PANEL <= width
+        for i in range(0, m - m % 4, 4):
+            source, target = coef_at + 4 * i * coef_step, out_at + 4 * (i * out_step + j)
+            if whole:
+                _block_4x4(rows_at + 4 * j, rows_step, source, coef_step, target, out_step, k, _LANES)
+            else:
+                for v in range(j, width, _LANES):
+                    _block_4x1(rows_at + 4 * v, rows_step, source, coef_step, target + 4 * (v - j), out_step, k,
+                               min(_LANES, width - v))
+        for i in range(m - m % 4, m):
+            source, target = coef_at + 4 * i * coef_step, out_at + 4 * (i * out_step + j)
+            if whole:
+                _block_1x4(rows_at + 4 * j, rows_step, source, 0, target, 0, k, _LANES)
+            else:
+                for v in range(j, width, _LANES):
+                    _block_1x1(rows_at + 4 * v, rows_step, source, 0, target + 4 * (v - j), 0, k,
+                               min(_LANES, width - v))
+
+
 @njit(**JIT)
 def panel_gemv(panels, x, out, flip):
     """``out += W @ x`` for ``pack_panels(W)``; ``flip`` walks the panels backwards."""
@@ -166,15 +193,11 @@ def panel_gemv(panels, x, out, flip):
 @njit(**JIT)
 def _panel_gemv(panels, x, out, flip):
     count, k, m = panels.shape[0], panels.shape[1], out.shape[0]
-    address, x_address, out_address = panels.ctypes.data, x.ctypes.data, out.ctypes.data
     for index in range(count):
         b = count - 1 - index if flip else index
-        start, panel = b * PANEL, address + 4 * b * k * PANEL
-        if start + PANEL <= m:
-            _block_1x4(panel, PANEL, x_address, 0, out_address + 4 * start, 0, k, _LANES)
-            continue
-        for i in range(start, m, _LANES):                  # the last, partial panel: vector by vector
-            _block_1x1(panel + 4 * (i - start), PANEL, x_address, 0, out_address + 4 * i, 0, k, min(_LANES, m - i))
+        start = b * PANEL                                  # panel rows are 64 wide: whole-vector reads stay inside
+        _combine_at(x.ctypes.data, 0, panels.ctypes.data + 4 * b * k * PANEL, PANEL,
+                    out.ctypes.data + 4 * start, 0, 1, k, min(PANEL, m - start))
 
 
 @njit(**JIT)
@@ -190,31 +213,11 @@ def panel_gemm(panels, xs, out):
 
 @njit(**JIT)
 def _panel_gemm(panels, xs, out):
-    count, k, m, steps = panels.shape[0], panels.shape[1], out.shape[1], xs.shape[0]
-    x_step, out_step = xs.shape[1], out.strides[0] // 4
-    address, x_address, out_address = panels.ctypes.data, xs.ctypes.data, out.ctypes.data
+    count, k, m = panels.shape[0], panels.shape[1], out.shape[1]
     for b in range(count):
-        start, panel = b * PANEL, address + 4 * b * k * PANEL
-        if start + PANEL <= m:
-            t = 0
-            while t + 4 <= steps:
-                _block_4x4(panel, PANEL, x_address + 4 * t * x_step, x_step,
-                           out_address + 4 * (t * out_step + start), out_step, k, _LANES)
-                t += 4
-            for t in range(t, steps):
-                _block_1x4(panel, PANEL, x_address + 4 * t * x_step, 0,
-                           out_address + 4 * (t * out_step + start), 0, k, _LANES)
-            continue
-        for i in range(start, m, _LANES):                  # the last, partial panel: vector by vector
-            tail, column = min(_LANES, m - i), panel + 4 * (i - start)
-            t = 0
-            while t + 4 <= steps:
-                _block_4x1(column, PANEL, x_address + 4 * t * x_step, x_step,
-                           out_address + 4 * (t * out_step + i), out_step, k, tail)
-                t += 4
-            for t in range(t, steps):
-                _block_1x1(column, PANEL, x_address + 4 * t * x_step, 0, out_address + 4 * (t * out_step + i),
-                           0, k, tail)
+        start = b * PANEL
+        _combine_at(xs.ctypes.data, xs.shape[1], panels.ctypes.data + 4 * b * k * PANEL, PANEL,
+                    out.ctypes.data + 4 * start, out.strides[0] // 4, xs.shape[0], k, min(PANEL, m - start))
 
 
 @njit(**JIT)
@@ -266,34 +269,14 @@ SCRATCH_STACK_FLOATS = 16384    # scratch up to 64 KB goes on the stack; more (h
 
 @njit(inline="always", **JIT)
 def _combine(coef, rows, out):
-    """``out += coef @ rows[:, :width]`` as row combinations, with the panel products' register blocks: four
-    output rows by 64 columns per block, every row of ``rows`` loaded once per block.
+    """``out += coef @ rows[:, :width]`` as row combinations (``_combine_at``, the panel products' blocks).
 
     Rows are read in whole 16-float vectors, so ``rows`` must be readable up to 15 floats past its last row's
     end (``_scratch`` and ``padded_rows`` buffers are); lanes past ``width`` are never written. Every array's
     rows must be contiguous (any row stride).
     """
-    m, k, width = coef.shape[0], coef.shape[1], out.shape[1]
-    coef_at, rows_at, out_at = coef.ctypes.data, rows.ctypes.data, out.ctypes.data
-    coef_step, rows_step, out_step = coef.strides[0] // 4, rows.strides[0] // 4, out.strides[0] // 4
-    for j in range(0, width, PANEL):
-        whole = j + PANEL <= width
-        for i in range(0, m - m % 4, 4):
-            source, target = coef_at + 4 * i * coef_step, out_at + 4 * (i * out_step + j)
-            if whole:
-                _block_4x4(rows_at + 4 * j, rows_step, source, coef_step, target, out_step, k, _LANES)
-            else:
-                for v in range(j, width, _LANES):
-                    _block_4x1(rows_at + 4 * v, rows_step, source, coef_step, target + 4 * (v - j), out_step, k,
-                               min(_LANES, width - v))
-        for i in range(m - m % 4, m):
-            source, target = coef_at + 4 * i * coef_step, out_at + 4 * (i * out_step + j)
-            if whole:
-                _block_1x4(rows_at + 4 * j, rows_step, source, 0, target, 0, k, _LANES)
-            else:
-                for v in range(j, width, _LANES):
-                    _block_1x1(rows_at + 4 * v, rows_step, source, 0, target + 4 * (v - j), 0, k,
-                               min(_LANES, width - v))
+    _combine_at(coef.ctypes.data, coef.strides[0] // 4, rows.ctypes.data, rows.strides[0] // 4, out.ctypes.data,
+                out.strides[0] // 4, coef.shape[0], coef.shape[1], out.shape[1])
 
 
 def padded_rows(matrix: np.ndarray) -> np.ndarray:
@@ -307,8 +290,10 @@ def padded_rows(matrix: np.ndarray) -> np.ndarray:
 
 @njit(inline="always", **JIT)
 def _zeros_padded(shape):
-    """Zeros of ``shape`` (3-D) on the heap, with 16 floats of slack after the end for ``_combine``."""
-    size = shape[0] * shape[1] * shape[2]
+    """Zeros of ``shape`` on the heap, with 16 floats of slack after the end for ``_combine``."""
+    size = 1
+    for extent in shape:
+        size *= extent
     return np.zeros(size + _LANES, np.float32)[:size].reshape(shape)
 
 
@@ -319,7 +304,7 @@ def _scratch(rows, cols):
         buffer = carray(_stack_f32(rows * cols + _LANES), (rows, cols))
         buffer[:] = 0.0
     else:
-        buffer = np.zeros(rows * cols + _LANES, np.float32)[: rows * cols].reshape(rows, cols)
+        buffer = _zeros_padded((rows, cols))
     return buffer
 
 
