@@ -151,7 +151,7 @@ def run_phases(run: RunConfig, out: str | Path, make_model: Callable[[], WordLM]
         elif index > 0:
             trainer.save()  # the transformed model is the new starting point should we be interrupted
         trainer.fit()
-        history = trainer.history
+        model, history = trainer.model, trainer.history   # a method may have replaced the model while training
     metrics = None
     if rank == 0:
         metrics = summarise(run, model, history, task.evaluate(model, "test"))

@@ -84,6 +84,18 @@ class Trainer:
         if distributed.is_distributed():
             self.train_model = nn.parallel.DistributedDataParallel(model)
 
+    def replace_model(self, model: nn.Module) -> None:
+        """Train ``model`` from here on, e.g. a smaller one a method cut out of the current one at an epoch end.
+
+        The optimiser starts afresh over the new parameters at the current lr: plain SGD keeps no state, so
+        nothing is lost. Checkpoints save the new model with its own ``model_config()``, and resuming rebuilds it.
+        """
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.model, self.train_model = model, model
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        if distributed.is_distributed():
+            self.train_model = nn.parallel.DistributedDataParallel(model)
+
     @property
     def checkpoint_path(self) -> Path | None:
         return self.run_dir / CHECKPOINT if self.run_dir is not None else None

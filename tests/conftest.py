@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SLICE_LINES = {"train": 2000, "valid": 200, "test": 200}
+
+# Numba stamps a cached kernel with its own file only, so a kernel that inlines one from another module stays
+# stale when only that module changes: a checkout then passes where a fresh clone fails. Key the cache on the
+# whole runtime's source instead (set before any test imports numba).
+_RUNTIME_SOURCE = b"".join(path.read_bytes() for path in sorted((REPO / "leanlstm" / "runtime").rglob("*.py")))
+os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(tempfile.gettempdir()) / "leanlstm-numba"
+                                             / hashlib.sha256(_RUNTIME_SOURCE).hexdigest()[:16]))
 
 
 def shared_data_dir() -> Path:

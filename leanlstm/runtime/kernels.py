@@ -275,6 +275,8 @@ def _combine(coef, rows, out):
     end (``_scratch`` and ``padded_rows`` buffers are); lanes past ``width`` are never written. Every array's
     rows must be contiguous (any row stride).
     """
+    if coef.strides[1] != 4 or rows.strides[1] != 4 or out.strides[1] != 4:
+        raise ValueError("_combine needs rows contiguous in memory (a C-ordered float32 array)")
     _combine_at(coef.ctypes.data, coef.strides[0] // 4, rows.ctypes.data, rows.strides[0] // 4, out.ctypes.data,
                 out.strides[0] // 4, coef.shape[0], coef.shape[1], out.shape[1])
 

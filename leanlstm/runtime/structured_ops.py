@@ -159,6 +159,5 @@ def circulant_op(vectors: np.ndarray, out_features: int, in_features: int) -> Ru
     spectrum = np.fft.rfft(np.asarray(vectors, np.float64), axis=-1).transpose(1, 2, 0)  # (Q, h, P)
     gather = grid_index(cols, b, in_features, transposed=True)     # blocks[j, q] holds x[q*b + j]
     scatter = grid_index(rows, b, out_features, transposed=True)   # y[i, p] is output p*b + i
-    arrays = (forward.astype(f32), inverse.astype(f32), np.ascontiguousarray(spectrum.real, f32),
-              np.ascontiguousarray(spectrum.imag, f32), gather, scatter)
-    return RuntimeOp(arrays, circulant_matvec, circulant_matmat)
+    contiguous = [np.ascontiguousarray(a, f32) for a in (forward, inverse, spectrum.real, spectrum.imag)]
+    return RuntimeOp((*contiguous, gather, scatter), circulant_matvec, circulant_matmat)  # ``_combine`` reads rows

@@ -334,6 +334,44 @@ def test_iss_from_scratch_removes_units_and_resume_keeps_the_history(tmp_path, p
     assert resumed["test_ppl"] == pytest.approx(straight["test_ppl"], rel=1e-6)
 
 
+def test_shrinking_each_epoch_trains_the_smaller_model_and_resumes(tmp_path, ptb_slice_dir, monkeypatch):
+    def run():
+        config = _iss_run(ptb_slice_dir)
+        config.overrides["epochs"] = 4
+        config.method_config = OPTIONS | {"shrink_each_epoch": True, "strength": 0.06}  # 0.07: layer 0 dies whole
+        return config
+
+    trained = []  # hidden sizes of the model each compress epoch trained, seen at its end
+
+    class Watch(Callback):
+        def on_epoch_end(self, trainer, epoch, metrics):
+            if trainer.phase == "compress":
+                trained.append(list(trainer.model.lstm.hidden_sizes))
+
+    original = ISS.callbacks
+    monkeypatch.setattr(ISS, "callbacks", lambda self: [Watch(), *original(self)])  # Watch sees the model first
+    straight = compress_run(run(), tmp_path / "a", progress=False)
+    _check_shrunk(straight, tmp_path / "a")
+    counts = [e["components"] for e in straight["iss_components"] if e["phase"] == "compress"]
+    assert trained[0] == [32, 32] and counts[3][0] < 32   # units died before the last epoch...
+    assert trained[1:] == counts[1:-1]                     # ...and every later epoch trained only the survivors
+
+    class Stop(Callback):  # interrupt after the last compress epoch, before it is saved
+        def on_epoch_end(self, trainer, epoch, metrics):
+            if trainer.phase == "compress" and epoch == 4:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(ISS, "callbacks", lambda self: [*original(self), Stop()])
+    with pytest.raises(KeyboardInterrupt):
+        compress_run(run(), tmp_path / "b", progress=False)
+    saved = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    assert saved["epoch"] == 3 and saved["model_config"]["lstm"]["hidden_size"] == counts[3]
+    monkeypatch.setattr(ISS, "callbacks", original)
+    resumed = compress_run(run(), tmp_path / "b", resume=True, progress=False)
+    assert resumed["iss_components"] == straight["iss_components"]
+    assert resumed["test_ppl"] == pytest.approx(straight["test_ppl"], rel=1e-6)
+
+
 def test_iss_from_a_trained_baseline_and_from_the_cli(tmp_path, ptb_slice_dir):
     base = tmp_path / "base"
     train_run(RunConfig(preset="tiny", data_dir=str(ptb_slice_dir), verify_data=False,
@@ -358,6 +396,7 @@ def test_iss_from_a_trained_baseline_and_from_the_cli(tmp_path, ptb_slice_dir):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.strip().splitlines()[-1])["hidden_sizes"] == metrics["hidden_sizes"]
     saved = json.loads((tmp_path / "cli" / "metrics.json").read_text())
-    assert saved["method_config"] == {"strength": 0.1, "threshold": 0.01, "eps": 1e-8, "group_rule": True}
+    assert saved["method_config"] == {"strength": 0.1, "threshold": 0.01, "eps": 1e-8, "group_rule": True,
+                                      "shrink_each_epoch": False}
     assert (tmp_path / "cli" / "components.png").is_file()
     assert "iss" in METHODS
