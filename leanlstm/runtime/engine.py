@@ -153,6 +153,10 @@ class _Vectors:
         self.size = size
 
     def sequence(self, xs: Any) -> np.ndarray:
+        if _exact(xs) and xs.ndim == 2 and xs.shape[1] == self.size and xs.shape[0]:  # check it compiled
+            if not _all_finite(xs.reshape(-1)):
+                _check_finite(xs, "input", "time step ")             # raises, naming the step
+            return xs
         xs = _numeric(xs, "input")
         if xs.ndim == 3 and xs.shape[1] == 1:        # PyTorch's (T, 1, in) batch-1 layout
             xs = xs[:, 0]
@@ -163,8 +167,7 @@ class _Vectors:
         return _float32(xs)
 
     def single(self, x: Any) -> np.ndarray:
-        if (type(x) is np.ndarray and x.shape == (self.size,) and x.dtype == np.float32
-                and x.flags.c_contiguous and x.flags.writeable):   # the kernels' exact type: check it compiled
+        if _exact(x) and x.shape == (self.size,):                  # the kernels' exact type: check it compiled
             if not _all_finite(x):
                 raise EngineError("input contains NaN or inf")
             return x
@@ -216,6 +219,13 @@ class _Decoder:
         return self.weight.nbytes + self.bias.nbytes
 
 
+def _exact(value: Any) -> bool:
+    """Whether ``value`` is already the array type the bound kernels take (C-contiguous, writeable float32):
+    then only its values need checking, compiled, which costs a few percent of the conversions' time."""
+    return (type(value) is np.ndarray and value.dtype == np.float32 and value.flags.c_contiguous
+            and value.flags.writeable)
+
+
 def _array(value: Any) -> np.ndarray:
     """NumPy view of an array-like; PyTorch tensors are detached and moved to the CPU first."""
     if isinstance(value, torch.Tensor):
@@ -240,12 +250,17 @@ def _check_finite(rows: np.ndarray, what: str, unit: str) -> None:
         raise EngineError(f"{what} contains NaN or inf{where}")
 
 
-@numba.njit(cache=True, error_model="numpy")   # no fastmath: it would fold the NaN and inf checks away
+@numba.njit(cache=True, error_model="numpy")
 def _all_finite(x: np.ndarray) -> bool:
-    for value in x:
-        if not np.isfinite(value):
-            return False
-    return True
+    """Whether a contiguous 1-D float32 array holds no NaN or inf: no exponent field is all ones. Integer
+    operations, so the loop vectorises without fastmath (which would fold float NaN checks away): about 5x
+    faster than a float test with an early exit."""
+    bits = x.view(np.uint32)
+    worst = np.uint32(0)
+    for i in range(bits.shape[0]):
+        exponent = bits[i] & np.uint32(0x7F800000)
+        worst = exponent if exponent > worst else worst
+    return worst != np.uint32(0x7F800000)
 
 
 # --- the engine ----------------------------------------------------------------------------------------------
@@ -315,6 +330,9 @@ class Engine:
             raise EngineError(f"state {name} holds {len(layers)} layers, the model has {len(self.layers)}")
         out = []
         for index, (value, size) in enumerate(zip(layers, self.hidden_sizes)):
+            if _exact(value) and value.shape == (size,) and _all_finite(value):
+                out.append(value.copy())                           # the common case: a state run() returned
+                continue
             value = _numeric(value, f"state {name}")
             if value.size != size or value.shape[-1] != size:
                 raise EngineError(f"state {name} of layer {index} must have shape ({size},), got {value.shape}")

@@ -201,6 +201,8 @@ def test_bad_inputs_raise_clear_errors(bad, message):
     (([np.zeros(5)], [np.zeros(5)]), "holds 1 layers, the model has 2"),
     (([np.zeros(5), np.zeros(4)], [np.zeros(5)] * 2), r"state h of layer 1 must have shape \(5,\)"),
     (([np.zeros(5)] * 2, [np.zeros(5), np.full(5, np.nan)]), "state c of layer 1 contains NaN"),
+    (([np.zeros(5, np.float32)] * 2, [np.zeros(5, np.float32), np.array([0, 0, -np.inf, 0, 0], np.float32)]),
+     "state c of layer 1 contains NaN or inf"),                   # the kernels' own type: the compiled check
     (np.zeros((2, 5)), "pair"),
 ])
 def test_bad_states_raise_clear_errors(state, message):
@@ -363,3 +365,16 @@ def test_stream_of_tokens_gives_the_language_models_logits():
     np.testing.assert_allclose(np.stack([stream.step(int(t)) for t in tokens]), logits, atol=1e-4)
     with pytest.raises(EngineError, match="outside the vocabulary"):
         stream.step(40)
+
+
+@pytest.mark.parametrize("size", [1, 15, 16, 17, 1000])
+def test_compiled_finite_check_finds_nan_and_inf_anywhere(size):
+    from leanlstm.runtime.engine import _all_finite
+
+    rng = np.random.default_rng(size)
+    assert _all_finite(rng.standard_normal(size).astype(np.float32) * 3e38)    # huge but finite
+    for bad in (np.nan, np.inf, -np.inf):
+        for where in {0, size // 2, size - 1}:                                # head, vector body, tail
+            x = rng.standard_normal(size).astype(np.float32)
+            x[where] = bad
+            assert not _all_finite(x)
