@@ -68,14 +68,30 @@ class RunConfig:
 
 
 def prepare(out: Path, resume: bool) -> None:
-    """Refuse to clobber: a finished run stays finished; an unfinished one needs ``--resume``."""
+    """Refuse to clobber: a finished run stays finished; an unfinished one needs ``--resume``. A run that
+    stopped before its first checkpoint (only ``config.json`` and ``log.txt``) starts over in place."""
     if (out / METRICS).exists():
         raise RunDirError(f"{out} already holds a finished run ({METRICS}); choose another --out, or read it "
                           f"with `leanlstm eval {out}`")
     if resume and not (out / CHECKPOINT).exists():
         raise RunDirError(f"--resume given but {out} has no {CHECKPOINT}; drop --resume to start a new run")
-    if not resume and out.exists() and any(out.iterdir()):
-        raise RunDirError(f"{out} is not empty; pass --resume to continue the run there, or choose another --out")
+    if not resume and out.exists():
+        names = {path.name for path in out.iterdir()}
+        if names and not names <= {CONFIG, LOG}:
+            raise RunDirError(f"{out} is not empty; pass --resume to continue the run there, or choose another "
+                              f"--out")
+        if names:
+            log.warning("%s holds a run that stopped before its first checkpoint; starting it over", out)
+
+
+def saved_run(out: str | Path, run: RunConfig) -> RunConfig:
+    """The configuration ``out`` was started with: a resumed run continues as it was asked, whatever the
+    command line says now (except ``--data-dir``, which may move)."""
+    out = Path(out)
+    prepare(out, resume=True)           # finished, or nothing to resume: say so first
+    if not (out / CONFIG).is_file():
+        raise RunDirError(f"--resume given but {out} has no {CONFIG}; drop --resume to start a new run")
+    return _check_same_run(out, run)
 
 
 def attach_log(out: Path) -> None:
@@ -105,6 +121,8 @@ class Phase:
 def train_run(run: RunConfig, out: str | Path, resume: bool = False, progress: bool = True,
               callbacks=()) -> dict[str, Any]:
     """Train (or resume) a baseline run in ``out`` and write its ``metrics.json``; returns the metrics."""
+    if resume:
+        run = saved_run(out, run)
     phase = Phase("train", run.train_config(), list(callbacks))
     lm = run.lm_config()  # bad sizes fail here, before the run directory is made
     return run_phases(run, out, lambda: WordLM(lm), [phase], resume, progress)
@@ -167,6 +185,8 @@ def run_phases(run: RunConfig, out: str | Path, make_model: Callable[[], WordLM]
 def compress_run(run: RunConfig, out: str | Path, resume: bool = False, progress: bool = True
                  ) -> dict[str, Any]:
     """Compress with ``run.method``: from ``run.source`` (a trained run) or from scratch, then fine-tune."""
+    if resume:
+        run = saved_run(out, run)
     method = get_method(run.method)(get_method(run.method).Config(**run.method_config))
 
     def make_model() -> WordLM:

@@ -53,6 +53,7 @@ class Callback:
     def before_step(self, trainer: "Trainer") -> None: ...                          # gradients are ready
     def after_step(self, trainer: "Trainer") -> None: ...                           # weights were updated
     def on_epoch_end(self, trainer: "Trainer", epoch: int, metrics: dict[str, float]) -> None: ...
+    def on_model_replaced(self, trainer: "Trainer") -> None: ...      # trainer.model is a new module now
     def state_dict(self) -> dict[str, Any]: return {}
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
@@ -95,6 +96,8 @@ class Trainer:
         self.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
         if distributed.is_distributed():
             self.train_model = nn.parallel.DistributedDataParallel(model)
+        for callback in self.callbacks:    # those holding per-parameter state (masks) take it from the new model
+            callback.on_model_replaced(self)
 
     @property
     def checkpoint_path(self) -> Path | None:

@@ -33,7 +33,9 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, ptb_slic
     with pytest.raises(KeyboardInterrupt):
         train_run(_run(ptb_slice_dir), tmp_path / "resumed", progress=False, callbacks=[StopAfter(2)])
     assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["epoch"] == 1
-    resumed = train_run(_run(ptb_slice_dir), tmp_path / "resumed", resume=True, progress=False)
+    # resumed as it was started, whatever the command line asks now
+    resumed = train_run(_run(ptb_slice_dir, epochs=5, max_batches=4), tmp_path / "resumed", resume=True,
+                        progress=False)
     assert resumed["test_ppl"] == straight["test_ppl"]
     assert [h["val_ppl"] for h in resumed["history"]] == [h["val_ppl"] for h in straight["history"]]
     a, b = load_run(tmp_path / "straight")[1], load_run(tmp_path / "resumed")[1]
@@ -94,6 +96,17 @@ def test_finished_and_foreign_run_dirs_are_never_overwritten(tmp_path, ptb_slice
         train_run(_run(ptb_slice_dir), other, progress=False)
     with pytest.raises(RunDirError, match="has no checkpoint.pt"):
         train_run(_run(ptb_slice_dir), tmp_path / "empty", resume=True, progress=False)
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_starts_over(tmp_path, ptb_slice_dir):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):                        # e.g. Ctrl-C in the first epoch
+        train_run(_run(ptb_slice_dir, checkpoint_minutes=0), out, progress=False, callbacks=[StopAfter(1)])
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "log.txt"]
+    with pytest.raises(RunDirError, match="has no checkpoint.pt; drop --resume"):
+        train_run(_run(ptb_slice_dir), out, resume=True, progress=False)
+    metrics = train_run(_run(ptb_slice_dir, epochs=1), out, progress=False)
+    assert metrics["epochs"] == 1 and (out / "metrics.json").is_file()
 
 
 def test_nan_loss_stops_with_a_clear_error(tmp_path, ptb_slice_dir):
@@ -172,6 +185,28 @@ def test_trainer_works_in_a_users_own_loop(ptb_slice_dir):
 
     Trainer(model, task, TrainConfig(epochs=1, max_batches=4), callbacks=[Record()]).fit()
     assert seen == [1, 2, 3, 4]
+
+
+def test_replace_model_trains_the_new_model_and_tells_the_callbacks(ptb_slice_dir):
+    from leanlstm.tasks.lm import LMConfig, WordLM
+    from leanlstm.tasks import build_ptb
+
+    task = build_ptb(ptb_slice_dir, 4, 10, verify=False)
+    old, new = (WordLM(LMConfig(task.corpus.vocab_size, 8, [size], 0.0, 0.1)) for size in (8, 5))
+    told = []
+
+    class Follow(Callback):
+        def on_model_replaced(self, trainer):
+            told.append(trainer.model)
+
+    trainer = Trainer(old, task, TrainConfig(epochs=1, max_batches=2, lr=0.7), callbacks=[Follow()])
+    trainer.replace_model(new)
+    assert told == [new] and trainer.model is new and trainer.train_model is new
+    assert trainer.optimizer.param_groups[0]["params"] == list(new.parameters())
+    assert trainer.optimizer.param_groups[0]["lr"] == 0.7
+    before = [p.detach().clone() for p in old.parameters()]
+    trainer.fit()
+    assert all(torch.equal(p, q) for p, q in zip(old.parameters(), before))  # the old model no longer trains
 
 
 def test_hidden_sizes_train_a_direct_design_with_per_layer_sizes(tmp_path, ptb_slice_dir):

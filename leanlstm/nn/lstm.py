@@ -43,7 +43,7 @@ class LSTMLayer(nn.Module):
         return next(self.parameters()).device
 
     def flat_weights(self) -> list[torch.Tensor]:
-        weights = [self.weight_ih.materialize(), self.weight_hh.materialize()]
+        weights = [self.weight_ih.training_weight(), self.weight_hh.training_weight()]
         if self.bias_ih is not None:
             weights += [self.bias_ih, self.bias_hh]
         return weights

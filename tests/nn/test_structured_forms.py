@@ -123,17 +123,18 @@ def test_cmr_acts_only_in_training():
     form = _doped(density=0.3, cmr=0.5)
     s_plus_d = form.structured.materialize() + form.sparse.materialize()
     form.eval()
-    torch.testing.assert_close(form.materialize(), s_plus_d)
-    torch.testing.assert_close(form.materialize(), form.materialize())
+    torch.testing.assert_close(form.training_weight(), s_plus_d)
+    torch.testing.assert_close(form.training_weight(), form.training_weight())
     form.train()
-    first, second = form.materialize(), form.materialize()
+    first, second = form.training_weight(), form.training_weight()
     assert not torch.equal(first, second)
+    torch.testing.assert_close(form.materialize(), s_plus_d)           # exact in any mode: exports, conversions
     torch.manual_seed(3)
-    again = form.materialize()
+    again = form.training_weight()
     torch.manual_seed(3)
-    torch.testing.assert_close(form.materialize(), again)              # reproducible under torch's RNG
+    torch.testing.assert_close(form.training_weight(), again)          # reproducible under torch's RNG
     form.cmr = 0.0
-    torch.testing.assert_close(form.materialize(), s_plus_d)
+    torch.testing.assert_close(form.training_weight(), s_plus_d)
 
 
 @pytest.mark.parametrize("mode", ["row", "matrix"])
@@ -143,7 +144,7 @@ def test_cmr_drops_whole_rows_or_the_whole_sparse_matrix_with_inverted_scaling(m
     form.train()
     kept_rows = []
     for _ in range(200):
-        extra = form.materialize().detach() - s                        # each row: 0 or D's row / (1 - p)
+        extra = form.training_weight().detach() - s                    # each row: 0 or D's row / (1 - p)
         kept = (extra != 0).any(1)
         torch.testing.assert_close(extra[kept], d[kept] / 0.75)
         assert not extra[~kept].any()
@@ -169,6 +170,9 @@ def test_cmr_in_an_lstm_varies_training_outputs_and_leaves_eval_deterministic():
     lstm.train()
     with torch.no_grad():
         assert not torch.allclose(lstm(x)[0], lstm(x)[0])
+        exported = lstm.to_torch()                                     # conversions stay exact in training mode
+        for index, layer in enumerate(lstm.layers):
+            torch.testing.assert_close(getattr(exported, f"weight_hh_l{index}"), layer.weight_hh.materialize())
     lstm.zero_grad()
     lstm(x)[0].sum().backward()                                        # gradients reach both parts
     form = lstm.layers[0].weight_hh

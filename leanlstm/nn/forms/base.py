@@ -53,6 +53,12 @@ class WeightForm(nn.Module):
         """The dense ``(out_features, in_features)`` matrix, differentiable w.r.t. the form's parameters."""
         raise NotImplementedError
 
+    def training_weight(self) -> torch.Tensor:
+        """The matrix the LSTM's forward pass multiplies by: ``materialize()`` plus any noise the form adds in
+        training mode (a doped form's co-matrix dropout). Conversions and exports use ``materialize()``, which
+        stays exact whatever the mode."""
+        return self.materialize()
+
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` for ``x`` of shape ``(..., in_features)``, computed through the form's structure."""
         raise NotImplementedError

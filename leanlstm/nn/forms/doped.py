@@ -89,6 +89,9 @@ class Doped(WeightForm):
         return keep.to(weight.dtype) / (1.0 - self.cmr)
 
     def materialize(self) -> torch.Tensor:
+        return self.structured.materialize() + self.sparse.materialize()
+
+    def training_weight(self) -> torch.Tensor:
         sparse = self.sparse.materialize()
         scale = self._sparse_scale()
         return self.structured.materialize() + (sparse if scale is None else sparse * scale)
