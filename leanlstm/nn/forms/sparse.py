@@ -22,7 +22,7 @@ def magnitude_mask(weight: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def csr_nbytes(rows: int, cols: int, nnz: int) -> int:
-    """Bytes of a float32 CSR matrix: values, column indices (int16 where they fit) and row pointers."""
+    """Bytes of a float32 CSR matrix: values, column indices (uint16 where they fit) and row pointers."""
     index_bytes = 2 if cols <= 2**16 else 4
     return nnz * (FLOAT_BYTES + index_bytes) + (rows + 1) * 4
 
