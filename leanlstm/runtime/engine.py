@@ -46,6 +46,7 @@ def compile(model: nn.Module) -> "Engine":  # noqa: A001 - the issue's name for 
     ((5, 12), [(16,), (12,)])
     """
     lstm, embedding, decoder = _parts(model)
+    _check_sizes(lstm, embedding, decoder)
     with torch.no_grad():
         layers = [_compile_layer(layer, index) for index, layer in enumerate(lstm.layers)]
         source = _Tokens(embedding) if embedding is not None else _Vectors(lstm.input_size)
@@ -67,6 +68,28 @@ def _parts(model: nn.Module) -> tuple[LSTM, nn.Embedding | None, nn.Linear | Non
             _unsupported("model.decoder", decoder)
         return lstm, embedding, decoder
     return _unsupported("the model", model)
+
+
+def _check_sizes(lstm: LSTM, embedding: nn.Embedding | None, decoder: nn.Linear | None) -> None:
+    """Every part must fit the next: the kernels multiply through raw addresses without bounds checks, where
+    PyTorch would raise, so a mismatch (a form assigned by hand, a swapped decoder) must be refused here."""
+    inputs = lstm.input_size
+    if embedding is not None and embedding.embedding_dim != inputs:
+        raise EngineError(f"the embedding is {embedding.embedding_dim} wide, the LSTM takes inputs of {inputs}")
+    for index, layer in enumerate(lstm.layers):
+        size = layer.hidden_size
+        for matrix, expected in (("ih", (4 * size, inputs)), ("hh", (4 * size, size))):
+            shape = tuple(layer.form(matrix).shape)
+            if shape != expected:
+                raise EngineError(f"layer {index}: weight_{matrix} is {shape[0]}x{shape[1]}, the layer needs "
+                                  f"{expected[0]}x{expected[1]} (hidden size {size}, input size {inputs})")
+        for name in ("bias_ih", "bias_hh"):
+            bias = getattr(layer, name)
+            if bias is not None and tuple(bias.shape) != (4 * size,):
+                raise EngineError(f"layer {index}: {name} has shape {tuple(bias.shape)}, not ({4 * size},)")
+        inputs = size
+    if decoder is not None and decoder.in_features != inputs:
+        raise EngineError(f"the decoder takes {decoder.in_features} inputs, the top LSTM layer gives {inputs}")
 
 
 def _unsupported(part: str, module: Any):

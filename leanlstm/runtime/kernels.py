@@ -30,7 +30,7 @@ import numpy as np
 from llvmlite import ir
 from numba import carray, njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 JIT = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
 f32 = np.float32
@@ -179,15 +179,29 @@ def _combine_at(coef_at, coef_step, rows_at, rows_step, out_at, out_step, m, k, 
                                min(_LANES, width - v))
 
 
+def _float32_c(x):
+    """``x`` as a C-contiguous float32 array: itself when it is one (decided at compile time), else a copy.
+    The panel products read inputs through raw addresses, where any other type would be misread."""
+
+
+@overload(_float32_c, inline="always")
+def _float32_c_overload(x):
+    if isinstance(x, types.Array) and x.dtype == types.float32 and x.layout == "C":
+        return lambda x: x
+    return lambda x: np.ascontiguousarray(x).astype(np.float32)
+
+
 @njit(**JIT)
 def panel_gemv(panels, x, out, flip):
     """``out += W @ x`` for ``pack_panels(W)``; ``flip`` walks the panels backwards."""
+    if x.shape[0] != panels.shape[1] or out.shape[0] > panels.shape[0] * PANEL:
+        raise ValueError("panel_gemv: x or out does not match the matrix")
     if out.strides[0] != 4:                                # a strided view: work on a copy, then add
         result = np.zeros(out.shape[0], np.float32)
-        _panel_gemv(panels, np.ascontiguousarray(x), result, flip)
+        _panel_gemv(panels, _float32_c(x), result, flip)
         out += result
     else:
-        _panel_gemv(panels, np.ascontiguousarray(x), out, flip)
+        _panel_gemv(panels, _float32_c(x), out, flip)
 
 
 @njit(**JIT)
@@ -203,12 +217,15 @@ def _panel_gemv(panels, x, out, flip):
 @njit(**JIT)
 def panel_gemm(panels, xs, out):
     """``out += xs @ W.T`` for ``pack_panels(W)``, ``xs`` (T, in), ``out`` (T, out): four steps per block."""
+    if (xs.shape[1] != panels.shape[1] or out.shape[0] != xs.shape[0]
+            or out.shape[1] > panels.shape[0] * PANEL):
+        raise ValueError("panel_gemm: xs or out does not match the matrix")
     if out.strides[1] != 4:                                # a transposed view: work on a copy, then add
         result = np.zeros(out.shape, np.float32)
-        _panel_gemm(panels, np.ascontiguousarray(xs), result)
+        _panel_gemm(panels, _float32_c(xs), result)
         out += result
     else:
-        _panel_gemm(panels, np.ascontiguousarray(xs), out)
+        _panel_gemm(panels, _float32_c(xs), out)
 
 
 @njit(**JIT)
@@ -275,7 +292,8 @@ def _combine(coef, rows, out):
     end (``_scratch`` and ``padded_rows`` buffers are); lanes past ``width`` are never written. Every array's
     rows must be contiguous (any row stride).
     """
-    if coef.strides[1] != 4 or rows.strides[1] != 4 or out.strides[1] != 4:
+    if ((coef.shape[1] > 1 and coef.strides[1] != 4) or (rows.shape[1] > 1 and rows.strides[1] != 4)
+            or (out.shape[1] > 1 and out.strides[1] != 4)):                   # a 1-wide array has any stride
         raise ValueError("_combine needs rows contiguous in memory (a C-ordered float32 array)")
     _combine_at(coef.ctypes.data, coef.strides[0] // 4, rows.ctypes.data, rows.strides[0] // 4, out.ctypes.data,
                 out.strides[0] // 4, coef.shape[0], coef.shape[1], out.shape[1])
@@ -440,6 +458,77 @@ def kron_op(a: np.ndarray, b: np.ndarray, out_features: int, in_features: int) -
     arrays = (np.ascontiguousarray(left, dtype=f32), padded_rows(np.transpose(right)),
               gather, scatter, np.array([int(left_first)], np.int64))
     return RuntimeOp(arrays, kron_matvec, kron_matmat)
+
+
+# --- block circulant: products in the frequency domain ------------------------------------------------------
+# C x = irfft(rfft(c) * rfft(x)) per block. Numba has no FFT, and blocks are a few dozen wide, so both
+# transforms are small real matrices (``F`` stacks the cosine and sine rows of the real DFT, ``G`` inverts
+# it using the spectrum's symmetry), applied with the row-combination kernel; the spectra of the stored
+# vectors are computed once. Per block pair the product is then b/2+1 complex multiply-adds where a dense
+# block costs b^2, run along the P output blocks so the loop vectorises.
+@njit(**JIT)
+def _circulant_apply(forward, inverse, c_real, c_imag, gather, scatter, x, out):
+    half, b = forward.shape[0] // 2, forward.shape[1]
+    cols, rows = c_real.shape[0], c_real.shape[2]           # Q input blocks, P output blocks
+    blocks = _scratch(b, cols)                               # x as columns of blocks
+    _gather_grid(x, gather, blocks)
+    x_freq = _scratch(2 * half, cols)                        # [Re; Im] of each block's rfft
+    _combine(forward, blocks, x_freq)
+    y_freq = _scratch(2 * half, rows)
+    for q in range(cols):
+        for k in range(half):
+            xr, xi = x_freq[k, q], x_freq[half + k, q]
+            for p in range(rows):
+                cr, ci = c_real[q, k, p], c_imag[q, k, p]
+                y_freq[k, p] += cr * xr - ci * xi
+                y_freq[half + k, p] += cr * xi + ci * xr
+    y = _scratch(b, rows)                                    # y[i, p]: element i of output block p
+    _combine(inverse, y_freq, y)
+    _scatter_add(y, scatter, out)
+
+
+@njit(**JIT)
+def circulant_matvec(arrays, x, out, flip):
+    forward, inverse, c_real, c_imag, gather, scatter = arrays
+    _circulant_apply(forward, inverse, c_real, c_imag, gather, scatter, x, out)
+
+
+@njit(**JIT)
+def circulant_matmat(arrays, xs, out):
+    forward, inverse, c_real, c_imag, gather, scatter = arrays
+    for t in range(xs.shape[0]):
+        _circulant_apply(forward, inverse, c_real, c_imag, gather, scatter, xs[t], out[t])
+
+
+def real_dft(b: int) -> tuple[np.ndarray, np.ndarray]:
+    """``F`` (2h, b) with ``F @ x = [Re; Im] rfft(x)`` and ``G`` (b, 2h) with ``G @ [Re; Im] = irfft``, h = b//2+1.
+
+    >>> f, g = real_dft(6); x = np.arange(6.0)
+    >>> bool(np.allclose(f @ x, np.concatenate([np.fft.rfft(x).real, np.fft.rfft(x).imag])))
+    True
+    >>> bool(np.allclose(g @ f @ x, x))
+    True
+    """
+    half = b // 2 + 1
+    angle = 2 * np.pi * np.outer(np.arange(half), np.arange(b)) / b           # (h, b)
+    forward = np.concatenate([np.cos(angle), -np.sin(angle)])
+    weight = np.full(half, 2.0)                                                # each bin stands for its mirror too
+    weight[0] = 1.0
+    if b % 2 == 0:
+        weight[-1] = 1.0                                                       # the Nyquist bin has no mirror
+    inverse = np.concatenate([np.cos(angle).T * weight, -np.sin(angle).T * weight], axis=1) / b
+    return forward, inverse
+
+
+def circulant_op(vectors: np.ndarray, out_features: int, in_features: int) -> RuntimeOp:
+    """The op of a block-circulant matrix from its ``(P, Q, b)`` block vectors, cropped to ``(out, in)``."""
+    rows, cols, b = vectors.shape
+    forward, inverse = real_dft(b)
+    spectrum = np.fft.rfft(np.asarray(vectors, np.float64), axis=-1).transpose(1, 2, 0)  # (Q, h, P)
+    gather = grid_index(cols, b, in_features, transposed=True)     # blocks[j, q] holds x[q*b + j]
+    scatter = grid_index(rows, b, out_features, transposed=True)   # y[i, p] is output p*b + i
+    contiguous = [np.ascontiguousarray(a, f32) for a in (forward, inverse, spectrum.real, spectrum.imag)]
+    return RuntimeOp((*contiguous, gather, scatter), circulant_matvec, circulant_matmat)  # ``_combine`` reads rows
 
 
 def _places_in_rows(rows: np.ndarray, row_count: int) -> tuple[np.ndarray, np.ndarray]:

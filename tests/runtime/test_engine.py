@@ -227,6 +227,34 @@ def test_bad_tokens_and_unsupported_models():
         compile(torch.nn.LSTM(4, 5, bidirectional=True))
 
 
+def test_parts_that_do_not_fit_are_refused_before_any_kernel_runs():
+    model = WordLM(LMConfig(vocab_size=10, embed_size=4, hidden_sizes=[5, 6]))
+    model.decoder = torch.nn.Linear(5, 10)
+    with pytest.raises(EngineError, match="decoder takes 5 inputs, the top LSTM layer gives 6"):
+        compile(model)
+    model = WordLM(LMConfig(vocab_size=10, embed_size=4, hidden_sizes=[5, 6]))
+    model.embedding = torch.nn.Embedding(10, 3)
+    with pytest.raises(EngineError, match="embedding is 3 wide, the LSTM takes inputs of 4"):
+        compile(model)
+    lstm = leanlstm.LSTM(4, [5, 6])
+    lstm.layers[1].weight_ih = Dense(24, 7)                       # assigned by hand, past set_form's check
+    with pytest.raises(EngineError, match="layer 1: weight_ih is 24x7, the layer needs 24x5"):
+        compile(lstm)
+
+
+def test_panel_products_refuse_mismatched_sizes_and_convert_other_dtypes():
+    weight = np.arange(6, dtype=np.float32).reshape(3, 2)
+    op = dense_op(weight)
+    for x in (np.ones(2), np.ones(2, np.int32), np.ones(4, np.float32)[::2]):  # float64, int, strided
+        out = np.zeros(3, np.float32)
+        op.matvec(op.arrays, x, out, False)
+        np.testing.assert_allclose(out, weight @ np.ones(2))
+    with pytest.raises(ValueError, match="does not match"):
+        op.matvec(op.arrays, np.ones(3, np.float32), np.zeros(3, np.float32), False)
+    with pytest.raises(ValueError, match="does not match"):
+        op.matmat(op.arrays, np.ones((2, 2), np.float32), np.zeros((3, 3), np.float32))
+
+
 def test_jagged_diagonals_store_every_entry_once():
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((30, 20)) * (rng.random((30, 20)) < 0.2)

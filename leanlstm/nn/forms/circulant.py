@@ -82,7 +82,7 @@ class BlockCirculant(WeightForm):
         return y
 
     def runtime_op(self):
-        from ...runtime.structured_ops import circulant_op  # Numba loads only when the runtime is used
+        from ...runtime.kernels import circulant_op  # Numba loads only when the runtime is used
         return circulant_op(self.vectors.detach().cpu().numpy(), self.out_features, self.in_features)
 
     def options(self) -> dict[str, Any]:
