@@ -2,8 +2,9 @@
 
     OMP_NUM_THREADS=1 python benchmarks/op_breakdown.py runs/ptb-small-iss-scratch-0.004
 
-Per layer and matrix (and per part of a doped matrix): the one-step product (``matvec``, as the recurrent product runs) and the whole-sequence
-product per step (``matmat`` over 35 steps, as the input product runs in ``Engine.run``), then the gate update.
+Per layer and matrix (and per part of a doped matrix): the one-step product (``matvec``, as the recurrent
+product runs) and the whole-sequence product per step (``matmat`` over 35 steps, as the input product runs in
+``Engine.run``), then the gate update.
 Medians of 7 samples; us per call. Run it on a quiet machine.
 """
 from __future__ import annotations

@@ -91,7 +91,11 @@ def saved_run(out: str | Path, run: RunConfig) -> RunConfig:
     prepare(out, resume=True)           # finished, or nothing to resume: say so first
     if not (out / CONFIG).is_file():
         raise RunDirError(f"--resume given but {out} has no {CONFIG}; drop --resume to start a new run")
-    return _check_same_run(out, run)
+    saved = RunConfig(**json.loads((out / CONFIG).read_text()))
+    if (saved.task, saved.preset, saved.method) != (run.task, run.preset, run.method):
+        raise RunDirError(f"{out} holds a {saved.task}/{saved.preset}/{saved.method} run; resume it with the "
+                          f"same --task/--preset/--method")
+    return replace(saved, data_dir=run.data_dir or saved.data_dir)
 
 
 def attach_log(out: Path) -> None:
@@ -138,9 +142,7 @@ def run_phases(run: RunConfig, out: str | Path, make_model: Callable[[], WordLM]
         prepare(out, resume)
         out.mkdir(parents=True, exist_ok=True)
         attach_log(out)
-        if resume:
-            run = _check_same_run(out, run)
-        else:
+        if not resume:          # a resumed run arrives with its saved configuration (``saved_run``)
             write_json(out / CONFIG, asdict(run))
     distributed.barrier()
     first = phases[0].train
@@ -253,14 +255,6 @@ def _model_from(payload: dict[str, Any], source: Path) -> WordLM:
         raise CheckpointError(f"{source} has an unreadable model config ({error})") from error
     load_state(model, payload["model_state"], source)
     return model
-
-
-def _check_same_run(out: Path, run: RunConfig) -> RunConfig:
-    saved = RunConfig(**json.loads((out / CONFIG).read_text()))
-    if (saved.task, saved.preset, saved.method) != (run.task, run.preset, run.method):
-        raise RunDirError(f"{out} holds a {saved.task}/{saved.preset}/{saved.method} run; resume it with the "
-                          f"same --task/--preset/--method")
-    return replace(saved, data_dir=run.data_dir or saved.data_dir)
 
 
 def summarise(run: RunConfig, model: WordLM, history: list[dict], test: dict) -> dict[str, Any]:

@@ -71,17 +71,21 @@ class Trainer:
                  callbacks: Sequence[Callback] = (), progress: bool = False,
                  run_info: dict[str, Any] | None = None, phase: str = "train",
                  history: Sequence[dict[str, Any]] = ()) -> None:
-        self.model, self.task, self.config = model, task, config
+        self.task, self.config = task, config
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.callbacks, self.progress, self.run_info = list(callbacks), progress, run_info or {}
         self.phase = phase      # name of this training phase of the run (train, compress, finetune)
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
         self.epoch = 0          # epochs completed in this phase
         self.step = 0           # optimiser steps taken in this phase
         self.history: list[dict[str, Any]] = list(history)  # earlier phases' epochs come first
-        self.train_model = model
         self.within_epoch: dict[str, Any] | None = None  # where an interrupted epoch stopped (from resume)
         self._last_save = time.perf_counter()
+        self._bind(model, config.lr)
+
+    def _bind(self, model: nn.Module, lr: float) -> None:
+        """Train ``model``: a plain-SGD optimiser over its parameters, and its DDP wrapper under torchrun."""
+        self.model, self.train_model = model, model
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
         if distributed.is_distributed():
             self.train_model = nn.parallel.DistributedDataParallel(model)
 
@@ -91,11 +95,7 @@ class Trainer:
         The optimiser starts afresh over the new parameters at the current lr: plain SGD keeps no state, so
         nothing is lost. Checkpoints save the new model with its own ``model_config()``, and resuming rebuilds it.
         """
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.model, self.train_model = model, model
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-        if distributed.is_distributed():
-            self.train_model = nn.parallel.DistributedDataParallel(model)
+        self._bind(model, self.optimizer.param_groups[0]["lr"])
         for callback in self.callbacks:    # those holding per-parameter state (masks) take it from the new model
             callback.on_model_replaced(self)
 

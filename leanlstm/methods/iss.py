@@ -359,8 +359,10 @@ class ISSRegularizer(_LogsComponents):
 
     def on_epoch_end(self, trainer, epoch: int, metrics: dict[str, Any]) -> None:
         super().on_epoch_end(trainer, epoch, metrics)
+        if not self.shrink_each_epoch:
+            return
         alive = [max(count, 1) for count in metrics["iss_components"]]      # shrink keeps one unit of a dead layer
-        if self.shrink_each_epoch and alive != list(_stack(trainer.model)[0].hidden_sizes):
+        if alive != list(_stack(trainer.model)[0].hidden_sizes):
             trainer.replace_model(shrink(trainer.model))
 
 
