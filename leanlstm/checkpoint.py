@@ -1,42 +1,19 @@
 """Checkpoints: ``state_dict`` + config + format version, written atomically. Modules are never pickled."""
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .files import atomic_write
 
 FORMAT_VERSION = 1
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or incompatible; the message says what to do."""
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(file_object)`` on a temporary file next to ``path``, then rename it into place.
-
-    An interruption leaves either the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    atomic_write(path, lambda handle: handle.write((json.dumps(data, indent=2) + "\n").encode()))
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from . import distributed
-from .checkpoint import CheckpointError, load_checkpoint, load_state, write_json
+from .checkpoint import CheckpointError, load_checkpoint, load_state
+from .files import leftover_temp_files, write_json
 from .methods import get_method
-from .nn.lstm import dense_lstm_params
 from .presets import get_preset
 from .tasks import TASKS
 from .tasks.lm import LMConfig, WordLM
@@ -69,7 +69,11 @@ class RunConfig:
 
 def prepare(out: Path, resume: bool) -> None:
     """Refuse to clobber: a finished run stays finished; an unfinished one needs ``--resume``. A run that
-    stopped before its first checkpoint (only ``config.json`` and ``log.txt``) starts over in place."""
+    stopped before its first checkpoint (only ``config.json`` and ``log.txt``) starts over in place. Temporary
+    files of a write that a hard kill interrupted are removed: the write they belonged to never happened."""
+    for leftover in leftover_temp_files(out):
+        log.warning("removing %s, left by an interrupted write", leftover)
+        leftover.unlink()
     if (out / METRICS).exists():
         raise RunDirError(f"{out} already holds a finished run ({METRICS}); choose another --out, or read it "
                           f"with `leanlstm eval {out}`")
@@ -174,7 +178,11 @@ def run_phases(run: RunConfig, out: str | Path, make_model: Callable[[], WordLM]
         model, history = trainer.model, trainer.history   # a method may have replaced the model while training
     metrics = None
     if rank == 0:
-        metrics = summarise(run, model, history, task.evaluate(model, "test"))
+        # the last epoch's validation is the final model's unless the last phase trained no epoch (e.g.
+        # --finetune-epochs 0 after a method's final step): then measure it
+        trained_last = bool(history) and history[-1]["phase"] == phases[-1].name
+        valid = history[-1][f"val_{task.metric}"] if trained_last else task.evaluate(model, "valid")[task.metric]
+        metrics = summarise(run, model, history, valid, task.evaluate(model, "test"))
         if summary is not None:
             metrics |= summary(model)
         write_json(out / METRICS, metrics)
@@ -190,6 +198,9 @@ def compress_run(run: RunConfig, out: str | Path, resume: bool = False, progress
     if resume:
         run = saved_run(out, run)
     method = get_method(run.method)(get_method(run.method).Config(**run.method_config))
+    if run.source and not (Path(run.source) / METRICS).is_file():
+        log.warning("--from %s has not finished training (no %s): compressing its latest checkpoint",
+                    run.source, METRICS)
 
     def make_model() -> WordLM:
         return load_run(run.source)[1] if run.source else WordLM(run.lm_config())
@@ -204,12 +215,12 @@ def compress_run(run: RunConfig, out: str | Path, resume: bool = False, progress
         if baseline is not None and baseline.is_file():
             base = json.loads(baseline.read_text())
             extra |= {"baseline_test_ppl": base["test_ppl"], "baseline_lstm_params": base["lstm_params"]}
-        # against the dense LSTM the preset starts from, so that removed units count as compression
-        lm = run.lm_config()
-        extra["lstm_compression"] = dense_lstm_params(lm.embed_size, lm.hidden_sizes) / model.lstm.stored_params()
+        # against the dense LSTM of the model compression started from (the --from run's sizes, else the
+        # preset's), so that removed units count as compression
+        start = load_run(run.source)[1] if run.source else WordLM(run.lm_config())
+        extra["lstm_compression"] = start.lstm.dense_params() / model.lstm.stored_params()
         if run.latency_repeats > 0:
-            dense = load_run(run.source)[1] if run.source else WordLM(lm)
-            extra |= compare_latency(model, dense, repeats=run.latency_repeats)
+            extra |= compare_latency(model, start, repeats=run.latency_repeats)
         return extra
 
     metrics = run_phases(run, out, make_model, phases, resume, progress, summary)
@@ -257,15 +268,15 @@ def _model_from(payload: dict[str, Any], source: Path) -> WordLM:
     return model
 
 
-def summarise(run: RunConfig, model: WordLM, history: list[dict], test: dict) -> dict[str, Any]:
+def summarise(run: RunConfig, model: WordLM, history: list[dict], valid_ppl: float, test: dict
+              ) -> dict[str, Any]:
     lstm = model.lstm
     other = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("lstm."))
-    last = history[-1]
     return {
         "task": run.task, "preset": run.preset, "method": run.method,
         "hidden_sizes": list(lstm.hidden_sizes), "lstm_params": lstm.stored_params(),
         "dense_lstm_params": lstm.dense_params(), "total_params": lstm.stored_params() + other,
-        "val_ppl": last["val_ppl"], "test_ppl": test["ppl"], "epochs": last["epoch"],
+        "val_ppl": valid_ppl, "test_ppl": test["ppl"], "epochs": history[-1]["epoch"] if history else 0,
         "train_minutes": sum(h["seconds"] for h in history) / 60, "command": run.command,
         "history": history,
     }

@@ -45,6 +45,11 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+def _exp(loss: float) -> float:
+    """Perplexity of a mean loss; infinite instead of ``OverflowError`` past float range."""
+    return math.exp(loss) if loss < 709.0 else math.inf
+
+
 class Callback:
     """Hooks a compression method into training. Every hook is optional."""
 
@@ -115,8 +120,9 @@ class Trainer:
                 group["lr"] = lr
             train_loss = self.train_epoch(epoch)
             metrics = {"phase": self.phase, "epoch": epoch, "lr": lr,
-                       f"train_{self.task.metric}": math.exp(train_loss)}
+                       f"train_{self.task.metric}": _exp(train_loss)}
             metrics |= {f"val_{k}": v for k, v in self.evaluate("valid").items()}
+            self._check_finite(torch.tensor(metrics.get("val_loss", 0.0)), "validation loss", epoch)
             metrics["seconds"] = time.perf_counter() - started
             for callback in self.callbacks:
                 callback.on_epoch_end(self, epoch, metrics)
@@ -150,29 +156,38 @@ class Trainer:
                 continue
             loss, state = self.task.training_loss(self.train_model, batch, state)
             state = _detach(state)
-            self._check_finite(loss, epoch, batches)
-            self.optimise(loss)
+            self._check_finite(loss, "training loss", epoch, batches)
+            self.optimise(loss, epoch, batches)
             total += loss.item() / batch[0].shape[0]
             batches += 1
             bar.update()
             if batches % 50 == 0:
-                bar.set_postfix({self.task.metric: f"{math.exp(total / batches):.1f}"})
+                bar.set_postfix({self.task.metric: f"{_exp(total / batches):.1f}"})
             if self._checkpoint_due() and batches < limit:
                 self.save({"epoch": epoch, "batches": batches, "total": total, "state": state,
                            "seconds": time.perf_counter() - epoch_started})
         bar.close()
         return total / max(batches, 1)
 
-    def optimise(self, loss: torch.Tensor) -> None:
-        """Backward, clip, step, with the callbacks' loss terms and hooks."""
+    def optimise(self, loss: torch.Tensor, epoch: int | None = None, batch: int | None = None) -> None:
+        """Backward, clip, step, with the callbacks' loss terms and hooks.
+
+        Refuses (``TrainingDiverged``) a step whose total loss or gradient is not finite, before it touches the
+        weights: a finite loss can still have an infinite gradient, and a NaN weight would otherwise reach the
+        next checkpoint.
+        """
         for callback in self.callbacks:
             extra = callback.extra_loss(self)
             if extra is not None:
                 loss = loss + extra
+        self._check_finite(loss, "loss with the method's terms", epoch, batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.clip:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip)
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip)
+        else:
+            norm = nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        self._check_finite(norm, "gradient norm", epoch, batch)
         for callback in self.callbacks:
             callback.before_step(self)
         self.optimizer.step()
@@ -185,11 +200,14 @@ class Trainer:
         result = self.task.evaluate(self.model, split) if distributed.rank() == 0 else None
         return distributed.broadcast_object(result)
 
-    def _check_finite(self, loss: torch.Tensor, epoch: int, batch: int) -> None:
-        if not torch.isfinite(loss):
-            where = f"the last good checkpoint is {self.checkpoint_path}; " if self.epoch else ""
-            raise TrainingDiverged(f"training loss became {loss.item()} at epoch {epoch}, batch {batch}: "
-                                   f"{where}lower the learning rate (--lr) or the clipping norm (--clip)")
+    def _check_finite(self, value: torch.Tensor, what: str, epoch: int | None, batch: int | None = None) -> None:
+        if torch.isfinite(value):
+            return
+        at = "" if epoch is None else f" at epoch {epoch}" + ("" if batch is None else f", batch {batch}")
+        path = self.checkpoint_path
+        where = f"the last good checkpoint is {path}; " if path is not None and path.exists() else ""
+        raise TrainingDiverged(f"{what} became {value.item()}{at}: {where}lower the learning rate (--lr), the "
+                               f"gradient clipping norm or the method's strength")
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -203,6 +221,10 @@ class Trainer:
         """Checkpoint; ``within_epoch`` (epoch, batches done, running loss, carried state) marks a save from
         inside an epoch, which resuming continues rather than repeats."""
         if self.checkpoint_path is not None and distributed.rank() == 0:
+            bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+            if bad:      # never replace a good checkpoint with a broken model
+                raise TrainingDiverged(f"not saving {self.checkpoint_path}: {', '.join(bad[:3])} hold NaN or "
+                                       f"infinite values; lower the learning rate (--lr) and resume")
             save_checkpoint(self.checkpoint_path, self.state() | {"within_epoch": within_epoch})
         self._last_save = time.perf_counter()
         distributed.barrier()

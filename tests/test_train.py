@@ -1,5 +1,6 @@
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -120,6 +121,49 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, ptb_slice_dir):
         train_run(_run(ptb_slice_dir), tmp_path / "run", progress=False, callbacks=[Poison()])
     # the checkpoint of the last good epoch survives
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
+
+
+def test_a_finite_loss_with_a_nan_gradient_never_reaches_the_weights_or_a_checkpoint(tmp_path, ptb_slice_dir):
+    class NanGradient(Callback):      # sqrt at 0: the loss term is 0, its gradient 0 * inf = NaN
+        def extra_loss(self, trainer):
+            if trainer.step == 29:    # the last window of epoch 2 (15 an epoch): right before its checkpoint
+                return (0.0 * trainer.model.decoder.weight.sum()).sqrt()
+            return None
+
+    with pytest.raises(TrainingDiverged, match=r"gradient norm became nan at epoch 2, batch 14.*checkpoint.pt.*--lr"):
+        train_run(_run(ptb_slice_dir), tmp_path / "run", progress=False, callbacks=[NanGradient()])
+    payload = load_checkpoint(tmp_path / "run" / "checkpoint.pt")   # epoch 1's, not a poisoned epoch 2
+    assert payload["epoch"] == 1 and all(torch.isfinite(v).all() for v in payload["model_state"].values())
+
+
+def test_save_refuses_non_finite_weights_and_keeps_the_good_checkpoint(tmp_path, ptb_slice_dir):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train_run(_run(ptb_slice_dir), out, progress=False, callbacks=[StopAfter(2)])
+    good = (out / "checkpoint.pt").read_bytes()
+
+    class PoisonThenSave(Callback):
+        def on_train_begin(self, trainer):
+            with torch.no_grad():
+                trainer.model.decoder.bias[0] = float("inf")
+            trainer.save()
+
+    with pytest.raises(TrainingDiverged, match=r"not saving .*decoder.bias"):
+        train_run(_run(ptb_slice_dir), out, resume=True, progress=False, callbacks=[PoisonThenSave()])
+    assert (out / "checkpoint.pt").read_bytes() == good
+
+
+def test_a_write_killed_midway_leaves_a_temp_file_that_does_not_block_the_run(tmp_path, ptb_slice_dir):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train_run(_run(ptb_slice_dir), out, progress=False, callbacks=[StopAfter(2)])
+    leftover = out / ".checkpoint.pt.abc123.tmp"       # what a SIGKILL inside torch.save leaves
+    leftover.write_bytes(b"half a checkpoint")
+    resumed = train_run(_run(ptb_slice_dir), out, resume=True, progress=False)
+    assert not leftover.exists() and resumed["epochs"] == 3
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (out / "metrics.json").stat().st_mode & 0o777 == 0o666 & ~mask   # not mkstemp's 0600
 
 
 def test_corrupt_and_incompatible_checkpoints(tmp_path, ptb_slice_dir):

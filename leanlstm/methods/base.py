@@ -13,6 +13,7 @@ Methods register by ``name``; adding one is a new file in ``leanlstm/methods/``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,7 +26,14 @@ METHODS: dict[str, type["Method"]] = {}
 
 @dataclasses.dataclass
 class MethodConfig:
-    """Base of every method's configuration; fields need defaults that work."""
+    """Base of every method's configuration; fields need defaults that work. Numbers must be finite and >= 0."""
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not (
+                    math.isfinite(value) and value >= 0):
+                raise ValueError(f"option {field.name} must be a finite number >= 0, got {value}")
 
     @classmethod
     def from_strings(cls, values: dict[str, str]) -> "MethodConfig":

@@ -23,8 +23,6 @@ A ``batch_first`` LSTM takes ``x`` and returns ``y`` as (B, T, ...), as in PyTor
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +33,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from ..files import atomic_write
 from ..nn import LSTM, LSTMLayer
 from ..nn.forms import Dense, WeightForm
 from ..nn.gates import GATES, NUM_GATES, split_gates
@@ -373,15 +372,5 @@ def export_onnx(model: nn.Module, path: str | Path, *, opset: int = DEFAULT_OPSE
     if path.exists() and not overwrite:
         raise ExportError(f"{path} already exists; not overwriting it (pass overwrite=True, or --force)")
     data = to_onnx(model, opset=opset, state_inputs=state_inputs, recurrence=recurrence).SerializeToString()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda file: file.write(data))
     return path

@@ -9,11 +9,12 @@ import gzip
 import hashlib
 import logging
 import os
-import tempfile
 import urllib.request
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from ..files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +58,11 @@ def md5_of(text: str) -> str:
 
 def download(url: str, destination: Path, expected_md5: str | None = None) -> Path:
     """Download ``url`` to ``destination`` atomically, with a progress bar and an md5 check."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s to %s", url, destination)
-    digest = hashlib.md5()
-    fd, tmp_name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, os.fdopen(fd, "wb") as out:
+
+    def fetch(out) -> None:
+        digest = hashlib.md5()
+        with urllib.request.urlopen(url, timeout=60) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=destination.name) as bar:
                 while chunk := response.read(1 << 16):
@@ -72,11 +72,10 @@ def download(url: str, destination: Path, expected_md5: str | None = None) -> Pa
         if expected_md5 is not None and digest.hexdigest() != expected_md5:
             raise DataError(f"download of {url} has md5 {digest.hexdigest()}, expected {expected_md5}; "
                             f"try again later or place the file in {destination.parent} by hand")
-        os.replace(tmp_name, destination)
+
+    try:
+        atomic_write(destination, fetch)
     except OSError as error:
         raise DataError(f"could not download {url} ({error}). Without network access, put the file in "
                         f"{destination.parent} or point --data-dir / LEANLSTM_DATA at a copy.") from error
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
     return destination

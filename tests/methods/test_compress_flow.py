@@ -131,5 +131,21 @@ def test_cli_compress_and_method_options(tmp_path, ptb_slice_dir, baseline):
     assert saved["method_config"] == {"rank": 2, "keep": 16} and saved["preset"] == "tiny"
     bad = runner.invoke(main, args[:5] + ["--set", "nope=1", "--out", str(tmp_path / "d")])
     assert bad.exit_code != 0 and "has no option nope" in bad.output
+    for method, option in (("test-lowrank-slice", "rank=-2"), ("iss", "strength=nan"), ("prune", "compression=inf")):
+        bad = runner.invoke(main, ["compress", "--method", method, "--set", option, "--out", str(tmp_path / "d")])
+        name = option.split("=")[0]
+        assert bad.exit_code != 0 and f"option {name} must be a finite number >= 0" in bad.output
     unknown = runner.invoke(main, ["compress", "--method", "nope", "--out", str(tmp_path / "e")])
     assert unknown.exit_code != 0 and "unknown method 'nope'" in unknown.output
+
+
+def test_compression_is_counted_against_the_source_models_sizes(tmp_path, ptb_slice_dir):
+    """A source trained at other sizes than its preset's: the factor is against the source's dense LSTM."""
+    run = RunConfig(preset="tiny", data_dir=str(ptb_slice_dir), verify_data=False, hidden_sizes=[16, 24],
+                    overrides={"epochs": 1, "max_batches": 4})
+    train_run(run, tmp_path / "base", progress=False)
+    compressed = compress_run(dataclasses.replace(_compress(ptb_slice_dir, tmp_path / "base"),
+                                                  latency_repeats=0), tmp_path / "c", progress=False)
+    assert compressed["hidden_sizes"] == [16, 20]
+    source_dense = LSTM(32, [16, 24]).dense_params()   # tiny's embedding is 32 wide
+    assert compressed["lstm_compression"] == pytest.approx(source_dense / compressed["lstm_params"])

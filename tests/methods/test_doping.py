@@ -12,7 +12,7 @@ from leanlstm.methods import METHODS, get_method
 from leanlstm.methods.doping import DopedMethod, DopingConfig, StructuredConfig, StructuredMethod
 from leanlstm.methods.pruning import final_entries, weight_compression
 from leanlstm.nn.forms import BlockCirculant, Doped, Hybrid, Kronecker, LowRank
-from leanlstm.runs import RunConfig, compress_run
+from leanlstm.runs import RunConfig, compress_run, evaluate_run
 from leanlstm.train import Callback
 
 DOPED = {"doped-kp": Kronecker, "doped-lmf": LowRank, "doped-hmd": Hybrid}
@@ -196,3 +196,5 @@ def test_cli_compress_schedule_flags_and_no_finetuning(tmp_path, ptb_slice_dir):
     # the final step still ran: D at its final density, CMR off in the saved model
     assert metrics["sparse_density"] == _final_densities(out / "checkpoint.pt")
     assert "latency_us_per_step" not in metrics
+    # the validation reported is the final model's, not the last epoch's from before the final step
+    assert metrics["val_ppl"] == pytest.approx(evaluate_run(out, splits=("valid",))["valid"]["ppl"], rel=1e-6)

@@ -7,7 +7,8 @@ import torch
 from click.testing import CliRunner
 
 import leanlstm
-from leanlstm.checkpoint import save_checkpoint, write_json
+from leanlstm.checkpoint import save_checkpoint
+from leanlstm.files import write_json
 from leanlstm.cli import main
 from leanlstm.runtime import latency, measure
 from leanlstm.runtime.backends import get_backend
