@@ -8,6 +8,7 @@ import click
 
 from ..checkpoint import CheckpointError
 from ..runs import RunDirError
+from ..runtime.profile import ProfileError
 from ..tasks.data import DataError
 from ..train import TrainingDiverged
 from . import bench as bench_command
@@ -18,7 +19,7 @@ from . import profile as profile_command
 from . import train as train_command
 
 # Errors whose message already tells the user what to do: print it, no traceback.
-USER_ERRORS = (CheckpointError, DataError, RunDirError, TrainingDiverged, ValueError)
+USER_ERRORS = (CheckpointError, DataError, ProfileError, RunDirError, TrainingDiverged, ValueError)
 
 
 class Main(click.Group):

@@ -46,7 +46,7 @@ def _report(result: dict, sizes: dict, backends: list[str]) -> dict:
     runs, first = [], None
     for label, measured in result["models"].items():
         medians = {name: stats["median"] for name, stats in measured["backends"].items()}
-        first = first or medians
+        first = medians if first is None else first      # the first run's, even where it failed: no ratio then
         ratios = {name: medians[name] / first[name] for name in medians if name in first}
         runs.append({"run": label, **sizes[label], "latency_us": measured["backends"], "errors": measured["errors"],
                      "ratio_to_first": ratios})

@@ -81,6 +81,7 @@ class DenseTorch(nn.Module):
         with torch.no_grad():
             if lstm.uniform_sizes:
                 self.lstms = nn.ModuleList([lstm.to_torch()])
+                self.lstms[0].batch_first = False                  # it is fed (T, 1, ...)
             else:
                 self.lstms = nn.ModuleList(_single_layer_torch(lstm, index) for index in range(lstm.num_layers))
         self.embedding = copy.deepcopy(model.embedding) if hasattr(model, "lstm") else None
@@ -130,9 +131,19 @@ def _torch_int8(model: nn.Module, inputs: np.ndarray, threads: int) -> Runner:
 
 
 # --- ONNX Runtime ----------------------------------------------------------------------------------------
+def time_major_copy(model: nn.Module) -> nn.Module:
+    """A CPU copy of ``model`` that reads (T, B, ...): the backends feed one sequence as (T, 1, ...), which a
+    ``batch_first`` model would read as T sequences of one step."""
+    copied = copy.deepcopy(model).cpu()
+    lstm = copied.lstm if hasattr(copied, "lstm") else copied
+    if isinstance(lstm, (LSTM, nn.LSTM)):
+        lstm.batch_first = False
+    return copied
+
+
 def dense_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose LSTM weights are all dense forms (materialised)."""
-    dense = copy.deepcopy(model).cpu()
+    """A time-major copy of ``model`` whose LSTM weights are all dense forms (materialised)."""
+    dense = time_major_copy(model)
     lstm = dense.lstm if hasattr(dense, "lstm") else dense
     if isinstance(lstm, LSTM):
         lstm.replace_forms("dense")
@@ -166,7 +177,7 @@ def _onnxruntime(model: nn.Module, inputs: np.ndarray, threads: int) -> Runner:
 def _onnxruntime_forms(model: nn.Module, inputs: np.ndarray, threads: int) -> Runner:
     from .onnx import to_onnx
 
-    return _ort_runner(to_onnx(copy.deepcopy(model).cpu(), state_inputs=False), inputs, threads)
+    return _ort_runner(to_onnx(time_major_copy(model), state_inputs=False), inputs, threads)
 
 
 @backend("onnxruntime-stream")

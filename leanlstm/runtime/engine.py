@@ -164,8 +164,10 @@ def _compile_layer(layer: LSTMLayer, index: int) -> _Layer:
 
 # --- inputs and outputs --------------------------------------------------------------------------------------
 def _float32(array: np.ndarray) -> np.ndarray:
-    """C-contiguous, writeable float32: the exact array type the bound kernels were compiled for."""
-    array = np.ascontiguousarray(array, dtype=np.float32)
+    """C-contiguous, writeable float32: the exact array type the bound kernels were compiled for. Values past
+    float32's range become inf here, so check finiteness after this."""
+    with np.errstate(over="ignore"):
+        array = np.ascontiguousarray(array, dtype=np.float32)
     return array if array.flags.writeable else array.copy()
 
 
@@ -186,8 +188,9 @@ class _Vectors:
         if xs.ndim != 2 or xs.shape[1] != self.size:
             raise EngineError(f"input must have shape (T, {self.size}) (or (T, 1, {self.size})), "
                               f"got {xs.shape}")
+        xs = _float32(xs)
         _check_finite(xs, "input", "time step ")
-        return _float32(xs)
+        return xs
 
     def single(self, x: Any) -> np.ndarray:
         if _exact(x) and x.shape == (self.size,):                  # the kernels' exact type: check it compiled
@@ -197,8 +200,9 @@ class _Vectors:
         x = _numeric(x, "input")
         if x.shape not in ((self.size,), (1, self.size)):
             raise EngineError(f"a step's input must have shape ({self.size},), got {x.shape}")
+        x = _float32(x.reshape(self.size))
         _check_finite(x.reshape(1, -1), "input", "")
-        return _float32(x.reshape(self.size))
+        return x
 
 
 class _Tokens:
@@ -359,8 +363,10 @@ class Engine:
             value = _numeric(value, f"state {name}")
             if value.size != size or value.shape[-1] != size:
                 raise EngineError(f"state {name} of layer {index} must have shape ({size},), got {value.shape}")
+            with np.errstate(over="ignore"):                         # a copy: never modify the caller's
+                value = np.array(value.reshape(size), dtype=np.float32)
             _check_finite(value.reshape(1, size), f"state {name} of layer {index}", "")
-            out.append(np.array(value.reshape(size), dtype=np.float32))   # a copy: never modify the caller's
+            out.append(value)
         return out
 
 

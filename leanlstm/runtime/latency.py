@@ -150,11 +150,13 @@ def _interleave(runners: dict[Any, Callable], seq_len: int, repeats: int, warmup
 
 
 def _calibrate(run: Callable, warmup: int) -> int:
-    """Warm up (compilation, caches) and return how many runs one sample needs."""
+    """Warm up (compilation, caches) and return how many runs one sample needs, timed on a run after the
+    warm-up: the first run may include compiling."""
     for _ in range(max(warmup, 1)):
-        start = time.perf_counter()
         run()
-        seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - start
     return max(1, math.ceil(MIN_SAMPLE_SECONDS / max(seconds, 1e-9)))
 
 
@@ -211,6 +213,8 @@ def model_size(model: nn.Module) -> dict[str, int]:
     """Stored parameters and bytes of a model: weight forms count what they store (index overhead
     included), everything else four bytes a parameter."""
     forms = [m for m in model.modules() if isinstance(m, WeightForm)]
+    nested = {id(child) for form in forms for child in form.modules() if child is not form}
+    forms = [form for form in forms if id(form) not in nested]     # a doped form counts its parts itself
     inside = {id(p) for form in forms for p in form.parameters()}
     other = sum(p.numel() for p in model.parameters() if id(p) not in inside)
     nbytes = sum(form.nbytes() for form in forms) + 4 * other

@@ -22,13 +22,20 @@ from typing import Any
 
 import torch
 
+from ..files import write_json
 from ..nn import LSTM
+from ..nn.forms import form_class
+from .backends import get_backend
 from .latency import latency
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ("size", "median", "p25", "p75", "min", "max")
 SETTINGS, ROWS, TABLE, PLOT = "settings.json", "latency.csv", "latency.json", "latency.png"
+
+
+class ProfileError(RuntimeError):
+    """A backend could not run a size; the message carries its error."""
 
 
 @dataclass
@@ -42,6 +49,15 @@ class ProfileSettings:
     repeats: int = 15                    # timed sequences per size (median reported)
     threads: int = 1                     # pinned thread count
     seed: int = 0                        # weights and inputs
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "seq_len", "repeats", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"profile setting {name} must be at least 1, got {getattr(self, name)}")
+        if self.input_size is not None and self.input_size < 1:
+            raise ValueError(f"profile setting input_size must be at least 1, got {self.input_size}")
+        get_backend(self.backend)                  # raise now, naming the known ones, not after the first size
+        form_class(self.form)
 
 
 @dataclass
@@ -147,10 +163,11 @@ def profile(sizes: Iterable[int], out_dir: str | Path, settings: ProfileSettings
 
 
 def _prepare(out: Path, settings: ProfileSettings) -> None:
-    """Write the settings, or check that an existing profile there was measured the same way."""
+    """Write the settings, or check that an existing profile there was measured the same way. A folder whose
+    settings never got a measured row (the first size failed) takes the new settings."""
     out.mkdir(parents=True, exist_ok=True)
     wanted = json.loads(json.dumps(asdict(settings)))          # normalised as stored (tuples -> lists)
-    if (out / SETTINGS).is_file():
+    if (out / SETTINGS).is_file() and _read_rows(out / ROWS):
         stored = json.loads((out / SETTINGS).read_text())
         if stored != wanted:
             changed = ", ".join(f"{k}={stored.get(k)!r} there, {v!r} now" for k, v in wanted.items()
@@ -158,18 +175,22 @@ def _prepare(out: Path, settings: ProfileSettings) -> None:
             raise ValueError(f"{out} holds a profile measured with other settings ({changed}); "
                              f"choose another output folder")
     else:
-        (out / SETTINGS).write_text(json.dumps(wanted, indent=2))
+        write_json(out / SETTINGS, wanted)
 
 
 def _measure_size(size: int, settings: ProfileSettings) -> dict[str, float]:
     torch.manual_seed(settings.seed)
     model = LSTM(settings.input_size or size, size, settings.num_layers)
     if settings.form != "dense":
-        model.replace_forms(settings.form, **settings.form_options)
+        try:
+            model.replace_forms(settings.form, **settings.form_options)
+        except TypeError as error:                  # a missing or unknown option of the form's constructor
+            raise ValueError(f"form {settings.form!r} with options {settings.form_options}: {error}; give its "
+                             f"options with --form-option KEY=VALUE") from error
     result = latency(model, backends=(settings.backend,), seq_len=settings.seq_len, repeats=settings.repeats,
                      warmup=2, threads=settings.threads, seed=settings.seed)
     if settings.backend in result["errors"]:
-        raise RuntimeError(f"backend {settings.backend} cannot run size {size}: "
+        raise ProfileError(f"backend {settings.backend} cannot run size {size}: "
                            f"{result['errors'][settings.backend]}")
     stats = result["backends"][settings.backend]
     return {k: stats[k] for k in COLUMNS[1:]}

@@ -187,6 +187,7 @@ def test_a_new_forms_runtime_op_is_used_through_the_interface(caplog):
 @pytest.mark.parametrize("bad, message", [
     (np.full((3, 4), np.nan, np.float32), "NaN or inf at time step 0"),
     (np.array([[0, 0, 0, 0], [0, np.inf, 0, 0]], np.float32), "NaN or inf at time step 1"),
+    (np.array([[0, 0, 0, 0], [0, 0, 1e39, 0]]), "NaN or inf at time step 1"),   # float64 past float32's range
     (np.zeros((3, 5), np.float32), "shape (T, 4)"),
     (np.zeros(4, np.float32), "shape (T, 4)"),
     (np.array([["a"] * 4]), "real numbers"),
@@ -201,6 +202,7 @@ def test_bad_inputs_raise_clear_errors(bad, message):
     (([np.zeros(5)], [np.zeros(5)]), "holds 1 layers, the model has 2"),
     (([np.zeros(5), np.zeros(4)], [np.zeros(5)] * 2), r"state h of layer 1 must have shape \(5,\)"),
     (([np.zeros(5)] * 2, [np.zeros(5), np.full(5, np.nan)]), "state c of layer 1 contains NaN"),
+    (([np.full(5, 1e39)] + [np.zeros(5)], [np.zeros(5)] * 2), "state h of layer 0 contains NaN or inf"),
     (([np.zeros(5, np.float32)] * 2, [np.zeros(5, np.float32), np.array([0, 0, -np.inf, 0, 0], np.float32)]),
      "state c of layer 1 contains NaN or inf"),                   # the kernels' own type: the compiled check
     (np.zeros((2, 5)), "pair"),

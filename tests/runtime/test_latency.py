@@ -46,6 +46,18 @@ def test_streaming_backends_compute_the_sequence_one_step_at_a_time(language_mod
             np.testing.assert_allclose(np.stack([np.reshape(y, -1) for y in steps()]), whole, atol=1e-5)
 
 
+def test_batch_first_models_are_timed_on_one_sequence_by_every_backend():
+    torch.manual_seed(0)
+    model = leanlstm.LSTM(6, 8, 2, batch_first=True).replace_forms("lowrank", layers=[0], rank=2)
+    inputs = np.random.default_rng(0).standard_normal((5, 6)).astype(np.float32)
+    whole = get_backend("leanlstm")(model, inputs, 1)()[0]
+    for name in ("torch", "onnxruntime", "onnxruntime-forms"):
+        out = get_backend(name)(model, inputs, 1)()
+        out = out if isinstance(out, torch.Tensor) else out[0]
+        np.testing.assert_allclose(np.reshape(np.asarray(out), (5, 8)), whole, atol=1e-5, err_msg=name)
+    assert model.batch_first                              # the backends changed copies only
+
+
 def test_a_failing_backend_is_reported_not_fatal():
     model = leanlstm.LSTM(8, [16, 12])
     model.layers[0].set_form("hh", _NoOnnx(64, 16))
@@ -92,6 +104,13 @@ def test_model_size_counts_stored_bytes():
     assert model_size(lstm) == {"params": lstm.dense_params(), "bytes": 4 * lstm.dense_params()}
     lstm.replace_forms("lowrank", rank=2)
     assert model_size(lstm)["params"] == lstm.stored_params()
+    for form, options in (("hybrid", {"full_rows": 8, "rank": 2}), ("doped", {"density": 0.1})):
+        lstm = leanlstm.LSTM(10, 12)                       # forms made of forms count once
+        lstm.replace_forms(form, **options)
+        forms = [f for _, f in lstm.forms()]
+        biases = 2 * 4 * 12
+        assert model_size(lstm) == {"params": lstm.stored_params(),
+                                    "bytes": sum(f.nbytes() for f in forms) + 4 * biases}
 
 
 def _run_dir(path, hidden, form=None):
@@ -122,3 +141,17 @@ def test_cli_bench_prints_runs_side_by_side(tmp_path):
     assert "ratio" in table.stdout and str(second) in table.stdout and "1.00x" in table.stdout
     missing = runner.invoke(main, ["bench", str(tmp_path)])
     assert missing.exit_code != 0 and "not a leanlstm run directory" in missing.output
+
+
+def test_calibration_is_timed_after_the_warm_up():
+    import time
+
+    from leanlstm.runtime.latency import _calibrate
+
+    calls = []
+
+    def run():                     # the first call compiles (slow); later ones take microseconds
+        calls.append(None)
+        if len(calls) == 1:
+            time.sleep(0.05)
+    assert _calibrate(run, warmup=1) > 10

@@ -72,6 +72,18 @@ def test_cli_profile(tmp_path):
     assert bad.exit_code != 0 and "not a size or a range" in bad.output
 
 
+def test_cli_profile_bad_settings_give_clear_errors_and_leave_the_folder_usable(tmp_path):
+    out = str(tmp_path / "p")
+    base = ["profile", "--sizes", "4:8:4", "--out", out, "--seq-len", "4", "--repeats", "2"]
+    for extra, message in ((["--form", "lowrank"], "form 'lowrank' with options {}"),
+                           (["--repeats", "0"], "repeats must be at least 1"),
+                           (["--form", "bogus"], "unknown weight form 'bogus'")):
+        bad = CliRunner().invoke(main, base + extra)
+        assert bad.exit_code != 0 and message in bad.output and "Traceback" not in bad.output, bad.output
+    fixed = CliRunner().invoke(main, base + ["--form", "lowrank", "--form-option", "rank=2"])
+    assert fixed.exit_code == 0, fixed.output       # the failed attempts measured nothing, so nothing to keep
+
+
 def test_parse_sizes():
     assert parse_sizes("8:24:8,100, 3") == [3, 8, 16, 24, 100]
     assert parse_sizes("5:7") == [5, 6, 7]
