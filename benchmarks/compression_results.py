@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -40,6 +41,13 @@ def summary(run_dir: Path) -> dict:
     return out
 
 
+def busy() -> dict:
+    """How busy the machine is now: the load averages lag by a minute, the runnable count does not (it includes
+    this process). A measurement taken with training jobs paused (SIGSTOP) shows 1 runnable before and after."""
+    fields = Path("/proc/loadavg").read_text().split() if Path("/proc/loadavg").is_file() else []
+    return {"load_average": list(os.getloadavg()), "runnable": int(fields[3].split("/")[0]) if fields else None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="finished compressed run directories")
@@ -52,9 +60,15 @@ def main() -> None:
     parser.add_argument("--note", default="")
     args = parser.parse_args()
 
+    for run_dir in args.runs:        # ratios, ppl changes and the run's own compression factor share one baseline
+        source = summary(run_dir).get("source")
+        if source and Path(source).resolve() != args.baseline.resolve():
+            raise SystemExit(f"{run_dir} was compressed from {source}, not from --baseline {args.baseline}")
     dirs = {"baseline": args.baseline, **{str(d): d for d in [*args.runs, *args.control]}}
     models = {label: load_run(d)[1] for label, d in dirs.items()}
+    busy_before = busy()
     timing = stack_and_model(models, args.backends, repeats=args.repeats)
+    busy_after = busy()
     latency = {label: {part: medians(m[part]) for part in ("lstm", "model")} for label, m in timing["models"].items()}
     base = summary(args.baseline) | {"latency_us_per_step": latency["baseline"]}
     dense_ort = latency["baseline"]["lstm"].get("onnxruntime")
@@ -67,17 +81,21 @@ def main() -> None:
         result["test_ppl_change_percent"] = 100 * result["test_ppl_change"] / base["test_ppl"]
         result["latency_us_per_step"] = own = latency[str(run_dir)]
         result["baseline_latency_us_per_step"] = latency["baseline"]
-        if dense_ort and "leanlstm" in own["lstm"]:
-            result["lstm_speedup_vs_dense_onnxruntime"] = dense_ort / own["lstm"]["leanlstm"]
-            result["model_speedup_vs_dense_onnxruntime"] = (latency["baseline"]["model"]["onnxruntime"]
-                                                            / own["model"]["leanlstm"])
-        result["lstm_speedup_vs_dense_leanlstm"] = latency["baseline"]["lstm"]["leanlstm"] / own["lstm"]["leanlstm"]
+        ours = {part: own[part].get("leanlstm") for part in ("lstm", "model")}   # None where the engine failed
+        dense_ort_model = latency["baseline"]["model"].get("onnxruntime")
+        if dense_ort and ours["lstm"]:
+            result["lstm_speedup_vs_dense_onnxruntime"] = dense_ort / ours["lstm"]
+        if dense_ort_model and ours["model"]:
+            result["model_speedup_vs_dense_onnxruntime"] = dense_ort_model / ours["model"]
+        dense_ours = latency["baseline"]["lstm"].get("leanlstm")
+        if dense_ours and ours["lstm"]:
+            result["lstm_speedup_vs_dense_leanlstm"] = dense_ours / ours["lstm"]
         errors = timing["models"][str(run_dir)]["errors"]
         return result | ({"latency_errors": errors} if errors else {})
 
     report = {
         "command": shlex.join(["python"] + sys.argv),
-        "machine": machine() | {"load_average": timing["machine"]["load_average"]},
+        "machine": machine() | timing["machine"] | {"busy_before": busy_before, "busy_after": busy_after},
         "latency_settings": {k: timing[k] for k in ("unit", "batch", "seq_len", "repeats", "threads")},
         "note": args.note,
         "baseline": base,
@@ -89,15 +107,19 @@ def main() -> None:
         plot_tradeoff(report, args.plot)
     width = max(len(r["run"]) for r in report["runs"]) + 2
     print(f"{'run':<{width}}{'sizes':>12}{'compr':>8}{'test':>8}{'d%':>7}{'stack us':>10}{'vs ORT':>8}{'model us':>10}")
+    nan = float("nan")
+
+    def ours(measured: dict, part: str) -> float:
+        return measured[part].get("leanlstm", nan)
     print(f"{'baseline':<{width}}{str(base['hidden_sizes']):>12}{1:>8.2f}{base['test_ppl']:>8.2f}{0:>7.1f}"
-          f"{latency['baseline']['lstm']['leanlstm']:>10.1f}{'':>8}{latency['baseline']['model']['leanlstm']:>10.1f}")
+          f"{ours(latency['baseline'], 'lstm'):>10.1f}{'':>8}{ours(latency['baseline'], 'model'):>10.1f}")
     for r in report["runs"]:
         own = r["latency_us_per_step"]
         print(f"{r['run']:<{width}}{str(r['hidden_sizes']):>12}{r['lstm_compression']:>8.2f}{r['test_ppl']:>8.2f}"
-              f"{r['test_ppl_change_percent']:>7.1f}{own['lstm']['leanlstm']:>10.1f}"
-              f"{r.get('lstm_speedup_vs_dense_onnxruntime', float('nan')):>8.2f}{own['model']['leanlstm']:>10.1f}")
-    print(f"dense baseline stack on ONNX Runtime: {dense_ort:.1f} us/step; whole model "
-          f"{latency['baseline']['model'].get('onnxruntime', float('nan')):.1f}")
+              f"{r['test_ppl_change_percent']:>7.1f}{ours(own, 'lstm'):>10.1f}"
+              f"{r.get('lstm_speedup_vs_dense_onnxruntime', nan):>8.2f}{ours(own, 'model'):>10.1f}")
+    print(f"dense baseline stack on ONNX Runtime: {dense_ort or nan:.1f} us/step; whole model "
+          f"{latency['baseline']['model'].get('onnxruntime', nan):.1f}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ for the runs folder; each command must have ``--out``. A command whose ``--out``
 ``metrics.json`` is skipped, one with a checkpoint is resumed (``--resume`` added), so re-running the sweep
 after an interruption finishes it. Every command runs with ``OMP_NUM_THREADS=1``: on a 2-core machine two
 one-thread runs finish sooner than two two-thread runs taking turns (two OpenMP threads stall when a core is
-taken). Each command's output goes to ``OUT.log`` beside its run directory.
+taken). Each command's output goes to ``OUT.log`` beside its run directory. A command whose ``--from`` run has
+not finished waits until it has (it may be an earlier line of the same sweep).
 """
 from __future__ import annotations
 
@@ -43,6 +44,18 @@ def prepared(args: list[str]) -> list[str] | None:
     return args
 
 
+def source_ready(args: list[str]) -> bool:
+    """A ``--from`` run must have finished (``metrics.json``): compressing a half-trained baseline would give
+    normal-looking results of the wrong model."""
+    return "--from" not in args or (Path(args[args.index("--from") + 1]) / "metrics.json").is_file()
+
+
+def log_path(args: list[str]) -> Path:
+    """``OUT.log`` beside the run directory (``--out runs/x/`` too, not ``runs/x/.log`` inside it)."""
+    out = Path(args[args.index("--out") + 1])
+    return out.with_name(out.name + ".log")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", type=Path)
@@ -54,9 +67,9 @@ def main() -> None:
     running: list[tuple[subprocess.Popen, list[str], float]] = []
     failed = 0
     while queue or running:
-        while queue and len(running) < options.workers:
-            args = queue.pop(0)
-            log = Path(args[args.index("--out") + 1] + ".log")
+        while len(running) < options.workers and any(map(source_ready, queue)):
+            args = queue.pop(next(i for i, c in enumerate(queue) if source_ready(c)))   # in order, once ready
+            log = log_path(args)
             log.parent.mkdir(parents=True, exist_ok=True)
             print(f"start: {shlex.join(args)}", flush=True)
             with log.open("a") as handle:
@@ -70,6 +83,11 @@ def main() -> None:
                 status = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode})"
                 failed += process.returncode != 0
                 print(f"{status} in {(time.time() - started) / 60:.1f} min: {shlex.join(args)}", flush=True)
+        if queue and not running and not any(map(source_ready, queue)):   # nothing here will finish them
+            for args in queue:
+                print(f"NOT STARTED, its --from run is unfinished: {shlex.join(args)}", flush=True)
+            failed += len(queue)
+            queue = []
     sys.exit(1 if failed else 0)
 
 

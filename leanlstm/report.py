@@ -41,10 +41,17 @@ def plot_components(metrics: str | Path | dict[str, Any], out_png: str | Path) -
 
 
 def method_label(run: dict[str, Any]) -> str:
-    """A run's line in a comparison: its method, marked when an ablation switched co-matrix dropout off."""
+    """A run's line in a comparison: its method, marked when it trained from scratch (not from a trained
+    model: another schedule, so another line) and when an ablation switched co-matrix dropout off.
+
+    >>> method_label({"method": "iss", "source": None}), method_label({"method": "iss", "source": "runs/base"})
+    ('iss (from scratch)', 'iss')
+    """
     label = run.get("method", "?")
     if run.get("role") == "control":  # a plain training run is the direct design of the same sizes
         return "direct design (control)" if label == "baseline" else f"{label} (control)"
+    if "source" in run and run["source"] is None:
+        label += " (from scratch)"
     if (run.get("method_config") or {}).get("cmr") == 0:
         label += " (no CMR)"
     return label

@@ -17,6 +17,8 @@ def test_method_label_marks_ablations_and_controls():
     assert method_label({"method": "doped-kp", "method_config": {"cmr": 0.5}}) == "doped-kp"
     assert method_label({"method": "doped-kp", "method_config": {"cmr": 0}}) == "doped-kp (no CMR)"
     assert method_label({"method": "baseline", "role": "control"}) == "direct design (control)"
+    assert method_label({"method": "iss", "source": None}) == "iss (from scratch)"
+    assert method_label({"method": "iss", "source": "runs/ptb-small"}) == "iss"
 
 
 def test_plot_components_needs_iss_metrics(tmp_path):
