@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record_run import machine  # noqa: E402
+from record_run import command_line, machine  # noqa: E402
 
 from leanlstm.report import plot_tradeoff  # noqa: E402
 from leanlstm.runs import load_run  # noqa: E402
@@ -94,7 +93,7 @@ def main() -> None:
         return result | ({"latency_errors": errors} if errors else {})
 
     report = {
-        "command": shlex.join(["python"] + sys.argv),
+        "command": command_line(),
         "machine": machine() | timing["machine"] | {"busy_before": busy_before, "busy_after": busy_after},
         "latency_settings": {k: timing[k] for k in ("unit", "batch", "seq_len", "repeats", "threads")},
         "note": args.note,

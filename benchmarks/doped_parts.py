@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from leanlstm.nn.lstm import lstm_of
 from leanlstm.runs import build_task, load_run
 
 sys.path.insert(0, str(Path(__file__).parent))
-from record_run import machine  # noqa: E402
+from record_run import command_line, machine  # noqa: E402
 
 
 def parts(run_dir: str, split: str) -> dict:
@@ -61,7 +60,7 @@ def main() -> None:
         ratios = ", ".join(f"{m['d_norm'] / m['s_norm']:.2f}" for m in r["matrices"])
         print(f"| {r['run']} | {r['ppl_s_plus_d']:.2f} | {r['ppl_s_only']:.2f} | {ratios} |")
     if options.json:
-        record = {"command": shlex.join(["python"] + sys.argv), "machine": machine(), "runs": results}
+        record = {"command": command_line(), "machine": machine(), "runs": results}
         options.json.write_text(json.dumps(record, indent=1) + "\n")
 
 

@@ -25,6 +25,16 @@ def machine() -> dict:
             "git": git_commit()}
 
 
+def command_line() -> str:
+    """This process's command as typed: the thread and BLAS settings that change timings, then python and argv."""
+    import shlex
+    import sys
+
+    env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+           if k in os.environ]
+    return shlex.join(env + ["python"] + sys.argv)
+
+
 def git_commit() -> str:
     """The checkout's commit, with ``+dirty`` when tracked files differ from it ("unknown" outside git)."""
     try:

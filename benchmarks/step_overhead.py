@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record_run import machine  # noqa: E402
+from record_run import command_line, machine  # noqa: E402
 
 import leanlstm  # noqa: E402
 from leanlstm.runtime import compile  # noqa: E402
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     options = parser.parse_args()
     torch.manual_seed(0)
-    report = {"command": " ".join(sys.argv), "machine": machine(), "unit": "us per step", "models": {}}
+    report = {"command": command_line(), "machine": machine(), "unit": "us per step", "models": {}}
     for sizes in ([32, 32], [200, 200], [650, 650]):
         engine = compile(leanlstm.LSTM(sizes[0], sizes).eval())
         xs = np.random.default_rng(0).standard_normal((SEQ_LEN, sizes[0])).astype(np.float32)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record_run import machine  # noqa: E402
+from record_run import command_line, machine  # noqa: E402
 
 from leanlstm.methods import get_method  # noqa: E402
 from leanlstm.nn import LSTM  # noqa: E402
@@ -72,7 +72,7 @@ def main() -> None:
               f"{speedup['sequence']:5.2f}x   stream {latency['leanlstm-stream']:7.2f} us {speedup['stream']:5.2f}x  "
               f"(vs dense ORT {reference['sequence']:.2f} / {reference['stream']:.2f} us)")
     if options.out:
-        report = {"preset": options.preset, "compression": options.compression, "command": " ".join(sys.argv),
+        report = {"preset": options.preset, "compression": options.compression, "command": command_line(),
                   "settings": {k: result[k] for k in ("seq_len", "repeats", "threads")}, "machine": machine(),
                   "stacks": rows}
         options.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
+import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
-from leanlstm.presets import get_preset
-from leanlstm.tasks import build_ptb
-from leanlstm.tasks.lm import WordLM
-from leanlstm.train import Trainer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record_run import command_line, machine  # noqa: E402
+
+from leanlstm.presets import get_preset  # noqa: E402
+from leanlstm.tasks import build_ptb  # noqa: E402
+from leanlstm.tasks.lm import WordLM  # noqa: E402
+from leanlstm.train import Trainer  # noqa: E402
 
 FORMS = {  # name -> options for LSTM.replace_forms, per preset
     "dense": lambda preset: None,
@@ -61,7 +65,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    results = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    results = {"command": command_line(), "machine": machine(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "windows": args.windows, "repeats": args.repeats, "presets": {}}
     for preset_name in args.presets:
         preset = get_preset(preset_name)
