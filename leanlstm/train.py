@@ -220,11 +220,12 @@ class Trainer:
     def save(self, within_epoch: dict[str, Any] | None = None) -> None:
         """Checkpoint; ``within_epoch`` (epoch, batches done, running loss, carried state) marks a save from
         inside an epoch, which resuming continues rather than repeats."""
-        if self.checkpoint_path is not None and distributed.rank() == 0:
+        if self.checkpoint_path is not None:    # every rank checks (their weights are equal), rank 0 saves
             bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
             if bad:      # never replace a good checkpoint with a broken model
                 raise TrainingDiverged(f"not saving {self.checkpoint_path}: {', '.join(bad[:3])} hold NaN or "
                                        f"infinite values; lower the learning rate (--lr) and resume")
+        if self.checkpoint_path is not None and distributed.rank() == 0:
             save_checkpoint(self.checkpoint_path, self.state() | {"within_epoch": within_epoch})
         self._last_save = time.perf_counter()
         distributed.barrier()
