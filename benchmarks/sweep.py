@@ -7,8 +7,8 @@ for the runs folder; each command must have ``--out``. A command whose ``--out``
 ``metrics.json`` is skipped, one with a checkpoint is resumed (``--resume`` added), so re-running the sweep
 after an interruption finishes it. Every command runs with ``OMP_NUM_THREADS=1``: on a 2-core machine two
 one-thread runs finish sooner than two two-thread runs taking turns (two OpenMP threads stall when a core is
-taken). Each command's output goes to ``OUT.log`` beside its run directory. A command whose ``--from`` run has
-not finished waits until it has (it may be an earlier line of the same sweep).
+taken). Each command's output goes to ``OUT.log`` beside its run directory. A command whose ``--from`` (or
+``--hidden-sizes-from``) run has not finished waits until it has (it may be an earlier line of the same sweep).
 """
 from __future__ import annotations
 
@@ -44,10 +44,14 @@ def prepared(args: list[str]) -> list[str] | None:
     return args
 
 
+SOURCES = ("--from", "--hidden-sizes-from")   # options naming a run the command starts from
+
+
 def source_ready(args: list[str]) -> bool:
-    """A ``--from`` run must have finished (``metrics.json``): compressing a half-trained baseline would give
-    normal-looking results of the wrong model."""
-    return "--from" not in args or (Path(args[args.index("--from") + 1]) / "metrics.json").is_file()
+    """Runs a command starts from must have finished (``metrics.json``): compressing a half-trained baseline,
+    or copying the sizes of an ISS run still shrinking, would give normal-looking results of the wrong model."""
+    return all((Path(args[args.index(option) + 1]) / "metrics.json").is_file() for option in SOURCES
+               if option in args)
 
 
 def log_path(args: list[str]) -> Path:
@@ -85,7 +89,7 @@ def main() -> None:
                 print(f"{status} in {(time.time() - started) / 60:.1f} min: {shlex.join(args)}", flush=True)
         if queue and not running and not any(map(source_ready, queue)):   # nothing here will finish them
             for args in queue:
-                print(f"NOT STARTED, its --from run is unfinished: {shlex.join(args)}", flush=True)
+                print(f"NOT STARTED, the run it starts from is unfinished: {shlex.join(args)}", flush=True)
             failed += len(queue)
             queue = []
     sys.exit(1 if failed else 0)

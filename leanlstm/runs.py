@@ -292,6 +292,15 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, WordLM, dict[str, Any]]:
     return run, _model_from(payload, run_dir / CHECKPOINT), payload
 
 
+def finished_hidden_sizes(run_dir: str | Path) -> list[int]:
+    """The per-layer LSTM sizes a finished run ended with (an ISS run's found sizes, say)."""
+    metrics = Path(run_dir) / METRICS
+    if not metrics.is_file():
+        raise RunDirError(f"{run_dir} has not finished (no {METRICS}), so its sizes may still change; finish it "
+                          f"first")
+    return list(json.loads(metrics.read_text())["hidden_sizes"])
+
+
 def evaluate_run(run_dir: str | Path, splits=("valid", "test"), data_dir: str | None = None) -> dict[str, Any]:
     run, model, _ = load_run(run_dir)
     run = replace(run, data_dir=data_dir or run.data_dir)

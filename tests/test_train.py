@@ -266,3 +266,23 @@ def test_hidden_sizes_train_a_direct_design_with_per_layer_sizes(tmp_path, ptb_s
         result = CliRunner().invoke(main, args[:4] + [bad] + args[5:-1] + [str(tmp_path / f"bad-{bad}")])
         assert result.exit_code != 0 and "hidden-sizes" in result.output, result.output
         assert not (tmp_path / f"bad-{bad}").exists()  # refused before a run directory is made
+
+
+def test_hidden_sizes_from_a_finished_run_trains_its_direct_design(tmp_path, ptb_slice_dir):
+    common = ["--preset", "tiny", "--epochs", "1", "--max-batches", "3", "--data-dir", str(ptb_slice_dir),
+              "--no-verify-data", "--no-progress"]
+    found = tmp_path / "found"                  # stands for an ISS result: a run that ended with its own sizes
+    assert CliRunner().invoke(main, ["train", "--hidden-sizes", "9,5", "--out", str(found)] + common).exit_code == 0
+    result = CliRunner().invoke(main, ["train", "--hidden-sizes-from", str(found), "--out", str(tmp_path / "direct")]
+                                + common)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "direct" / "config.json").read_text())["hidden_sizes"] == [9, 5]
+    assert json.loads((tmp_path / "direct" / "metrics.json").read_text())["hidden_sizes"] == [9, 5]
+
+    (found / "metrics.json").unlink()           # unfinished: its sizes may still change
+    unfinished = CliRunner().invoke(main, ["train", "--hidden-sizes-from", str(found), "--out", str(tmp_path / "x")]
+                                    + common)
+    assert unfinished.exit_code != 0 and "has not finished" in unfinished.output
+    both = CliRunner().invoke(main, ["train", "--hidden-sizes", "4,4", "--hidden-sizes-from", str(tmp_path / "direct"),
+                                     "--out", str(tmp_path / "y")] + common)
+    assert both.exit_code != 0 and "not both" in both.output

@@ -8,7 +8,7 @@ import sys
 import click
 
 from ..presets import PRESETS
-from ..runs import RunConfig, train_run
+from ..runs import RunConfig, finished_hidden_sizes, train_run
 
 
 def _sizes(text: str | None) -> list[int] | None:
@@ -33,21 +33,28 @@ def _sizes(text: str | None) -> list[int] | None:
 @click.option("--clip", type=float, help="Override the preset's gradient-norm clip.")
 @click.option("--seed", type=int, help="Override the random seed.")
 @click.option("--hidden-sizes", help="Per-layer LSTM sizes instead of the preset's, e.g. 120,95 (a direct design).")
+@click.option("--hidden-sizes-from", type=click.Path(exists=True, file_okay=False),
+              help="The per-layer sizes a finished run ended with (e.g. an ISS result): its direct design.")
 @click.option("--max-batches", type=int, help="Stop each epoch after this many windows (smoke runs).")
 @click.option("--max-tokens", type=int, help="Use only the first N tokens of every split (smoke runs).")
 @click.option("--no-verify-data", is_flag=True, help="Skip the md5 check of the data files (for slices).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def command(task, preset, out, resume, data_dir, epochs, lr, clip, seed, hidden_sizes, max_batches,
-            max_tokens, no_verify_data, no_progress):
+def command(task, preset, out, resume, data_dir, epochs, lr, clip, seed, hidden_sizes, hidden_sizes_from,
+            max_batches, max_tokens, no_verify_data, no_progress):
     """Train a model from a preset.
 
     \b
     Example:  leanlstm train --task ptb --preset small --out runs/ptb-small
     """
+    sizes = _sizes(hidden_sizes)
+    if hidden_sizes_from is not None:
+        if sizes is not None:
+            raise click.UsageError("give --hidden-sizes or --hidden-sizes-from, not both")
+        sizes = finished_hidden_sizes(hidden_sizes_from)
     overrides = {k: v for k, v in dict(epochs=epochs, lr=lr, clip=clip, seed=seed,
                                        max_batches=max_batches).items() if v is not None}
     run = RunConfig(task=task, preset=preset, data_dir=data_dir, max_tokens=max_tokens,
-                    verify_data=not no_verify_data, overrides=overrides, hidden_sizes=_sizes(hidden_sizes),
+                    verify_data=not no_verify_data, overrides=overrides, hidden_sizes=sizes,
                     command=shlex.join(["leanlstm"] + sys.argv[1:]))
     metrics = train_run(run, out, resume=resume, progress=not no_progress)
     if metrics is not None:
