@@ -26,6 +26,7 @@ def test_two_processes_match_one_within_noise(tmp_path, ptb_slice_dir):
     ddp = _train(tmp_path / "ddp", ptb_slice_dir, 2)
     # Each rank takes half of the batch columns and gradients are averaged, so the update is the same as one
     # process up to floating-point summation order (the tiny preset has no dropout).
+    assert len(single["history"]) == len(ddp["history"]) == 2
     for a, b in zip(single["history"], ddp["history"]):
         assert b["val_ppl"] == pytest.approx(a["val_ppl"], rel=1e-3)
     assert ddp["test_ppl"] == pytest.approx(single["test_ppl"], rel=1e-3)

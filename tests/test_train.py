@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 from leanlstm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from leanlstm.cli import main
+from leanlstm.tasks.ptb import load_ptb
 from leanlstm.runs import RunConfig, RunDirError, evaluate_run, load_run, train_run
 from leanlstm.train import Callback, Trainer, TrainConfig, TrainingDiverged
 
@@ -72,7 +73,9 @@ def test_resume_inside_an_epoch_continues_exactly(tmp_path, ptb_slice_dir):
 def test_training_learns_and_writes_metrics(tmp_path, ptb_slice_dir):
     metrics = train_run(_run(ptb_slice_dir, epochs=2, max_batches=40), tmp_path / "run", progress=False)
     history = metrics["history"]
-    assert history[-1]["val_ppl"] < history[0]["val_ppl"] < 10000 * 0.5  # far better than uniform guessing
+    vocabulary = load_ptb(ptb_slice_dir, verify=False).vocab_size   # the slice's: 4,988 words
+    # 80 steps of a 2x32 model: at least 5x better than uniform guessing (it reads about 670; unigram ~380)
+    assert history[-1]["val_ppl"] < history[0]["val_ppl"] and history[-1]["val_ppl"] < vocabulary / 5
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for key in ("task", "preset", "method", "hidden_sizes", "lstm_params", "total_params", "val_ppl",
                 "test_ppl", "train_minutes", "command"):

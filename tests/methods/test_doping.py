@@ -136,13 +136,15 @@ def test_doped_run_on_a_ptb_slice_anneals_d_to_its_target_and_resumes_exactly(tm
     assert [(h["phase"], h["epoch"]) for h in straight["history"]] == [("compress", 1), ("compress", 2),
                                                                         ("finetune", 1)]
 
-    halfway = {}
+    halfway, annealed = {}, {}
 
     class Stop(Callback):
         def on_epoch_end(self, trainer, epoch, metrics):
+            densities = {name: form.sparse.density() for name, form in trainer.model.lstm.forms()}
             if epoch == 1:                                             # step 8 of 16; annealing ends at 12
-                halfway.update({name: form.sparse.density() for name, form in trainer.model.lstm.forms()})
-            if epoch == 2:
+                halfway.update(densities)
+            if epoch == 2:                                             # step 16: the schedule, not finalize()
+                annealed.update(densities)
                 raise KeyboardInterrupt
 
     method = METHODS["doped-kp"]
@@ -154,6 +156,7 @@ def test_doped_run_on_a_ptb_slice_anneals_d_to_its_target_and_resumes_exactly(tm
     finally:
         method.callbacks = original
     assert all(straight["sparse_density"][name] < d < 0.2 for name, d in halfway.items())
+    assert annealed == straight["sparse_density"]                     # reached during training
     resumed = compress_run(_run(ptb_slice_dir), tmp_path / "b", resume=True, progress=False)
     assert resumed["test_ppl"] == pytest.approx(straight["test_ppl"], rel=1e-6)
     assert resumed["sparse_density"] == straight["sparse_density"]

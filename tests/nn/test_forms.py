@@ -35,6 +35,7 @@ def test_every_registered_form_is_tested():
     # forms defined by other test modules register too; only the package's own must be listed here
     package_forms = {name for name, cls in FORMS.items() if cls.__module__.startswith("leanlstm.")}
     assert package_forms == {"dense", "sparse", "kronecker", "lowrank", "doped", "hybrid", "circulant"}
+    assert {form.name for form in _forms((8, 4))} == package_forms      # and the tests here build each one
 
 
 def test_parameter_counts():

@@ -212,13 +212,13 @@ def test_runtime_runs_the_new_forms_through_their_own_ops(caplog):
         op = form.runtime_op()
         assert isinstance(op, RuntimeOp) and all(a.dtype.kind in "fiu" for a in op.arrays)
         w, x = form.materialize().detach().numpy(), rng.standard_normal((6, form.in_features), np.float32)
-        out = np.zeros(form.out_features, np.float32)
+        out = np.ones(form.out_features, np.float32)                  # products add into out
         op.matvec(op.arrays, x[0], out, False)
-        np.testing.assert_allclose(out, w @ x[0], atol=2e-5)
-        if op.matmat is not None:
-            outs = np.zeros((6, form.out_features), np.float32)
-            op.matmat(op.arrays, x, outs)
-            np.testing.assert_allclose(outs, x @ w.T, atol=2e-5)
+        np.testing.assert_allclose(out, 1 + w @ x[0], atol=2e-5)
+        assert op.matmat is not None
+        outs = np.ones((6, form.out_features), np.float32)
+        op.matmat(op.arrays, x, outs)
+        np.testing.assert_allclose(outs, 1 + x @ w.T, atol=2e-5)
 
 
 def test_onnx_export_writes_the_new_forms_products():

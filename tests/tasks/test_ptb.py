@@ -1,5 +1,6 @@
 import gzip
 import hashlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,7 +52,8 @@ def test_download_checks_md5_and_never_leaves_partial_files(tmp_path, ptb_slice_
 
 def test_data_dir_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("LEANLSTM_DATA", str(tmp_path / "env"))
-    assert data_dir("explicit") == data_dir("explicit").expanduser()
+    assert data_dir("explicit") == Path("explicit")                 # an explicit folder wins over the variable
+    assert data_dir("~/x") == Path.home() / "x"
     assert data_dir() == tmp_path / "env"
     monkeypatch.delenv("LEANLSTM_DATA")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
