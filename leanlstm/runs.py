@@ -292,6 +292,24 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, WordLM, dict[str, Any]]:
     return run, _model_from(payload, run_dir / CHECKPOINT), payload
 
 
+def run_progress(run_dir: str | Path) -> dict[str, Any]:
+    """Where a run stands, from ``metrics.json`` when finished, else from its checkpoint: the per-epoch history,
+    and for an unfinished run the windows done inside the epoch in progress."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file():
+        raise RunDirError(f"{run_dir} is not a leanlstm run directory (no {CONFIG})")
+    if (run_dir / METRICS).is_file():
+        metrics = json.loads((run_dir / METRICS).read_text())
+        return {"run": str(run_dir), "finished": True, "history": metrics["history"],
+                "test_ppl": metrics["test_ppl"], "hidden_sizes": metrics["hidden_sizes"]}
+    if not (run_dir / CHECKPOINT).is_file():
+        return {"run": str(run_dir), "finished": False, "history": [], "within_epoch": None}
+    payload = load_checkpoint(run_dir / CHECKPOINT)
+    within = payload.get("within_epoch")
+    return {"run": str(run_dir), "finished": False, "history": payload["history"], "phase": payload.get("phase"),
+            "within_epoch": {k: within[k] for k in ("epoch", "batches")} if within else None}
+
+
 def finished_hidden_sizes(run_dir: str | Path) -> list[int]:
     """The per-layer LSTM sizes a finished run ended with (an ISS run's found sizes, say)."""
     metrics = Path(run_dir) / METRICS

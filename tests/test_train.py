@@ -289,3 +289,20 @@ def test_hidden_sizes_from_a_finished_run_trains_its_direct_design(tmp_path, ptb
     both = CliRunner().invoke(main, ["train", "--hidden-sizes", "4,4", "--hidden-sizes-from", str(tmp_path / "direct"),
                                      "--out", str(tmp_path / "y")] + common)
     assert both.exit_code != 0 and "not both" in both.output
+
+
+def test_show_prints_finished_and_unfinished_runs(tmp_path, ptb_slice_dir):
+    train_run(_run(ptb_slice_dir, epochs=1), tmp_path / "done", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(_run(ptb_slice_dir), tmp_path / "half", progress=False, callbacks=[StopAfter(2)])
+    result = CliRunner().invoke(main, ["show", str(tmp_path / "done"), str(tmp_path / "half")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    done = json.loads((tmp_path / "done" / "metrics.json").read_text())
+    assert lines[0].endswith(f"finished: test ppl {done['test_ppl']:.2f}, sizes [32, 32]")
+    assert f"valid ppl {done['history'][0]['val_ppl']:8.2f}" in lines[1]
+    assert lines[2].endswith("half  unfinished") and len(lines) == 4      # epoch 1 saved, epoch 2 stopped
+    as_json = json.loads(CliRunner().invoke(main, ["show", "--json", str(tmp_path / "half")]).output)
+    assert as_json[0]["finished"] is False and [h["epoch"] for h in as_json[0]["history"]] == [1]
+    bad = CliRunner().invoke(main, ["show", str(tmp_path)])
+    assert bad.exit_code != 0 and "not a leanlstm run directory" in bad.output

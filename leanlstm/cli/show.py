@@ -1,0 +1,37 @@
+"""``leanlstm show``: where runs stand, epoch by epoch, finished or not (it reads files only; no data)."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..runs import run_progress
+
+
+@click.command("show")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def command(run_dirs, as_json):
+    """Per-epoch history of each RUN_DIR (lr, train and validation perplexity, ISS sizes, time).
+
+    \b
+    Example:  leanlstm show runs/ptb-medium-cpu runs/ptb-medium-cpu-iss-scratch-0.0065
+    """
+    progress = [run_progress(run_dir) for run_dir in run_dirs]
+    if as_json:
+        click.echo(json.dumps(progress, indent=2))
+        return
+    for run in progress:
+        if run["finished"]:
+            status = f"finished: test ppl {run['test_ppl']:.2f}, sizes {run['hidden_sizes']}"
+        elif run.get("within_epoch"):
+            within = run["within_epoch"]
+            status = f"unfinished: {run['phase']} epoch {within['epoch']} in progress, {within['batches']} windows done"
+        else:
+            status = "unfinished" + (" (no checkpoint yet)" if not run["history"] else "")
+        click.echo(f"{run['run']}  {status}")
+        for entry in run["history"]:
+            sizes = f"  sizes {tuple(entry['iss_components'])}" if "iss_components" in entry else ""
+            click.echo(f"  {entry['phase']:9s}{entry['epoch']:>3d}  lr {entry['lr']:<8.4g} train ppl "
+                       f"{entry['train_ppl']:8.2f}  valid ppl {entry['val_ppl']:8.2f}{sizes}  "
+                       f"{entry['seconds'] / 60:5.1f} min")
