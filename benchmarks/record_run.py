@@ -8,7 +8,9 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -27,9 +29,6 @@ def machine() -> dict:
 
 def command_line() -> str:
     """This process's command as typed: the thread and BLAS settings that change timings, then python and argv."""
-    import shlex
-    import sys
-
     env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
            if k in os.environ]
     return shlex.join(env + ["python"] + sys.argv)
