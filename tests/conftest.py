@@ -17,8 +17,8 @@ SLICE_LINES = {"train": 2000, "valid": 200, "test": 200}
 # stale when only that module changes: a checkout then passes where a fresh clone fails. Key the cache on the
 # whole runtime's source instead (set before any test imports numba).
 _RUNTIME_SOURCE = b"".join(path.read_bytes() for path in sorted((REPO / "leanlstm" / "runtime").rglob("*.py")))
-os.environ["NUMBA_CACHE_DIR"] = str(Path(os.environ.get("NUMBA_CACHE_DIR", Path(tempfile.gettempdir()) / "leanlstm-numba"))
-                                    / hashlib.sha256(_RUNTIME_SOURCE).hexdigest()[:16])   # under any folder given
+_CACHE_BASE = Path(os.environ.get("NUMBA_CACHE_DIR", Path(tempfile.gettempdir()) / "leanlstm-numba"))
+os.environ["NUMBA_CACHE_DIR"] = str(_CACHE_BASE / hashlib.sha256(_RUNTIME_SOURCE).hexdigest()[:16])  # under any base
 
 
 def shared_data_dir() -> Path:
