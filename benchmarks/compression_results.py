@@ -40,6 +40,11 @@ def summary(run_dir: Path) -> dict:
     return out
 
 
+def ours(measured: dict, part: str) -> float | None:
+    """leanlstm's median for ``part`` ("lstm" or "model") of one model; None where the engine failed."""
+    return measured[part].get("leanlstm")
+
+
 def busy() -> dict:
     """How busy the machine is now: the load averages lag by a minute, the runnable count does not (it includes
     this process). A measurement taken with training jobs paused (SIGSTOP) shows 1 runnable before and after."""
@@ -59,8 +64,9 @@ def main() -> None:
     parser.add_argument("--note", default="")
     args = parser.parse_args()
 
+    summaries = {run_dir: summary(run_dir) for run_dir in [args.baseline, *args.runs, *args.control]}
     for run_dir in args.runs:        # ratios, ppl changes and the run's own compression factor share one baseline
-        source = summary(run_dir).get("source")
+        source = summaries[run_dir].get("source")
         if source and Path(source).resolve() != args.baseline.resolve():
             raise SystemExit(f"{run_dir} was compressed from {source}, not from --baseline {args.baseline}")
     dirs = {"baseline": args.baseline, **{str(d): d for d in [*args.runs, *args.control]}}
@@ -69,26 +75,26 @@ def main() -> None:
     timing = stack_and_model(models, args.backends, repeats=args.repeats)
     busy_after = busy()
     latency = {label: {part: medians(m[part]) for part in ("lstm", "model")} for label, m in timing["models"].items()}
-    base = summary(args.baseline) | {"latency_us_per_step": latency["baseline"]}
+    base = summaries[args.baseline] | {"latency_us_per_step": latency["baseline"]}
     dense_ort = latency["baseline"]["lstm"].get("onnxruntime")
 
     def entry(run_dir: Path, role: str) -> dict:
-        result = summary(run_dir) | {"role": role, "baseline_test_ppl": base["test_ppl"]}
+        result = summaries[run_dir] | {"role": role, "baseline_test_ppl": base["test_ppl"]}
         # a plain training run (e.g. a direct-design control) records no compression: against the baseline's stack
         result.setdefault("lstm_compression", base["lstm_params"] / result["lstm_params"])
         result["test_ppl_change"] = result["test_ppl"] - base["test_ppl"]
         result["test_ppl_change_percent"] = 100 * result["test_ppl_change"] / base["test_ppl"]
         result["latency_us_per_step"] = own = latency[str(run_dir)]
         result["baseline_latency_us_per_step"] = latency["baseline"]
-        ours = {part: own[part].get("leanlstm") for part in ("lstm", "model")}   # None where the engine failed
+        stack, model = ours(own, "lstm"), ours(own, "model")
         dense_ort_model = latency["baseline"]["model"].get("onnxruntime")
-        if dense_ort and ours["lstm"]:
-            result["lstm_speedup_vs_dense_onnxruntime"] = dense_ort / ours["lstm"]
-        if dense_ort_model and ours["model"]:
-            result["model_speedup_vs_dense_onnxruntime"] = dense_ort_model / ours["model"]
-        dense_ours = latency["baseline"]["lstm"].get("leanlstm")
-        if dense_ours and ours["lstm"]:
-            result["lstm_speedup_vs_dense_leanlstm"] = dense_ours / ours["lstm"]
+        if dense_ort and stack:
+            result["lstm_speedup_vs_dense_onnxruntime"] = dense_ort / stack
+        if dense_ort_model and model:
+            result["model_speedup_vs_dense_onnxruntime"] = dense_ort_model / model
+        dense_ours = ours(latency["baseline"], "lstm")
+        if dense_ours and stack:
+            result["lstm_speedup_vs_dense_leanlstm"] = dense_ours / stack
         errors = timing["models"][str(run_dir)]["errors"]
         return result | ({"latency_errors": errors} if errors else {})
 
@@ -107,16 +113,13 @@ def main() -> None:
     width = max(len(r["run"]) for r in report["runs"]) + 2
     print(f"{'run':<{width}}{'sizes':>12}{'compr':>8}{'test':>8}{'d%':>7}{'stack us':>10}{'vs ORT':>8}{'model us':>10}")
     nan = float("nan")
-
-    def ours(measured: dict, part: str) -> float:
-        return measured[part].get("leanlstm", nan)
     print(f"{'baseline':<{width}}{str(base['hidden_sizes']):>12}{1:>8.2f}{base['test_ppl']:>8.2f}{0:>7.1f}"
-          f"{ours(latency['baseline'], 'lstm'):>10.1f}{'':>8}{ours(latency['baseline'], 'model'):>10.1f}")
+          f"{ours(latency['baseline'], 'lstm') or nan:>10.1f}{'':>8}{ours(latency['baseline'], 'model') or nan:>10.1f}")
     for r in report["runs"]:
         own = r["latency_us_per_step"]
         print(f"{r['run']:<{width}}{str(r['hidden_sizes']):>12}{r['lstm_compression']:>8.2f}{r['test_ppl']:>8.2f}"
-              f"{r['test_ppl_change_percent']:>7.1f}{ours(own, 'lstm'):>10.1f}"
-              f"{r.get('lstm_speedup_vs_dense_onnxruntime', nan):>8.2f}{ours(own, 'model'):>10.1f}")
+              f"{r['test_ppl_change_percent']:>7.1f}{ours(own, 'lstm') or nan:>10.1f}"
+              f"{r.get('lstm_speedup_vs_dense_onnxruntime', nan):>8.2f}{ours(own, 'model') or nan:>10.1f}")
     print(f"dense baseline stack on ONNX Runtime: {dense_ort or nan:.1f} us/step; whole model "
           f"{latency['baseline']['model'].get('onnxruntime', nan):.1f}")
 

@@ -71,8 +71,11 @@ def main() -> None:
     running: list[tuple[subprocess.Popen, list[str], float]] = []
     failed = 0
     while queue or running:
-        while len(running) < options.workers and any(map(source_ready, queue)):
-            args = queue.pop(next(i for i, c in enumerate(queue) if source_ready(c)))   # in order, once ready
+        while len(running) < options.workers:
+            ready = next((i for i, c in enumerate(queue) if source_ready(c)), None)   # in order, once ready
+            if ready is None:
+                break
+            args = queue.pop(ready)
             log = log_path(args)
             log.parent.mkdir(parents=True, exist_ok=True)
             print(f"start: {shlex.join(args)}", flush=True)

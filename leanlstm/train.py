@@ -122,7 +122,7 @@ class Trainer:
             metrics = {"phase": self.phase, "epoch": epoch, "lr": lr,
                        f"train_{self.task.metric}": _exp(train_loss)}
             metrics |= {f"val_{k}": v for k, v in self.evaluate("valid").items()}
-            self._check_finite(torch.tensor(metrics.get("val_loss", 0.0)), "validation loss", epoch)
+            self._check_finite(metrics.get("val_loss", 0.0), "validation loss", epoch)
             metrics["seconds"] = time.perf_counter() - started
             for callback in self.callbacks:
                 callback.on_epoch_end(self, epoch, metrics)
@@ -156,7 +156,6 @@ class Trainer:
                 continue
             loss, state = self.task.training_loss(self.train_model, batch, state)
             state = _detach(state)
-            self._check_finite(loss, "training loss", epoch, batches)
             self.optimise(loss, epoch, batches)
             total += loss.item() / batch[0].shape[0]
             batches += 1
@@ -176,11 +175,12 @@ class Trainer:
         weights: a finite loss can still have an infinite gradient, and a NaN weight would otherwise reach the
         next checkpoint.
         """
+        what = "training loss"
         for callback in self.callbacks:
             extra = callback.extra_loss(self)
             if extra is not None:
-                loss = loss + extra
-        self._check_finite(loss, "loss with the method's terms", epoch, batch)
+                loss, what = loss + extra, "loss with the method's terms"
+        self._check_finite(loss, what, epoch, batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.clip:
@@ -200,13 +200,15 @@ class Trainer:
         result = self.task.evaluate(self.model, split) if distributed.rank() == 0 else None
         return distributed.broadcast_object(result)
 
-    def _check_finite(self, value: torch.Tensor, what: str, epoch: int | None, batch: int | None = None) -> None:
-        if torch.isfinite(value):
+    def _check_finite(self, value: float | torch.Tensor, what: str, epoch: int | None, batch: int | None = None
+                      ) -> None:
+        value = float(value)
+        if math.isfinite(value):
             return
         at = "" if epoch is None else f" at epoch {epoch}" + ("" if batch is None else f", batch {batch}")
         path = self.checkpoint_path
         where = f"the last good checkpoint is {path}; " if path is not None and path.exists() else ""
-        raise TrainingDiverged(f"{what} became {value.item()}{at}: {where}lower the learning rate (--lr), the "
+        raise TrainingDiverged(f"{what} became {value}{at}: {where}lower the learning rate (--lr), the "
                                f"gradient clipping norm or the method's strength")
 
     # --- checkpoints ---------------------------------------------------------------------------------
