@@ -5,10 +5,13 @@ A run directory holds ``config.json`` (what was asked), ``checkpoint.pt`` (lates
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,7 @@ from .tasks.lm import LMConfig, WordLM
 from .train import CHECKPOINT, Trainer, TrainConfig
 
 log = logging.getLogger(__name__)
-CONFIG, METRICS, LOG = "config.json", "metrics.json", "log.txt"
+CONFIG, METRICS, LOG, LOCK = "config.json", "metrics.json", "log.txt", ".lock"
 
 
 class RunDirError(RuntimeError):
@@ -47,9 +50,16 @@ class RunConfig:
     finetune_overrides: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields of fine-tuning
     latency_repeats: int = 20          # compressed runs: batch-1 latency samples at the end (0: don't measure)
     hidden_sizes: list[int] | None = None   # per-layer LSTM sizes instead of the preset's (e.g. ISS's found sizes)
+    dropout: float | None = None            # dropout instead of the preset's (or the --from run's)
+
+    def __post_init__(self) -> None:
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise RunDirError(f"--dropout must lie in [0, 1), got {self.dropout}")
 
     def lm_config(self) -> LMConfig:
         lm = get_preset(self.preset).lm
+        if self.dropout is not None:
+            lm = replace(lm, dropout=self.dropout)
         if self.hidden_sizes is None:
             return lm
         if len(self.hidden_sizes) != len(lm.hidden_sizes) or min(self.hidden_sizes) < 1:
@@ -69,11 +79,7 @@ class RunConfig:
 
 def prepare(out: Path, resume: bool) -> None:
     """Refuse to clobber: a finished run stays finished; an unfinished one needs ``--resume``. A run that
-    stopped before its first checkpoint (only ``config.json`` and ``log.txt``) starts over in place. Temporary
-    files of a write that a hard kill interrupted are removed: the write they belonged to never happened."""
-    for leftover in leftover_temp_files(out):
-        log.warning("removing %s, left by an interrupted write", leftover)
-        leftover.unlink()
+    stopped before its first checkpoint (only ``config.json`` and ``log.txt``) starts over in place."""
     if (out / METRICS).exists():
         raise RunDirError(f"{out} already holds a finished run ({METRICS}); choose another --out, or read it "
                           f"with `leanlstm eval {out}`")
@@ -81,11 +87,47 @@ def prepare(out: Path, resume: bool) -> None:
         raise RunDirError(f"--resume given but {out} has no {CHECKPOINT}; drop --resume to start a new run")
     if not resume and out.exists():
         names = {path.name for path in out.iterdir()}
-        if names and not names <= {CONFIG, LOG}:
+        if names and not names <= {CONFIG, LOG, LOCK}:
             raise RunDirError(f"{out} is not empty; pass --resume to continue the run there, or choose another "
                               f"--out")
         if names:
             log.warning("%s holds a run that stopped before its first checkpoint; starting it over", out)
+
+
+@contextmanager
+def exclusive(out: Path, resume: bool) -> Iterator[None]:
+    """Own ``out`` while training in it: a second process resuming the same run (a sweep restarted while the
+    first still runs, say) would interleave checkpoints and delete the other's half-written files, so it is
+    refused. Then ``prepare`` it, and remove the temporary files of a write that a hard kill interrupted (the
+    write they belonged to never happened)."""
+    lock = _lock(out) if out.exists() else None
+    try:
+        prepare(out, resume)
+        out.mkdir(parents=True, exist_ok=True)
+        lock = lock or _lock(out)
+        for leftover in leftover_temp_files(out):
+            log.warning("removing %s, left by an interrupted write", leftover)
+            leftover.unlink()
+        yield
+    finally:
+        if lock is not None:
+            lock.close()        # closing the file releases the lock (so does the process's death)
+
+
+def _lock(out: Path):
+    handle = open(out / LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise RunDirError(f"{out} is being trained by another process (pid {holder}); wait for it to finish, "
+                          f"or stop it before resuming") from None
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
 
 
 def saved_run(out: str | Path, run: RunConfig) -> RunConfig:
@@ -102,11 +144,20 @@ def saved_run(out: str | Path, run: RunConfig) -> RunConfig:
     return replace(saved, data_dir=run.data_dir or saved.data_dir)
 
 
-def attach_log(out: Path) -> None:
+@contextmanager
+def logging_to(out: Path) -> Iterator[None]:
+    """leanlstm's log lines go to ``out/log.txt`` while the run trains, and only then: runs made one after
+    another in one process (a notebook, the tests) each keep their own log."""
     handler = logging.FileHandler(out / LOG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    logging.getLogger("leanlstm").addHandler(handler)
-    logging.getLogger("leanlstm").setLevel(logging.INFO)
+    logger = logging.getLogger("leanlstm")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def build_task(run: RunConfig, train: TrainConfig, rank: int = 0, world_size: int = 1):
@@ -142,10 +193,17 @@ def run_phases(run: RunConfig, out: str | Path, make_model: Callable[[], WordLM]
     """Run ``phases`` in order in ``out`` with per-epoch checkpoints; resume picks up at the saved phase."""
     out = Path(out)
     rank, world_size = distributed.init_from_env()
+    with ExitStack() as owned:
+        if rank == 0:
+            owned.enter_context(exclusive(out, resume))
+            owned.enter_context(logging_to(out))
+        return _run_phases(run, out, make_model, phases, resume, progress, summary, rank, world_size)
+
+
+def _run_phases(run: RunConfig, out: Path, make_model: Callable[[], WordLM], phases: list[Phase], resume: bool,
+                progress: bool, summary: Callable[[WordLM], dict] | None, rank: int, world_size: int
+                ) -> dict[str, Any]:
     if rank == 0:
-        prepare(out, resume)
-        out.mkdir(parents=True, exist_ok=True)
-        attach_log(out)
         if not resume:          # a resumed run arrives with its saved configuration (``saved_run``)
             write_json(out / CONFIG, asdict(run))
     distributed.barrier()
@@ -203,7 +261,12 @@ def compress_run(run: RunConfig, out: str | Path, resume: bool = False, progress
                     run.source, METRICS)
 
     def make_model() -> WordLM:
-        return load_run(run.source)[1] if run.source else WordLM(run.lm_config())
+        if not run.source:
+            return WordLM(run.lm_config())
+        model = load_run(run.source)[1]
+        if run.dropout is not None:
+            model.set_dropout(run.dropout)
+        return model
 
     phases = [Phase("compress", run.train_config(), method.callbacks(), method.prepare)]
     if method.has_finetune:

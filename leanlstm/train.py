@@ -202,7 +202,7 @@ class Trainer:
 
     def _check_finite(self, value: float | torch.Tensor, what: str, epoch: int | None, batch: int | None = None
                       ) -> None:
-        value = float(value)
+        value = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
         if math.isfinite(value):
             return
         at = "" if epoch is None else f" at epoch {epoch}" + ("" if batch is None else f", batch {batch}")

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from leanlstm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from leanlstm.cli import main
 from leanlstm.tasks.ptb import load_ptb
-from leanlstm.runs import RunConfig, RunDirError, evaluate_run, load_run, train_run
+from leanlstm.runs import RunConfig, RunDirError, evaluate_run, exclusive, load_run, train_run
 from leanlstm.train import Callback, Trainer, TrainConfig, TrainingDiverged
 
 TINY = {"epochs": 3, "max_batches": 15}
@@ -167,6 +167,29 @@ def test_a_write_killed_midway_leaves_a_temp_file_that_does_not_block_the_run(tm
     mask = os.umask(0)
     os.umask(mask)
     assert (out / "metrics.json").stat().st_mode & 0o777 == 0o666 & ~mask   # not mkstemp's 0600
+
+
+def test_a_run_another_process_is_training_is_refused_and_logs_stay_apart(tmp_path, ptb_slice_dir):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train_run(_run(ptb_slice_dir), out, progress=False, callbacks=[StopAfter(2)])
+    busy = out / ".checkpoint.pt.xyz.tmp"               # the other trainer's checkpoint, half written
+    busy.write_bytes(b"being written")
+    before = (out / "checkpoint.pt").read_bytes()
+    with exclusive(out, resume=True):                   # stands for the other process (flock is per open file)
+        with pytest.raises(RunDirError, match=f"being trained by another process \\(pid {os.getpid()}\\)"):
+            train_run(_run(ptb_slice_dir), out, resume=True, progress=False)
+        busy.write_bytes(b"being written")              # ``exclusive`` cleared it for its holder: put it back
+        with pytest.raises(RunDirError, match="another process"):
+            train_run(_run(ptb_slice_dir), out, resume=True, progress=False)
+        assert busy.exists() and (out / "checkpoint.pt").read_bytes() == before   # nothing of it touched
+    other = train_run(_run(ptb_slice_dir, epochs=1), tmp_path / "other", progress=False)
+    resumed = train_run(_run(ptb_slice_dir), out, resume=True, progress=False)   # released: resumes
+    assert resumed["epochs"] == 3 and other["epochs"] == 1
+    # each log holds its own run's lines only (a handler left attached would copy "other"'s into "run")
+    assert (out / "log.txt").read_text().count("finished:") == 1
+    assert (tmp_path / "other" / "log.txt").read_text().count("finished:") == 1
+    assert "resumed" not in (tmp_path / "other" / "log.txt").read_text()
 
 
 def test_corrupt_and_incompatible_checkpoints(tmp_path, ptb_slice_dir):

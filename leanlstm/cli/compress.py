@@ -30,6 +30,8 @@ def _pairs(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to create.")
 @click.option("--strength", type=str, help="Shorthand for --set strength=VALUE (e.g. the ISS lambda).")
 @click.option("--set", "settings", multiple=True, help="Method option KEY=VALUE (repeatable).")
+@click.option("--dropout", type=click.FloatRange(0.0, 1.0, max_open=True),
+              help="Dropout rate instead of the preset's or the --from run's (ISS as published lowers it).")
 @click.option("--epochs", type=int, help="Epochs of the compression phase (default: the preset's).")
 @click.option("--lr", type=float, help="Learning rate of the compression phase.")
 @click.option("--decay-after", type=click.IntRange(min=0), help="Compression-phase epochs at the full lr.")
@@ -45,7 +47,7 @@ def _pairs(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--latency-repeats", type=click.IntRange(min=0), default=20, show_default=True,
               help="Batch-1 latency samples of the result and its dense baseline at the end (0: skip).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def command(method_name, source, preset, out, strength, settings, epochs, lr, decay_after, lr_decay,
+def command(method_name, source, preset, out, strength, settings, dropout, epochs, lr, decay_after, lr_decay,
             finetune_epochs, finetune_lr,
             resume, data_dir, max_batches, max_tokens, no_verify_data, latency_repeats, no_progress):
     """Compress a model with a method, with checkpoints in OUT.
@@ -63,7 +65,8 @@ def command(method_name, source, preset, out, strength, settings, epochs, lr, de
     finetune = {k: v for k, v in dict(epochs=finetune_epochs, lr=finetune_lr).items() if v is not None}
     run = RunConfig(preset=preset, method=method_name, data_dir=data_dir, max_tokens=max_tokens,
                     verify_data=not no_verify_data, overrides=overrides, method_config=config.to_dict(),
-                    source=source, finetune_overrides=finetune, latency_repeats=latency_repeats, command=shlex.join(["leanlstm"] + sys.argv[1:]))
+                    source=source, finetune_overrides=finetune, latency_repeats=latency_repeats, dropout=dropout,
+                    command=shlex.join(["leanlstm"] + sys.argv[1:]))
     metrics = compress_run(run, out, resume=resume, progress=not no_progress)
     if metrics is not None:
         keys = ("hidden_sizes", "lstm_params", "lstm_compression", "val_ppl", "test_ppl", "train_minutes",

@@ -28,6 +28,8 @@ def _sizes(text: str | None) -> list[int] | None:
 @click.option("--resume", is_flag=True, help="Continue the unfinished run in --out from its last checkpoint.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Data folder (default: $LEANLSTM_DATA, "
               "else ~/.cache/leanlstm; missing files are downloaded there).")
+@click.option("--dropout", type=click.FloatRange(0.0, 1.0, max_open=True),
+              help="Dropout rate instead of the preset's.")
 @click.option("--epochs", type=int, help="Override the preset's number of epochs.")
 @click.option("--lr", type=float, help="Override the preset's learning rate.")
 @click.option("--clip", type=float, help="Override the preset's gradient-norm clip.")
@@ -39,7 +41,7 @@ def _sizes(text: str | None) -> list[int] | None:
 @click.option("--max-tokens", type=int, help="Use only the first N tokens of every split (smoke runs).")
 @click.option("--no-verify-data", is_flag=True, help="Skip the md5 check of the data files (for slices).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def command(task, preset, out, resume, data_dir, epochs, lr, clip, seed, hidden_sizes, hidden_sizes_from,
+def command(task, preset, out, resume, data_dir, dropout, epochs, lr, clip, seed, hidden_sizes, hidden_sizes_from,
             max_batches, max_tokens, no_verify_data, no_progress):
     """Train a model from a preset.
 
@@ -54,7 +56,7 @@ def command(task, preset, out, resume, data_dir, epochs, lr, clip, seed, hidden_
     overrides = {k: v for k, v in dict(epochs=epochs, lr=lr, clip=clip, seed=seed,
                                        max_batches=max_batches).items() if v is not None}
     run = RunConfig(task=task, preset=preset, data_dir=data_dir, max_tokens=max_tokens,
-                    verify_data=not no_verify_data, overrides=overrides, hidden_sizes=sizes,
+                    verify_data=not no_verify_data, overrides=overrides, hidden_sizes=sizes, dropout=dropout,
                     command=shlex.join(["leanlstm"] + sys.argv[1:]))
     metrics = train_run(run, out, resume=resume, progress=not no_progress)
     if metrics is not None:

@@ -62,6 +62,15 @@ class WordLM(nn.Module):
             loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         return logits, loss, _per_layer(state)
 
+    def set_dropout(self, dropout: float) -> None:
+        """Change the dropout rate everywhere it applies (e.g. a lower rate while a method shrinks the model,
+        as ISS does); recorded in ``config`` so checkpoints keep it."""
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        self.config.dropout = dropout
+        self.dropout.p = dropout
+        self.lstm.dropout = dropout   # between layers (torch.nn.LSTM and leanlstm.LSTM alike)
+
     def model_config(self) -> dict[str, Any]:
         return {"kind": "word_lm", "lm": asdict(self.config), "lstm": self.lstm.config()}
 

@@ -10,7 +10,7 @@ from leanlstm.checkpoint import load_checkpoint
 from leanlstm.cli import main
 from leanlstm.methods import METHODS, Method, MethodConfig
 from leanlstm.nn import LSTM
-from leanlstm.runs import RunConfig, compress_run, train_run
+from leanlstm.runs import RunConfig, compress_run, load_run, train_run
 from leanlstm.train import Callback
 
 
@@ -55,7 +55,7 @@ class LowRankThenSlice(Method):
         model.lstm.replace_forms("dense")
         old = model.lstm
         sizes = old.hidden_sizes[:-1] + [self.config.keep]
-        new = LSTM(old.input_size, sizes)
+        new = LSTM(old.input_size, sizes, dropout=old.dropout)
         state = old.state_dict()
         keep = torch.cat([torch.arange(self.config.keep) + g * old.hidden_sizes[-1] for g in range(4)])
         last = f"layers.{len(sizes) - 1}"
@@ -149,3 +149,22 @@ def test_compression_is_counted_against_the_source_models_sizes(tmp_path, ptb_sl
     assert compressed["hidden_sizes"] == [16, 20]
     source_dense = LSTM(32, [16, 24]).dense_params()   # tiny's embedding is 32 wide
     assert compressed["lstm_compression"] == pytest.approx(source_dense / compressed["lstm_params"])
+
+
+def test_dropout_override_reaches_the_model_and_survives_resume(tmp_path, ptb_slice_dir, baseline):
+    """``--dropout`` replaces the --from run's rate (ISS as published trains with less dropout than the
+    baseline); the checkpoint records it, so the resumed fine-tuning phase trains with it too."""
+    assert load_run(baseline)[1].config.dropout != 0.2
+    runner = CliRunner()
+    args = ["compress", "--method", "test-lowrank-slice", "--from", str(baseline), "--dropout", "0.2",
+            "--out", str(tmp_path / "c"), "--epochs", "1", "--max-batches", "4", "--finetune-epochs", "1",
+            "--latency-repeats", "0", "--data-dir", str(ptb_slice_dir), "--no-verify-data", "--no-progress"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    model = load_run(tmp_path / "c")[1]
+    assert model.config.dropout == 0.2 and model.dropout.p == 0.2 and model.lstm.dropout == 0.2
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["dropout"] == 0.2
+    for bad in ("1.0", "-0.1"):
+        refused = runner.invoke(main, args[:5] + ["--dropout", bad, "--out", str(tmp_path / "bad")])
+        assert refused.exit_code != 0 and "--dropout" in refused.output
+        assert not (tmp_path / "bad").exists()
