@@ -106,7 +106,7 @@ def test_a_run_that_stopped_before_its_first_checkpoint_starts_over(tmp_path, pt
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):                        # e.g. Ctrl-C in the first epoch
         train_run(_run(ptb_slice_dir, checkpoint_minutes=0), out, progress=False, callbacks=[StopAfter(1)])
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "log.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "config.json", "log.txt"]
     with pytest.raises(RunDirError, match="has no checkpoint.pt; drop --resume"):
         train_run(_run(ptb_slice_dir), out, resume=True, progress=False)
     metrics = train_run(_run(ptb_slice_dir, epochs=1), out, progress=False)

@@ -76,7 +76,7 @@ class DenseTorch(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        lstm = model.lstm if hasattr(model, "lstm") else model
+        lstm = getattr(model, "lstm", model)
         lstm = lstm if isinstance(lstm, LSTM) else LSTM.from_torch(lstm)
         with torch.no_grad():
             if lstm.uniform_sizes:
@@ -135,7 +135,7 @@ def time_major_copy(model: nn.Module) -> nn.Module:
     """A CPU copy of ``model`` that reads (T, B, ...): the backends feed one sequence as (T, 1, ...), which a
     ``batch_first`` model would read as T sequences of one step."""
     copied = copy.deepcopy(model).cpu()
-    lstm = copied.lstm if hasattr(copied, "lstm") else copied
+    lstm = getattr(copied, "lstm", copied)
     if isinstance(lstm, (LSTM, nn.LSTM)):
         lstm.batch_first = False
     return copied
@@ -144,7 +144,7 @@ def time_major_copy(model: nn.Module) -> nn.Module:
 def dense_copy(model: nn.Module) -> nn.Module:
     """A time-major copy of ``model`` whose LSTM weights are all dense forms (materialised)."""
     dense = time_major_copy(model)
-    lstm = dense.lstm if hasattr(dense, "lstm") else dense
+    lstm = getattr(dense, "lstm", dense)
     if isinstance(lstm, LSTM):
         lstm.replace_forms("dense")
     return dense

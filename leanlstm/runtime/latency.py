@@ -84,7 +84,7 @@ def stack_and_model(models: Mapping[str, nn.Module], backends: Sequence[str] = (
     """
     parts = {}
     for label, model in models.items():
-        parts[f"{label}\0lstm"] = model.lstm if hasattr(model, "lstm") else model
+        parts[f"{label}\0lstm"] = getattr(model, "lstm", model)
         if hasattr(model, "lstm"):
             parts[f"{label}\0model"] = model
     result = measure(parts, backends, seq_len=seq_len, repeats=repeats, threads=threads)
@@ -121,7 +121,7 @@ def example_inputs(model: nn.Module, seq_len: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     if hasattr(model, "embedding"):
         return rng.integers(0, model.embedding.num_embeddings, seq_len).astype(np.int64)
-    lstm = model.lstm if hasattr(model, "lstm") else model
+    lstm = getattr(model, "lstm", model)
     return rng.standard_normal((seq_len, lstm.input_size)).astype(np.float32)
 
 
