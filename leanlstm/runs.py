@@ -114,6 +114,20 @@ def exclusive(out: Path, resume: bool) -> Iterator[None]:
             lock.close()        # closing the file releases the lock (so does the process's death)
 
 
+def training_pid(out: str | Path) -> int | None:
+    """The pid of the process training in ``out`` now (it holds the run's lock), else None."""
+    path = Path(out) / LOCK
+    if not path.is_file():
+        return None
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)   # gets it only if nobody trains here
+        except BlockingIOError:
+            text = handle.read().strip()
+            return int(text) if text.isdigit() else -1
+        return None
+
+
 def _lock(out: Path):
     handle = open(out / LOCK, "a+")
     try:
@@ -366,11 +380,13 @@ def run_progress(run_dir: str | Path) -> dict[str, Any]:
         return {"run": str(run_dir), "finished": True, "history": metrics["history"],
                 "test_ppl": metrics["test_ppl"], "hidden_sizes": metrics["hidden_sizes"]}
     if not (run_dir / CHECKPOINT).is_file():
-        return {"run": str(run_dir), "finished": False, "history": [], "within_epoch": None}
+        return {"run": str(run_dir), "finished": False, "history": [], "within_epoch": None,
+                "training_pid": training_pid(run_dir)}
     payload = load_checkpoint(run_dir / CHECKPOINT)
     within = payload.get("within_epoch")
     return {"run": str(run_dir), "finished": False, "history": payload["history"], "phase": payload.get("phase"),
-            "within_epoch": {k: within[k] for k in ("epoch", "batches")} if within else None}
+            "within_epoch": {k: within[k] for k in ("epoch", "batches")} if within else None,
+            "training_pid": training_pid(run_dir)}
 
 
 def finished_hidden_sizes(run_dir: str | Path) -> list[int]:

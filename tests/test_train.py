@@ -324,7 +324,10 @@ def test_show_prints_finished_and_unfinished_runs(tmp_path, ptb_slice_dir):
     done = json.loads((tmp_path / "done" / "metrics.json").read_text())
     assert lines[0].endswith(f"finished: test ppl {done['test_ppl']:.2f}, sizes [32, 32]")
     assert f"valid ppl {done['history'][0]['val_ppl']:8.2f}" in lines[1]
-    assert lines[2].endswith("half  unfinished") and len(lines) == 4      # epoch 1 saved, epoch 2 stopped
+    assert lines[2].endswith("half  unfinished; stopped") and len(lines) == 4   # epoch 1 saved, epoch 2 stopped
+    with exclusive(tmp_path / "half", resume=True):                      # as while a process trains it
+        busy = CliRunner().invoke(main, ["show", str(tmp_path / "half")]).output.splitlines()[0]
+    assert busy.endswith(f"half  unfinished; training now (pid {os.getpid()})")
     as_json = json.loads(CliRunner().invoke(main, ["show", "--json", str(tmp_path / "half")]).output)
     assert as_json[0]["finished"] is False and [h["epoch"] for h in as_json[0]["history"]] == [1]
     bad = CliRunner().invoke(main, ["show", str(tmp_path)])

@@ -12,7 +12,8 @@ from ..runs import run_progress
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def command(run_dirs, as_json):
-    """Per-epoch history of each RUN_DIR (lr, train and validation perplexity, ISS sizes, time).
+    """Per-epoch history of each RUN_DIR (lr, train and validation perplexity, ISS sizes, time), and whether
+    an unfinished run is training now or stopped (to resume with --resume).
 
     \b
     Example:  leanlstm show runs/ptb-medium-cpu runs/ptb-medium-cpu-iss-scratch-0.0065
@@ -29,6 +30,9 @@ def command(run_dirs, as_json):
             status = f"unfinished: {run['phase']} epoch {within['epoch']} in progress, {within['batches']} windows done"
         else:
             status = "unfinished" + (" (no checkpoint yet)" if not run["history"] else "")
+        if not run["finished"]:
+            pid = run["training_pid"]
+            status += "; stopped" if pid is None else f"; training now (pid {pid})" if pid > 0 else "; training now"
         click.echo(f"{run['run']}  {status}")
         for entry in run["history"]:
             sizes = f"  sizes {tuple(entry['iss_components'])}" if "iss_components" in entry else ""
