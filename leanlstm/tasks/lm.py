@@ -1,7 +1,7 @@
 """Word-level language model head: embedding -> leanlstm.LSTM -> decoder (Zaremba et al. 2014)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -67,7 +67,7 @@ class WordLM(nn.Module):
         as ISS does); recorded in ``config`` so checkpoints keep it."""
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
-        self.config.dropout = dropout
+        self.config = replace(self.config, dropout=dropout)   # a copy: the config may be a preset's, shared
         self.dropout.p = dropout
         self.lstm.dropout = dropout   # between layers (torch.nn.LSTM and leanlstm.LSTM alike)
 

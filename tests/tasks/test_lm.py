@@ -6,11 +6,12 @@ from leanlstm.tasks.lm import LMConfig, WordLM
 
 def test_set_dropout_applies_everywhere_and_is_recorded():
     torch.manual_seed(0)
-    model = WordLM(LMConfig(vocab_size=30, embed_size=6, hidden_sizes=[8, 8], dropout=0.0)).train()
+    shared = LMConfig(vocab_size=30, embed_size=6, hidden_sizes=[8, 8], dropout=0.0)   # e.g. a preset's
+    model = WordLM(shared).train()
     tokens = torch.randint(0, 30, (5, 2))
     assert torch.equal(model(tokens)[0], model(tokens)[0])      # no dropout: training passes agree
     model.set_dropout(0.4)
-    assert model.dropout.p == 0.4 and model.lstm.dropout == 0.4
+    assert model.dropout.p == 0.4 and model.lstm.dropout == 0.4 and shared.dropout == 0.0
     assert not torch.equal(model(tokens)[0], model(tokens)[0])  # now the masks differ between passes
     rebuilt = WordLM.from_model_config(model.model_config())
     assert rebuilt.config.dropout == 0.4 and rebuilt.dropout.p == 0.4 and rebuilt.lstm.dropout == 0.4
