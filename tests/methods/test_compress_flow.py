@@ -151,9 +151,9 @@ def test_compression_is_counted_against_the_source_models_sizes(tmp_path, ptb_sl
     assert compressed["lstm_compression"] == pytest.approx(source_dense / compressed["lstm_params"])
 
 
-def test_dropout_override_reaches_the_model_and_survives_resume(tmp_path, ptb_slice_dir, baseline):
+def test_dropout_override_reaches_the_model_and_its_checkpoint(tmp_path, ptb_slice_dir, baseline):
     """``--dropout`` replaces the --from run's rate (ISS as published trains with less dropout than the
-    baseline); the checkpoint records it, so the resumed fine-tuning phase trains with it too."""
+    baseline); the checkpoint records it, so a resumed run rebuilds the model with it (``load_run`` is that path)."""
     assert load_run(baseline)[1].config.dropout != 0.2
     runner = CliRunner()
     args = ["compress", "--method", "test-lowrank-slice", "--from", str(baseline), "--dropout", "0.2",
