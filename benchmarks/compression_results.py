@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from record_run import command_line, machine  # noqa: E402
 
 from leanlstm.report import plot_tradeoff  # noqa: E402
 from leanlstm.runs import load_run  # noqa: E402
-from leanlstm.runtime.latency import medians, stack_and_model  # noqa: E402
+from leanlstm.runtime.latency import load_now, medians, stack_and_model  # noqa: E402
 
 KEEP = ("method", "preset", "hidden_sizes", "lstm_params", "dense_lstm_params", "lstm_compression", "val_ppl",
         "test_ppl", "epochs", "train_minutes", "command", "method_config", "source", "iss_hidden_sizes",
@@ -45,13 +44,6 @@ def ours(measured: dict, part: str) -> float | None:
     return measured[part].get("leanlstm")
 
 
-def busy() -> dict:
-    """How busy the machine is now: the load averages lag by a minute, the runnable count does not (it includes
-    this process). A measurement taken with training jobs paused (SIGSTOP) shows 1 runnable before and after."""
-    fields = Path("/proc/loadavg").read_text().split() if Path("/proc/loadavg").is_file() else []
-    return {"load_average": list(os.getloadavg()), "runnable": int(fields[3].split("/")[0]) if fields else None}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="finished compressed run directories")
@@ -71,9 +63,9 @@ def main() -> None:
             raise SystemExit(f"{run_dir} was compressed from {source}, not from --baseline {args.baseline}")
     dirs = {"baseline": args.baseline, **{str(d): d for d in [*args.runs, *args.control]}}
     models = {label: load_run(d)[1] for label, d in dirs.items()}
-    busy_before = busy()
+    busy_before = load_now()
     timing = stack_and_model(models, args.backends, repeats=args.repeats)
-    busy_after = busy()
+    busy_after = load_now()
     latency = {label: {part: medians(m[part]) for part in ("lstm", "model")} for label, m in timing["models"].items()}
     base = summaries[args.baseline] | {"latency_us_per_step": latency["baseline"]}
     dense_ort = latency["baseline"]["lstm"].get("onnxruntime")
