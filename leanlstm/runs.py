@@ -100,6 +100,8 @@ def exclusive(out: Path, resume: bool) -> Iterator[None]:
     first still runs, say) would interleave checkpoints and delete the other's half-written files, so it is
     refused. Then ``prepare`` it, and remove the temporary files of a write that a hard kill interrupted (the
     write they belonged to never happened)."""
+    # lock before judging a directory that exists (another process may be writing it); a new one is made, and
+    # locked, only once ``prepare`` accepts it, so a refused command leaves nothing behind
     lock = _lock(out) if out.exists() else None
     try:
         prepare(out, resume)
@@ -114,7 +116,7 @@ def exclusive(out: Path, resume: bool) -> Iterator[None]:
             lock.close()        # closing the file releases the lock (so does the process's death)
 
 
-def training_pid(out: str | Path) -> int | None:
+def training_pid(out: str | Path) -> str | None:
     """The pid of the process training in ``out`` now (it holds the run's lock), else None."""
     path = Path(out) / LOCK
     if not path.is_file():
@@ -123,9 +125,14 @@ def training_pid(out: str | Path) -> int | None:
         try:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)   # gets it only if nobody trains here
         except BlockingIOError:
-            text = handle.read().strip()
-            return int(text) if text.isdigit() else -1
+            return _holder(handle)
         return None
+
+
+def _holder(handle) -> str:
+    """The pid the lock's holder wrote ("unknown" in the instant between its lock and its write)."""
+    handle.seek(0)
+    return handle.read().strip() or "unknown"
 
 
 def _lock(out: Path):
@@ -133,8 +140,7 @@ def _lock(out: Path):
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
+        holder = _holder(handle)
         handle.close()
         raise RunDirError(f"{out} is being trained by another process (pid {holder}); wait for it to finish, "
                           f"or stop it before resuming") from None

@@ -32,7 +32,7 @@ def command(run_dirs, as_json):
             status = "unfinished" + (" (no checkpoint yet)" if not run["history"] else "")
         if not run["finished"]:
             pid = run["training_pid"]
-            status += "; stopped" if pid is None else f"; training now (pid {pid})" if pid > 0 else "; training now"
+            status += "; stopped" if pid is None else f"; training now (pid {pid})"
         click.echo(f"{run['run']}  {status}")
         for entry in run["history"]:
             sizes = f"  sizes {tuple(entry['iss_components'])}" if "iss_components" in entry else ""
