@@ -1,6 +1,8 @@
 import json
 import math
 import os
+import signal
+import subprocess
 
 import pytest
 import torch
@@ -328,6 +330,18 @@ def test_show_prints_finished_and_unfinished_runs(tmp_path, ptb_slice_dir):
     with exclusive(tmp_path / "half", resume=True):                      # as while a process trains it
         busy = CliRunner().invoke(main, ["show", str(tmp_path / "half")]).output.splitlines()[0]
     assert busy.endswith(f"half  unfinished; training now (pid {os.getpid()})")
+    paused = subprocess.Popen(["sleep", "60"])          # a trainer paused with SIGSTOP to free a core
+    try:
+        paused.send_signal(signal.SIGSTOP)
+        os.waitpid(paused.pid, os.WUNTRACED)            # returns once it has stopped
+        with exclusive(tmp_path / "half", resume=True):
+            (tmp_path / "half" / ".lock").write_text(str(paused.pid))   # as if the paused process held the lock
+            line = CliRunner().invoke(main, ["show", str(tmp_path / "half")]).output.splitlines()[0]
+        assert line.endswith(f"half  unfinished; paused (pid {paused.pid}, SIGSTOP; `kill -CONT {paused.pid}` "
+                             f"resumes it)")
+    finally:
+        paused.kill()
+        paused.wait()
     as_json = json.loads(CliRunner().invoke(main, ["show", "--json", str(tmp_path / "half")]).output)
     assert as_json[0]["finished"] is False and [h["epoch"] for h in as_json[0]["history"]] == [1]
     bad = CliRunner().invoke(main, ["show", str(tmp_path)])

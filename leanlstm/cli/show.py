@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -13,7 +14,7 @@ from ..runs import run_progress
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def command(run_dirs, as_json):
     """Per-epoch history of each RUN_DIR (lr, train and validation perplexity, ISS sizes, time), and whether
-    an unfinished run is training now or stopped (to resume with --resume).
+    an unfinished run is training now, paused (SIGSTOP) or stopped (to resume with --resume).
 
     \b
     Example:  leanlstm show runs/ptb-medium-cpu runs/ptb-medium-cpu-iss-scratch-0.0065
@@ -32,10 +33,24 @@ def command(run_dirs, as_json):
             status = "unfinished" + (" (no checkpoint yet)" if not run["history"] else "")
         if not run["finished"]:
             pid = run["training_pid"]
-            status += "; stopped" if pid is None else f"; training now (pid {pid})"
+            if pid is None:
+                status += "; stopped"
+            elif _paused(pid):
+                status += f"; paused (pid {pid}, SIGSTOP; `kill -CONT {pid}` resumes it)"
+            else:
+                status += f"; training now (pid {pid})"
         click.echo(f"{run['run']}  {status}")
         for entry in run["history"]:
             sizes = f"  sizes {tuple(entry['iss_components'])}" if "iss_components" in entry else ""
             click.echo(f"  {entry['phase']:9s}{entry['epoch']:>3d}  lr {entry['lr']:<8.4g} train ppl "
                        f"{entry['train_ppl']:8.2f}  valid ppl {entry['val_ppl']:8.2f}{sizes}  "
                        f"{entry['seconds'] / 60:5.1f} min")
+
+
+def _paused(pid: str) -> bool:
+    """Whether process ``pid`` is stopped by a signal (Linux's /proc; elsewhere: not known, so False)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] == "T"     # the state follows the parenthesised command name
