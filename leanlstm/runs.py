@@ -129,6 +129,16 @@ def training_pid(out: str | Path) -> str | None:
         return None
 
 
+def _stopped(pid: str) -> bool:
+    """Whether process ``pid`` is stopped by a signal (SIGSTOP, to free a core, say). Linux's /proc; elsewhere
+    not known, so False."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] == "T"     # the state follows the parenthesised command name
+
+
 def _holder(handle) -> str:
     """The pid the lock's holder wrote ("unknown" in the instant between its lock and its write)."""
     handle.seek(0)
@@ -377,7 +387,8 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, WordLM, dict[str, Any]]:
 
 def run_progress(run_dir: str | Path) -> dict[str, Any]:
     """Where a run stands, from ``metrics.json`` when finished, else from its checkpoint: the per-epoch history,
-    and for an unfinished run the windows done inside the epoch in progress."""
+    and for an unfinished run the windows done inside the epoch in progress and the pid of the process training
+    it now, if any (``training_paused``: that process is stopped by a signal)."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG).is_file():
         raise RunDirError(f"{run_dir} is not a leanlstm run directory (no {CONFIG})")
@@ -385,14 +396,15 @@ def run_progress(run_dir: str | Path) -> dict[str, Any]:
         metrics = json.loads((run_dir / METRICS).read_text())
         return {"run": str(run_dir), "finished": True, "history": metrics["history"],
                 "test_ppl": metrics["test_ppl"], "hidden_sizes": metrics["hidden_sizes"]}
+    pid = training_pid(run_dir)
+    unfinished = {"run": str(run_dir), "finished": False, "training_pid": pid,
+                  "training_paused": pid is not None and _stopped(pid)}
     if not (run_dir / CHECKPOINT).is_file():
-        return {"run": str(run_dir), "finished": False, "history": [], "within_epoch": None,
-                "training_pid": training_pid(run_dir)}
+        return unfinished | {"history": [], "within_epoch": None}
     payload = load_checkpoint(run_dir / CHECKPOINT)
     within = payload.get("within_epoch")
-    return {"run": str(run_dir), "finished": False, "history": payload["history"], "phase": payload.get("phase"),
-            "within_epoch": {k: within[k] for k in ("epoch", "batches")} if within else None,
-            "training_pid": training_pid(run_dir)}
+    return unfinished | {"history": payload["history"], "phase": payload.get("phase"),
+                         "within_epoch": {k: within[k] for k in ("epoch", "batches")} if within else None}
 
 
 def finished_hidden_sizes(run_dir: str | Path) -> list[int]:

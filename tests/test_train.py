@@ -337,6 +337,8 @@ def test_show_prints_finished_and_unfinished_runs(tmp_path, ptb_slice_dir):
         with exclusive(tmp_path / "half", resume=True):
             (tmp_path / "half" / ".lock").write_text(str(paused.pid))   # as if the paused process held the lock
             line = CliRunner().invoke(main, ["show", str(tmp_path / "half")]).output.splitlines()[0]
+            reported = json.loads(CliRunner().invoke(main, ["show", "--json", str(tmp_path / "half")]).output)[0]
+        assert reported["training_pid"] == str(paused.pid) and reported["training_paused"] is True
         assert line.endswith(f"half  unfinished; paused (pid {paused.pid}, SIGSTOP; `kill -CONT {paused.pid}` "
                              f"resumes it)")
     finally:

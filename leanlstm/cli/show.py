@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
@@ -35,7 +34,7 @@ def command(run_dirs, as_json):
             pid = run["training_pid"]
             if pid is None:
                 status += "; stopped"
-            elif _paused(pid):
+            elif run["training_paused"]:
                 status += f"; paused (pid {pid}, SIGSTOP; `kill -CONT {pid}` resumes it)"
             else:
                 status += f"; training now (pid {pid})"
@@ -45,12 +44,3 @@ def command(run_dirs, as_json):
             click.echo(f"  {entry['phase']:9s}{entry['epoch']:>3d}  lr {entry['lr']:<8.4g} train ppl "
                        f"{entry['train_ppl']:8.2f}  valid ppl {entry['val_ppl']:8.2f}{sizes}  "
                        f"{entry['seconds'] / 60:5.1f} min")
-
-
-def _paused(pid: str) -> bool:
-    """Whether process ``pid`` is stopped by a signal (Linux's /proc; elsewhere: not known, so False)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] == "T"     # the state follows the parenthesised command name
