@@ -1,11 +1,18 @@
-"""The sweep runner behind BENCHMARKS.md: parsing, resuming and waiting for the runs a command starts from."""
+"""Scripts behind BENCHMARKS.md: the sweep runner (parsing, resuming and waiting for the runs a command starts from)
+and the one-shot conversion of a trained model."""
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from leanlstm.methods.pruning import final_entries, sparse_part
+from leanlstm.nn.lstm import lstm_of
+from leanlstm.tasks.lm import LMConfig, WordLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import sweep  # noqa: E402
+from one_shot import convert  # noqa: E402
 
 
 def test_sweep_parses_resumes_and_waits_for_unfinished_sources(tmp_path):
@@ -29,3 +36,26 @@ def test_sweep_parses_resumes_and_waits_for_unfinished_sources(tmp_path):
     (tmp_path / "bad.txt").write_text("python train.py --out x\n")
     with pytest.raises(SystemExit, match="bad.txt:1: expected a `leanlstm ... --out DIR` command"):
         sweep.commands(tmp_path / "bad.txt", str(runs))
+
+
+def test_one_shot_converts_to_the_final_state_of_each_method():
+    torch.manual_seed(0)
+    model = WordLM(LMConfig(vocab_size=50, embed_size=24, hidden_sizes=[24, 24]))
+    weights = {name: form.materialize().detach().clone() for name, form in lstm_of(model).forms()}
+    for method in ("prune", "doped-kp", "doped-lmf"):
+        converted, record = convert(model, method, 4.0)
+        assert record["lstm_weight_compression"] == pytest.approx(4.0, rel=0.01)
+        for name, form in lstm_of(converted).forms():
+            # the sparse part sits at its final budget at once, not at the schedule's start (dense)
+            assert sparse_part(form).nnz() == final_entries(name, form, 4.0)
+            entry = record["matrices"][name]
+            if "structure_alone_error" in entry:     # D only ever removes error
+                assert entry["error"] < entry["structure_alone_error"]
+    _, record = convert(model, "lmf", 4.0)
+    name, weight = next(iter(weights.items()))
+    rank = 24 * 96 // (4 * (96 + 24))             # plain LMF: all of the budget for the factors
+    singular = torch.linalg.svdvals(weight.double())
+    expected = float(singular[rank:].norm() / singular.norm())   # Eckart-Young: the truncated SVD's error
+    assert record["matrices"][name]["error"] == pytest.approx(expected, rel=1e-4)
+    for name, form in lstm_of(model).forms():     # the source model is left as it was
+        assert torch.equal(form.materialize(), weights[name])
