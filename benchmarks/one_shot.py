@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import sys
 import time
@@ -43,10 +42,8 @@ def convert(model: torch.nn.Module, method_name: str, compression: float) -> tup
     """A copy of ``model`` with ``method_name`` applied at ``compression`` and every sparse part at its final
     density; and per matrix the relative errors."""
     method_class = get_method(method_name)
-    options = {"compression": str(compression)}
-    if any(field.name == "cmr" for field in dataclasses.fields(method_class.Config)):
-        options["cmr"] = "0"                    # CMR acts only in training; off keeps the record plain
-    method = method_class(method_class.Config.from_strings(options))
+    # no CMR override: it acts only in training, and a doped method's finalize switches it off anyway
+    method = method_class(method_class.Config.from_strings({"compression": str(compression)}))
     original = {name: form.materialize().detach().clone() for name, form in lstm_of(model).forms()}
     converted = method.finalize(method.prepare(copy.deepcopy(model)))
     errors = {}
