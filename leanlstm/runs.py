@@ -24,6 +24,7 @@ from .files import leftover_temp_files, write_json
 from .methods import get_method
 from .presets import get_preset
 from .tasks import TASKS
+from .tasks.distill import DistillConfig, Distillation
 from .tasks.lm import LMConfig, WordLM
 from .train import CHECKPOINT, Trainer, TrainConfig
 
@@ -51,10 +52,20 @@ class RunConfig:
     latency_repeats: int = 20          # compressed runs: batch-1 latency samples at the end (0: don't measure)
     hidden_sizes: list[int] | None = None   # per-layer LSTM sizes instead of the preset's (e.g. ISS's found sizes)
     dropout: float | None = None            # dropout instead of the preset's (or the --from run's)
+    distill_from: str | None = None         # run directory of a teacher to distil from, in every phase
+    distill_weight: float = 0.5             # share of the teacher's soft targets in the training loss
+    distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise RunDirError(f"--dropout must lie in [0, 1), got {self.dropout}")
+        try:
+            self.distill_config()
+        except ValueError as error:
+            raise RunDirError(str(error)) from None
+
+    def distill_config(self) -> DistillConfig:
+        return DistillConfig(self.distill_weight, self.distill_temperature)
 
     def lm_config(self) -> LMConfig:
         lm = get_preset(self.preset).lm
@@ -197,6 +208,19 @@ def build_task(run: RunConfig, train: TrainConfig, rank: int = 0, world_size: in
     return builder(run.data_dir, train.batch_size, train.bptt, rank, world_size, run.max_tokens, run.verify_data)
 
 
+def load_teacher(run_dir: str | Path, run: RunConfig) -> WordLM:
+    """The trained model of ``run_dir``, checked to predict the same vocabulary as ``run``'s models."""
+    teacher_run, teacher, _ = load_run(run_dir)
+    if teacher_run.task != run.task or teacher.config.vocab_size != run.lm_config().vocab_size:
+        raise RunDirError(f"--distill-from {run_dir} is a {teacher_run.task} model over {teacher.config.vocab_size} "
+                          f"words; this run is {run.task} over {run.lm_config().vocab_size}: distil from a run of "
+                          f"the same task")
+    if not (Path(run_dir) / METRICS).is_file():
+        log.warning("--distill-from %s has not finished training (no %s): distilling from its latest checkpoint",
+                    run_dir, METRICS)
+    return teacher
+
+
 @dataclass
 class Phase:
     """One training phase of a run: its schedule, its callbacks, and the transform that opens it."""
@@ -240,6 +264,8 @@ def _run_phases(run: RunConfig, out: Path, make_model: Callable[[], WordLM], pha
     first = phases[0].train
     torch.manual_seed(first.seed)
     task = build_task(run, first, rank, world_size)
+    if run.distill_from:
+        task = Distillation(task, load_teacher(run.distill_from, run), run.distill_config())
     start, payload, model, history = 0, None, None, []
     if resume:
         payload = load_checkpoint(out / CHECKPOINT)
@@ -372,6 +398,7 @@ def summarise(run: RunConfig, model: WordLM, history: list[dict], valid_ppl: flo
         "val_ppl": valid_ppl, "test_ppl": test["ppl"], "epochs": history[-1]["epoch"] if history else 0,
         "train_minutes": sum(h["seconds"] for h in history) / 60, "command": run.command,
         "history": history,
+        **({"distilled_from": run.distill_from, "distill": asdict(run.distill_config())} if run.distill_from else {}),
     }
 
 

@@ -70,6 +70,8 @@ class Trainer:
 
     ``task`` provides ``train_batches()``, ``num_train_batches()``, ``training_loss(model, batch, state)``,
     ``evaluate(model, split)`` and ``metric``. ``model`` must offer ``model_config()`` for checkpoints.
+    ``training_loss`` returns ``(loss, state)``, or ``(loss, state, task_loss)`` when the loss it optimises is not
+    the one its metric is made of (``tasks.distill.Distillation``): the train metric is then ``task_loss``'s.
     """
 
     def __init__(self, model: nn.Module, task, config: TrainConfig, run_dir: str | Path | None = None,
@@ -154,10 +156,10 @@ class Trainer:
                 batches += 1
                 bar.update()
                 continue
-            loss, state = self.task.training_loss(self.train_model, batch, state)
+            loss, state, *reported = self.task.training_loss(self.train_model, batch, state)
             state = _detach(state)
             self.optimise(loss, epoch, batches)
-            total += loss.item() / batch[0].shape[0]
+            total += float(reported[0] if reported else loss.detach()) / batch[0].shape[0]
             batches += 1
             bar.update()
             if batches % 50 == 0:

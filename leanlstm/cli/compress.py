@@ -10,6 +10,7 @@ import click
 from .. import methods
 from ..presets import PRESETS
 from ..runs import RunConfig, compress_run, source_preset
+from . import options
 
 
 def _pairs(values: tuple[str, ...]) -> dict[str, str]:
@@ -47,9 +48,11 @@ def _pairs(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--latency-repeats", type=click.IntRange(min=0), default=20, show_default=True,
               help="Batch-1 latency samples of the result and its dense baseline at the end (0: skip).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@options.distillation
 def command(method_name, source, preset, out, strength, settings, dropout, epochs, lr, decay_after, lr_decay,
             finetune_epochs, finetune_lr,
-            resume, data_dir, max_batches, max_tokens, no_verify_data, latency_repeats, no_progress):
+            resume, data_dir, max_batches, max_tokens, no_verify_data, latency_repeats, no_progress, distill_from,
+            distill_weight, distill_temperature):
     """Compress a model with a method, with checkpoints in OUT.
 
     \b
@@ -66,6 +69,8 @@ def command(method_name, source, preset, out, strength, settings, dropout, epoch
     run = RunConfig(preset=preset, method=method_name, data_dir=data_dir, max_tokens=max_tokens,
                     verify_data=not no_verify_data, overrides=overrides, method_config=config.to_dict(),
                     source=source, finetune_overrides=finetune, latency_repeats=latency_repeats, dropout=dropout,
+                    distill_from=distill_from, distill_weight=distill_weight,
+                    distill_temperature=distill_temperature,
                     command=shlex.join(["leanlstm"] + sys.argv[1:]))
     metrics = compress_run(run, out, resume=resume, progress=not no_progress)
     if metrics is not None:

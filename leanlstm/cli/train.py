@@ -9,6 +9,7 @@ import click
 
 from ..presets import PRESETS
 from ..runs import RunConfig, finished_hidden_sizes, train_run
+from . import options
 
 
 def _sizes(text: str | None) -> list[int] | None:
@@ -41,8 +42,10 @@ def _sizes(text: str | None) -> list[int] | None:
 @click.option("--max-tokens", type=int, help="Use only the first N tokens of every split (smoke runs).")
 @click.option("--no-verify-data", is_flag=True, help="Skip the md5 check of the data files (for slices).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@options.distillation
 def command(task, preset, out, resume, data_dir, dropout, epochs, lr, clip, seed, hidden_sizes, hidden_sizes_from,
-            max_batches, max_tokens, no_verify_data, no_progress):
+            max_batches, max_tokens, no_verify_data, no_progress, distill_from, distill_weight,
+            distill_temperature):
     """Train a model from a preset.
 
     \b
@@ -57,6 +60,8 @@ def command(task, preset, out, resume, data_dir, dropout, epochs, lr, clip, seed
                                        max_batches=max_batches).items() if v is not None}
     run = RunConfig(task=task, preset=preset, data_dir=data_dir, max_tokens=max_tokens,
                     verify_data=not no_verify_data, overrides=overrides, hidden_sizes=sizes, dropout=dropout,
+                    distill_from=distill_from, distill_weight=distill_weight,
+                    distill_temperature=distill_temperature,
                     command=shlex.join(["leanlstm"] + sys.argv[1:]))
     metrics = train_run(run, out, resume=resume, progress=not no_progress)
     if metrics is not None:
