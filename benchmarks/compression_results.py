@@ -24,7 +24,7 @@ from leanlstm.runtime.latency import load_now, medians, stack_and_model  # noqa:
 
 KEEP = ("method", "preset", "hidden_sizes", "lstm_params", "dense_lstm_params", "lstm_compression", "val_ppl",
         "test_ppl", "epochs", "train_minutes", "command", "method_config", "source", "iss_hidden_sizes",
-        "structure", "target_compression", "lstm_weight_compression", "sparse_density")
+        "structure", "target_compression", "lstm_weight_compression", "sparse_density", "distilled_from", "distill")
 
 
 def summary(run_dir: Path) -> dict:
