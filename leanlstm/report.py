@@ -42,7 +42,8 @@ def plot_components(metrics: str | Path | dict[str, Any], out_png: str | Path) -
 
 def method_label(run: dict[str, Any]) -> str:
     """A run's line in a comparison: its method, marked when it trained from scratch (not from a trained
-    model: another schedule, so another line) and when an ablation switched co-matrix dropout off.
+    model: another schedule, so another line), when an ablation switched co-matrix dropout off, and when it was
+    distilled from a teacher.
 
     >>> method_label({"method": "iss", "source": None}), method_label({"method": "iss", "source": "runs/base"})
     ('iss (from scratch)', 'iss')
@@ -54,6 +55,8 @@ def method_label(run: dict[str, Any]) -> str:
         label += " (from scratch)"
     if (run.get("method_config") or {}).get("cmr") == 0:
         label += " (no CMR)"
+    if run.get("distilled_from"):
+        label += " (distilled)"
     return label
 
 

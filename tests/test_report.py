@@ -19,6 +19,7 @@ def test_method_label_marks_ablations_and_controls():
     assert method_label({"method": "baseline", "role": "control"}) == "direct design (control)"
     assert method_label({"method": "iss", "source": None}) == "iss (from scratch)"
     assert method_label({"method": "iss", "source": "runs/ptb-small"}) == "iss"
+    assert method_label({"method": "iss", "source": None, "distilled_from": "runs/base"}) == "iss (from scratch) (distilled)"
 
 
 def test_plot_components_needs_iss_metrics(tmp_path):
