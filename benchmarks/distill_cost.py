@@ -1,0 +1,47 @@
+"""Cost of distillation per training step: one BPTT window (35 x 20) forward and backward of a student, with and
+without a dense 2x650 teacher's forward pass, interleaved, medians of 7 (after one warm-up). Random weights and
+tokens: the cost does not depend on them.
+
+    OMP_NUM_THREADS=1 python benchmarks/distill_cost.py
+"""
+import statistics
+import time
+
+import torch
+
+from leanlstm.tasks.distill import Distillation, DistillConfig
+from leanlstm.tasks.lm import LMConfig, WordLM
+
+
+class WindowTask:
+    """The PTB task's training loss on a given window (no corpus needed)."""
+
+    metric = "ppl"
+
+    def training_loss(self, model, batch, state):
+        inputs, targets = batch
+        _, loss, state = model(inputs, state, targets)
+        return loss * inputs.shape[0], state
+
+
+def main(repeats: int = 8) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    teacher = WordLM(LMConfig(10000, 650, [650, 650], 0.5, 0.05))
+    window = torch.randint(0, 10000, (35, 20)), torch.randint(0, 10000, (35, 20))
+    for sizes in ([219, 405], [650, 650]):
+        student = WordLM(LMConfig(10000, 650, sizes, 0.3, 0.05))
+        tasks = {"plain": WindowTask(), "distill": Distillation(WindowTask(), teacher, DistillConfig())}
+        times = {name: [] for name in tasks}
+        for _ in range(repeats):
+            for name, task in tasks.items():
+                student.zero_grad()
+                started = time.perf_counter()
+                task.training_loss(student, window, None)[0].backward()
+                times[name].append(time.perf_counter() - started)
+        plain, distill = (statistics.median(times[name][1:]) for name in ("plain", "distill"))
+        print(f"student {sizes}: plain {plain:.3f} s, with teacher {distill:.3f} s, ratio {distill / plain:.2f}")
+
+
+if __name__ == "__main__":
+    main()
