@@ -12,7 +12,8 @@ from leanlstm.runs import RunConfig, RunDirError, load_run, train_run
 from leanlstm.tasks import build_ptb
 from leanlstm.tasks.distill import DistillConfig, Distillation, soft_target_loss
 from leanlstm.tasks.lm import LMConfig, WordLM
-from leanlstm.train import Callback, Trainer, TrainConfig
+from leanlstm.train import Trainer, TrainConfig
+from tests.test_train import StopAtStep
 
 TINY = {"epochs": 2, "max_batches": 12}
 
@@ -98,15 +99,6 @@ def teacher_dir(tmp_path_factory, ptb_slice_dir):
     out = tmp_path_factory.mktemp("teacher") / "run"
     train_run(_run(ptb_slice_dir, epochs=1, max_batches=30), out, progress=False)
     return out
-
-
-class StopAtStep(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def after_step(self, trainer):
-        if trainer.step == self.step:
-            raise KeyboardInterrupt
 
 
 def test_a_distilled_run_resumes_inside_an_epoch_exactly(tmp_path, ptb_slice_dir, teacher_dir):
