@@ -8,7 +8,7 @@ for the runs folder; each command must have ``--out``. A command whose ``--out``
 after an interruption finishes it. Every command runs with ``OMP_NUM_THREADS=1``: on a 2-core machine two
 one-thread runs finish sooner than two two-thread runs taking turns (two OpenMP threads stall when a core is
 taken). Each command's output goes to ``OUT.log`` beside its run directory. A command whose ``--from`` (or
-``--hidden-sizes-from``) run has not finished waits until it has (it may be an earlier line of the same sweep).
+``--hidden-sizes-from``, ``--distill-from``) run has not finished waits until it has (it may be an earlier line of the same sweep).
 """
 from __future__ import annotations
 
@@ -44,12 +44,13 @@ def prepared(args: list[str]) -> list[str] | None:
     return args
 
 
-SOURCES = ("--from", "--hidden-sizes-from")   # options naming a run the command starts from
+SOURCES = ("--from", "--hidden-sizes-from", "--distill-from")   # options naming a run the command builds on
 
 
 def source_ready(args: list[str]) -> bool:
-    """Runs a command starts from must have finished (``metrics.json``): compressing a half-trained baseline,
-    or copying the sizes of an ISS run still shrinking, would give normal-looking results of the wrong model."""
+    """Runs a command builds on must have finished (``metrics.json``): compressing or distilling from a
+    half-trained baseline, or copying the sizes of an ISS run still shrinking, would give normal-looking results of
+    the wrong model."""
     return all((Path(args[args.index(option) + 1]) / "metrics.json").is_file() for option in SOURCES
                if option in args)
 

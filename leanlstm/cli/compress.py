@@ -49,10 +49,11 @@ def _pairs(values: tuple[str, ...]) -> dict[str, str]:
               help="Batch-1 latency samples of the result and its dense baseline at the end (0: skip).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @options.distillation
+@options.precision
 def command(method_name, source, preset, out, strength, settings, dropout, epochs, lr, decay_after, lr_decay,
             finetune_epochs, finetune_lr,
             resume, data_dir, max_batches, max_tokens, no_verify_data, latency_repeats, no_progress, distill_from,
-            distill_weight, distill_temperature):
+            distill_weight, distill_temperature, precision):
     """Compress a model with a method, with checkpoints in OUT.
 
     \b
@@ -64,7 +65,7 @@ def command(method_name, source, preset, out, strength, settings, dropout, epoch
     if preset is None:
         preset = source_preset(source) if source else "small"
     overrides = {k: v for k, v in dict(epochs=epochs, lr=lr, decay_after=decay_after, lr_decay=lr_decay,
-                                         max_batches=max_batches).items() if v is not None}
+                                         max_batches=max_batches, precision=precision).items() if v is not None}
     finetune = {k: v for k, v in dict(epochs=finetune_epochs, lr=finetune_lr).items() if v is not None}
     run = RunConfig(preset=preset, method=method_name, data_dir=data_dir, max_tokens=max_tokens,
                     verify_data=not no_verify_data, overrides=overrides, method_config=config.to_dict(),

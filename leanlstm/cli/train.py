@@ -43,9 +43,10 @@ def _sizes(text: str | None) -> list[int] | None:
 @click.option("--no-verify-data", is_flag=True, help="Skip the md5 check of the data files (for slices).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @options.distillation
+@options.precision
 def command(task, preset, out, resume, data_dir, dropout, epochs, lr, clip, seed, hidden_sizes, hidden_sizes_from,
             max_batches, max_tokens, no_verify_data, no_progress, distill_from, distill_weight,
-            distill_temperature):
+            distill_temperature, precision):
     """Train a model from a preset.
 
     \b
@@ -57,7 +58,7 @@ def command(task, preset, out, resume, data_dir, dropout, epochs, lr, clip, seed
             raise click.UsageError("give --hidden-sizes or --hidden-sizes-from, not both")
         sizes = finished_hidden_sizes(hidden_sizes_from)
     overrides = {k: v for k, v in dict(epochs=epochs, lr=lr, clip=clip, seed=seed,
-                                       max_batches=max_batches).items() if v is not None}
+                                       max_batches=max_batches, precision=precision).items() if v is not None}
     run = RunConfig(task=task, preset=preset, data_dir=data_dir, max_tokens=max_tokens,
                     verify_data=not no_verify_data, overrides=overrides, hidden_sizes=sizes, dropout=dropout,
                     distill_from=distill_from, distill_weight=distill_weight,
