@@ -1,6 +1,7 @@
 """Cost of distillation per training step: one BPTT window (35 x 20) forward and backward of a student, with and
-without a dense 2x650 teacher's forward pass, interleaved, medians of 7 (after one warm-up). Random weights and
-tokens: the cost does not depend on them.
+without a dense 2x650 teacher's forward pass, in float32 and with the forward pass in bfloat16 (autocast, as
+``TrainConfig.precision`` runs it), interleaved, medians of 7 (after one warm-up). Random weights and tokens: the
+cost does not depend on them. Ratios are to the plain float32 step.
 
     OMP_NUM_THREADS=1 python benchmarks/distill_cost.py
 """
@@ -32,15 +33,19 @@ def main(repeats: int = 8) -> None:
     for sizes in ([219, 405], [650, 650]):
         student = WordLM(LMConfig(10000, 650, sizes, 0.3, 0.05))
         tasks = {"plain": WindowTask(), "distill": Distillation(WindowTask(), teacher, DistillConfig())}
-        times = {name: [] for name in tasks}
+        times = {(name, bf16): [] for name in tasks for bf16 in (False, True)}
         for _ in range(repeats):
-            for name, task in tasks.items():
+            for name, bf16 in times:
                 student.zero_grad()
                 started = time.perf_counter()
-                task.training_loss(student, window, None)[0].backward()
-                times[name].append(time.perf_counter() - started)
-        plain, distill = (statistics.median(times[name][1:]) for name in ("plain", "distill"))
-        print(f"student {sizes}: plain {plain:.3f} s, with teacher {distill:.3f} s, ratio {distill / plain:.2f}")
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = tasks[name].training_loss(student, window, None)[0]
+                loss.backward()
+                times[name, bf16].append(time.perf_counter() - started)
+        median = {key: statistics.median(samples[1:]) for key, samples in times.items()}
+        plain = median["plain", False]
+        print(f"student {sizes}: plain {plain:.3f} s; ratio to it: with teacher {median['distill', False] / plain:.2f}, "
+              f"bf16 {median['plain', True] / plain:.2f}, bf16 with teacher {median['distill', True] / plain:.2f}")
 
 
 if __name__ == "__main__":

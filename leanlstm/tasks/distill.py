@@ -77,6 +77,8 @@ def soft_target_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
     The ``T^2`` keeps the gradient's scale independent of ``T`` (Hinton et al. 2015).
     """
     vocabulary = logits.shape[-1]
-    student = functional.log_softmax(logits.reshape(-1, vocabulary) / temperature, dim=-1)
-    teacher = functional.log_softmax(teacher_logits.reshape(-1, vocabulary) / temperature, dim=-1)
+    # in float32 even under bf16 autocast, which leaves log_softmax in bf16: the gradient is a difference of two
+    # close distributions, and bf16's 8-bit mantissa would drown it
+    student = functional.log_softmax(logits.reshape(-1, vocabulary).float() / temperature, dim=-1)
+    teacher = functional.log_softmax(teacher_logits.reshape(-1, vocabulary).float() / temperature, dim=-1)
     return functional.kl_div(student, teacher, reduction="batchmean", log_target=True) * temperature ** 2

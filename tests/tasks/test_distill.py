@@ -43,6 +43,25 @@ def test_soft_target_gradient_is_the_softened_probability_difference():
     assert float(soft_target_loss(logits.detach(), teacher)) > 0.0
 
 
+def test_the_soft_target_loss_stays_float32_under_bfloat16_autocast():
+    """bf16 training (``--precision bfloat16``) hands it bf16 logits; autocast alone would take the log-softmax
+    in bf16, and the gradient (a difference of two close distributions) 2% off. It must stay near float64's."""
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(35, 4, 1000)).bfloat16().float()
+    teacher = (logits + 0.3 * torch.randn_like(logits)).bfloat16()
+
+    def gradient(dtype):
+        leaf = logits.to(dtype).requires_grad_()
+        bf16 = dtype == torch.float32           # the autocast case: student and teacher logits arrive in bf16
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            student = leaf.bfloat16() if bf16 else leaf
+            soft_target_loss(student, teacher.to(student.dtype)).backward()
+        return leaf.grad.double()
+
+    exact, autocast = gradient(torch.float64), gradient(torch.float32)
+    assert float((autocast - exact).norm() / exact.norm()) < 5e-3    # reads 0.0017 (bf16 rounding of the grad)
+
+
 def test_weight_zero_is_the_task_loss_and_the_teacher_state_follows_the_stream(ptb_slice_dir):
     task, (first, second) = _windows(ptb_slice_dir)
     student, teacher = _lm(1), _lm(2, hidden=24)          # the teacher may have other sizes
