@@ -22,8 +22,9 @@ from .checkpoint import CheckpointError, load_checkpoint, load_state, save_check
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 # bfloat16 runs the training forward pass under CPU autocast: matrix products and the fused LSTM kernel in bf16
-# (twice as fast on CPUs with AVX-512 BF16 or AMX, slower on others), the loss and the weights, gradients and
-# updates in float32. Evaluation always runs in float32, so reported perplexities are comparable.
+# (faster only on CPUs with native bf16 arithmetic, AMX or AVX-512 BF16; BENCHMARKS.md has the measured gains), the
+# loss and the weights, gradients and updates in float32. Evaluation always runs in float32, so reported
+# perplexities are comparable.
 PRECISIONS = ("float32", "bfloat16")
 
 

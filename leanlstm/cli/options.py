@@ -27,5 +27,4 @@ def precision(command):
     return click.option(
         "--precision", type=click.Choice(PRECISIONS),
         help="Precision of the training forward pass (default float32). bfloat16 (autocast; weights, gradients "
-             "and evaluation stay float32) trains about 2x faster on CPUs with AVX-512 BF16 or AMX, slower on "
-             "others.")(command)
+             "and evaluation stay float32) trains faster on CPUs with AMX or AVX-512 BF16, slower on others.")(command)
