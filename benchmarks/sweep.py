@@ -1,14 +1,16 @@
-"""Run a list of ``leanlstm`` commands, a few at a time, each on one thread; resumable.
+"""Run a list of ``leanlstm`` commands, a few at a time, each on one thread (``--threads``); resumable.
 
     python benchmarks/sweep.py benchmarks/sweeps/ptb-small-doping.txt --runs runs --workers 2
 
 The sweep file holds one ``leanlstm ...`` command per line (``#`` starts a comment) with ``{runs}`` standing
 for the runs folder; each command must have ``--out``. A command whose ``--out`` already holds
 ``metrics.json`` is skipped, one with a checkpoint is resumed (``--resume`` added), so re-running the sweep
-after an interruption finishes it. Every command runs with ``OMP_NUM_THREADS=1``: on a 2-core machine two
-one-thread runs finish sooner than two two-thread runs taking turns (two OpenMP threads stall when a core is
-taken). Each command's output goes to ``OUT.log`` beside its run directory. A command whose ``--from`` (or
-``--hidden-sizes-from``, ``--distill-from``) run has not finished waits until it has (it may be an earlier line of the same sweep).
+after an interruption finishes it. Every command runs with ``OMP_NUM_THREADS=1`` (``--threads``): on a 2-core
+machine two one-thread runs finish sooner than two two-thread runs taking turns (two OpenMP threads stall when a
+core is taken); a chain of commands that must run one after the other takes ``--workers 1 --threads 2``. Each
+command's output goes to ``OUT.log`` beside its run directory. A command whose ``--from`` (or
+``--hidden-sizes-from``, ``--distill-from``) run has not finished waits until it has (it may be an earlier line of
+the same sweep).
 """
 from __future__ import annotations
 
@@ -66,9 +68,12 @@ def main() -> None:
     parser.add_argument("sweep", type=Path)
     parser.add_argument("--runs", default="runs", help="folder that {runs} stands for")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads per command (keep workers x threads within the cores: 1 x 2 on two cores)")
     options = parser.parse_args()
     queue = [c for c in map(prepared, commands(options.sweep, options.runs)) if c is not None]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    threads = str(options.threads)
+    env = os.environ | {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     running: list[tuple[subprocess.Popen, list[str], float]] = []
     failed = 0
     while queue or running:
