@@ -23,19 +23,22 @@ def test_latency_of_a_tiny_lstm_on_every_backend():
     import numba
 
     model = leanlstm.LSTM(8, 16, 2).replace_forms("sparse", layers=[1], density=0.3)
-    numba_threads = numba.get_num_threads()
+    torch_threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
     torch.set_num_threads(2)                                  # the caller's settings, to be restored
     numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
-    result = latency(model, backends=ALL, seq_len=6, repeats=4, warmup=1)
+    try:
+        result = latency(model, backends=ALL, seq_len=6, repeats=4, warmup=1)
+        after = torch.get_num_threads(), numba.get_num_threads()
+    finally:    # conftest pins one thread for the whole session only: left at 2, every later test would run on 2
+        torch.set_num_threads(torch_threads)
+        numba.set_num_threads(numba_threads)
     assert result["errors"] == {}
     assert set(result["backends"]) == set(ALL)
     for stats in result["backends"].values():
         assert 0 < stats["min"] <= stats["p25"] <= stats["median"] <= stats["p75"] <= stats["max"]
         assert stats["iqr"] == stats["p75"] - stats["p25"] and stats["samples"] == 4
     assert result["threads"] == 1 and result["seq_len"] == 6 and result["unit"] == "us per time step"
-    assert torch.get_num_threads() == 2                           # restored after pinning to 1
-    assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
-    numba.set_num_threads(numba_threads)                      # torch's is restored by conftest
+    assert after == (2, min(2, numba.config.NUMBA_NUM_THREADS))   # latency() restored them after pinning to 1
 
 
 @pytest.mark.parametrize("language_model", [False, True])
