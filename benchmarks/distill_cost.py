@@ -44,8 +44,9 @@ def main(repeats: int = 8) -> None:
                 times[name, bf16].append(time.perf_counter() - started)
         median = {key: statistics.median(samples[1:]) for key, samples in times.items()}
         plain = median["plain", False]
-        print(f"student {sizes}: plain {plain:.3f} s; ratio to it: with teacher {median['distill', False] / plain:.2f}, "
-              f"bf16 {median['plain', True] / plain:.2f}, bf16 with teacher {median['distill', True] / plain:.2f}")
+        print(f"student {sizes}: plain {plain:.3f} s; ratio to it: with teacher "
+              f"{median['distill', False] / plain:.2f}, bf16 {median['plain', True] / plain:.2f}, "
+              f"bf16 with teacher {median['distill', True] / plain:.2f}")
 
 
 if __name__ == "__main__":
