@@ -12,27 +12,19 @@ import torch
 
 from leanlstm.tasks.distill import Distillation, DistillConfig
 from leanlstm.tasks.lm import LMConfig, WordLM
-
-
-class WindowTask:
-    """The PTB task's training loss on a given window (no corpus needed)."""
-
-    metric = "ppl"
-
-    def training_loss(self, model, batch, state):
-        inputs, targets = batch
-        _, loss, state = model(inputs, state, targets)
-        return loss * inputs.shape[0], state
+from leanlstm.tasks.ptb import Corpus, LanguageModelTask
 
 
 def main(repeats: int = 8) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     teacher = WordLM(LMConfig(10000, 650, [650, 650], 0.5, 0.05))
-    window = torch.randint(0, 10000, (35, 20)), torch.randint(0, 10000, (35, 20))
+    stream = torch.randint(0, 10000, (35 * 20 + 20,))          # one window of random tokens, no corpus files
+    task = LanguageModelTask(Corpus([str(i) for i in range(10000)], stream, stream, stream), batch_size=20, bptt=35)
+    window = next(task.train_batches())
     for sizes in ([219, 405], [650, 650]):
         student = WordLM(LMConfig(10000, 650, sizes, 0.3, 0.05))
-        tasks = {"plain": WindowTask(), "distill": Distillation(WindowTask(), teacher, DistillConfig())}
+        tasks = {"plain": task, "distill": Distillation(task, teacher, DistillConfig())}
         times = {(name, bf16): [] for name in tasks for bf16 in (False, True)}
         for _ in range(repeats):
             for name, bf16 in times:
