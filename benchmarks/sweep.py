@@ -57,6 +57,12 @@ def source_ready(args: list[str]) -> bool:
                if option in args)
 
 
+def executable(args: list[str]) -> list[str]:
+    """``leanlstm ...`` run as ``python -m leanlstm ...`` with the interpreter running the sweep: the sweep then
+    works from a virtual environment that is not activated (``.venv/bin/python benchmarks/sweep.py``)."""
+    return [sys.executable, "-m", "leanlstm", *args[1:]]
+
+
 def log_path(args: list[str]) -> Path:
     """``OUT.log`` beside the run directory (``--out runs/x/`` too, not ``runs/x/.log`` inside it)."""
     out = Path(args[args.index("--out") + 1])
@@ -86,7 +92,7 @@ def main() -> None:
             log.parent.mkdir(parents=True, exist_ok=True)
             print(f"start: {shlex.join(args)}", flush=True)
             with log.open("a") as handle:
-                running.append((subprocess.Popen(args + ["--no-progress"], stdout=handle, stderr=subprocess.STDOUT,
+                running.append((subprocess.Popen(executable(args) + ["--no-progress"], stdout=handle, stderr=subprocess.STDOUT,
                                                  env=env), args, time.time()))
         time.sleep(5)
         for entry in list(running):

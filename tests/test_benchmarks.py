@@ -1,5 +1,7 @@
 """Scripts behind BENCHMARKS.md: the sweep runner (parsing, resuming and waiting for the runs a command starts from)
 and the one-shot conversion of a trained model."""
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,6 +40,15 @@ def test_sweep_parses_resumes_and_waits_for_unfinished_sources(tmp_path):
     (tmp_path / "bad.txt").write_text("python train.py --out x\n")
     with pytest.raises(SystemExit, match="bad.txt:1: expected a `leanlstm ... --out DIR` command"):
         sweep.commands(tmp_path / "bad.txt", str(runs))
+
+
+def test_sweep_runs_leanlstm_with_its_own_interpreter_without_it_on_path():
+    command = sweep.executable(["leanlstm", "train", "--help"])
+    assert command[0] == sys.executable
+    bare_path = {k: v for k, v in os.environ.items() if k != "PATH"} | {"PATH": "/usr/bin:/bin"}
+    result = subprocess.run(command, env=bare_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--out" in result.stdout
 
 
 def test_one_shot_converts_to_the_final_state_of_each_method():
