@@ -92,8 +92,9 @@ def main() -> None:
             log.parent.mkdir(parents=True, exist_ok=True)
             print(f"start: {shlex.join(args)}", flush=True)
             with log.open("a") as handle:
-                running.append((subprocess.Popen(executable(args) + ["--no-progress"], stdout=handle, stderr=subprocess.STDOUT,
-                                                 env=env), args, time.time()))
+                process = subprocess.Popen(executable(args) + ["--no-progress"], stdout=handle,
+                                           stderr=subprocess.STDOUT, env=env)
+            running.append((process, args, time.time()))
         time.sleep(5)
         for entry in list(running):
             process, args, started = entry
