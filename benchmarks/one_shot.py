@@ -38,12 +38,15 @@ def relative_error(weight: torch.Tensor, approximation: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def convert(model: torch.nn.Module, method_name: str, compression: float) -> tuple[torch.nn.Module, dict]:
-    """A copy of ``model`` with ``method_name`` applied at ``compression`` and every sparse part at its final
+def convert(model: torch.nn.Module, method_spec: str, compression: float) -> tuple[torch.nn.Module, dict]:
+    """A copy of ``model`` with ``method_spec`` (a method name, optionally ``:key=value,...`` settings of its
+    config, e.g. ``doped-kp:doping_share=0.75``) applied at ``compression`` and every sparse part at its final
     density; and per matrix the relative errors."""
+    method_name, _, settings = method_spec.partition(":")
     method_class = get_method(method_name)
+    values = dict(item.split("=", 1) for item in settings.split(",") if item)
     # no CMR override: it acts only in training, and a doped method's finalize switches it off anyway
-    method = method_class(method_class.Config.from_strings({"compression": str(compression)}))
+    method = method_class(method_class.Config.from_strings({"compression": str(compression)} | values))
     original = {name: form.materialize().detach().clone() for name, form in lstm_of(model).forms()}
     converted = method.finalize(method.prepare(copy.deepcopy(model)))
     errors = {}
@@ -58,7 +61,8 @@ def convert(model: torch.nn.Module, method_name: str, compression: float) -> tup
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="a trained (dense) run directory")
-    parser.add_argument("--methods", nargs="+", default=["prune", "doped-kp", "doped-lmf"])
+    parser.add_argument("--methods", nargs="+", default=["prune", "doped-kp", "doped-lmf"],
+                        help="method names, each optionally with config settings: doped-kp:doping_share=0.75")
     parser.add_argument("--compression", type=float, default=20.0)
     parser.add_argument("--split", default="valid", choices=("valid", "test"))
     parser.add_argument("--eval-batch", type=int, default=10)

@@ -72,3 +72,14 @@ def test_one_shot_converts_to_the_final_state_of_each_method():
     assert record["matrices"][name]["error"] == pytest.approx(expected, rel=1e-4)
     for name, form in lstm_of(model).forms():     # the source model is left as it was
         assert torch.equal(form.materialize(), weights[name])
+
+
+def test_one_shot_takes_config_settings_after_the_method_name():
+    torch.manual_seed(0)
+    model = WordLM(LMConfig(vocab_size=50, embed_size=24, hidden_sizes=[24, 24]))
+    name = next(name for name, _ in lstm_of(model).forms())
+    entries = {share: sparse_part(dict(lstm_of(convert(model, f"doped-kp:doping_share={share}", 4.0)[0]).forms())
+                                  [name]).nnz() for share in (0.25, 0.75)}
+    assert entries[0.75] > entries[0.25]           # a larger share of the budget left to D: more entries
+    with pytest.raises(ValueError, match="doping_share"):
+        convert(model, "doped-kp:doping_share=1.5", 4.0)
