@@ -52,6 +52,11 @@ class RuntimeOp:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A deep copy or an unpickled op gets arrays of exactly their size, without the slack that ``_combine``
+        # reads past a buffer's end (``padded_rows``): give every array that slack again.
+        self.__dict__.update(state, arrays=tuple(_with_slack(a) for a in state["arrays"]))
+
 
 # --- helpers ----------------------------------------------------------------------------------------------
 @intrinsic
@@ -301,10 +306,14 @@ def _combine(coef, rows, out):
 
 def padded_rows(matrix: np.ndarray) -> np.ndarray:
     """A float32 copy of ``matrix`` with 16 floats of slack after its end, as ``_combine`` reads rows."""
-    rows, cols = matrix.shape
-    buffer = np.zeros(rows * cols + _LANES, np.float32)
-    out = buffer[: rows * cols].reshape(rows, cols)
-    out[:] = matrix
+    return _with_slack(np.asarray(matrix, np.float32))
+
+
+def _with_slack(array: np.ndarray) -> np.ndarray:
+    """A C-ordered copy of ``array`` (same dtype) followed by 16 elements of zeros in the same buffer."""
+    buffer = np.zeros(array.size + _LANES, array.dtype)
+    out = buffer[: array.size].reshape(array.shape)
+    out[...] = array
     return out
 
 

@@ -1,5 +1,7 @@
 """The batch-1 engine computes what PyTorch computes, for every weight form and mixes of them."""
+import copy
 import logging
+import pickle
 
 import numpy as np
 import pytest
@@ -324,6 +326,19 @@ def test_kronecker_op_matches_its_matrix(out_features, in_features, shapes):
     form = Kronecker(out_features, in_features, shapes)
     form.reset_parameters(0.3)
     assert_op_computes(form.runtime_op(), form.materialize().detach().numpy())
+
+
+@pytest.mark.parametrize("clone", [copy.deepcopy, lambda op: pickle.loads(pickle.dumps(op))])
+def test_copied_ops_keep_the_slack_their_kernels_read_past_the_end(clone):
+    torch.manual_seed(0)
+    form = Kronecker(37, 23, ((5, 6), (8, 4)))
+    form.reset_parameters(0.3)
+    op = form.runtime_op()
+    copied = clone(op)
+    for original, array in zip(op.arrays, copied.arrays):
+        assert array is not original and np.array_equal(array, original) and array.dtype == original.dtype
+        assert array.base is not None and array.base.size == array.size + 16      # readable past the end
+    assert_op_computes(copied, form.materialize().detach().numpy())
 
 
 def test_kronecker_plans_run_along_the_long_side():
