@@ -5,6 +5,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .methods.doping import DopingConfig
+
+DOPING_SHARE = DopingConfig.doping_share   # runs without the setting (older ones) used the default
+
 
 def plot_components(metrics: str | Path | dict[str, Any], out_png: str | Path) -> Path:
     """Surviving ISS components (hidden units) per layer over training, from ``metrics.json`` or its dict.
@@ -42,8 +46,8 @@ def plot_components(metrics: str | Path | dict[str, Any], out_png: str | Path) -
 
 def method_label(run: dict[str, Any]) -> str:
     """A run's line in a comparison: its method, marked when it trained from scratch (not from a trained
-    model: another schedule, so another line), when an ablation switched co-matrix dropout off, and when it was
-    distilled from a teacher.
+    model: another schedule, so another line), when an ablation switched co-matrix dropout off, when a doped
+    run gave ``D`` another share of the budget, and when it was distilled from a teacher.
 
     >>> method_label({"method": "iss", "source": None}), method_label({"method": "iss", "source": "runs/base"})
     ('iss (from scratch)', 'iss')
@@ -53,8 +57,11 @@ def method_label(run: dict[str, Any]) -> str:
         return "direct design (control)" if label == "baseline" else f"{label} (control)"
     if "source" in run and run["source"] is None:
         label += " (from scratch)"
-    if (run.get("method_config") or {}).get("cmr") == 0:
+    config = run.get("method_config") or {}
+    if config.get("cmr") == 0:
         label += " (no CMR)"
+    if config.get("doping_share", DOPING_SHARE) != DOPING_SHARE:   # another split of the budget: another line
+        label += f" (doping share {config['doping_share']:g})"
     if run.get("distilled_from"):
         label += " (distilled)"
     return label

@@ -16,6 +16,9 @@ def test_plot_tradeoff_draws_one_line_per_method(tmp_path):
 def test_method_label_marks_ablations_and_controls():
     assert method_label({"method": "doped-kp", "method_config": {"cmr": 0.5}}) == "doped-kp"
     assert method_label({"method": "doped-kp", "method_config": {"cmr": 0}}) == "doped-kp (no CMR)"
+    assert method_label({"method": "doped-kp", "method_config": {"cmr": 0, "doping_share": 0.25}}) == "doped-kp (no CMR)"
+    assert (method_label({"method": "doped-kp", "method_config": {"cmr": 0, "doping_share": 0.75}})
+            == "doped-kp (no CMR) (doping share 0.75)")
     assert method_label({"method": "baseline", "role": "control"}) == "direct design (control)"
     assert method_label({"method": "iss", "source": None}) == "iss (from scratch)"
     assert method_label({"method": "iss", "source": "runs/ptb-small"}) == "iss"
