@@ -83,3 +83,5 @@ def test_one_shot_takes_config_settings_after_the_method_name():
     assert entries[0.75] > entries[0.25]           # a larger share of the budget left to D: more entries
     with pytest.raises(ValueError, match="doping_share"):
         convert(model, "doped-kp:doping_share=1.5", 4.0)
+    with pytest.raises(ValueError, match="key=value"):
+        convert(model, "doped-kp:doping_share", 4.0)
