@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from leanlstm.methods import get_method
+from leanlstm.methods.base import parse_settings
 from leanlstm.methods.pruning import weight_compression
 from leanlstm.nn.forms import Doped
 from leanlstm.nn.lstm import lstm_of
@@ -44,10 +45,7 @@ def convert(model: torch.nn.Module, method_spec: str, compression: float) -> tup
     density; and per matrix the relative errors."""
     method_name, _, settings = method_spec.partition(":")
     method_class = get_method(method_name)
-    items = [item for item in settings.split(",") if item]
-    if any("=" not in item for item in items):
-        raise ValueError(f"method settings must be key=value, got {method_spec!r} (e.g. doped-kp:doping_share=0.75)")
-    values = dict(item.split("=", 1) for item in items)
+    values = parse_settings(item for item in settings.split(",") if item)
     # no CMR override: it acts only in training, and a doped method's finalize switches it off anyway
     method = method_class(method_class.Config.from_strings({"compression": str(compression)} | values))
     original = {name: form.materialize().detach().clone() for name, form in lstm_of(model).forms()}

@@ -8,19 +8,10 @@ import sys
 import click
 
 from .. import methods
+from ..methods.base import parse_settings
 from ..presets import PRESETS
 from ..runs import RunConfig, compress_run, source_preset
 from . import options
-
-
-def _pairs(values: tuple[str, ...]) -> dict[str, str]:
-    pairs = {}
-    for value in values:
-        key, sep, text = value.partition("=")
-        if not sep:
-            raise click.BadParameter(f"expected KEY=VALUE, got {value!r}", param_hint="--set")
-        pairs[key.strip().replace("-", "_")] = text.strip()
-    return pairs
 
 
 @click.command("compress")
@@ -60,7 +51,10 @@ def command(method_name, source, preset, out, strength, settings, dropout, epoch
     Example:  leanlstm compress --method iss --from runs/ptb-small --strength 0.002 --out runs/ptb-small-iss
     """
     method = methods.get_method(method_name)
-    options = _pairs(settings) | ({"strength": strength} if strength is not None else {})
+    try:
+        options = parse_settings(settings) | ({"strength": strength} if strength is not None else {})
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--set") from error
     config = method.Config.from_strings(options)
     if preset is None:
         preset = source_preset(source) if source else "small"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from torch import nn
@@ -22,6 +23,21 @@ from torch import nn
 from ..train import Callback
 
 METHODS: dict[str, type["Method"]] = {}
+
+
+def parse_settings(pairs: Iterable[str]) -> dict[str, str]:
+    """Method options as text, for ``MethodConfig.from_strings``; dashes in keys read as underscores.
+
+    >>> parse_settings(["doping_share=0.75", "anneal-end = 0.5"])
+    {'doping_share': '0.75', 'anneal_end': '0.5'}
+    """
+    settings = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep:
+            raise ValueError(f"expected key=value, got {pair!r}")
+        settings[key.strip().replace("-", "_")] = text.strip()
+    return settings
 
 
 @dataclasses.dataclass
