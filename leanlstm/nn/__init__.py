@@ -1,7 +1,8 @@
 """The LSTM substrate: cells and stacks whose weight matrices are pluggable weight forms."""
+from .cells import CELLS, LSTMLayer, RecurrentLayer, UnitGroup
 from .forms import FORMS, Dense, Kronecker, LowRank, MaskedSparse, WeightForm
 from .gates import gate_rows, split_gates
-from .lstm import LSTM, LSTMLayer
+from .lstm import LSTM
 
-__all__ = ["FORMS", "Dense", "Kronecker", "LowRank", "MaskedSparse", "WeightForm", "LSTM", "LSTMLayer",
-           "gate_rows", "split_gates"]
+__all__ = ["CELLS", "FORMS", "Dense", "Kronecker", "LowRank", "MaskedSparse", "WeightForm", "LSTM", "LSTMLayer",
+           "RecurrentLayer", "UnitGroup", "gate_rows", "split_gates"]

@@ -1,113 +1,139 @@
 """``leanlstm.LSTM``: a drop-in for ``torch.nn.LSTM`` whose weight matrices are pluggable weight forms.
 
-Training speed comes from PyTorch's fused LSTM kernel: each forward materialises every form once and hands
-the dense matrices to the kernel, so gradients flow through the materialisation into the forms.
+The whole ``torch.nn.LSTM`` contract holds: ``bidirectional``, ``proj_size``, ``batch_first``, unbatched input,
+the state layout ``(L * D, B, size)``, and PyTorch's argument checks. Training speed comes from PyTorch's fused
+LSTM kernel: each forward materialises every form once and hands the dense matrices to the kernel, so gradients
+flow through the materialisation into the forms.
+
+``layers`` holds one cell layer per layer and direction, in PyTorch's order (index ``l * D + d``, ``d = 1`` the
+reverse direction); each lists its own weight matrices (``leanlstm.nn.cells``), so the stack assumes no cell.
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import _VF, nn
+from torch import nn
 
-from .forms import Dense, WeightForm, build_form, form_class
+from .cells import CELLS, LSTMLayer, RecurrentLayer, layer_from_config
+from .forms import WeightForm, build_form, form_class
 from .gates import NUM_GATES
-
-MATRICES = ("ih", "hh")  # input-to-hidden, hidden-to-hidden
 
 State = tuple[torch.Tensor, torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]
 
 
-class LSTMLayer(nn.Module):
-    """One unidirectional LSTM layer: ``weight_ih`` (4H x input), ``weight_hh`` (4H x H) and biases."""
+# --- argument checks, worded as PyTorch's ---------------------------------------------------------------------
+def _check_type(name: str, value: Any, kind: type) -> None:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"{name} should be of type {kind.__name__}, got: {type(value).__name__}")
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True) -> None:
-        super().__init__()
-        self.input_size, self.hidden_size = input_size, hidden_size
-        self.weight_ih: WeightForm = Dense(NUM_GATES * hidden_size, input_size)
-        self.weight_hh: WeightForm = Dense(NUM_GATES * hidden_size, hidden_size)
-        self.bias_ih = nn.Parameter(torch.empty(NUM_GATES * hidden_size)) if bias else None
-        self.bias_hh = nn.Parameter(torch.empty(NUM_GATES * hidden_size)) if bias else None
 
-    def form(self, matrix: str) -> WeightForm:
-        return getattr(self, f"weight_{matrix}")
-
-    def set_form(self, matrix: str, form: WeightForm) -> None:
-        old = self.form(matrix)
-        if form.shape != old.shape:
-            raise ValueError(f"weight_{matrix} must stay {tuple(old.shape)}, got a form of {tuple(form.shape)}")
-        setattr(self, f"weight_{matrix}", form.to(device=self.bias_device(), dtype=torch.float32))
-
-    def bias_device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    def flat_weights(self) -> list[torch.Tensor]:
-        weights = [self.weight_ih.training_weight(), self.weight_hh.training_weight()]
-        if self.bias_ih is not None:
-            weights += [self.bias_ih, self.bias_hh]
-        return weights
-
-    def forward(self, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: (T, B, input); h0, c0: (1, B, H) -> output (T, B, H), h_n, c_n (1, B, H)."""
-        output, h_n, c_n = _VF.lstm(x, (h0, c0), self.flat_weights(), self.bias_ih is not None,
-                                    1, 0.0, self.training, False, False)
-        return output, h_n, c_n
-
-    def extra_repr(self) -> str:
-        return f"{self.input_size}, {self.hidden_size}, bias={self.bias_ih is not None}"
+def _check_positive(name: str, value: int) -> None:
+    _check_type(name, value, int)
+    if value <= 0:
+        raise ValueError(f"{name} must be greater than zero")
 
 
 def _as_sizes(hidden_size: int | Sequence[int], num_layers: int | None) -> list[int]:
-    if isinstance(hidden_size, int):
-        if num_layers is None:
-            num_layers = 1
-        sizes = [hidden_size] * num_layers
-    else:
-        sizes = [int(s) for s in hidden_size]
-        if num_layers is not None and num_layers != len(sizes):
-            raise ValueError(f"num_layers={num_layers} but hidden_size lists {len(sizes)} layer sizes {sizes}")
-    if not sizes or min(sizes) <= 0:
-        raise ValueError(f"hidden sizes must be positive and at least one layer is needed, got {sizes}")
-    return sizes
+    if isinstance(hidden_size, Sequence) and not isinstance(hidden_size, str):
+        sizes = list(hidden_size)
+        if not sizes:
+            raise ValueError("hidden_size lists no layer sizes; give at least one")
+        for size in sizes:
+            _check_positive("hidden_size", size)
+        if num_layers is not None:
+            _check_positive("num_layers", num_layers)
+            if num_layers != len(sizes):
+                raise ValueError(f"num_layers={num_layers} but hidden_size lists {len(sizes)} layer sizes {sizes}")
+        return sizes
+    _check_positive("hidden_size", hidden_size)
+    num_layers = 1 if num_layers is None else num_layers
+    _check_positive("num_layers", num_layers)
+    return [hidden_size] * num_layers
 
 
-def dense_lstm_params(input_size: int, hidden_sizes: Sequence[int], bias: bool = True) -> int:
-    """Parameters of a dense LSTM stack: ``4H(in + H)`` weights and ``8H`` biases per layer."""
-    inputs = [input_size] + list(hidden_sizes[:-1])
-    return sum(NUM_GATES * h * (i + h) + (2 * NUM_GATES * h if bias else 0) for i, h in zip(inputs, hidden_sizes))
+def _check_dropout(dropout: Any) -> None:
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1:
+        raise ValueError("dropout should be a number in range [0, 1] representing the probability of an element "
+                         f"being zeroed, got {dropout!r}")
+
+
+def dense_lstm_params(input_size: int, hidden_sizes: Sequence[int], bias: bool = True, *,
+                      proj_size: int = 0, bidirectional: bool = False) -> int:
+    """Parameters of a dense LSTM stack: ``4H(in + out) (+ P H)`` weights and ``8H`` biases per layer and direction.
+
+    >>> dense_lstm_params(10, [20])
+    2560
+    """
+    directions = 2 if bidirectional else 1
+    total, inputs = 0, input_size
+    for hidden in hidden_sizes:
+        output = proj_size or hidden
+        per_direction = NUM_GATES * hidden * (inputs + output) + proj_size * hidden
+        total += directions * (per_direction + (2 * NUM_GATES * hidden if bias else 0))
+        inputs = directions * output
+    return total
 
 
 class LSTM(nn.Module):
     """Stacked LSTM with the constructor and ``forward`` contract of ``torch.nn.LSTM``.
 
     ``hidden_size`` may be a list of per-layer sizes. With equal sizes the state is ``(h, c)`` with tensors of
-    shape ``(num_layers, B, H)`` exactly as in PyTorch; with unequal sizes ``h`` and ``c`` are lists of
-    per-layer ``(1, B, H_l)`` tensors (``(1, H_l)`` unbatched).
+    shape ``(num_layers * D, B, H)`` exactly as in PyTorch; with unequal sizes ``h`` and ``c`` are lists of
+    per-(layer, direction) ``(1, B, H_l)`` tensors (``(1, H_l)`` unbatched), in the same order.
 
     >>> lstm = LSTM(8, [6, 4], num_layers=2)
     >>> out, (h, c) = lstm(torch.zeros(5, 3, 8))
     >>> tuple(out.shape), [tuple(t.shape) for t in h]
     ((5, 3, 4), [(1, 3, 6), (1, 3, 4)])
+    >>> out, (h, c) = LSTM(8, 6, 2, bidirectional=True, proj_size=3)(torch.zeros(5, 3, 8))
+    >>> tuple(out.shape), tuple(h.shape), tuple(c.shape)
+    ((5, 3, 6), (4, 3, 3), (4, 3, 6))
     """
 
     def __init__(self, input_size: int, hidden_size: int | Sequence[int], num_layers: int | None = None,
-                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0) -> None:
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 *, cell: str = "lstm") -> None:
         super().__init__()
-        if input_size <= 0:
-            raise ValueError(f"input_size must be positive, got {input_size}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        _check_positive("input_size", input_size)
+        for name, flag in (("bias", bias), ("batch_first", batch_first), ("bidirectional", bidirectional)):
+            _check_type(name, flag, bool)
+        _check_dropout(dropout)
         self.hidden_sizes = _as_sizes(hidden_size, num_layers)
-        self.input_size, self.bias, self.batch_first, self.dropout = input_size, bias, batch_first, dropout
-        inputs = [input_size] + self.hidden_sizes[:-1]
-        self.layers = nn.ModuleList(LSTMLayer(i, h, bias) for i, h in zip(inputs, self.hidden_sizes))
+        _check_type("proj_size", proj_size, int)
+        if proj_size < 0:
+            raise ValueError("proj_size should be a positive integer or zero to disable projections")
+        if proj_size and proj_size >= min(self.hidden_sizes):
+            raise ValueError("proj_size has to be smaller than hidden_size")
+        if cell not in CELLS:
+            raise ValueError(f"unknown cell {cell!r}; known cells: {', '.join(sorted(CELLS))}")
+        self.input_size, self.bias, self.batch_first, self.dropout = input_size, bias, batch_first, float(dropout)
+        self.bidirectional, self.proj_size, self.cell = bidirectional, proj_size, cell
+        self.layers = nn.ModuleList(self._build_layers())
         self.reset_parameters()
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+
+    def _build_layers(self) -> list[RecurrentLayer]:
+        layers, inputs = [], self.input_size
+        for hidden in self.hidden_sizes:
+            for direction in range(self.num_directions):
+                arguments = {"input_size": inputs, "hidden_size": hidden, "bias": self.bias,
+                             "reverse": bool(direction)} | ({"proj_size": self.proj_size} if self.proj_size else {})
+                layers.append(CELLS[self.cell](**arguments))
+            inputs = self.num_directions * layers[-1].output_size
+        return layers
 
     @property
     def num_layers(self) -> int:
         return len(self.hidden_sizes)
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
 
     @property
     def hidden_size(self) -> int | list[int]:
@@ -118,29 +144,34 @@ class LSTM(nn.Module):
     def uniform_sizes(self) -> bool:
         return len(set(self.hidden_sizes)) == 1
 
+    @property
+    def output_size(self) -> int:
+        """Width of the stack's output at each time step: ``D * (proj_size or hidden_sizes[-1])``."""
+        return self.num_directions * self.layers[-1].output_size
+
+    def layer(self, index: int, direction: int = 0) -> RecurrentLayer:
+        """The cell layer of layer ``index`` and ``direction`` (1: reverse)."""
+        return self.layers[index * self.num_directions + direction]
+
     def reset_parameters(self, init_range: float | None = None) -> None:
         """``uniform(-r, r)`` for every weight and bias; ``r = 1/sqrt(H)`` by default, as in PyTorch."""
         for layer in self.layers:
-            r = init_range if init_range is not None else layer.hidden_size ** -0.5
-            for matrix in MATRICES:
-                layer.form(matrix).reset_parameters(r)
-            if layer.bias_ih is not None:
-                nn.init.uniform_(layer.bias_ih, -r, r)
-                nn.init.uniform_(layer.bias_hh, -r, r)
+            layer.reset_parameters(init_range if init_range is not None else layer.hidden_size ** -0.5)
 
-    # --- forward -------------------------------------------------------------------------------------
+    # --- forward -------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, hx: State | None = None) -> tuple[torch.Tensor, State]:
         self._check_input(x)
         unbatched = x.dim() == 2
         x = x.unsqueeze(1) if unbatched else (x.transpose(0, 1) if self.batch_first else x)  # (T, B, in)
         h0, c0 = self._initial_state(hx, x, unbatched)
-        h_n, c_n = [], []
-        for index, layer in enumerate(self.layers):
+        h_n, c_n, D = [], [], self.num_directions
+        for index in range(self.num_layers):
             if index and self.dropout and self.training:
                 x = nn.functional.dropout(x, self.dropout, training=True)
-            x, h, c = layer(x, h0[index], c0[index])
-            h_n.append(h)
-            c_n.append(c)
+            flat = slice(index * D, (index + 1) * D)
+            x, h, c = self._run_layer(self.layers[flat], x, h0[flat], c0[flat])
+            h_n += h
+            c_n += c
         if unbatched:
             x, h_n, c_n = x.squeeze(1), [h.squeeze(1) for h in h_n], [c.squeeze(1) for c in c_n]
         elif self.batch_first:
@@ -149,11 +180,30 @@ class LSTM(nn.Module):
             return x, (torch.cat(h_n, 0), torch.cat(c_n, 0))
         return x, (h_n, c_n)
 
+    @staticmethod
+    def _run_layer(directions: Sequence[RecurrentLayer], x: torch.Tensor, h0: list[torch.Tensor],
+                   c0: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """One layer, all its directions; outputs concatenated ``[forward | reverse]`` along features."""
+        if len(directions) == 2 and all(type(d) is LSTMLayer for d in directions):
+            out, h, c = LSTMLayer.forward_pair(*directions, x, torch.cat(h0), torch.cat(c0))
+            return out, list(h.split(1)), list(c.split(1))
+        outputs, h_n, c_n = [], [], []
+        for layer, h, c in zip(directions, h0, c0):
+            out, h, c = layer(x, h, c)
+            outputs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, -1)), h_n, c_n
+
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"LSTM input must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"LSTM input must be floating point, got {x.dtype}; convert with x.float()")
+        weight = self.layers[0].bias_ih if self.bias else next(self.parameters())
+        if x.dtype != weight.dtype:
+            raise ValueError(f"RNN input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). Convert "
+                             f"input: input.to({weight.dtype}), or convert model: model.to({x.dtype})")
         if x.dim() not in (2, 3) or x.shape[-1] != self.input_size:
             layout = "(batch, seq, input)" if self.batch_first else "(seq, batch, input)"
             raise ValueError(f"LSTM expects input of shape {layout} or (seq, input) with input="
@@ -163,21 +213,31 @@ class LSTM(nn.Module):
                        ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         batch = x.shape[1]
         if hx is None:
-            zeros = [x.new_zeros(1, batch, size) for size in self.hidden_sizes]
-            return zeros, [z.clone() for z in zeros]
+            return ([x.new_zeros(1, batch, layer.state_sizes()[0]) for layer in self.layers],
+                    [x.new_zeros(1, batch, layer.state_sizes()[1]) for layer in self.layers])
         if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
-            raise TypeError("hx must be a pair (h0, c0)")
-        return tuple(self._split_state(part, name, batch, unbatched, x) for part, name in zip(hx, "hc"))
+            raise TypeError("hx must be a pair (h0, c0) of tensors (or of per-layer lists); pass None for zeros")
+        return tuple(self._split_state(part, name, which, batch, unbatched, x)
+                     for which, (part, name) in enumerate(zip(hx, "hc")))
 
-    def _split_state(self, state: Any, name: str, batch: int, unbatched: bool, x: torch.Tensor
+    def _split_state(self, state: Any, name: str, which: int, batch: int, unbatched: bool, x: torch.Tensor
                      ) -> list[torch.Tensor]:
-        per_layer = list(state.unbind(0)) if isinstance(state, torch.Tensor) else list(state)
-        if isinstance(state, torch.Tensor) and not self.uniform_sizes:
-            raise ValueError(f"{name}0 must be a list of per-layer tensors for per-layer sizes {self.hidden_sizes}")
-        if len(per_layer) != self.num_layers:
-            raise ValueError(f"{name}0 holds {len(per_layer)} layers, the LSTM has {self.num_layers}")
+        if isinstance(state, torch.Tensor):
+            if not self.uniform_sizes:
+                raise ValueError(f"{name}0 must be a list of per-layer tensors for per-layer sizes "
+                                 f"{self.hidden_sizes}")
+            per_layer = list(state.unbind(0))
+        elif isinstance(state, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in state):
+            per_layer = list(state)
+        else:
+            raise TypeError(f"{name}0 must be a tensor (or a list of per-layer tensors), got "
+                            f"{type(state).__name__}")
+        if len(per_layer) != len(self.layers):
+            raise ValueError(f"{name}0 holds {len(per_layer)} layers, the LSTM has {len(self.layers)} "
+                             f"(num_layers * num_directions)")
         out = []
-        for index, (tensor, size) in enumerate(zip(per_layer, self.hidden_sizes)):
+        for index, (tensor, layer) in enumerate(zip(per_layer, self.layers)):
+            size = layer.state_sizes()[which]
             tensor = tensor.reshape(tensor.shape[-1:]) if unbatched and tensor.dim() == 2 else tensor
             expected = (size,) if unbatched else (batch, size)
             if tensor.dim() == len(expected) + 1 and tensor.shape[0] == 1:
@@ -189,17 +249,19 @@ class LSTM(nn.Module):
             out.append(tensor.reshape(1, 1 if unbatched else batch, size))
         return out
 
-    # --- weight forms --------------------------------------------------------------------------------
+    # --- weight forms --------------------------------------------------------------------------------------
     def forms(self) -> Iterator[tuple[str, WeightForm]]:
-        """``("layers.0.weight_ih", form), ...`` for every weight matrix."""
+        """``("layers.0.weight_ih", form), ...`` for every weight matrix of every layer and direction."""
         for index, layer in enumerate(self.layers):
-            for matrix in MATRICES:
-                yield f"layers.{index}.weight_{matrix}", layer.form(matrix)
+            for matrix, form in layer.forms():
+                yield f"layers.{index}.weight_{matrix}", form
 
     def replace_forms(self, form: str | type[WeightForm] | Callable[[torch.Tensor], WeightForm], *,
-                      layers: Sequence[int] | None = None, matrices: Sequence[str] = MATRICES,
+                      layers: Sequence[int] | None = None, matrices: Sequence[str] | None = None,
                       **options: Any) -> "LSTM":
-        """Swap weight forms in one call, fitting each new form to the current (trained) matrix.
+        """Swap weight forms in one call, fitting each new form to the current (trained) matrix. ``layers`` are
+        flat indices into ``self.layers`` (``l * D + d``); ``matrices`` default to all of each layer's. Atomic:
+        if any matrix fails to convert, no matrix is changed.
 
         >>> lstm = LSTM(16, 32, 2).replace_forms("lowrank", rank=4)
         >>> type(lstm.layers[1].weight_hh).__name__
@@ -208,74 +270,108 @@ class LSTM(nn.Module):
         if isinstance(form, str):
             form = form_class(form)
         build = form.from_dense if isinstance(form, type) else form
-        for index in range(self.num_layers) if layers is None else layers:
+        indices = range(len(self.layers)) if layers is None else layers
+        for index in indices:
+            if not 0 <= index < len(self.layers):
+                raise IndexError(f"layer index {index} is outside [0, {len(self.layers)})")
+            unknown = set(matrices or ()) - set(self.layers[index].matrices)
+            if unknown:
+                raise ValueError(f"layer {index} has matrices {self.layers[index].matrices}, not "
+                                 f"{', '.join(sorted(unknown))}")
+        converted = []
+        for index in indices:
             layer = self.layers[index]
-            for matrix in matrices:
-                if matrix not in MATRICES:
-                    raise ValueError(f"matrix must be one of {MATRICES}, got {matrix!r}")
+            for matrix in matrices or layer.matrices:
                 dense = layer.form(matrix).materialize().detach().cpu().float()
-                layer.set_form(matrix, build(dense, **options))
+                converted.append((layer, matrix, build(dense, **options)))
+        for layer, matrix, new in converted:
+            layer.set_form(matrix, new)
         return self
 
     def stored_params(self) -> int:
         """Float32-equivalent parameters stored by the forms (index overhead included) plus biases."""
-        biases = sum(b.numel() for layer in self.layers for b in (layer.bias_ih, layer.bias_hh) if b is not None)
+        biases = sum(b.numel() for layer in self.layers for _, b in layer.named_parameters(recurse=False))
         return sum(form.stored_params() for _, form in self.forms()) + biases
 
     def dense_params(self) -> int:
         """Parameters of the dense ``torch.nn.LSTM`` with the same sizes."""
-        return dense_lstm_params(self.input_size, self.hidden_sizes, self.bias)
+        return dense_lstm_params(self.input_size, self.hidden_sizes, self.bias, proj_size=self.proj_size,
+                                 bidirectional=self.bidirectional)
 
-    # --- configuration and conversion ----------------------------------------------------------------
+    # --- configuration and conversion ----------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        return {"input_size": self.input_size, "hidden_size": list(self.hidden_sizes), "bias": self.bias,
-                "batch_first": self.batch_first, "dropout": self.dropout,
-                "forms": {name: form.config() for name, form in self.forms()}}
+        return {"cell": self.cell, "input_size": self.input_size, "hidden_size": list(self.hidden_sizes),
+                "bias": self.bias, "batch_first": self.batch_first, "dropout": self.dropout,
+                "bidirectional": self.bidirectional, "proj_size": self.proj_size,
+                "layers": [layer.config() for layer in self.layers]}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "LSTM":
         """An LSTM with the structure in ``config`` (weights uninitialised until a state dict is loaded)."""
         lstm = cls(config["input_size"], config["hidden_size"], bias=config["bias"],
-                   batch_first=config["batch_first"], dropout=config["dropout"])
-        for name, form_config in config.get("forms", {}).items():
-            _, index, matrix = name.split(".")
-            lstm.layers[int(index)].set_form(matrix.removeprefix("weight_"), build_form(form_config))
+                   batch_first=config["batch_first"], dropout=config["dropout"],
+                   bidirectional=config.get("bidirectional", False), proj_size=config.get("proj_size", 0),
+                   cell=config.get("cell", "lstm"))
+        if "layers" in config:
+            if len(config["layers"]) != len(lstm.layers):
+                raise ValueError(f"the config lists {len(config['layers'])} layers for {len(lstm.layers)}")
+            lstm.layers = nn.ModuleList(layer_from_config(layer) for layer in config["layers"])
+        for name, form_config in config.get("forms", {}).items():   # the format before per-layer configs
+            layer_name, _, attribute = name.rpartition(".")
+            lstm.get_submodule(layer_name).set_form(attribute.removeprefix("weight_"), build_form(form_config))
         return lstm
 
     @classmethod
     def from_torch(cls, module: nn.LSTM) -> "LSTM":
-        """Copy a ``torch.nn.LSTM`` into a ``leanlstm.LSTM`` with dense forms."""
+        """Copy a ``torch.nn.LSTM`` into a ``leanlstm.LSTM`` with dense forms (same mode, device and dtype)."""
         if not isinstance(module, nn.LSTM):
             raise TypeError(f"from_torch expects a torch.nn.LSTM, got {type(module).__name__}")
-        if module.bidirectional or module.proj_size:
-            raise ValueError("bidirectional LSTMs and proj_size are not supported by leanlstm.LSTM")
+        reference = next(module.parameters())
         lstm = cls(module.input_size, module.hidden_size, module.num_layers, bias=module.bias,
-                   batch_first=module.batch_first, dropout=module.dropout)
+                   batch_first=module.batch_first, dropout=float(module.dropout),
+                   bidirectional=module.bidirectional, proj_size=module.proj_size)
+        lstm = lstm.to(device=reference.device, dtype=reference.dtype)
         with torch.no_grad():
             for index, layer in enumerate(lstm.layers):
-                for matrix in MATRICES:
-                    layer.form(matrix).weight.copy_(getattr(module, f"weight_{matrix}_l{index}"))
-                    if module.bias:
-                        getattr(layer, f"bias_{matrix}").copy_(getattr(module, f"bias_{matrix}_l{index}"))
-        return lstm.to(next(module.parameters()).device)
+                for name, tensor in _torch_weights(module, index, lstm.num_directions).items():
+                    _dense_slot(layer, name).copy_(tensor)
+        return lstm.train(module.training)
 
     def to_torch(self) -> nn.LSTM:
         """A dense ``torch.nn.LSTM`` computing the same function (forms are materialised)."""
         if not self.uniform_sizes:
             raise ValueError(f"torch.nn.LSTM needs equal layer sizes; this LSTM has {self.hidden_sizes}")
+        if self.cell != "lstm":
+            raise ValueError(f"torch.nn.LSTM holds LSTM cells only; this stack's cell is {self.cell!r}")
+        reference = self.layers[0].weight_ih.materialize()
         module = nn.LSTM(self.input_size, self.hidden_sizes[0], self.num_layers, bias=self.bias,
-                         batch_first=self.batch_first, dropout=self.dropout)
+                         batch_first=self.batch_first, dropout=self.dropout, bidirectional=self.bidirectional,
+                         proj_size=self.proj_size, device=reference.device, dtype=reference.dtype)
         with torch.no_grad():
             for index, layer in enumerate(self.layers):
-                for matrix in MATRICES:
-                    getattr(module, f"weight_{matrix}_l{index}").copy_(layer.form(matrix).materialize())
-                    if self.bias:
-                        getattr(module, f"bias_{matrix}_l{index}").copy_(getattr(layer, f"bias_{matrix}"))
-        return module.to(self.layers[0].bias_device())
+                for name, tensor in _torch_weights(module, index, self.num_directions).items():
+                    tensor.copy_(_dense_value(layer, name))
+        return module.train(self.training)
+
+
+def _torch_weights(module: nn.LSTM, index: int, directions: int) -> dict[str, torch.Tensor]:
+    """``{"weight_ih": tensor, ...}`` of the flat layer ``index`` of a ``torch.nn.LSTM``."""
+    suffix = f"_l{index // directions}" + ("_reverse" if index % directions else "")
+    return {name: getattr(module, name + suffix) for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh",
+                                                              "weight_hr") if hasattr(module, name + suffix)}
+
+
+def _dense_slot(layer: RecurrentLayer, name: str) -> torch.Tensor:
+    """The tensor that holds ``name`` in a freshly built (dense) layer."""
+    return getattr(layer, name) if name.startswith("bias") else layer.form(name.removeprefix("weight_")).weight
+
+
+def _dense_value(layer: RecurrentLayer, name: str) -> torch.Tensor:
+    return getattr(layer, name) if name.startswith("bias") else layer.form(name.removeprefix("weight_")).materialize()
 
 
 def lstm_of(model: nn.Module) -> LSTM:
-    """The ``leanlstm.LSTM`` of a model (``model.lstm``) or the model itself; methods transform through it."""
+    """The ``leanlstm.LSTM`` of a model (``model.lstm``) or the model itself (to be replaced by ``leanlstm.graph``)."""
     lstm = getattr(model, "lstm", model)
     if not isinstance(lstm, LSTM):
         raise TypeError(f"this method compresses a leanlstm.LSTM (or a model with one as .lstm), got "

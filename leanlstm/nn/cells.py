@@ -1,0 +1,239 @@
+"""Recurrent cell layers: one direction of one layer of a stack, each cell type registered by name.
+
+A cell layer lists its own weight matrices (``matrices``), each a weight form; the stack (``leanlstm.LSTM``)
+never assumes which. A new cell is one file: subclass ``RecurrentLayer`` with a ``cell`` name, implement
+``forward``, ``state_sizes``, ``arguments``, ``groups`` and ``select``, and give the runtime and the ONNX
+exporter its step.
+
+Structured methods (ISS) remove whole units. ``groups()`` tells them what a unit of the cell is: which rows and
+columns of which matrices belong to unit ``k``. ``select()`` returns the smaller layer that keeps some units.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import _VF, nn
+
+from .forms import Dense, WeightForm, build_form
+from .gates import NUM_GATES, gate_rows
+
+CELLS: dict[str, type["RecurrentLayer"]] = {}
+
+IndexFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class UnitGroup:
+    """Units of one kind in a layer (hidden units, projection units), as rows and columns of its matrices.
+
+    ``parts`` holds ``(matrix, dim, index_fn)``: unit set ``u`` owns the indices ``index_fn(u)`` along ``dim`` of
+    that matrix. ``output``: unit ``k`` of this group is channel ``k`` of the layer's output, which consumers
+    (the next layer, a head) read as column ``k``.
+    """
+
+    name: str
+    size: int
+    parts: tuple[tuple[str, int, IndexFn], ...]
+    output: bool
+
+
+def _same(units: torch.Tensor) -> torch.Tensor:
+    return units
+
+
+class RecurrentLayer(nn.Module):
+    """Base of every cell layer: unidirectional (``reverse`` runs over time backwards), weights as forms."""
+
+    cell: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "cell" in cls.__dict__:
+            if cls.cell in CELLS:
+                raise ValueError(f"cell name {cls.cell!r} is already registered by {CELLS[cls.cell]}")
+            CELLS[cls.cell] = cls
+
+    input_size: int
+    hidden_size: int
+    reverse: bool
+
+    @property
+    def matrices(self) -> tuple[str, ...]:
+        """Names of the layer's weight matrices; ``form(name)`` is the form of ``weight_<name>``."""
+        raise NotImplementedError
+
+    @property
+    def output_size(self) -> int:
+        """Width of the layer's output (and of the state the next step reads)."""
+        return self.hidden_size
+
+    def state_sizes(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def arguments(self) -> dict[str, Any]:
+        """Constructor keyword arguments that rebuild a layer of this shape (with dense forms)."""
+        raise NotImplementedError
+
+    def groups(self) -> list[UnitGroup]:
+        raise NotImplementedError
+
+    def select(self, keep: dict[str, torch.Tensor], inputs: torch.Tensor | None = None) -> "RecurrentLayer":
+        raise NotImplementedError
+
+    # --- forms ---------------------------------------------------------------------------------------------
+    def form(self, matrix: str) -> WeightForm:
+        if matrix not in self.matrices:
+            raise ValueError(f"a {self.cell} layer has matrices {self.matrices}, not {matrix!r}")
+        return getattr(self, f"weight_{matrix}")
+
+    def forms(self) -> Iterator[tuple[str, WeightForm]]:
+        for matrix in self.matrices:
+            yield matrix, self.form(matrix)
+
+    def set_form(self, matrix: str, form: WeightForm) -> None:
+        old = self.form(matrix)
+        if form.shape != old.shape:
+            raise ValueError(f"weight_{matrix} must stay {tuple(old.shape)}, got a form of {tuple(form.shape)}")
+        reference = next(old.parameters(), None)
+        if reference is None:
+            reference = next(self.parameters())
+        setattr(self, f"weight_{matrix}", form.to(device=reference.device, dtype=reference.dtype))
+
+    def bias_device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def reset_parameters(self, init_range: float) -> None:
+        """``uniform(-r, r)`` for every weight and bias."""
+        for _, form in self.forms():
+            form.reset_parameters(init_range)
+        for name, parameter in self.named_parameters(recurse=False):
+            nn.init.uniform_(parameter, -init_range, init_range)
+
+    # --- configuration -------------------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        return {"cell": self.cell, **self.arguments(),
+                "forms": {matrix: form.config() for matrix, form in self.forms()}}
+
+
+def layer_from_config(config: dict[str, Any]) -> RecurrentLayer:
+    """An (uninitialised) layer with the cell, sizes and forms of ``RecurrentLayer.config()``."""
+    cell = config.get("cell", "lstm")
+    if cell not in CELLS:
+        raise ValueError(f"unknown cell {cell!r}; known cells: {', '.join(sorted(CELLS))}")
+    arguments = {k: v for k, v in config.items() if k not in ("cell", "forms")}
+    layer = CELLS[cell](**arguments)
+    for matrix, form_config in config.get("forms", {}).items():
+        layer.set_form(matrix, build_form(form_config))
+    return layer
+
+
+class LSTMLayer(RecurrentLayer):
+    """One direction of one LSTM layer, as ``torch.nn.LSTM`` computes it:
+
+        gates = W_ih x_t + W_hh h_{t-1} + b_ih + b_hh        (4H, packed [i|f|g|o])
+        c_t = f * c_{t-1} + i * g;   h_t = o * tanh(c_t);    with ``proj_size`` P:  h_t = W_hr (o * tanh(c_t))
+
+    ``weight_ih`` (4H x input), ``weight_hh`` (4H x output_size), ``weight_hr`` (P x H) are weight forms.
+
+    >>> layer = LSTMLayer(3, 4, proj_size=2)
+    >>> layer.matrices, layer.output_size, tuple(layer.weight_hh.shape)
+    (('ih', 'hh', 'hr'), 2, (16, 2))
+    """
+
+    cell = "lstm"
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, proj_size: int = 0,
+                 reverse: bool = False) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size, self.proj_size = int(input_size), int(hidden_size), int(proj_size)
+        self.reverse = bool(reverse)
+        gates = NUM_GATES * hidden_size
+        self.weight_ih: WeightForm = Dense(gates, input_size)
+        self.weight_hh: WeightForm = Dense(gates, self.output_size)
+        if proj_size:
+            self.weight_hr: WeightForm = Dense(proj_size, hidden_size)
+        self.bias_ih = nn.Parameter(torch.empty(gates)) if bias else None
+        self.bias_hh = nn.Parameter(torch.empty(gates)) if bias else None
+
+    @property
+    def matrices(self) -> tuple[str, ...]:
+        return ("ih", "hh", "hr") if self.proj_size else ("ih", "hh")
+
+    @property
+    def output_size(self) -> int:
+        return self.proj_size or self.hidden_size
+
+    @property
+    def bias(self) -> bool:
+        return self.bias_ih is not None
+
+    def state_sizes(self) -> tuple[int, int]:
+        return self.output_size, self.hidden_size
+
+    def arguments(self) -> dict[str, Any]:
+        return {"input_size": self.input_size, "hidden_size": self.hidden_size, "bias": self.bias,
+                "proj_size": self.proj_size, "reverse": self.reverse}
+
+    def flat_weights(self) -> list[torch.Tensor]:
+        """In ``torch.nn.LSTM``'s order: w_ih, w_hh, [b_ih, b_hh], [w_hr]."""
+        weights = [self.weight_ih.training_weight(), self.weight_hh.training_weight()]
+        if self.bias_ih is not None:
+            weights += [self.bias_ih, self.bias_hh]
+        if self.proj_size:
+            weights.append(self.weight_hr.training_weight())
+        return weights
+
+    def forward(self, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (T, B, input); h0: (1, B, output_size), c0: (1, B, H) -> output (T, B, output_size), h_n, c_n."""
+        if self.reverse:
+            x = x.flip(0)
+        output, h_n, c_n = _VF.lstm(x, (h0, c0), self.flat_weights(), self.bias, 1, 0.0, self.training, False,
+                                    False)
+        return (output.flip(0) if self.reverse else output), h_n, c_n
+
+    @staticmethod
+    def forward_pair(forward: "LSTMLayer", backward: "LSTMLayer", x: torch.Tensor, h0: torch.Tensor,
+                     c0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Both directions of a bidirectional layer in one call of PyTorch's fused kernel (no flipped copies).
+
+        h0: (2, B, output_size), c0: (2, B, H) -> output (T, B, 2 * output_size), h_n, c_n (2, B, ...).
+        """
+        weights = forward.flat_weights() + backward.flat_weights()
+        return _VF.lstm(x, (h0, c0), weights, forward.bias, 1, 0.0, forward.training, True, False)
+
+    # --- units, for structured removal -------------------------------------------------------------------------
+    def groups(self) -> list[UnitGroup]:
+        H = self.hidden_size
+        rows: IndexFn = lambda units: gate_rows(H, units)  # noqa: E731 - the four gate rows of each unit
+        hidden = [("ih", 0, rows), ("hh", 0, rows)]
+        if not self.proj_size:
+            return [UnitGroup("hidden", H, tuple(hidden + [("hh", 1, _same)]), output=True)]
+        return [UnitGroup("hidden", H, tuple(hidden + [("hr", 1, _same)]), output=False),
+                UnitGroup("proj", self.proj_size, (("hr", 0, _same), ("hh", 1, _same)), output=True)]
+
+    @torch.no_grad()
+    def select(self, keep: dict[str, torch.Tensor], inputs: torch.Tensor | None = None) -> "LSTMLayer":
+        """A dense layer keeping units ``keep["hidden"]`` (and ``keep["proj"]``) and input columns ``inputs``."""
+        hidden = keep["hidden"].cpu()
+        proj = keep["proj"].cpu() if self.proj_size else hidden
+        inputs = torch.arange(self.input_size) if inputs is None else inputs.cpu()
+        rows = gate_rows(self.hidden_size, hidden)
+        small = LSTMLayer(len(inputs), len(hidden), self.bias, len(proj) if self.proj_size else 0, self.reverse)
+        reference = self.weight_ih.materialize()
+        small = small.to(device=reference.device, dtype=reference.dtype)
+        small.weight_ih.weight.copy_(reference[rows][:, inputs])
+        small.weight_hh.weight.copy_(self.weight_hh.materialize()[rows][:, proj])
+        if self.proj_size:
+            small.weight_hr.weight.copy_(self.weight_hr.materialize()[proj][:, hidden])
+        if self.bias:
+            small.bias_ih.copy_(self.bias_ih[rows])
+            small.bias_hh.copy_(self.bias_hh[rows])
+        return small
+
+    def extra_repr(self) -> str:
+        extra = (f", proj_size={self.proj_size}" if self.proj_size else "") + (", reverse" if self.reverse else "")
+        return f"{self.input_size}, {self.hidden_size}, bias={self.bias}{extra}"
