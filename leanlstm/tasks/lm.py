@@ -87,8 +87,11 @@ def _layer_sizes(lstm: nn.Module) -> list[int]:
     return lstm.hidden_sizes
 
 
+@torch.fx.wrap
 def _per_layer(state):
-    """The LSTM returns stacked tensors for equal sizes; keep per-layer lists so state shapes never vary."""
+    """The LSTM returns stacked tensors for equal sizes; keep per-layer lists so state shapes never vary.
+
+    One node in a ``torch.fx`` trace (``leanlstm.graph`` reads models that way): it branches on types."""
     h, c = state
     if isinstance(h, torch.Tensor):
         return list(h.split(1)), list(c.split(1))
