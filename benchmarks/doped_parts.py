@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from leanlstm.nn.forms.doped import Doped
-from leanlstm.nn.lstm import lstm_of
+from leanlstm.graph import lstm_forms
 from leanlstm.runs import build_task, load_run
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -29,7 +29,7 @@ from record_run import command_line, machine  # noqa: E402
 def parts(run_dir: str, split: str) -> dict:
     run, model, _ = load_run(run_dir)
     task = build_task(run, run.train_config())
-    forms = [(name, form) for name, form in lstm_of(model).forms() if isinstance(form, Doped)]
+    forms = [(name, form) for name, form in lstm_forms(model) if isinstance(form, Doped)]
     if not forms:
         raise SystemExit(f"{run_dir}: the model has no doped matrices")
     matrices = []
@@ -40,7 +40,7 @@ def parts(run_dir: str, split: str) -> dict:
                              "d_norm": float(sparse.norm()), "d_nonzeros": int(sparse.count_nonzero())})
     structured_only = copy.deepcopy(model)
     with torch.no_grad():
-        for _, form in lstm_of(structured_only).forms():
+        for _, form in lstm_forms(structured_only):
             if isinstance(form, Doped):
                 form.sparse.weight.zero_()
     return {"run": run_dir, "split": split, "ppl_s_plus_d": task.evaluate(model, split)["ppl"],

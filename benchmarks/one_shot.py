@@ -27,7 +27,7 @@ from leanlstm.methods import get_method
 from leanlstm.methods.base import parse_settings
 from leanlstm.methods.pruning import weight_compression
 from leanlstm.nn.forms import Doped
-from leanlstm.nn.lstm import lstm_of
+from leanlstm.graph import lstm_forms
 from leanlstm.runs import build_task, load_run
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -48,10 +48,10 @@ def convert(model: torch.nn.Module, method_spec: str, compression: float) -> tup
     values = parse_settings(item for item in settings.split(",") if item)
     # no CMR override: it acts only in training, and a doped method's finalize switches it off anyway
     method = method_class(method_class.Config.from_strings({"compression": str(compression)} | values))
-    original = {name: form.materialize().detach().clone() for name, form in lstm_of(model).forms()}
+    original = {name: form.materialize().detach().clone() for name, form in lstm_forms(model)}
     converted = method.finalize(method.prepare(copy.deepcopy(model)))
     errors = {}
-    for name, form in lstm_of(converted).forms():
+    for name, form in lstm_forms(converted):
         entry = {"error": relative_error(original[name], form.materialize())}
         if isinstance(form, Doped):
             entry["structure_alone_error"] = relative_error(original[name], form.structured.materialize())

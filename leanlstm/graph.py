@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .nn import LSTM
+from .nn import LSTM, WeightForm
 
 RECURRENT_TYPES: tuple[type[nn.Module], ...] = (nn.LSTM, LSTM)
 
@@ -58,6 +58,18 @@ def _outer_modules(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Mod
         return
     for name, child in module.named_children():
         yield from _outer_modules(child, f"{prefix}.{name}" if prefix else name)
+
+
+def lstm_forms(model: nn.Module, filter_fn: FilterFn | None = None) -> Iterator[tuple[str, WeightForm]]:
+    """``(qualified_name, form)`` of every weight matrix of every ``leanlstm.LSTM`` in ``model``.
+
+    >>> [name for name, _ in lstm_forms(nn.ModuleDict({"rnn": LSTM(3, 4)}))]
+    ['rnn.layers.0.weight_ih', 'rnn.layers.0.weight_hh']
+    """
+    for name, lstm in find_lstms(model, filter_fn):
+        if isinstance(lstm, LSTM):
+            for form_name, form in lstm.forms():
+                yield (f"{name}.{form_name}" if name else form_name), form
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from leanlstm.methods.pruning import final_entries, sparse_part
-from leanlstm.nn.lstm import lstm_of
+from leanlstm.graph import lstm_forms
 from leanlstm.tasks.lm import LMConfig, WordLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -54,11 +54,11 @@ def test_sweep_runs_leanlstm_with_its_own_interpreter_without_it_on_path():
 def test_one_shot_converts_to_the_final_state_of_each_method():
     torch.manual_seed(0)
     model = WordLM(LMConfig(vocab_size=50, embed_size=24, hidden_sizes=[24, 24]))
-    weights = {name: form.materialize().detach().clone() for name, form in lstm_of(model).forms()}
+    weights = {name: form.materialize().detach().clone() for name, form in lstm_forms(model)}
     for method in ("prune", "doped-kp", "doped-lmf"):
         converted, record = convert(model, method, 4.0)
         assert record["lstm_weight_compression"] == pytest.approx(4.0, rel=0.01)
-        for name, form in lstm_of(converted).forms():
+        for name, form in lstm_forms(converted):
             # the sparse part sits at its final budget at once, not at the schedule's start (dense)
             assert sparse_part(form).nnz() == final_entries(name, form, 4.0)
             entry = record["matrices"][name]
@@ -70,15 +70,15 @@ def test_one_shot_converts_to_the_final_state_of_each_method():
     singular = torch.linalg.svdvals(weight.double())
     expected = float(singular[rank:].norm() / singular.norm())   # Eckart-Young: the truncated SVD's error
     assert record["matrices"][name]["error"] == pytest.approx(expected, rel=1e-4)
-    for name, form in lstm_of(model).forms():     # the source model is left as it was
+    for name, form in lstm_forms(model):     # the source model is left as it was
         assert torch.equal(form.materialize(), weights[name])
 
 
 def test_one_shot_takes_config_settings_after_the_method_name():
     torch.manual_seed(0)
     model = WordLM(LMConfig(vocab_size=50, embed_size=24, hidden_sizes=[24, 24]))
-    name = next(name for name, _ in lstm_of(model).forms())
-    entries = {share: sparse_part(dict(lstm_of(convert(model, f"doped-kp:doping_share={share}", 4.0)[0]).forms())
+    name = next(name for name, _ in lstm_forms(model))
+    entries = {share: sparse_part(dict(lstm_forms(convert(model, f"doped-kp:doping_share={share}", 4.0)[0]))
                                   [name]).nnz() for share in (0.25, 0.75)}
     assert entries[0.75] > entries[0.25]           # a larger share of the budget left to D: more entries
     with pytest.raises(ValueError, match="doping_share"):
