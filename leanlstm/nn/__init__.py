@@ -2,7 +2,8 @@
 from .cells import CELLS, LSTMLayer, RecurrentLayer, UnitGroup
 from .forms import FORMS, Dense, Kronecker, LowRank, MaskedSparse, WeightForm
 from .gates import gate_rows, split_gates
+from .hlstm import HLSTMLayer
 from .lstm import LSTM
 
-__all__ = ["CELLS", "FORMS", "Dense", "Kronecker", "LowRank", "MaskedSparse", "WeightForm", "LSTM", "LSTMLayer",
+__all__ = ["CELLS", "FORMS", "Dense", "Kronecker", "LowRank", "MaskedSparse", "WeightForm", "LSTM", "LSTMLayer", "HLSTMLayer",
            "RecurrentLayer", "UnitGroup", "gate_rows", "split_gates"]

@@ -157,6 +157,7 @@ class LSTMLayer(RecurrentLayer):
             self.weight_hr: WeightForm = Dense(proj_size, hidden_size)
         self.bias_ih = nn.Parameter(torch.empty(gates)) if bias else None
         self.bias_hh = nn.Parameter(torch.empty(gates)) if bias else None
+        self.reset_parameters(self.hidden_size ** -0.5)                 # PyTorch's default
 
     @property
     def matrices(self) -> tuple[str, ...]:

@@ -96,7 +96,8 @@ class LSTM(nn.Module):
     def __init__(self, input_size: int, hidden_size: int | Sequence[int], num_layers: int | None = None,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 *, cell: str = "lstm") -> None:
+                 *, cell: str | Sequence[str] = "lstm",
+                 cell_options: dict[str, Any] | Sequence[dict[str, Any]] | None = None) -> None:
         super().__init__()
         _check_positive("input_size", input_size)
         for name, flag in (("bias", bias), ("batch_first", batch_first), ("bidirectional", bidirectional)):
@@ -108,22 +109,35 @@ class LSTM(nn.Module):
             raise ValueError("proj_size should be a positive integer or zero to disable projections")
         if proj_size and proj_size >= min(self.hidden_sizes):
             raise ValueError("proj_size has to be smaller than hidden_size")
-        if cell not in CELLS:
-            raise ValueError(f"unknown cell {cell!r}; known cells: {', '.join(sorted(CELLS))}")
         self.input_size, self.bias, self.batch_first, self.dropout = input_size, bias, batch_first, float(dropout)
-        self.bidirectional, self.proj_size, self.cell = bidirectional, proj_size, cell
-        self.layers = nn.ModuleList(self._build_layers())
+        self.bidirectional, self.proj_size = bidirectional, proj_size
+        self.cell, self.cell_options = cell if isinstance(cell, str) else list(cell), cell_options
+        self.layers = nn.ModuleList(self._build_layers(*self._per_layer_cells(cell, cell_options)))
         self.reset_parameters()
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 
-    def _build_layers(self) -> list[RecurrentLayer]:
+    def _per_layer_cells(self, cell: str | Sequence[str], options: Any) -> tuple[list[str], list[dict[str, Any]]]:
+        """Cell name and options of every layer: one for all, or a list with one per layer (a mixed stack)."""
+        cells = [cell] * self.num_layers if isinstance(cell, str) else list(cell)
+        options = [options or {}] * self.num_layers if options is None or isinstance(options, dict) else list(options)
+        if len(cells) != self.num_layers or len(options) != self.num_layers:
+            raise ValueError(f"give one cell (and cell_options) for all layers or one per layer; the stack has "
+                             f"{self.num_layers} layers, got cell={cell!r}, cell_options={options!r}")
+        unknown = sorted(set(cells) - set(CELLS))
+        if unknown:
+            raise ValueError(f"unknown cell {unknown[0]!r}; known cells: {', '.join(sorted(CELLS))}")
+        if self.proj_size and set(cells) != {"lstm"}:
+            raise ValueError(f"proj_size applies to LSTM cells only; this stack's cells are {cells}")
+        return cells, [dict(o) for o in options]
+
+    def _build_layers(self, cells: list[str], options: list[dict[str, Any]]) -> list[RecurrentLayer]:
         layers, inputs = [], self.input_size
-        for hidden in self.hidden_sizes:
+        for hidden, cell, extra in zip(self.hidden_sizes, cells, options):
             for direction in range(self.num_directions):
                 arguments = {"input_size": inputs, "hidden_size": hidden, "bias": self.bias,
                              "reverse": bool(direction)} | ({"proj_size": self.proj_size} if self.proj_size else {})
-                layers.append(CELLS[self.cell](**arguments))
+                layers.append(CELLS[cell](**arguments, **extra))
             inputs = self.num_directions * layers[-1].output_size
         return layers
 
@@ -200,7 +214,7 @@ class LSTM(nn.Module):
             raise TypeError(f"LSTM input must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"LSTM input must be floating point, got {x.dtype}; convert with x.float()")
-        weight = self.layers[0].bias_ih if self.bias else next(self.parameters())
+        weight = next(self.layers[0].parameters())
         if x.dtype != weight.dtype:
             raise ValueError(f"RNN input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). Convert "
                              f"input: input.to({weight.dtype}), or convert model: model.to({x.dtype})")
@@ -302,7 +316,7 @@ class LSTM(nn.Module):
     def config(self) -> dict[str, Any]:
         return {"cell": self.cell, "input_size": self.input_size, "hidden_size": list(self.hidden_sizes),
                 "bias": self.bias, "batch_first": self.batch_first, "dropout": self.dropout,
-                "bidirectional": self.bidirectional, "proj_size": self.proj_size,
+                "bidirectional": self.bidirectional, "proj_size": self.proj_size, "cell_options": self.cell_options,
                 "layers": [layer.config() for layer in self.layers]}
 
     @classmethod
@@ -311,7 +325,7 @@ class LSTM(nn.Module):
         lstm = cls(config["input_size"], config["hidden_size"], bias=config["bias"],
                    batch_first=config["batch_first"], dropout=config["dropout"],
                    bidirectional=config.get("bidirectional", False), proj_size=config.get("proj_size", 0),
-                   cell=config.get("cell", "lstm"))
+                   cell=config.get("cell", "lstm"), cell_options=config.get("cell_options"))
         if "layers" in config:
             if len(config["layers"]) != len(lstm.layers):
                 raise ValueError(f"the config lists {len(config['layers'])} layers for {len(lstm.layers)}")
