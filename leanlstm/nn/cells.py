@@ -102,6 +102,11 @@ class RecurrentLayer(nn.Module):
             reference = next(self.parameters())
         setattr(self, f"weight_{matrix}", form.to(device=reference.device, dtype=reference.dtype))
 
+    def dense_params(self) -> int:
+        """Parameters of this layer with every matrix dense."""
+        return (sum(form.out_features * form.in_features for _, form in self.forms())
+                + sum(p.numel() for _, p in self.named_parameters(recurse=False)))
+
     def bias_device(self) -> torch.device:
         return next(self.parameters()).device
 

@@ -308,9 +308,8 @@ class LSTM(nn.Module):
         return sum(form.stored_params() for _, form in self.forms()) + biases
 
     def dense_params(self) -> int:
-        """Parameters of the dense ``torch.nn.LSTM`` with the same sizes."""
-        return dense_lstm_params(self.input_size, self.hidden_sizes, self.bias, proj_size=self.proj_size,
-                                 bidirectional=self.bidirectional)
+        """Parameters of the same stack with every matrix dense (for LSTM cells: the ``torch.nn.LSTM``'s)."""
+        return sum(layer.dense_params() for layer in self.layers)
 
     # --- configuration and conversion ----------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
