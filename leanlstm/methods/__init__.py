@@ -1,5 +1,15 @@
-"""Compression methods, one module each, all with the shape of ``base.Method``."""
-from . import doping, iss, pruning  # noqa: F401  (register their methods)
-from .base import METHODS, Method, MethodConfig, get_method
+"""Compression methods, one module each: a public config (the noun a user writes) and a ``base.Method``.
 
-__all__ = ["METHODS", "Method", "MethodConfig", "get_method"]
+    leanlstm.compress_(model, leanlstm.ISS(strength=0.002))
+    leanlstm.compress_(model, leanlstm.Prune(compression=20, total_steps=N))
+    leanlstm.compress_(model, leanlstm.Doped("kronecker", compression=20, total_steps=N))
+    leanlstm.compress_(model, leanlstm.Structured("lowrank", compression=20))
+"""
+from . import doping, iss, pruning  # noqa: F401  (register their methods)
+from .base import METHODS, Method, MethodConfig, config_for, get_method, method_for
+from .doping import Doped, Structured
+from .iss import ISS
+from .pruning import Prune
+
+__all__ = ["METHODS", "Method", "MethodConfig", "config_for", "get_method", "method_for", "ISS", "Prune", "Doped",
+           "Structured"]

@@ -1,14 +1,19 @@
 """The shape every compression method has.
 
-A method is a pure transform plus training callbacks, in up to two phases:
+A method has a public ``@dataclass`` config (``leanlstm.ISS``, ``leanlstm.Prune``, ...: the nouns a user writes)
+and a ``Method`` class that says what it does to a model. ``leanlstm.compress_(model, config)`` finds the method
+for a config type (``method_for``, as torchao's ``quantize_`` finds its handler), converts the model and returns a
+handle (``leanlstm.compress.Compression``) that calls the method's hooks from the user's loop or from
+``leanlstm.train.Trainer``:
 
-    compress:  prepare(model) -> model        e.g. convert weights to doped Kronecker forms
-               callbacks()                     e.g. a group-Lasso term, a sparsity schedule
-    finetune:  finalize(model) -> model        e.g. remove dead hidden units (a smaller dense LSTM)
-               finetune_callbacks()            e.g. keep the zero structure frozen
+    check(handle)          raise, naming the problem, before anything in the model changes
+    convert(handle)        e.g. every matrix to a doped Kronecker form            (once, by compress_)
+    penalty(handle)        e.g. ISS's group-Lasso term                             (every step, with the loss)
+    after_step(handle)     e.g. a pruning schedule, thresholding                   (after optimizer.step())
+    on_epoch_end(handle)   e.g. record surviving units                             (every epoch)
+    finish(handle)         e.g. ISS's shrink: remove dead units                    (handle.finalize())
 
-``leanlstm compress`` runs both phases with checkpoints; a user's own loop calls the same pieces.
-Methods register by ``name``; adding one is a new file in ``leanlstm/methods/``.
+Methods register by ``name`` (the CLI's ``--method``); adding one is a new file in ``leanlstm/methods/``.
 """
 from __future__ import annotations
 
@@ -16,13 +21,20 @@ import dataclasses
 import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from torch import nn
 
+from ..graph import lstm_forms
+from ..nn import LSTM, WeightForm  # noqa: F401  (LSTM: the docstring examples)
 from ..train import Callback
 
-METHODS: dict[str, type["Method"]] = {}
+if TYPE_CHECKING:
+    from ..compress import Compression
+
+METHODS: dict[str, type["Method"]] = {}                    # CLI name -> method
+HANDLERS: dict[type["MethodConfig"], type["Method"]] = {}  # config type -> method (the first to declare it)
 
 
 def parse_settings(pairs: Iterable[str]) -> dict[str, str]:
@@ -52,18 +64,62 @@ class MethodConfig:
                 raise ValueError(f"option {field.name} must be a finite number >= 0, got {value}")
 
     @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MethodConfig":
+        """The config of ``to_dict()`` (a run's ``method_config``); unknown keys are refused by name.
+
+        >>> from leanlstm.methods import Prune
+        >>> Prune.from_dict(Prune(compression=10).to_dict()) == Prune(compression=10)
+        True
+        """
+        _check_known(cls, values)
+        return cls(**values)
+
+    @classmethod
     def from_strings(cls, values: dict[str, str]) -> "MethodConfig":
         """Build from ``KEY=VALUE`` strings of the command line, converting by each field's type."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            raise ValueError(f"{cls.__name__} has no option {', '.join(unknown)}; options: {', '.join(fields)}")
+        _check_known(cls, values)
         defaults = cls()
         parsed = {name: _parse(text, type(getattr(defaults, name)), name) for name, text in values.items()}
         return cls(**parsed)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+class Preset:
+    """The config type of a CLI name that fixes some of a public config's defaults: ``doped-kp`` is
+    ``Doped`` with ``structure="kronecker"``. Calls, ``from_dict`` and ``from_strings`` give the public type.
+
+    >>> from leanlstm.methods import Doped
+    >>> Preset(Doped, structure="lowrank")(compression=10) == Doped("lowrank", compression=10)
+    True
+    """
+
+    def __init__(self, base: type[MethodConfig], **defaults: Any) -> None:
+        self.base, self.defaults = base, defaults
+        self.__name__ = base.__name__
+
+    def __call__(self, **values: Any) -> MethodConfig:
+        return self.base(**(self.defaults | values))
+
+    def from_dict(self, values: dict[str, Any]) -> MethodConfig:
+        _check_known(self.base, values)
+        return self(**values)
+
+    def from_strings(self, values: dict[str, str]) -> MethodConfig:
+        _check_known(self.base, values)
+        defaults = self()
+        return self(**{name: _parse(text, type(getattr(defaults, name)), name) for name, text in values.items()})
+
+    def __repr__(self) -> str:
+        return f"Preset({self.base.__name__}, {', '.join(f'{k}={v!r}' for k, v in self.defaults.items())})"
+
+
+def _check_known(cls: type[MethodConfig], values: dict[str, Any]) -> None:
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no option {', '.join(unknown)}; options: {', '.join(fields)}")
 
 
 def _parse(text: str, kind: type, name: str) -> Any:
@@ -82,11 +138,16 @@ def _parse(text: str, kind: type, name: str) -> Any:
 
 
 class Method:
-    """A compression method. Subclasses set ``name`` and ``Config`` and override what they need."""
+    """A compression method: hooks that ``leanlstm.compress.Compression`` calls. Every hook is optional.
+
+    Subclasses set ``Config`` (the public config type they handle) and, to be reachable from the CLI, ``name``.
+    The second half (``prepare`` ... ``on_run_end``) is how ``leanlstm.runs`` drives the same handle through
+    ``Trainer`` phases; methods do not override it.
+    """
 
     name: ClassVar[str]
-    Config: ClassVar[type[MethodConfig]] = MethodConfig
-    has_finetune: ClassVar[bool] = True
+    Config: ClassVar[type[MethodConfig] | Preset] = MethodConfig
+    has_finetune: ClassVar[bool] = True   # whether a run fine-tunes after finish() (the CLI's second phase)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -94,32 +155,95 @@ class Method:
             if cls.name in METHODS:
                 raise ValueError(f"method name {cls.name!r} is already registered")
             METHODS[cls.name] = cls
+        if isinstance(cls.__dict__.get("Config"), type):
+            HANDLERS.setdefault(cls.Config, cls)
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()
+        self._driver = None   # the Trainer-side driver of runs (``prepare`` ...), made when first needed
+
+    # --- what the method does (called by the handle) -------------------------------------------------------
+    def check(self, handle: "Compression") -> None:
+        """Raise a ``ValueError`` naming the problem if the method cannot apply; nothing has changed yet."""
+
+    def convert(self, handle: "Compression") -> None:
+        """Transform the handle's LSTMs (``handle.lstms``) in place, e.g. to new weight forms. Matrices already in
+        the method's form stay as they are, so a model restored from a checkpoint can be compressed again."""
+
+    def start(self, handle: "Compression") -> None:
+        """Set what the current phase needs (``handle.finalized``): after convert, finish and loading state."""
+
+    def penalty(self, handle: "Compression") -> torch.Tensor | None:
+        """A term to add to the loss, or None."""
+        return None
+
+    def after_step(self, handle: "Compression") -> None:
+        """After ``optimizer.step()`` (``handle.step`` already counts it)."""
+
+    def on_epoch_end(self, handle: "Compression") -> dict[str, Any]:
+        """Numbers for the epoch's record; ``{"new_parameters": True}`` if the model's parameters were replaced."""
+        return {}
+
+    def finish(self, handle: "Compression") -> None:
+        """The final transform (``handle.finalize()``), e.g. removing dead units."""
+
+    def summarize(self, handle: "Compression") -> dict[str, Any]:
+        """Method-specific numbers for ``metrics.json`` and ``handle.summary()``."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], handle: "Compression") -> None: ...
+
+    def on_train_begin(self, handle: "Compression", lr: float) -> None:
+        """A ``Trainer`` phase begins at learning rate ``lr`` (user loops never call this)."""
+
+    # --- runs: the same handle driven by Trainer phases (leanlstm.runs; methods do not override these) -----
+    @property
+    def driver(self):
+        if self._driver is None:
+            from ..compress import RunDriver
+
+            self._driver = RunDriver(self)
+        return self._driver
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Transform a (trained or fresh) model before the compression phase."""
-        return model
+        """Opens the compression phase: ``compress_(model, config)``; returns the model."""
+        return self.driver.prepare(model)
 
     def callbacks(self) -> list[Callback]:
-        """Hooks for the compression phase."""
-        return []
+        """Hooks for the compression phase: the handle's, bound when the phase starts or resumes."""
+        return [self.driver.callback]
 
     def finalize(self, model: nn.Module) -> nn.Module:
-        """Transform the model after the compression phase, before fine-tuning."""
-        return model
+        """Opens fine-tuning: ``handle.finalize()``; returns the model (changed in place)."""
+        return self.driver.finalize(model)
 
     def finetune_callbacks(self) -> list[Callback]:
-        """Hooks for the fine-tuning phase."""
-        return []
+        """Hooks for the fine-tuning phase: the same handle, now finalized."""
+        return [self.driver.callback]
 
     def summary(self, model: nn.Module) -> dict[str, Any]:
         """Method-specific numbers for ``metrics.json``."""
-        return {}
+        return self.summarize(self.driver.bind(model))
 
     def on_run_end(self, run_dir: Path, metrics: dict[str, Any]) -> None:
         """Called once ``metrics.json`` is written (main process only), e.g. to draw plots into ``run_dir``."""
+
+
+def named_forms(module: nn.Module) -> list[tuple[str, WeightForm]]:
+    """``("rnn.layers.0.weight_ih", form), ...`` for every matrix of every ``leanlstm.LSTM`` in ``module`` (a bare
+    LSTM's names have no prefix).
+
+    >>> [name for name, _ in named_forms(LSTM(3, 4))]
+    ['layers.0.weight_ih', 'layers.0.weight_hh']
+    """
+    return list(lstm_forms(module))
+
+
+def qualified(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 def get_method(name: str) -> type[Method]:
@@ -127,3 +251,25 @@ def get_method(name: str) -> type[Method]:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS)) or 'none'}") from None
+
+
+def method_for(config: MethodConfig) -> type[Method]:
+    """The method that handles ``config``'s type (or the nearest of its base types)."""
+    if not isinstance(config, MethodConfig):
+        raise TypeError(f"expected a method config such as leanlstm.ISS(), leanlstm.Prune(compression=20) or "
+                        f"leanlstm.Doped('kronecker', compression=20); got {type(config).__name__}")
+    for kind in type(config).__mro__:
+        if kind in HANDLERS:
+            return HANDLERS[kind]
+    raise TypeError(f"no method handles {type(config).__name__}; define a Method subclass with Config = "
+                    f"{type(config).__name__}")
+
+
+def config_for(method: str, options: dict[str, Any] | None = None) -> MethodConfig:
+    """The config of the CLI method ``method`` with ``options`` (a run's ``method_config``).
+
+    >>> from leanlstm.methods import Doped
+    >>> config_for("doped-kp", {"compression": 10}) == Doped("kronecker", compression=10)
+    True
+    """
+    return get_method(method).Config.from_dict(dict(options or {}))

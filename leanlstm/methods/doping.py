@@ -1,11 +1,15 @@
-"""Structured matrices and doping (Thakker et al., MLSys 2021): methods ``kp``, ``lmf``, ``hmd``, ``circulant``,
-``doped-kp``, ``doped-lmf`` and ``doped-hmd``.
+"""Structured matrices and doping (Thakker et al., MLSys 2021): ``leanlstm.Structured`` (methods ``kp``, ``lmf``,
+``hmd``, ``circulant``) and ``leanlstm.Doped`` (``doped-kp``, ``doped-lmf``, ``doped-hmd``).
 
-Plain structured methods convert every LSTM matrix to one structure sized to the target compression and
-train it. Doped methods replace each matrix ``W`` by ``S + D`` (``forms.Doped``): ``S`` structured, ``D`` a
-sparse matrix that starts dense (``S + D = W`` exactly) and is magnitude-pruned on Zhu & Gupta's gradual
-schedule to about 1% density while co-matrix dropout (CMR) keeps ``S`` from leaning on it; fine-tuning
-then trains ``S`` and the final ``D`` with its mask fixed.
+    leanlstm.compress_(model, leanlstm.Structured("lowrank", compression=20))      # every LSTM matrix U V
+    leanlstm.compress_(model, leanlstm.Doped("kronecker", compression=20, total_steps=N))  # A kron B + sparse D
+
+Plain structured methods convert every LSTM matrix (``weight_hr`` of a projected LSTM too; ``nn.Linear`` heads
+stay dense) to one structure sized to the target compression and train it. Doped methods replace each matrix
+``W`` by ``S + D`` (``forms.Doped``): ``S`` structured, ``D`` a sparse matrix that starts dense (``S + D = W``
+exactly) and is magnitude-pruned on Zhu & Gupta's gradual schedule to about 1% density while co-matrix dropout
+(CMR) keeps ``S`` from leaning on it; ``finalize()`` switches CMR off, and fine-tuning then trains ``S`` and the
+final ``D`` with its mask fixed.
 
 Compression arithmetic, per ``out x in`` matrix, everything in honest bytes (float32 values, CSR indices):
 
@@ -29,37 +33,38 @@ summary); ``compress_run``'s ``lstm_compression`` counts them and so comes out s
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from torch import nn
 
-from ..nn.forms import Doped, WeightForm, form_class
+from ..nn.forms import Doped as DopedForm
+from ..nn.forms import WeightForm, form_class
 from ..nn.forms.base import FLOAT_BYTES
 from ..nn.forms.sparse import csr_nbytes
-from ..train import Callback
-from .base import Method, MethodConfig
-from ..nn.lstm import lstm_of
-from .pruning import GradualPruning, final_entries, sparsity_summary, weight_compression
+from .base import Method, MethodConfig, Preset
+from .pruning import (GradualPruning, as_forms, convert_forms, final_entries, schedule_length, sparsity_summary,
+                      weight_compression)
+
+if TYPE_CHECKING:
+    from ..compress import Compression
 
 
 # --- sizing a structure to a budget of stored values -------------------------------------------------------
-def _lowrank(out: int, inp: int, values: float, config: "StructuredConfig") -> dict[str, Any]:
+def _lowrank(out: int, inp: int, values: float, config: "Structured") -> dict[str, Any]:
     rank = min(math.floor(values / (out + inp)), out, inp)
     return {"rank": _at_least_one(rank, "rank", out, inp, values)}
 
 
-def _hybrid(out: int, inp: int, values: float, config: "StructuredConfig") -> dict[str, Any]:
+def _hybrid(out: int, inp: int, values: float, config: "Structured") -> dict[str, Any]:
     full_rows = min(max(math.floor(config.full_row_share * values / inp), 1), out - 1)
     rank = min(math.floor((values - full_rows * inp) / (out - full_rows + inp)), out - full_rows, inp)
     return {"full_rows": full_rows, "rank": _at_least_one(rank, "rank", out, inp, values)}
 
 
-def _circulant(out: int, inp: int, values: float, config: "StructuredConfig") -> dict[str, Any]:
+def _circulant(out: int, inp: int, values: float, config: "Structured") -> dict[str, Any]:
     stored = {b: math.ceil(out / b) * math.ceil(inp / b) * b for b in range(1, max(out, inp) + 1)}
     fitting = [b for b, n in stored.items() if n <= values]
     block = max(fitting, key=lambda b: (stored[b], b)) if fitting else 0
@@ -71,7 +76,7 @@ def _splits(size: int, max_padding: float = 0.05) -> set[tuple[int, int]]:
     return {(a, -(-size // a)) for a in range(1, size + 1) if a * -(-size // a) <= size * (1 + max_padding)}
 
 
-def _kronecker(out: int, inp: int, values: float, config: "StructuredConfig") -> dict[str, Any]:
+def _kronecker(out: int, inp: int, values: float, config: "Structured") -> dict[str, Any]:
     best = None
     for m1, m2 in _splits(out):
         for n1, n2 in _splits(inp):
@@ -91,57 +96,51 @@ def _at_least_one(size: int, what: str, out: int, inp: int, values: float) -> in
     return size
 
 
-SIZERS: dict[str, Callable[[int, int, float, "StructuredConfig"], dict[str, Any]]] = {
+SIZERS: dict[str, Callable[[int, int, float, "Structured"], dict[str, Any]]] = {
     "kronecker": _kronecker, "lowrank": _lowrank, "hybrid": _hybrid, "circulant": _circulant}
 
 
 # --- configurations --------------------------------------------------------------------------------------
 @dataclass
-class StructuredConfig(MethodConfig):
-    structure: str = "kronecker"   # kronecker | lowrank | hybrid | circulant (fixed by the method's name)
+class Structured(MethodConfig):
+    """Every LSTM matrix as one structure, the largest that fits ``compression`` (honest bytes).
+
+    >>> Structured("lowrank", compression=20).structure
+    'lowrank'
+    """
+
+    structure: str = "kronecker"   # kronecker | lowrank | hybrid | circulant
     compression: float = 20.0      # target honest compression of the LSTM weight matrices (biases excluded)
     full_row_share: float = 0.5    # hybrid only: share of the structure's bytes spent on its dense rows
 
 
 @dataclass
-class DopingConfig(StructuredConfig):
-    doping_share: float = 0.25     # share of the budget (after D's row pointers) left to D's entries
-    initial_density: float = 1.0   # D's density after conversion (1: S + D is exactly the original matrix)
-    anneal_start: float = 0.0      # fraction of the compression phase's steps at which D's pruning starts
-    anneal_end: float = 0.75       # fraction at which D reaches its final density
-    prune_every: int = 10          # optimiser steps between pruning events
-    cmr: float = 0.5               # co-matrix dropout probability in the compression phase (0: off)
-    cmr_mode: str = "row"          # row: each row of D dropped on its own; matrix: all of D at once
+class Doped(Structured):
+    """Every LSTM matrix as ``S + D``: ``S`` structured, ``D`` sparse, annealed under co-matrix dropout.
 
-
-def _with_structure(config: type[StructuredConfig], structure: str) -> type[StructuredConfig]:
-    """``config`` with another default ``structure`` (the config class of a registered method)."""
-    name = f"{structure.capitalize()}{config.__name__}"
-    derived = dataclasses.make_dataclass(name, [("structure", str, dataclasses.field(default=structure))],
-                                         bases=(config,))
-    derived.__module__ = __name__
-    return derived
-
-
-# --- callbacks ---------------------------------------------------------------------------------------------
-class CoMatrixDropout(Callback):
-    """CMR on every doped matrix for a training phase: sets the forms' drop probability when training begins.
-
-    From a user's own loop: ``CoMatrixDropout(0.5).apply(model)`` before training, ``.apply(model, 0.0)`` after.
-    The forms drop only in training mode, so evaluation always sees ``S + D``.
+    >>> Doped("kronecker", compression=20, total_steps=1000).doping_share
+    0.25
     """
 
-    def __init__(self, probability: float, mode: str = "row") -> None:
-        self.probability, self.mode = probability, mode
+    doping_share: float = 0.25     # share of the budget (after D's row pointers) left to D's entries
+    initial_density: float = 1.0   # D's density after conversion (1: S + D is exactly the original matrix)
+    anneal_start: float = 0.0      # fraction of the schedule's steps at which D's pruning starts
+    anneal_end: float = 0.75       # fraction at which D reaches its final density
+    prune_every: int = 10          # optimiser steps between pruning events
+    cmr: float = 0.5               # co-matrix dropout probability before finalize() (0: off)
+    cmr_mode: str = "row"          # row: each row of D dropped on its own; matrix: all of D at once
+    total_steps: int = 0           # optimiser steps the schedule spans in a user loop (0: Trainer's phase length)
 
-    def on_train_begin(self, trainer) -> None:
-        self.apply(trainer.model)
 
-    def apply(self, model: nn.Module, probability: float | None = None) -> None:
-        for _, form in lstm_of(model).forms():
-            if isinstance(form, Doped):
-                form.cmr = self.probability if probability is None else probability
-                form.cmr_mode = self.mode
+StructuredConfig, DopingConfig = Structured, Doped  # the names before issue 20
+
+
+def set_cmr(source, probability: float, mode: str = "row") -> None:
+    """Co-matrix dropout of every doped matrix in ``source`` (a model or ``(name, form)`` pairs). The forms drop
+    only in training mode, so evaluation always sees ``S + D``."""
+    for _, form in as_forms(source):
+        if isinstance(form, DopedForm):
+            form.cmr, form.cmr_mode = probability, mode
 
 
 # --- methods -----------------------------------------------------------------------------------------------
@@ -149,19 +148,20 @@ class StructuredMethod(Method):
     """Every LSTM matrix becomes ``config.structure``, the largest that fits the compression; then training.
 
     Registered subclasses fix ``structure`` (``kp``, ``lmf``, ``hmd``, ``circulant``); the class itself takes
-    any structure from its config, e.g. ``StructuredMethod(StructuredConfig("circulant", 8.0)).prepare(model)``.
+    any structure from its config.
     """
 
-    Config = StructuredConfig
+    Config = Structured
     has_finetune = False
     structure: ClassVar[str | None] = None  # set by registered subclasses; their config defaults to it
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.__dict__.get("structure"):
-            cls.Config = _with_structure(cls.Config, cls.structure)
+            base = cls.Config.base if isinstance(cls.Config, Preset) else cls.Config
+            cls.Config = Preset(base, structure=cls.structure)
 
-    def __init__(self, config: StructuredConfig | None = None) -> None:
+    def __init__(self, config: Structured | None = None) -> None:
         super().__init__(config)
         wanted = self.config.structure
         if wanted not in SIZERS:
@@ -181,20 +181,28 @@ class StructuredMethod(Method):
         values = self.structure_bytes(out, inp) / FLOAT_BYTES
         return SIZERS[self.config.structure](out, inp, values, self.config)
 
-    def convert(self, weight: torch.Tensor) -> WeightForm:
+    def form_for(self, weight: torch.Tensor) -> WeightForm:
         """The structured form fitted to one dense matrix."""
         options = self.structure_options(*weight.shape)
         return form_class(self.config.structure).from_dense(weight, **options)
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        lstm_of(model).replace_forms(self.convert)
-        return model
+    def fits(self, form: WeightForm) -> bool:
+        """Whether ``form`` already is what ``form_for`` would make of its matrix (kept as it is by convert)."""
+        return (type(form) is form_class(self.config.structure)
+                and form.options() == self.structure_options(form.out_features, form.in_features))
 
-    def summary(self, model: nn.Module) -> dict[str, Any]:
-        lstm = lstm_of(model)
-        structured = {name: (form.structured if isinstance(form, Doped) else form) for name, form in lstm.forms()}
+    def check(self, handle: "Compression") -> None:
+        for _, form in handle.forms():
+            self.structure_options(form.out_features, form.in_features)   # fails when nothing fits
+
+    def convert(self, handle: "Compression") -> None:
+        convert_forms(handle, lambda name, dense: self.form_for(dense), keep=self.fits)
+
+    def summarize(self, handle: "Compression") -> dict[str, Any]:
+        forms = handle.forms()
+        structured = {name: (form.structured if isinstance(form, DopedForm) else form) for name, form in forms}
         return {"structure": self.config.structure, "target_compression": self.config.compression,
-                "lstm_weight_compression": weight_compression(lstm),
+                "lstm_weight_compression": weight_compression(forms),
                 "structure_options": {name: form.options() for name, form in structured.items()}}
 
 
@@ -204,17 +212,18 @@ class DopedMethod(StructuredMethod):
     Registered subclasses fix ``structure`` (``doped-kp``, ``doped-lmf``, ``doped-hmd``).
     """
 
-    Config = DopingConfig
+    Config = Doped
     has_finetune = True
 
-    def __init__(self, config: DopingConfig | None = None) -> None:
+    def __init__(self, config: Doped | None = None) -> None:
         super().__init__(config)
         c = self.config
         if not 0.0 < c.doping_share < 1.0:
             raise ValueError(f"doping_share must lie in (0, 1), got {c.doping_share}")
+        if not 0.0 <= c.cmr < 1.0:
+            raise ValueError(f"cmr must lie in [0, 1), got {c.cmr}")
         self.annealing = GradualPruning(c.compression, c.initial_density, c.anneal_start, c.anneal_end,
                                         c.prune_every)
-        self.dropout = CoMatrixDropout(c.cmr, c.cmr_mode)
 
     def structure_bytes(self, out: int, inp: int) -> float:
         """What is left of the budget after D's row pointers, less D's share for its entries."""
@@ -225,27 +234,35 @@ class DopedMethod(StructuredMethod):
                              f"{super().structure_bytes(out, inp):.0f} budget; lower the compression")
         return spare * (1.0 - self.config.doping_share)
 
-    def convert(self, weight: torch.Tensor) -> WeightForm:
+    def form_for(self, weight: torch.Tensor) -> WeightForm:
         options = self.structure_options(*weight.shape)
-        return Doped.from_dense(weight, self.config.structure, options, density=self.config.initial_density,
-                                cmr=self.config.cmr, cmr_mode=self.config.cmr_mode)
+        return DopedForm.from_dense(weight, self.config.structure, options, density=self.config.initial_density,
+                                    cmr=self.config.cmr, cmr_mode=self.config.cmr_mode)
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        super().prepare(model)
-        for name, form in lstm_of(model).forms():
-            final_entries(name, form, self.config.compression)  # fail now, not at the end of the phase
-        return model
+    def fits(self, form: WeightForm) -> bool:
+        options = self.structure_options(form.out_features, form.in_features)
+        return isinstance(form, DopedForm) and form.options() == {"structure": self.config.structure,
+                                                                  "structure_options": options}
 
-    def callbacks(self) -> list[Callback]:
-        return [self.annealing, self.dropout]
+    def check(self, handle: "Compression") -> None:
+        for name, form in handle.forms():   # on empty forms of each shape: fail now, not at the end of the phase
+            out, inp = form.out_features, form.in_features
+            empty = DopedForm(out, inp, self.config.structure, self.structure_options(out, inp))
+            final_entries(name, empty, self.config.compression)
 
-    def finalize(self, model: nn.Module) -> nn.Module:
-        self.annealing.prune_to_final(model)  # should the phase have stopped early
-        self.dropout.apply(model, 0.0)        # fine-tuning trains S and the final D together
-        return model
+    def start(self, handle: "Compression") -> None:
+        # CMR while D is annealed; fine-tuning trains S and the final D together
+        set_cmr(handle.forms(), 0.0 if handle.finalized else self.config.cmr, self.config.cmr_mode)
 
-    def summary(self, model: nn.Module) -> dict[str, Any]:
-        return super().summary(model) | sparsity_summary(lstm_of(model), self.config.compression)
+    def after_step(self, handle: "Compression") -> None:
+        if not handle.finalized:
+            self.annealing.prune(handle.forms(), handle.step, schedule_length(handle, "Doped"))
+
+    def finish(self, handle: "Compression") -> None:
+        self.annealing.prune_to_final(handle.forms())  # should the schedule have stopped early
+
+    def summarize(self, handle: "Compression") -> dict[str, Any]:
+        return super().summarize(handle) | sparsity_summary(handle.forms(), self.config.compression)
 
 
 # --- the registered names ----------------------------------------------------------------------------------

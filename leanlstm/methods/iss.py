@@ -1,29 +1,45 @@
-"""Intrinsic Sparse Structures (Wen et al., ICLR 2018): group Lasso over hidden units, then remove dead units.
+"""Intrinsic Sparse Structures (Wen et al., ICLR 2018): group Lasso over units, then remove dead units.
 
-One ISS component of a layer is everything its hidden unit ``k`` touches (``rows_k = gate_rows(H, [k])``,
-the row of unit k in each of the four gate blocks)::
+    handle = leanlstm.compress_(model, leanlstm.ISS(strength=0.002))
+    ...  loss = task_loss + handle.penalty(); loss.backward(); optimizer.step(); handle.after_step()
+    handle.finalize()            # dead units leave the LSTMs and every module reading them, in place
+
+What a unit is comes from the cell: each cell layer's ``groups()`` lists, per group of units (an LSTM's
+``hidden`` units; with ``proj_size`` also its ``proj`` units), which rows and columns of which matrices unit ``k``
+owns. For a plain LSTM layer the component of hidden unit ``k`` (``rows_k = gate_rows(H, [k])``, its row in each of
+the four gate blocks) is::
 
     weight_ih[rows_k, :]   (4 x in)   the four gate pre-activations of unit k, from the layer's input
     weight_hh[rows_k, :]   (4 x H)    ... and from the previous hidden state
     weight_hh[:, k]        (4H)       h_k fed back into the layer's own recurrence
-    consumer[:, k]         (out)      h_k read by the next layer's weight_ih, or by the decoder (softmax)
-                                      weight for the top layer; a bare LSTM's top layer has no consumer
+    consumer[:, k]         (out)      h_k read by the next layer's weight_ih (both directions), or by whatever
+                                      reads the stack's output: an nn.Linear, another LSTM's weight_ih, found
+                                      from the module graph (``leanlstm.graph.consumers``); nothing for a bare LSTM
+
+With a projection the hidden unit's component holds its gate rows and column ``k`` of ``weight_hr``; projection
+unit ``j`` (the layer's output channel) holds row ``j`` of ``weight_hr``, column ``j`` of ``weight_hh`` and the
+consumers' column ``j``. In a bidirectional stack each direction has its own units, and direction ``d``'s output
+channel ``k`` is the consumers' column ``d * output_size + k``.
 
 Neighbouring components overlap: the entry ``weight_hh[rows_k, j]`` is a gate-row entry of component k and a
-column entry of component j, and the regulariser counts it in both, as the paper does. Within one component
-the four entries ``weight_hh[rows_k, k]`` count once (Wen et al.'s code adds row and column sums and so counts
-them twice; the difference is 4 entries of thousands).
+column entry of component j, and the regulariser counts it in both, as the paper does. Within one component the
+four entries ``weight_hh[rows_k, k]`` count once (Wen et al.'s code adds row and column sums and so counts them
+twice; the difference is 4 entries of thousands).
 
-Biases are not in the components and the embedding width is never reduced. Training adds
+Biases are not in the components and the LSTM's input width is never reduced. Training adds
 ``strength * sum_k sqrt(||component_k||^2 + eps)`` to the task loss and, after every optimiser step, sets the
 component weights of magnitude at most ``threshold`` to exactly zero, and also every whole component whose
 root-mean-square entry is at most ``threshold`` (``group_rule``). The second rule is ours: with the element rule
 alone, collapsed components hover just above zero because the unit's bias-driven output keeps feeding task
 gradient into its consumer column (measured on PTB medium, lambda 0.05: after one epoch half the first layer's
 components had norm < 0.031 over 10,396 entries, yet only 18 were exactly zero). ``group_rule=False`` gives the
-element rule alone, as published. A unit whose whole component is zero
-still has a (bias-driven) h_k, but nothing reads it, so ``shrink`` slices it out of every matrix and bias and
-the smaller dense model has the same outputs.
+element rule alone, as published. A unit whose whole component is zero still has a (bias-driven) h_k, but nothing
+reads it, so ``shrink`` slices it out of every matrix and bias and the smaller dense model has the same outputs.
+
+One stack has one size per layer (both directions) and one ``proj_size``: where directions or layers lose
+different numbers of units, the one that lost more keeps some of its dead (all-zero) units, which changes
+nothing the model computes. A layer that lost every unit keeps one. An LSTM whose output no module reads (a bare
+LSTM, or one whose output the model returns) loses its dead top-layer channels from that output.
 
 ``shrink_each_epoch`` (ours, for speed) removes dead units at every epoch end instead of once after training,
 so the later epochs train the smaller model: on PTB the structure is mostly decided in the first epoch, so the
@@ -45,22 +61,31 @@ import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
+from ..graph import consumers, find_lstms, replace_module, trace
 from ..nn import LSTM, Dense
-from ..nn.gates import NUM_GATES, gate_rows
-from ..train import Callback
-from .base import Method, MethodConfig
+from .base import Method, MethodConfig, qualified
+
+if TYPE_CHECKING:
+    from ..compress import Compression
 
 log = logging.getLogger(__name__)
 PLOT = "components.png"
 
 
 @dataclasses.dataclass
-class ISSConfig(MethodConfig):
+class ISS(MethodConfig):
+    """Group Lasso over the units of every LSTM layer, thresholding after each step; ``finalize()`` removes the
+    dead units.
+
+    >>> ISS(strength=0.002).threshold
+    0.0001
+    """
+
     strength: float = 0.00245   # lambda of the group-Lasso term (Wen et al.'s PTB value; same loss scaling here)
     threshold: float = 1e-4     # after every step |w| <= threshold becomes 0 (Wen et al.: 1e-4); see hover_level
     eps: float = 1e-8           # inside each component's sqrt: finite (zero) gradient for an all-zero component
@@ -68,334 +93,460 @@ class ISSConfig(MethodConfig):
     shrink_each_epoch: bool = False  # remove dead units at every epoch end, so later epochs train a smaller model
 
 
-# --- components ---------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Part:
-    """The entries ``rows x cols`` of the weight ``name`` (``None``: all rows or all columns)."""
+ISSConfig = ISS  # the name before issue 20
 
-    name: str
-    rows: list[int] | None
-    cols: list[int] | None
+
+# --- components ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Slice:
+    """Entries of one dense matrix that units own: ``index`` along ``dim``, entry ``index[j]`` owned by unit
+    ``owner[j]`` (the gate rows of unit k, its column, a consumer's column)."""
+
+    name: str              # the parameter's qualified name, e.g. "rnn.layers.0.weight_ih.weight" or "fc.weight"
+    weight: torch.Tensor   # (out, in)
+    dim: int
+    index: torch.Tensor
+    owner: torch.Tensor
 
 
 @dataclasses.dataclass
-class LayerComponents:
-    """The ISS components of one layer: one per hidden unit, over these (dense) weight matrices."""
+class Overlap:
+    """Entries ``weight[rows[j], cols[j]]`` that two slices of one component both hold, for unit ``owner[j]``:
+    counted once (a unit's gate rows cross its own column of ``weight_hh``)."""
 
-    layer: int
-    weight_ih: torch.Tensor            # (4H, in)
-    weight_hh: torch.Tensor            # (4H, H)
-    consumer: torch.Tensor | None      # (out, H): next layer's weight_ih or the decoder weight; None: nobody
-    names: tuple[str, str, str | None]  # parameter names of the three, as in model.named_parameters()
+    weight: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    owner: torch.Tensor
 
-    @property
-    def hidden_size(self) -> int:
-        return self.weight_hh.shape[1]
 
-    def parts(self, unit: int) -> list[Part]:
-        """The exact index sets of component ``unit``.
+Memo = dict[tuple[int, int], torch.Tensor]
 
-        The weight_hh entry (row of unit k in a gate, column j) lies in component k (a gate row of k) *and*
-        in component j (column j): neighbouring components overlap there and the regulariser counts such an
-        entry once in each, as the paper does. Within one component the entries (row of k, column k) are in
-        both its rows and its column but are one entry, counted once.
-        """
-        rows = gate_rows(self.hidden_size, [unit]).tolist()
-        ih, hh, consumer = self.names
-        parts = [Part(ih, rows, None), Part(hh, rows, None), Part(hh, None, [unit])]
-        return parts + ([Part(consumer, None, [unit])] if consumer is not None else [])
 
-    def per_unit(self, values: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """``sum of values(w)`` over the entries of each component, all units at once: shape (H,)."""
-        H = self.hidden_size
-        ih, hh = values(self.weight_ih), values(self.weight_hh)
-        rows = gate_rows(H).view(NUM_GATES, H).to(hh.device)  # rows[g, k]: row of unit k in gate block g
-        total = (ih.sum(1) + hh.sum(1))[rows].sum(0)                  # (4H,) row sums -> (4, H) -> (H,)
-        # column k without the entries (row of k, column k) that the gate rows above already hold
-        cols = torch.arange(H, device=hh.device).expand(NUM_GATES, H)
-        total = total + hh.index_put((rows, cols), hh.new_zeros(())).sum(0)
-        if self.consumer is not None:
-            total = total + values(self.consumer).sum(0)
+@dataclasses.dataclass
+class Components:
+    """The ISS components of one group of units of one cell layer: unit ``k`` owns its entries in every slice."""
+
+    lstm: str        # qualified name of the LSTM module ("" for a bare LSTM)
+    layer: int       # flat layer index, l * D + d
+    group: str       # the cell's group name: "hidden", "proj"
+    size: int
+    output: bool     # unit k is the layer's output channel k
+    slices: list[Slice]
+    overlaps: list[Overlap]
+
+    def per_unit(self, values: Callable[[torch.Tensor], torch.Tensor], memo: Memo | None = None) -> torch.Tensor:
+        """``sum of values(w)`` over each unit's entries (shared entries once): shape (size,), differentiable.
+        ``memo`` shares the row and column sums of a matrix between the components that slice it."""
+        memo = {} if memo is None else memo
+        total = self.slices[0].weight.new_zeros(self.size)
+        for part in self.slices:
+            sums = _sums(part.weight, part.dim, values, memo)              # one value per row (dim 0) or column
+            total = total.index_add(0, part.owner, sums[part.index])
+        for shared in self.overlaps:
+            total = total.index_add(0, shared.owner, -values(shared.weight)[shared.rows, shared.cols])
         return total
+
+    def squared_norms(self, memo: Memo | None = None) -> torch.Tensor:
+        """``||component_k||^2`` for every unit k, differentiable: shape (size,)."""
+        return self.per_unit(torch.square, memo)
+
+    def nonzeros(self) -> torch.Tensor:
+        """Nonzero entries of each component: shape (size,). A unit is dead when its count is 0."""
+        with torch.no_grad():
+            return self.per_unit(lambda w: (w != 0).to(w.dtype))
+
+    def entries(self, unit: int) -> dict[str, set[tuple[int, int]]]:
+        """``{parameter name: {(row, col), ...}}``: the explicit entries of one component (tests, docs)."""
+        out: dict[str, set[tuple[int, int]]] = {}
+        for part in self.slices:
+            picked = part.index[part.owner == unit].tolist()
+            other = range(part.weight.shape[1 - part.dim])
+            cells = {(i, j) if part.dim == 0 else (j, i) for i in picked for j in other}
+            out.setdefault(part.name, set()).update(cells)
+        return out
+
+    @torch.no_grad()
+    def zero_where_(self, dead: torch.Tensor) -> None:
+        """Zero the components of the units where the bool tensor ``dead`` (size,) is true; on the device, without
+        reading ``dead`` back (no synchronisation in the training step)."""
+        for part in self.slices:
+            keep = (~dead[part.owner]).to(part.weight.dtype)
+            scale = part.weight.new_ones(part.weight.shape[part.dim]).scatter_reduce(0, part.index, keep, "amin")
+            part.weight.mul_(scale.view((-1, 1) if part.dim == 0 else (1, -1)))
 
     @torch.no_grad()
     def zero_(self, units: torch.Tensor) -> None:
         """Zero the whole components of ``units`` (a 1-D index tensor), in place."""
-        rows = gate_rows(self.hidden_size, units).to(self.weight_hh.device)
-        self.weight_ih[rows] = 0.0
-        self.weight_hh[rows] = 0.0
-        self.weight_hh[:, units] = 0.0
-        if self.consumer is not None:
-            self.consumer[:, units] = 0.0
-
-    def squared_norms(self) -> torch.Tensor:
-        """``||component_k||^2`` for every unit k, differentiable: shape (H,)."""
-        return self.per_unit(torch.square)
-
-    def nonzeros(self) -> torch.Tensor:
-        """Number of nonzero entries of each component: shape (H,). A unit is dead when its count is 0."""
-        with torch.no_grad():
-            return self.per_unit(lambda w: (w != 0).to(w.dtype))
+        for part in self.slices:
+            picked = part.index[torch.isin(part.owner, torch.as_tensor(units, dtype=torch.long).to(part.owner.device))]
+            part.weight.index_fill_(part.dim, picked, 0.0)
 
 
-def _stack(model: nn.Module) -> tuple[LSTM, nn.Linear | None, str]:
-    """The LSTM, the decoder consuming its top layer (or None) and the LSTM's parameter-name prefix."""
-    if isinstance(model, LSTM):
-        return model, None, ""
-    lstm, decoder = getattr(model, "lstm", None), getattr(model, "decoder", None)
-    if isinstance(lstm, LSTM) and isinstance(decoder, nn.Linear):
-        return lstm, decoder, "lstm."
-    raise TypeError(f"ISS works on a leanlstm.LSTM or a model with .lstm (a leanlstm.LSTM) and .decoder (an "
-                    f"nn.Linear), such as WordLM; got {type(model).__name__} (convert a torch.nn.LSTM with "
-                    f"leanlstm.LSTM.from_torch)")
+def _sums(weight: torch.Tensor, dim: int, values: Callable, memo: Memo) -> torch.Tensor:
+    key = (id(weight), dim)
+    if key not in memo:
+        memo[key] = values(weight).sum(1 - dim)
+    return memo[key]
 
 
-def components(model: nn.Module) -> list[LayerComponents]:
-    """The ISS components of every layer of a WordLM-like model or a bare ``leanlstm.LSTM``.
+def _unit_index(index_fn: Callable[[torch.Tensor], torch.Tensor], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index, owner)`` of a group part: the cell gives indices for any unit set, so ask unit by unit (once)."""
+    per_unit = [index_fn(torch.tensor([unit])).flatten().cpu() for unit in range(size)]
+    counts = torch.tensor([len(indices) for indices in per_unit])
+    return torch.cat(per_unit), torch.repeat_interleave(torch.arange(size), counts)
+
+
+def _overlaps(slices: list[Slice]) -> list[Overlap]:
+    """Entries that a row slice and a column slice of the same matrix both give to one unit."""
+    found = []
+    for rows in slices:
+        for cols in slices:
+            if rows.dim == 0 and cols.dim == 1 and rows.weight is cols.weight:
+                r_index, r_owner, c_index, c_owner = (t.cpu() for t in (rows.index, rows.owner, cols.index, cols.owner))
+                r, c, o = [], [], []
+                for unit in torch.unique(r_owner).tolist():
+                    mine_r, mine_c = r_index[r_owner == unit], c_index[c_owner == unit]
+                    r.append(mine_r.repeat_interleave(len(mine_c)))
+                    c.append(mine_c.repeat(len(mine_r)))
+                    o.append(torch.full((len(mine_r) * len(mine_c),), unit))
+                if r:
+                    device = rows.weight.device
+                    found.append(Overlap(rows.weight, *(torch.cat(t).to(device) for t in (r, c, o))))
+    return found
+
+
+# --- where a model's units are -------------------------------------------------------------------------------
+Reader = tuple[str, torch.Tensor]   # (parameter name, dense weight whose columns read the stack's output)
+
+
+def _dense_weight(module: nn.Module, prefix: str, matrix: str, what: str) -> torch.Tensor:
+    form = module.form(matrix)
+    if not isinstance(form, Dense):
+        raise ValueError(f"ISS removes whole rows and columns of dense matrices, but {prefix}.weight_{matrix} is a "
+                         f"{type(form).__name__} form ({what}). Apply ISS before other methods, or convert it with "
+                         f"lstm.replace_forms('dense')")
+    return form.weight
+
+
+def input_columns(name: str, module: nn.Module) -> list[Reader]:
+    """The weights of ``module`` (an nn.Linear or an LSTM) whose columns read its input."""
+    if isinstance(module, nn.Linear):
+        return [(qualified(name, "weight"), module.weight)]
+    if isinstance(module, nn.LSTM):
+        suffixes = ("_l0", "_l0_reverse") if module.bidirectional else ("_l0",)
+        return [(qualified(name, f"weight_ih{s}"), getattr(module, f"weight_ih{s}")) for s in suffixes]
+    if isinstance(module, LSTM):
+        return [(qualified(name, f"layers.{d}.weight_ih.weight"),
+                 _dense_weight(module.layer(0, d), qualified(name, f"layers.{d}"), "ih", "it reads an ISS output"))
+                for d in range(module.num_directions)]
+    raise TypeError(f"cannot narrow the input of a {type(module).__name__}")
+
+
+def input_width(module: nn.Module) -> int:
+    return module.in_features if isinstance(module, nn.Linear) else module.input_size
+
+
+def find_readers(model: nn.Module, name: str, lstm: LSTM, resolve: Callable[[str], nn.Module],
+                 graph: fx.GraphModule | None = None, compressed: tuple[str, ...] = ()) -> list[str]:
+    """Names of the modules reading LSTM ``name``'s output, each an nn.Linear or an LSTM as wide as that output;
+    anything else that reads it is refused with its name (ISS could not narrow it). ``compressed``: the LSTMs ISS
+    itself compresses (shrunk, not only narrowed)."""
+    if not name:
+        return []
+    readers = []
+    for link in consumers(model, name, graph):
+        if link.how == "opaque":
+            raise ValueError(f"ISS cannot remove units of {name!r}: its output reaches {link.ops[-1]!r}, an "
+                             f"operation that mixes or drops channels. ISS follows the output through dropout, "
+                             f"activations, views and time slicing to nn.Linear or LSTM modules")
+        if link.module is None:           # the model returns the output (narrows with it) or the state
+            if link.how == "output":
+                log.warning("ISS: %s's output is the model's own output; removed top-layer units narrow it", name)
+            continue
+        if link.how == "state":
+            raise ValueError(f"ISS cannot remove units of {name!r}: {link.name!r} reads its returned state (h_n or "
+                             f"c_n), whose channels ISS cannot follow; read the output instead (e.g. out[:, -1])")
+        module = resolve(link.name)
+        if not isinstance(module, (nn.Linear, nn.LSTM, LSTM)):
+            raise ValueError(f"ISS cannot remove units of {name!r}: its output is read by {link.name!r}, a "
+                             f"{type(module).__name__}; ISS narrows the inputs of nn.Linear and LSTM modules only")
+        if input_width(module) != lstm.output_size:
+            raise ValueError(f"ISS cannot remove units of {name!r}: {link.name!r} reads {input_width(module)} "
+                             f"features, not the {lstm.output_size} channels of its output (a reshape?)")
+        input_columns(link.name, module)   # a compressed (non-dense) reader is refused here, by name
+        if isinstance(module, LSTM) and link.name not in compressed:   # narrowing rebuilds its first layer densely
+            for d in range(module.num_directions):
+                for matrix, _ in module.layer(0, d).forms():
+                    _dense_weight(module.layer(0, d), qualified(link.name, f"layers.{d}"), matrix,
+                                  "ISS narrows its input, rebuilding its first layer densely")
+        readers.append(link.name)
+    return readers
+
+
+def layer_components(lstm_name: str, lstm: LSTM, readers: list[Reader]) -> list[Components]:
+    """Every group of every cell layer of one stack; the top layer's output groups reach into ``readers``."""
+    found, D = [], lstm.num_directions
+    for flat, layer in enumerate(lstm.layers):
+        l, d = divmod(flat, D)
+        prefix = qualified(lstm_name, f"layers.{flat}")
+        for group in layer.groups():
+            slices = []
+            for matrix, dim, index_fn in group.parts:
+                weight = _dense_weight(layer, prefix, matrix, "ISS removes its units")
+                index, owner = _unit_index(index_fn, group.size)
+                slices.append(Slice(f"{prefix}.weight_{matrix}.weight", weight, dim, index.to(weight.device),
+                                    owner.to(weight.device)))
+            if group.output:
+                if l + 1 < lstm.num_layers:   # the next layer's directions all read [forward | reverse]
+                    nxt = [(qualified(lstm_name, f"layers.{(l + 1) * D + e}.weight_ih.weight"),
+                            _dense_weight(lstm.layer(l + 1, e), qualified(lstm_name, f"layers.{(l + 1) * D + e}"),
+                                          "ih", "ISS removes its units"))
+                           for e in range(D)]
+                else:
+                    nxt = readers
+                units = torch.arange(group.size)
+                columns = units + d * layer.output_size       # direction d's channels in [forward | reverse]
+                slices += [Slice(name, weight, 1, columns.to(weight.device), units.to(weight.device))
+                           for name, weight in nxt]
+            found.append(Components(lstm_name, flat, group.name, group.size, group.output, slices,
+                                    _overlaps(slices)))
+    return found
+
+
+class UnitMap:
+    """The ISS components of a model's LSTMs (``names``), given the modules that read each one's output."""
+
+    def __init__(self, model: nn.Module, readers: dict[str, list[str]]) -> None:
+        self.model, self.readers = model, readers
+        self._counts: list[torch.Tensor] | None = None
+        self.lstms = {name: submodule(model, name) for name in readers}
+        resolve = lambda name: submodule(model, name)  # noqa: E731
+        self.components = [c for name, lstm in self.lstms.items()
+                           for c in layer_components(name, lstm, [r for reader in readers[name]
+                                                                  for r in input_columns(reader, resolve(reader))])]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "UnitMap":
+        """Every ``leanlstm.LSTM`` in ``model``, readers found from its module graph."""
+        lstms = [(name, lstm) for name, lstm in find_lstms(model) if isinstance(lstm, LSTM)]
+        if not lstms:
+            raise TypeError(f"ISS works on leanlstm.LSTM modules; {type(model).__name__} holds none (convert a "
+                            f"torch.nn.LSTM with leanlstm.LSTM.from_torch, or use leanlstm.compress_)")
+        graph = trace(model) if any(name for name, _ in lstms) else None
+        names = tuple(name for name, _ in lstms)
+        return cls(model, {name: find_readers(model, name, lstm, lambda n: submodule(model, n), graph, names)
+                           for name, lstm in lstms})
+
+    def entry_counts(self) -> list[torch.Tensor]:
+        """Entries of each component, per group (they change only with the structure)."""
+        if self._counts is None:
+            with torch.no_grad():
+                self._counts = [group.per_unit(torch.ones_like) for group in self.components]
+        return self._counts
+
+    def weights(self) -> list[tuple[str, torch.Tensor]]:
+        """Every matrix that lies in some component, once."""
+        seen: dict[int, tuple[str, torch.Tensor]] = {}
+        for group in self.components:
+            for part in group.slices:
+                seen.setdefault(id(part.weight), (part.name, part.weight))
+        return list(seen.values())
+
+    def of_layer(self, layer: int, lstm: str | None = None, group: str | None = None) -> Components:
+        """The components of one group (default: the first) of flat layer ``layer`` of LSTM ``lstm`` (default: the
+        only one)."""
+        if lstm is None:
+            if len(self.lstms) != 1:
+                raise ValueError(f"the model has several LSTMs ({', '.join(self.lstms)}); name one")
+            lstm = next(iter(self.lstms))
+        matches = [c for c in self.components if c.lstm == lstm and c.layer == layer
+                   and (group is None or c.group == group)]
+        if not matches:
+            raise ValueError(f"no group {group or ''!r} in layer {layer} of LSTM {lstm!r}")
+        return matches[0]
+
+
+def submodule(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name) if name else model
+
+
+def components(model: nn.Module) -> list[Components]:
+    """The ISS components of every ``leanlstm.LSTM`` in ``model``, one entry per group of units per cell layer.
 
     >>> layers = components(LSTM(3, [2, 4]))
-    >>> [c.hidden_size for c in layers], layers[0].names[2], layers[1].names[2]
-    ([2, 4], 'layers.1.weight_ih.weight', None)
+    >>> [(c.layer, c.group, c.size) for c in layers], [s.name for s in layers[0].slices][-1]
+    ([(0, 'hidden', 2), (1, 'hidden', 4)], 'layers.1.weight_ih.weight')
     """
-    lstm, decoder, prefix = _stack(model)
-    for name, form in lstm.forms():
-        if not isinstance(form, Dense):
-            raise ValueError(f"ISS needs dense weights, but {prefix}{name} is a {type(form).__name__} form: it "
-                             f"removes whole hidden units of dense matrices. Apply ISS before other forms, or "
-                             f"convert with lstm.replace_forms('dense')")
-    layers = []
-    for index, layer in enumerate(lstm.layers):
-        top = index == lstm.num_layers - 1
-        if top:
-            consumer = decoder.weight if decoder is not None else None
-            consumer_name = "decoder.weight" if decoder is not None else None
-        else:
-            consumer = lstm.layers[index + 1].weight_ih.weight
-            consumer_name = f"{prefix}layers.{index + 1}.weight_ih.weight"
-        names = (f"{prefix}layers.{index}.weight_ih.weight", f"{prefix}layers.{index}.weight_hh.weight",
-                 consumer_name)
-        layers.append(LayerComponents(index, layer.weight_ih.weight, layer.weight_hh.weight, consumer, names))
-    return layers
+    return UnitMap.of(model).components
 
 
-def _weights(model: nn.Module) -> list[torch.Tensor]:
-    """Every weight that lies in some component: all LSTM weight matrices and the decoder weight."""
-    lstm, decoder, _ = _stack(model)
-    weights = [form.weight for _, form in lstm.forms()]
-    return weights + ([decoder.weight] if decoder is not None else [])
+def group_lasso(groups: list[Components], eps: float = 1e-8) -> torch.Tensor:
+    """``sum over groups and units of sqrt(||component||^2 + eps)`` (multiply by the strength yourself)."""
+    memo: Memo = {}
+    return sum(torch.sqrt(group.squared_norms(memo) + eps).sum() for group in groups)
 
 
-def group_lasso(model: nn.Module, eps: float = 1e-8) -> torch.Tensor:
-    """``sum over layers and units of sqrt(||component||^2 + eps)`` (multiply by the strength yourself)."""
-    return sum(torch.sqrt(layer.squared_norms() + eps).sum() for layer in components(model))
-
-
-def surviving(model: nn.Module) -> list[int]:
-    """Number of units per layer whose component still has a nonzero entry."""
-    return [int((layer.nonzeros() > 0).sum()) for layer in components(model)]
+def surviving(source: nn.Module | list[Components]) -> list[int]:
+    """Number of units per group (per cell layer) whose component still has a nonzero entry."""
+    groups = components(source) if isinstance(source, nn.Module) else source
+    return [int((group.nonzeros() > 0).sum()) for group in groups]
 
 
 @torch.no_grad()
-def threshold_(model: nn.Module, threshold: float, group_rule: bool = False) -> None:
-    """Set component weights with ``|w| <= threshold`` to exactly zero, in place (biases and embedding stay).
+def threshold_(units: UnitMap, threshold: float, group_rule: bool = False) -> None:
+    """Set component weights with ``|w| <= threshold`` to exactly zero, in place (biases and embeddings stay).
 
-    With ``group_rule`` also zero every whole component whose root-mean-square entry is at most ``threshold``.
+    With ``group_rule`` also zero every whole component whose root-mean-square entry is at most ``threshold``
+    (group by group: a removed component changes its neighbours' norms).
     """
     if group_rule:
-        for group in components(model):
-            rms = (group.squared_norms() / group.per_unit(torch.ones_like)).sqrt()
-            dead = torch.nonzero(rms <= threshold).flatten()
-            if dead.numel():
-                group.zero_(dead)
-    for weight in _weights(model):
+        for group, entries in zip(units.components, units.entry_counts()):
+            group.zero_where_(group.squared_norms() <= threshold**2 * entries)
+    for _, weight in units.weights():
         weight.copy_(nn.functional.hardshrink(weight, threshold))  # 2-3x faster than masked_fill_
 
 
 @torch.no_grad()
-def zero_components_(model: nn.Module, layer: int, units: list[int]) -> nn.Module:
-    """Zero the whole components of ``units`` in ``layer``, in place (e.g. to test or to prune by hand)."""
-    components(model)[layer].zero_(torch.as_tensor(units, dtype=torch.long))
+def zero_components_(model: nn.Module, layer: int, units: list[int], lstm: str | None = None,
+                     group: str | None = None) -> nn.Module:
+    """Zero the whole components of ``units`` of flat layer ``layer`` (group ``group``, default the first; LSTM
+    ``lstm``, default the only one), consumer columns included, in place: to test or to prune by hand."""
+    UnitMap.of(model).of_layer(layer, lstm, group).zero_(torch.as_tensor(units, dtype=torch.long))
     return model
 
 
 # --- removal ------------------------------------------------------------------------------------------------
-def shrink(model: nn.Module) -> nn.Module:
-    """A smaller dense copy of ``model`` without the units whose whole component is zero.
+def kept_units(lstm: LSTM, groups: list[Components]) -> dict[tuple[int, str], torch.Tensor]:
+    """Units each group of each layer keeps: the live ones, padded with dead ones so that both directions of a
+    layer keep equally many (one size per layer), every layer as many projections (one ``proj_size`` per stack),
+    fewer than its hidden units, and no group none."""
+    alive = {(g.layer, g.group): torch.nonzero(g.nonzeros() > 0).flatten().cpu() for g in groups}
+    sizes = {(g.layer, g.group): g.size for g in groups}
+    D = lstm.num_directions
+    count = {}
+    for (flat, name), units in alive.items():
+        key = (flat // D, name)
+        count[key] = max(count.get(key, 1), len(units))
+    if lstm.proj_size:
+        shared = max(n for (_, name), n in count.items() if name == "proj")
+        for key in count:
+            count[key] = shared if key[1] == "proj" else max(count[key], shared + 1)
+    keep = {}
+    for (flat, name), units in alive.items():
+        live = set(units.tolist())
+        dead = [u for u in range(sizes[(flat, name)]) if u not in live]
+        padding = dead[:count[(flat // D, name)] - len(live)]
+        keep[(flat, name)] = torch.tensor(sorted(live | set(padding)), dtype=torch.long)
+    for (flat, name), units in keep.items():
+        if len(units) > len(alive[(flat, name)]):
+            log.info("ISS: layer %d of %r keeps %d dead %s units to match its stack", flat, groups[0].lstm,
+                     len(units) - len(alive[(flat, name)]), name)
+    return keep
 
-    Works on a WordLM-like model (the decoder loses the removed top-layer columns; logits are unchanged) and on
-    a bare ``leanlstm.LSTM`` (its top layer has no consumer, so the output keeps only the surviving channels).
-    States of the surviving units are unchanged. A layer that lost every unit keeps one (all-zero) unit so the
-    stack stays valid. ``model`` itself is not modified.
+
+def output_channels(lstm: LSTM, keep: dict[tuple[int, str], torch.Tensor], layer: int) -> torch.Tensor:
+    """Columns of layer ``layer``'s output ([forward | reverse]) that stay."""
+    D, parts = lstm.num_directions, []
+    for d in range(D):
+        flat = layer * D + d
+        group = next(g for g in lstm.layers[flat].groups() if g.output)
+        parts.append(keep[(flat, group.name)] + d * lstm.layers[flat].output_size)
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def shrunk_lstm(lstm: LSTM, keep: dict[tuple[int, str], torch.Tensor], inputs: torch.Tensor | None) -> LSTM:
+    """A dense stack keeping units ``keep`` and (of the first layer) input columns ``inputs`` (None: all)."""
+    D, layers = lstm.num_directions, []
+    for flat, layer in enumerate(lstm.layers):
+        l = flat // D
+        mine = {name: units for (f, name), units in keep.items() if f == flat}
+        layers.append(layer.select(mine, inputs if l == 0 else output_channels(lstm, keep, l - 1)))
+    return _stack_of(lstm, layers, input_size=layers[0].input_size)
+
+
+def _stack_of(lstm: LSTM, layers: list[nn.Module], input_size: int) -> LSTM:
+    """A stack like ``lstm`` whose cell layers are ``layers`` (their sizes and weights)."""
+    config = lstm.config() | {"input_size": input_size, "layers": [layer.config() for layer in layers],
+                              "hidden_size": [layers[l * lstm.num_directions].hidden_size
+                                              for l in range(lstm.num_layers)],
+                              "proj_size": getattr(layers[0], "proj_size", 0)}
+    reference = next(lstm.parameters())
+    new = LSTM.from_config(config).to(device=reference.device, dtype=reference.dtype)
+    new.layers.load_state_dict(nn.ModuleList(layers).state_dict())
+    return new.train(lstm.training)
+
+
+@torch.no_grad()
+def narrowed(module: nn.Module, columns: torch.Tensor) -> nn.Module:
+    """``module`` (an nn.Linear or an LSTM) reading only input ``columns``, computing the same function on them."""
+    if isinstance(module, nn.Linear):
+        small = nn.Linear(len(columns), module.out_features, bias=module.bias is not None,
+                          device=module.weight.device, dtype=module.weight.dtype)
+        small.weight.copy_(module.weight[:, columns.to(module.weight.device)])
+        if module.bias is not None:
+            small.bias.copy_(module.bias)
+        return small.train(module.training)
+    if isinstance(module, nn.LSTM):
+        small = nn.LSTM(len(columns), module.hidden_size, module.num_layers, bias=module.bias,
+                        batch_first=module.batch_first, dropout=module.dropout, bidirectional=module.bidirectional,
+                        proj_size=module.proj_size, device=module.weight_ih_l0.device, dtype=module.weight_ih_l0.dtype)
+        for name, parameter in module.named_parameters():
+            value = parameter[:, columns.to(parameter.device)] if name.startswith("weight_ih_l0") else parameter
+            small.get_parameter(name).copy_(value)
+        return small.train(module.training)
+    D = module.num_directions
+    layers = [layer.select({g.name: torch.arange(g.size) for g in layer.groups()}, columns) if flat < D else layer
+              for flat, layer in enumerate(module.layers)]
+    return _stack_of(module, layers, input_size=len(columns))
+
+
+def shrinkage(units: UnitMap) -> dict[str, nn.Module]:
+    """The smaller modules that replace the LSTMs and their readers, by qualified name."""
+    keep = {name: kept_units(lstm, [g for g in units.components if g.lstm == name])
+            for name, lstm in units.lstms.items()}
+    inputs: dict[str, torch.Tensor] = {}      # reader -> the columns it keeps
+    for name, lstm in units.lstms.items():
+        channels = output_channels(lstm, keep[name], lstm.num_layers - 1)
+        for reader in units.readers[name]:
+            if reader in inputs:
+                raise ValueError(f"{reader!r} reads more than one LSTM; ISS cannot tell its columns apart")
+            inputs[reader] = channels
+    new = {name: shrunk_lstm(lstm, keep[name], inputs.get(name)) for name, lstm in units.lstms.items()}
+    for reader, columns in inputs.items():
+        present = submodule(units.model, reader)
+        if reader not in new and len(columns) < input_width(present):   # a reader that loses nothing stays
+            new[reader] = narrowed(present, columns)
+    return new
+
+
+def install(model: nn.Module, modules: dict[str, nn.Module]) -> nn.Module:
+    """Put ``modules`` in place; returns the model (a replaced root module: the new one)."""
+    for name, new in modules.items():
+        if name:
+            replace_module(model, name, new)
+    return modules.get("", model)
+
+
+def shrink(model: nn.Module) -> nn.Module:
+    """A smaller dense copy of ``model`` without the units whose whole component is zero (``model`` is left as it
+    is; the handle's ``finalize()`` does the same in place).
+
+    Every module reading a stack's output (an nn.Linear, another LSTM) loses the removed columns, so the model's
+    outputs are unchanged. A bare LSTM (no reader) keeps only its surviving output channels. States of the
+    surviving units are unchanged.
 
     >>> lstm = zero_components_(LSTM(3, [4, 5]), layer=0, units=[1, 2])
     >>> shrink(lstm).hidden_sizes
     [2, 5]
     """
-    lstm, decoder, _ = _stack(model)
-    keep = []
-    for group in components(model):
-        alive = torch.nonzero(group.nonzeros() > 0).flatten()
-        if alive.numel() == 0:
-            log.warning("ISS: layer %d lost every unit; keeping one all-zero unit so the stack stays valid",
-                        group.layer)
-            alive = torch.zeros(1, dtype=torch.long, device=alive.device)
-        keep.append(alive.cpu())
-    small = _sliced_lstm(lstm, keep)
-    if decoder is None:
-        return small
-    out = copy.deepcopy(model)
-    out.lstm = small
-    out.decoder = _sliced_decoder(decoder, keep[-1])
-    if isinstance(getattr(getattr(out, "config", None), "hidden_sizes", None), list):
-        out.config.hidden_sizes = list(small.hidden_sizes)  # WordLM's LMConfig
-    return out
+    copied = copy.deepcopy(model)
+    return install(copied, shrinkage(UnitMap.of(copied)))
 
 
-@torch.no_grad()
-def _sliced_lstm(lstm: LSTM, keep: list[torch.Tensor]) -> LSTM:
-    reference = lstm.layers[0].weight_ih.weight
-    small = LSTM(lstm.input_size, [len(k) for k in keep], bias=lstm.bias, batch_first=lstm.batch_first,
-                 dropout=lstm.dropout).to(device=reference.device, dtype=reference.dtype)
-    for index, (old, new) in enumerate(zip(lstm.layers, small.layers)):
-        rows = gate_rows(old.hidden_size, keep[index])            # the kept units' rows, gate by gate
-        inputs = keep[index - 1] if index else torch.arange(old.input_size)
-        new.weight_ih.weight.copy_(old.weight_ih.weight[rows][:, inputs])
-        new.weight_hh.weight.copy_(old.weight_hh.weight[rows][:, keep[index]])
-        if old.bias_ih is not None:
-            new.bias_ih.copy_(old.bias_ih[rows])
-            new.bias_hh.copy_(old.bias_hh[rows])
-    return small
-
-
-@torch.no_grad()
-def _sliced_decoder(decoder: nn.Linear, keep: torch.Tensor) -> nn.Linear:
-    small = nn.Linear(len(keep), decoder.out_features, bias=decoder.bias is not None,
-                      device=decoder.weight.device, dtype=decoder.weight.dtype)
-    small.weight.copy_(decoder.weight[:, keep])
-    if decoder.bias is not None:
-        small.bias.copy_(decoder.bias)
-    return small
-
-
-# --- training hooks -----------------------------------------------------------------------------------------
-class ComponentLog(list):
-    """``[{"phase", "epoch", "components": [per layer]}, ...]``: surviving units per layer over training."""
-
-    def record(self, phase: str, epoch: int, model: nn.Module) -> list[int]:
-        counts = surviving(model)
-        self.append({"phase": phase, "epoch": epoch, "components": counts})
-        return counts
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"components": [dict(entry) for entry in self]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self[:] = [dict(entry) for entry in state.get("components", [])]
-
-
-class _LogsComponents(Callback):
-    """Records surviving components per layer at every epoch end; the log is the callback's whole state."""
-
-    log: ComponentLog
-
-    def on_epoch_end(self, trainer, epoch: int, metrics: dict[str, Any]) -> None:
-        metrics["iss_components"] = self.log.record(trainer.phase, epoch, trainer.model)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.log.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.log.load_state_dict(state)
-
-
-class ISSRegularizer(_LogsComponents):
-    """The group-Lasso term plus thresholding after every step; also records surviving units per epoch.
-
-    From your own loop::
-
-        reg = ISSRegularizer(strength=0.002)
-        loss = task_loss + reg.penalty(model)
-        loss.backward(); optimizer.step()
-        reg.threshold_(model)
-    """
-
-    def __init__(self, strength: float = 0.00245, threshold: float = 1e-4, eps: float = 1e-8,
-                 log: ComponentLog | None = None, group_rule: bool = True, shrink_each_epoch: bool = False) -> None:
-        self.strength, self.threshold, self.eps, self.group_rule = strength, threshold, eps, group_rule
-        self.shrink_each_epoch = shrink_each_epoch
-        self.log = log if log is not None else ComponentLog()
-
-    def penalty(self, model: nn.Module) -> torch.Tensor:
-        return self.strength * group_lasso(model, self.eps)
-
-    def threshold_(self, model: nn.Module) -> None:
-        threshold_(model, self.threshold, self.group_rule)
-
-    def on_train_begin(self, trainer) -> None:
-        if not any(entry["phase"] == trainer.phase for entry in self.log):  # not when resuming
-            self.log.record(trainer.phase, 0, trainer.model)
-        hover = self.hover_level(trainer.model, trainer.config.lr)
-        if self.threshold < hover:
-            log.warning("ISS: threshold %.3g is below %.3g, the size at which entries of a collapsing component "
-                        "oscillate under lr %.3g and strength %.3g; such components may never reach zero. Raise "
-                        "the threshold or lower the strength", self.threshold, hover, trainer.config.lr,
-                        self.strength)
-
-    def hover_level(self, model: nn.Module, lr: float) -> float:
-        """Typical entry size of a component whose norm oscillates at ``lr * strength`` (smallest components).
-
-        An SGD step shrinks a component's norm by ``lr * strength``; once the norm is about that small the
-        step overshoots and the entries oscillate around zero with about this size instead of settling.
-        """
-        with torch.no_grad():
-            entries = min(int(layer.per_unit(torch.ones_like).min()) for layer in components(model))
-        return lr * self.strength / math.sqrt(entries)
-
-    def extra_loss(self, trainer) -> torch.Tensor:
-        return self.penalty(trainer.model)
-
-    def after_step(self, trainer) -> None:
-        self.threshold_(trainer.model)
-
-    def on_epoch_end(self, trainer, epoch: int, metrics: dict[str, Any]) -> None:
-        super().on_epoch_end(trainer, epoch, metrics)
-        if not self.shrink_each_epoch:
-            return
-        alive = [max(count, 1) for count in metrics["iss_components"]]      # shrink keeps one unit of a dead layer
-        if alive != list(_stack(trainer.model)[0].hidden_sizes):
-            trainer.replace_model(shrink(trainer.model))
-
-
-class FreezeZeros(_LogsComponents):
-    """Fine-tuning: weights that are zero when training starts stay exactly zero after every step.
-
-    Its state holds the component log too, so a run resumed while fine-tuning keeps the whole history.
-    """
-
-    def __init__(self, log: ComponentLog | None = None) -> None:
-        self.log = log if log is not None else ComponentLog()
-        self.masks: list[torch.Tensor] = []
-
-    @torch.no_grad()
-    def capture(self, model: nn.Module) -> None:
-        """Remember where ``model``'s component weights are zero."""
-        self.masks = [weight != 0 for weight in _weights(model)]
-
-    @torch.no_grad()
-    def apply(self, model: nn.Module) -> None:
-        """Put the remembered zeros back (call after every optimiser step)."""
-        for weight, mask in zip(_weights(model), self.masks, strict=True):
-            weight.mul_(mask)
-
-    def on_train_begin(self, trainer) -> None:
-        self.capture(trainer.model)
-
-    def on_model_replaced(self, trainer) -> None:
-        self.capture(trainer.model)       # a shrunk model: its zeros are the old ones, sliced
-
-    def after_step(self, trainer) -> None:
-        self.apply(trainer.model)
-
+def hidden_sizes(lstms: dict[str, LSTM]) -> list[int]:
+    return [size for lstm in lstms.values() for size in lstm.hidden_sizes]
 
 
 # --- choosing the strength ----------------------------------------------------------------------------------
@@ -434,7 +585,7 @@ def search_strength(evaluate: Callable[[float], float], target: float, low: floa
 
 
 # --- the method ---------------------------------------------------------------------------------------------
-class ISS(Method):
+class ISSMethod(Method):
     """Group Lasso over ISS components with thresholding; then remove dead units and fine-tune with zeros frozen.
 
     ``leanlstm compress --method iss --strength 0.002 [--from RUN] --out DIR`` trains with the regulariser
@@ -443,36 +594,125 @@ class ISS(Method):
     """
 
     name = "iss"
-    Config = ISSConfig
+    Config = ISS
 
-    def __init__(self, config: ISSConfig | None = None) -> None:
+    def __init__(self, config: ISS | None = None) -> None:
         super().__init__(config)
-        self.log = ComponentLog()
-        c = self.config
-        self.regularizer = ISSRegularizer(c.strength, c.threshold, c.eps, self.log, c.group_rule,
-                                          c.shrink_each_epoch)
-        self.freeze = FreezeZeros(self.log)
+        self.readers: dict[str, list[str]] = {}
+        self.log: list[dict[str, Any]] = []       # {"phase", "epoch", "components": surviving units per group}
+        self.frozen: dict[str, torch.Tensor] = {}  # fine-tuning: where each component weight is nonzero
+        self._units: UnitMap | None = None
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        components(model)  # fails early, with the reason, on anything but dense leanlstm weights
-        return model
+    def units(self, handle: "Compression") -> UnitMap:
+        if self._units is None or self._units.model is not handle.model or any(
+                self._units.lstms[name] is not lstm for name, lstm in handle.lstms.items()):
+            self._units = UnitMap(handle.model, self.readers)
+        return self._units
 
-    def callbacks(self) -> list[Callback]:
-        return [self.regularizer]
+    def check(self, handle: "Compression") -> None:
+        graph = trace(handle.model) if any(handle.lstms) else None
+        self.readers = {name: find_readers(handle.model, name, lstm, handle.module, graph, tuple(handle.lstms))
+                        for name, lstm in handle.lstms.items()}
+        for name, lstm in handle.lstms.items():
+            for flat, layer in enumerate(lstm.layers):
+                for group in layer.groups():   # non-dense forms are refused here, by name
+                    for matrix, _, _ in group.parts:
+                        _dense_weight(layer, qualified(name, f"layers.{flat}"), matrix, "ISS removes its units")
+        self._units = None
 
-    def finalize(self, model: nn.Module) -> nn.Module:
-        small = shrink(model)
-        log.info("ISS: hidden sizes %s -> %s", _stack(model)[0].hidden_sizes, _stack(small)[0].hidden_sizes)
-        return small
+    def start(self, handle: "Compression") -> None:
+        self._units = None
+        if not self.log:
+            self.log.append({"phase": handle.phase, "epoch": 0, "components": self.surviving(handle)})
 
-    def finetune_callbacks(self) -> list[Callback]:
-        return [self.freeze]
+    def surviving(self, handle: "Compression") -> list[int]:
+        return surviving(self.units(handle).components)
 
-    def summary(self, model: nn.Module) -> dict[str, Any]:
-        sizes = list(_stack(model)[0].hidden_sizes)
-        before = self.log[0]["components"] if self.log else sizes
-        return {"iss_hidden_sizes": sizes, "iss_units_removed": [b - a for b, a in zip(before, sizes)],
-                "iss_components": [dict(entry) for entry in self.log]}
+    def penalty(self, handle: "Compression") -> torch.Tensor | None:
+        if handle.finalized:
+            return None
+        return self.config.strength * group_lasso(self.units(handle).components, self.config.eps)
+
+    def after_step(self, handle: "Compression") -> None:
+        if not handle.finalized:
+            threshold_(self.units(handle), self.config.threshold, self.config.group_rule)
+            return
+        with torch.no_grad():   # fine-tuning: zeros stay zero
+            for name, weight in self.units(handle).weights():
+                weight.mul_(self.frozen[name])
+
+    def on_epoch_end(self, handle: "Compression") -> dict[str, Any]:
+        counts = self.surviving(handle)
+        self.log.append({"phase": handle.phase, "epoch": handle.epoch, "components": counts})
+        out: dict[str, Any] = {"iss_components": counts}
+        if self.config.shrink_each_epoch and not handle.finalized and self._would_shrink(handle):
+            self._shrink(handle)
+            out["new_parameters"] = True
+        return out
+
+    def _would_shrink(self, handle: "Compression") -> bool:
+        units = self.units(handle)
+        for name, lstm in units.lstms.items():
+            groups = [g for g in units.components if g.lstm == name]
+            keep = kept_units(lstm, groups)
+            if any(len(keep[(g.layer, g.group)]) < g.size for g in groups):
+                return True
+        return False
+
+    def _shrink(self, handle: "Compression") -> None:
+        before = hidden_sizes(handle.lstms)
+        handle.install(shrinkage(self.units(handle)))
+        self._units = None
+        log.info("ISS: hidden sizes %s -> %s", before, hidden_sizes(handle.lstms))
+
+    def finish(self, handle: "Compression") -> None:
+        self._shrink(handle)
+        self.frozen = {name: weight != 0 for name, weight in self.units(handle).weights()}
+
+    def on_train_begin(self, handle: "Compression", lr: float) -> None:
+        if handle.finalized:
+            return
+        hover = self.hover_level(handle, lr)
+        if self.config.threshold < hover:
+            log.warning("ISS: threshold %.3g is below %.3g, the size at which entries of a collapsing component "
+                        "oscillate under lr %.3g and strength %.3g; such components may never reach zero. Raise "
+                        "the threshold or lower the strength", self.config.threshold, hover, lr,
+                        self.config.strength)
+
+    def hover_level(self, handle: "Compression", lr: float) -> float:
+        """Typical entry size of a component whose norm oscillates at ``lr * strength`` (smallest components).
+
+        An SGD step shrinks a component's norm by ``lr * strength``; once the norm is about that small the
+        step overshoots and the entries oscillate around zero with about this size instead of settling.
+        """
+        entries = min(int(counts.min()) for counts in self.units(handle).entry_counts())
+        return lr * self.config.strength / math.sqrt(entries)
+
+    def summarize(self, handle: "Compression") -> dict[str, Any]:
+        first = self.log[0]["components"] if self.log else None
+        out = {"iss_hidden_sizes": hidden_sizes(handle.lstms), "iss_units_removed": self._removed(first, handle),
+               "iss_components": [dict(entry) for entry in self.log]}
+        if any(lstm.proj_size for lstm in handle.lstms.values()):
+            out["iss_proj_sizes"] = [lstm.proj_size for lstm in handle.lstms.values()]
+        return out
+
+    def _removed(self, first: list[int] | None, handle: "Compression") -> list[int]:
+        """Units removed per group since the handle began (each group's count in the first log entry)."""
+        now = [g.size for g in self.units(handle).components]
+        return [b - a for b, a in zip(first, now)] if first is not None and len(first) == len(now) else []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"components": [dict(entry) for entry in self.log], "frozen": dict(self.frozen)}
+
+    def load_state_dict(self, state: dict[str, Any], handle: "Compression") -> None:
+        self.log = [dict(entry) for entry in state.get("components", [])]
+        self.frozen = dict(state.get("frozen", {}))
+        self._units = None
+        if handle.finalized:
+            shapes = {name: weight.shape for name, weight in self.units(handle).weights()}
+            if {name: mask.shape for name, mask in self.frozen.items()} != shapes:
+                raise ValueError("the ISS state's frozen zeros do not fit this model's weights; load the state of "
+                                 "a handle made on the same model")
 
     def on_run_end(self, run_dir: Path, metrics: dict[str, Any]) -> None:
         from ..report import plot_components

@@ -1,32 +1,63 @@
-"""Gradual magnitude pruning (Zhu & Gupta, 2017) to a target compression factor; method ``prune``.
+"""Gradual magnitude pruning (Zhu & Gupta, 2017) to a target compression factor: ``leanlstm.Prune``, method ``prune``.
 
-Every LSTM matrix becomes ``MaskedSparse``; during the compression phase the smallest-magnitude weights are
-masked out on the gradual schedule (``schedules.gradual_sparsity``) until each matrix stores at most
-``1 / compression`` of its dense bytes, counted honestly as CSR: 4-byte values, 2-byte column indices
-(4 when a row is longer than 65536) and 4-byte row pointers. So 20x is not 5% density but
+Every matrix of every compressed LSTM (``weight_hr`` of a projected one too) becomes ``MaskedSparse``; during the
+compression phase the smallest-magnitude weights are masked out on the gradual schedule
+(``schedules.gradual_sparsity``) until each matrix stores at most ``1 / compression`` of its dense bytes, counted
+honestly as CSR: 4-byte values, 2-byte column indices (4 when a row is longer than 65536) and 4-byte row pointers.
+So 20x is not 5% density but
 
     nnz = floor((out * in * 4 / 20 - (out + 1) * 4) / (4 + 2))   (2600x650: 54 599 entries, 3.23%)
 
-Fine-tuning then trains the surviving weights with the mask fixed. ``GradualPruning`` (the schedule as a
-callback) and the budget arithmetic are shared with the doping methods, whose sparse part is pruned alike.
+``finalize()`` sets every matrix to its final density (should the schedule have stopped early); fine-tuning then
+trains the surviving weights with the mask fixed. ``nn.Linear`` heads are not pruned: the method compresses the
+recurrent stack, where the latency is. ``GradualPruning`` and the budget arithmetic are shared with the doping
+methods, whose sparse part is pruned alike.
+
+    handle = leanlstm.compress_(model, leanlstm.Prune(compression=20, total_steps=len(loader) * epochs))
+    ...  loss.backward(); optimizer.step(); handle.after_step()      # masks follow the schedule
+    handle.finalize()
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..nn import LSTM
-from ..nn.lstm import lstm_of
-from ..nn.forms import Doped, MaskedSparse, WeightForm
+from ..nn import LSTM  # noqa: F401  (the docstring examples)
+from ..nn.forms import Doped as DopedForm
+from ..nn.forms import MaskedSparse, WeightForm
 from ..nn.forms.base import FLOAT_BYTES
 from ..nn.forms.sparse import csr_nbytes
-from ..train import Callback
-from .base import Method, MethodConfig
+from .base import Method, MethodConfig, named_forms, qualified
 from .schedules import gradual_sparsity, phase_steps
+
+if TYPE_CHECKING:
+    from ..compress import Compression
+
+Forms = nn.Module | Iterable[tuple[str, WeightForm]]
+
+
+@dataclass
+class Prune(MethodConfig):
+    """Gradual magnitude pruning of every LSTM matrix to ``compression`` (honest CSR bytes).
+
+    >>> Prune(compression=20, total_steps=1000).anneal_end
+    0.75
+    """
+
+    compression: float = 20.0     # target honest compression of the LSTM weight matrices (CSR bytes)
+    initial_density: float = 1.0  # density when pruning starts (Zhu & Gupta's s_i = 1 - this)
+    anneal_start: float = 0.0     # fraction of the schedule's steps at which pruning starts
+    anneal_end: float = 0.75      # fraction at which the final density is reached
+    prune_every: int = 10         # optimiser steps between pruning events (Zhu & Gupta's dt)
+    total_steps: int = 0          # optimiser steps the schedule spans in a user loop (0: Trainer's phase length)
+
+
+PruneConfig = Prune  # the name before issue 20
 
 
 def byte_budget(form: WeightForm, compression: float) -> float:
@@ -54,7 +85,7 @@ def sparse_part(form: WeightForm) -> MaskedSparse | None:
     """The masked-sparse matrix a pruning schedule acts on: the form itself, or a doped form's ``D``."""
     if isinstance(form, MaskedSparse):
         return form
-    if isinstance(form, Doped):
+    if isinstance(form, DopedForm):
         return form.sparse
     return None
 
@@ -73,27 +104,40 @@ def final_entries(name: str, form: WeightForm, compression: float) -> int:
     return entries
 
 
-def weight_compression(lstm: LSTM) -> float:
-    """Dense float32 bytes of the LSTM's weight matrices over the bytes their forms store (biases excluded)."""
-    forms = [form for _, form in lstm.forms()]
+def as_forms(source: Forms) -> list[tuple[str, WeightForm]]:
+    """``(name, form)`` pairs: those given, or every matrix of every ``leanlstm.LSTM`` in a module."""
+    return named_forms(source) if isinstance(source, nn.Module) else list(source)
+
+
+def weight_compression(source: Forms) -> float:
+    """Dense float32 bytes of the weight matrices over the bytes their forms store (biases excluded).
+
+    >>> weight_compression(LSTM(8, 16))
+    1.0
+    """
+    forms = [form for _, form in as_forms(source)]
     return sum(f.out_features * f.in_features * FLOAT_BYTES for f in forms) / sum(f.nbytes() for f in forms)
 
 
-def phase_length(trainer) -> int:
-    """Optimiser steps the trainer's phase will take in all."""
-    per_epoch = trainer.task.num_train_batches()
-    if trainer.config.max_batches is not None:
-        per_epoch = min(per_epoch, trainer.config.max_batches)
-    return trainer.config.epochs * per_epoch
+def sparsity_summary(source: Forms, target: float) -> dict[str, Any]:
+    """The honest weight compression, its target, and each sparse part's density."""
+    forms = as_forms(source)
+    densities = {name: sparse_part(form).density() for name, form in forms if sparse_part(form) is not None}
+    return {"target_compression": target, "lstm_weight_compression": weight_compression(forms),
+            "sparse_density": densities}
 
 
-class GradualPruning(Callback):
-    """Prunes every sparse part (``sparse_part``) by magnitude on Zhu & Gupta's schedule after optimiser steps.
+class GradualPruning:
+    """Prunes every sparse part (``sparse_part``) by magnitude on Zhu & Gupta's schedule.
 
-    Each matrix goes from ``initial_density`` at ``start`` (a fraction of the phase's steps) to the density of
-    its compression budget at ``end``, in events ``every`` steps apart. Stateless: the targets follow from
-    the model's forms and the trainer's step, so resuming needs nothing beyond the checkpointed masks.
-    From a user's own loop: ``pruner.prune(model, step, total_steps)`` after ``optimizer.step()``.
+    Each matrix goes from ``initial_density`` at ``start`` (a fraction of the schedule's steps) to the density of
+    its compression budget at ``end``, in events ``every`` steps apart. Stateless: the targets follow from the
+    forms and the step, so resuming needs nothing beyond the masks (which the model's state dict holds).
+
+    >>> lstm = LSTM(8, 16).replace_forms("sparse")
+    >>> GradualPruning(compression=4.0).prune(lstm, step=100, total=100)
+    >>> 4.0 <= weight_compression(lstm) < 4.05
+    True
     """
 
     def __init__(self, compression: float, initial_density: float = 1.0, start: float = 0.0,
@@ -103,17 +147,11 @@ class GradualPruning(Callback):
         self.compression, self.initial_density = compression, initial_density
         self.start, self.end, self.every = start, end, every
 
-    def on_train_begin(self, trainer) -> None:
-        self.prune(trainer.model, trainer.step, phase_length(trainer))
-
-    def after_step(self, trainer) -> None:
-        self.prune(trainer.model, trainer.step, phase_length(trainer))
-
-    def targets(self, model: nn.Module, step: int, total: int) -> dict[str, int]:
+    def targets(self, source: Forms, step: int, total: int) -> dict[str, int]:
         """Entries each sparse part should keep after ``step`` of ``total``."""
         begin, end = phase_steps(self.start, total), phase_steps(self.end, total)
         out = {}
-        for name, form in lstm_of(model).forms():
+        for name, form in as_forms(source):
             sparse = sparse_part(form)
             if sparse is None:
                 continue
@@ -125,60 +163,70 @@ class GradualPruning(Callback):
         return out
 
     @torch.no_grad()
-    def prune(self, model: nn.Module, step: int, total: int) -> None:
+    def prune(self, source: Forms, step: int, total: int) -> None:
         """Mask each sparse part down to its scheduled entry count (never back up)."""
-        forms = dict(lstm_of(model).forms())
-        for name, keep in self.targets(model, step, total).items():
+        forms = dict(as_forms(source))
+        for name, keep in self.targets(forms.items(), step, total).items():
             sparse = sparse_part(forms[name])
             if keep < sparse.nnz():
                 sparse.prune_to(keep / sparse.mask.numel())
 
-    def prune_to_final(self, model: nn.Module) -> None:
+    def prune_to_final(self, source: Forms) -> None:
         """Every sparse part at its final density (the schedule's value at the last step)."""
-        self.prune(model, 1, 1)
+        self.prune(source, 1, 1)
 
 
-@dataclass
-class PruneConfig(MethodConfig):
-    compression: float = 20.0     # target honest compression of the LSTM weight matrices (CSR bytes)
-    initial_density: float = 1.0  # density when pruning starts (Zhu & Gupta's s_i = 1 - this)
-    anneal_start: float = 0.0     # fraction of the compression phase's steps at which pruning starts
-    anneal_end: float = 0.75      # fraction at which the final density is reached
-    prune_every: int = 10         # optimiser steps between pruning events (Zhu & Gupta's dt)
+def convert_forms(handle: "Compression", build, keep) -> None:
+    """Every matrix of the handle's LSTMs that ``keep(form)`` rejects becomes ``build(name, dense)``; all forms are
+    built before any is set, so a failure changes nothing."""
+    converted = []
+    for lstm_name, lstm in handle.lstms.items():
+        for index, layer in enumerate(lstm.layers):
+            for matrix, form in layer.forms():
+                if not keep(form):
+                    name = qualified(lstm_name, f"layers.{index}.weight_{matrix}")
+                    dense = form.materialize().detach().cpu().float()   # fitted on the CPU, as replace_forms does
+                    converted.append((layer, matrix, build(name, dense)))
+    for layer, matrix, form in converted:
+        layer.set_form(matrix, form)
 
 
-class Prune(Method):
+def schedule_length(handle: "Compression", method: str) -> int:
+    """The steps a pruning schedule spans: the config's ``total_steps``, else what ``Trainer`` set."""
+    total = handle.total_steps
+    if not total:
+        raise ValueError(f"{method} prunes on a schedule over the optimiser steps before finalize(), but does not "
+                         f"know how many there will be: pass total_steps=N in its config (leanlstm.Trainer sets it "
+                         f"from its epochs)")
+    return total
+
+
+class PruneMethod(Method):
     """Gradual magnitude pruning of every LSTM matrix to ``compression``; fine-tuning keeps the masks."""
 
     name = "prune"
-    Config = PruneConfig
+    Config = Prune
 
-    def __init__(self, config: PruneConfig | None = None) -> None:
+    def __init__(self, config: Prune | None = None) -> None:
         super().__init__(config)
         c = self.config
-        self.pruner = GradualPruning(c.compression, c.initial_density, c.anneal_start, c.anneal_end,
-                                     c.prune_every)
+        self.pruner = GradualPruning(c.compression, c.initial_density, c.anneal_start, c.anneal_end, c.prune_every)
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        lstm_of(model).replace_forms("sparse", density=self.config.initial_density)
-        for name, form in lstm_of(model).forms():
-            final_entries(name, form, self.config.compression)   # fail now, not at the end of the phase
-        return model
+    def check(self, handle: "Compression") -> None:
+        for name, form in handle.forms():   # each matrix's budget, on its shape alone: fail now, not at the end
+            final_entries(name, MaskedSparse(form.out_features, form.in_features), self.config.compression)
 
-    def callbacks(self) -> list[Callback]:
-        return [self.pruner]
+    def convert(self, handle: "Compression") -> None:
+        density = self.config.initial_density
+        convert_forms(handle, lambda name, dense: MaskedSparse.from_dense(dense, density=density),
+                      keep=lambda form: isinstance(form, MaskedSparse))
 
-    def finalize(self, model: nn.Module) -> nn.Module:
-        self.pruner.prune_to_final(model)  # should the phase have stopped early
-        return model
+    def after_step(self, handle: "Compression") -> None:
+        if not handle.finalized:
+            self.pruner.prune(handle.forms(), handle.step, schedule_length(handle, "Prune"))
 
-    def summary(self, model: nn.Module) -> dict[str, Any]:
-        return sparsity_summary(lstm_of(model), self.config.compression)
+    def finish(self, handle: "Compression") -> None:
+        self.pruner.prune_to_final(handle.forms())  # should the schedule have stopped early
 
-
-def sparsity_summary(lstm: LSTM, target: float) -> dict[str, Any]:
-    """The honest weight compression, its target, and each sparse part's density."""
-    densities = {name: sparse_part(form).density() for name, form in lstm.forms()
-                 if sparse_part(form) is not None}
-    return {"target_compression": target, "lstm_weight_compression": weight_compression(lstm),
-            "sparse_density": densities}
+    def summarize(self, handle: "Compression") -> dict[str, Any]:
+        return sparsity_summary(handle.forms(), self.config.compression)

@@ -112,8 +112,9 @@ class LSTM(nn.Module):
         self.input_size, self.bias, self.batch_first, self.dropout = input_size, bias, batch_first, float(dropout)
         self.bidirectional, self.proj_size = bidirectional, proj_size
         self.cell, self.cell_options = cell if isinstance(cell, str) else list(cell), cell_options
+        # each layer draws its own initial weights (PyTorch's uniform(-1/sqrt(H), 1/sqrt(H))), in the order the
+        # stack always drew them, so a seed gives the same model as before the cell seam
         self.layers = nn.ModuleList(self._build_layers(*self._per_layer_cells(cell, cell_options)))
-        self.reset_parameters()
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 
@@ -328,7 +329,8 @@ class LSTM(nn.Module):
         if "layers" in config:
             if len(config["layers"]) != len(lstm.layers):
                 raise ValueError(f"the config lists {len(config['layers'])} layers for {len(lstm.layers)}")
-            lstm.layers = nn.ModuleList(layer_from_config(layer) for layer in config["layers"])
+            with torch.random.fork_rng():      # weights come from a state dict: drawing them must not move the seed
+                lstm.layers = nn.ModuleList(layer_from_config(layer) for layer in config["layers"])
         for name, form_config in config.get("forms", {}).items():   # the format before per-layer configs
             layer_name, _, attribute = name.rpartition(".")
             lstm.get_submodule(layer_name).set_form(attribute.removeprefix("weight_"), build_form(form_config))

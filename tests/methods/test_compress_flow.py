@@ -9,7 +9,9 @@ from click.testing import CliRunner
 from leanlstm.checkpoint import load_checkpoint
 from leanlstm.cli import main
 from leanlstm.methods import METHODS, Method, MethodConfig
-from leanlstm.nn import LSTM
+from leanlstm.methods.iss import UnitMap, shrinkage
+from leanlstm.methods.pruning import convert_forms
+from leanlstm.nn import LSTM, LowRank
 from leanlstm.runs import RunConfig, compress_run, load_run, train_run
 from leanlstm.train import Callback
 
@@ -20,57 +22,41 @@ class ShrinkConfig(MethodConfig):
     keep: int = 24
 
 
-class CountSteps(Callback):
-    def __init__(self):
-        self.steps = 0
-
-    def after_step(self, trainer):
-        self.steps += 1
-
-    def state_dict(self):
-        return {"steps": self.steps}
-
-    def load_state_dict(self, state):
-        self.steps = state["steps"]
-
-
 class LowRankThenSlice(Method):
-    """Low-rank forms while compressing; then keep the first ``keep`` units of the last layer, densely."""
+    """Low-rank forms while compressing, counting the steps; then dense again, keeping only the first ``keep`` units
+    of the top layer (through the ISS seam: zero the others' components, shrink the stack and its reader)."""
 
     name = "test-lowrank-slice"
     Config = ShrinkConfig
 
     def __init__(self, config=None):
         super().__init__(config)
-        self.counter = CountSteps()
+        self.steps = 0
 
-    def prepare(self, model):
-        model.lstm.replace_forms("lowrank", rank=self.config.rank)
-        return model
+    def convert(self, handle):
+        rank = self.config.rank
+        convert_forms(handle, lambda name, dense: LowRank.from_dense(dense, rank=rank),
+                      keep=lambda form: isinstance(form, LowRank) and form.options() == {"rank": rank})
 
-    def callbacks(self):
-        return [self.counter]
+    def after_step(self, handle):
+        self.steps += 0 if handle.finalized else 1
 
-    def finalize(self, model):
-        model.lstm.replace_forms("dense")
-        old = model.lstm
-        sizes = old.hidden_sizes[:-1] + [self.config.keep]
-        new = LSTM(old.input_size, sizes, dropout=old.dropout)
-        state = old.state_dict()
-        keep = torch.cat([torch.arange(self.config.keep) + g * old.hidden_sizes[-1] for g in range(4)])
-        last = f"layers.{len(sizes) - 1}"
-        for key in list(state):
-            if key.startswith(last):
-                state[key] = state[key][keep]
-                if key.endswith("weight_hh.weight"):
-                    state[key] = state[key][:, : self.config.keep]
-        new.load_state_dict(state)
-        model.lstm = new
-        model.decoder.weight = torch.nn.Parameter(model.decoder.weight[:, : self.config.keep].detach().clone())
-        return model
+    def finish(self, handle):
+        for lstm in handle.lstms.values():
+            lstm.replace_forms("dense")
+        units = UnitMap.of(handle.model)
+        top = units.of_layer(len(handle.lstms["lstm"].layers) - 1)
+        top.zero_(torch.arange(self.config.keep, top.size))
+        handle.install(shrinkage(units))
 
-    def summary(self, model):
-        return {"steps_counted": self.counter.steps}
+    def summarize(self, handle):
+        return {"steps_counted": self.steps}
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state, handle):
+        self.steps = state["steps"]
 
 
 @pytest.fixture
@@ -104,10 +90,9 @@ def test_compress_then_finetune_with_resume_in_either_phase(tmp_path, ptb_slice_
 
         out = tmp_path / f"stop-{phase}"
         method = METHODS["test-lowrank-slice"]
-        original = method.callbacks
-        method.callbacks = lambda self: [self.counter, Stop()] if phase == "compress" else [self.counter]
-        original_ft = method.finetune_callbacks
-        method.finetune_callbacks = lambda self: [Stop()] if phase == "finetune" else []
+        original, original_ft = method.callbacks, method.finetune_callbacks
+        method.callbacks = lambda self: original(self) + ([Stop()] if phase == "compress" else [])
+        method.finetune_callbacks = lambda self: original_ft(self) + ([Stop()] if phase == "finetune" else [])
         try:
             with pytest.raises(KeyboardInterrupt):
                 compress_run(_compress(ptb_slice_dir, baseline), out, progress=False)

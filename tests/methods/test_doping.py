@@ -8,10 +8,12 @@ from click.testing import CliRunner
 from leanlstm import LSTM
 from leanlstm.checkpoint import load_checkpoint
 from leanlstm.cli import main
-from leanlstm.methods import METHODS, get_method
+from leanlstm.compress import compress_
+from leanlstm.methods import METHODS, Doped, Structured, config_for, get_method
 from leanlstm.methods.doping import DopedMethod, DopingConfig, StructuredConfig, StructuredMethod
 from leanlstm.methods.pruning import final_entries, weight_compression
-from leanlstm.nn.forms import BlockCirculant, Doped, Hybrid, Kronecker, LowRank
+from leanlstm.nn.forms import BlockCirculant, Hybrid, Kronecker, LowRank
+from leanlstm.nn.forms import Doped as DopedForm
 from leanlstm.runs import RunConfig, compress_run, evaluate_run
 from leanlstm.train import Callback
 
@@ -30,7 +32,7 @@ def test_doped_methods_land_on_the_target_compression(name):
     method = _method(name, compression=20.0)
     method.prepare(lstm)
     for _, form in lstm.forms():
-        assert isinstance(form, Doped) and isinstance(form.structured, DOPED[name])
+        assert isinstance(form, DopedForm) and isinstance(form.structured, DOPED[name])
         assert form.sparse.density() == 1.0                            # D starts dense
     method.finalize(lstm)                                              # D at its final density
     # within one sparse entry (6 bytes) of each matrix's 32 000-byte budget
@@ -47,7 +49,7 @@ def test_doping_arithmetic_for_a_medium_sized_matrix():
     assert method.structure_bytes(2600, 650) == pytest.approx(0.75 * (338_000 - 2601 * 4))
     options = method.structure_options(2600, 650)
     assert options == {"factor_shapes": [[653, 94], [4, 7]]}
-    form = Doped(2600, 650, "kronecker", options)
+    form = DopedForm(2600, 650, "kronecker", options)
     assert final_entries("w", form, 20.0) == (338_000 - 61_410 * 4 - 2601 * 4) // 6 == 13_659
 
 
@@ -99,21 +101,23 @@ def test_registered_names_fix_their_structure():
         _method("doped-kp", compression=40.0).prepare(LSTM(32, 32))
 
 
-def test_cmr_is_on_for_the_compression_phase_and_off_after_it():
-    lstm = LSTM(20, 24)
-    method = _method("doped-lmf", compression=4.0, cmr=0.3, cmr_mode="matrix")
-    method.prepare(lstm)
+def test_cmr_is_on_before_finalize_and_off_after_it():
+    model = torch.nn.Sequential(torch.nn.LSTM(20, 24))
+    handle = compress_(model, Doped("lowrank", compression=4.0, cmr=0.3, cmr_mode="matrix"))
+    assert all((form.cmr, form.cmr_mode) == (0.3, "matrix") for _, form in handle.forms())
+    handle.finalize()
+    assert all(form.cmr == 0.0 for _, form in handle.forms())
+    again = compress_(model, Doped("lowrank", compression=4.0, cmr=0.3))   # re-attached: the forms are kept
+    assert again.forms()[0][1] is handle.forms()[0][1] and again.forms()[0][1].cmr == 0.3
 
-    class Trainer:                                                     # what the callback reads
-        model = lstm
 
-    method.dropout.apply(lstm, 0.0)
-    assert method.dropout in method.callbacks()
-    method.dropout.on_train_begin(Trainer)
-    assert all((form.cmr, form.cmr_mode) == (0.3, "matrix") for _, form in lstm.forms())
-    method.finalize(lstm)
-    assert all(form.cmr == 0.0 for _, form in lstm.forms())
-    assert method.finetune_callbacks() == []
+def test_public_configs_name_the_same_methods_as_the_cli():
+    assert config_for("doped-kp", {"compression": 10}) == Doped("kronecker", compression=10)
+    assert config_for("lmf") == Structured("lowrank")
+    assert Doped.from_dict(Doped("hybrid", doping_share=0.5).to_dict()) == Doped("hybrid", doping_share=0.5)
+    assert isinstance(get_method("kp")(config_for("kp")), StructuredMethod)
+    with pytest.raises(ValueError, match="Doped has no option rank"):
+        config_for("doped-lmf", {"rank": 3})
 
 
 # --- runs ---------------------------------------------------------------------------------------------------
@@ -125,7 +129,7 @@ def _run(ptb_slice_dir, method="doped-kp", **options):
 
 def _final_densities(metrics):
     lstm = LSTM.from_config(load_checkpoint(metrics)["model_config"]["lstm"])
-    return {name: final_entries(name, form, 10.0) / 4096 for name, form in lstm.forms()}
+    return {f"lstm.{name}": final_entries(name, form, 10.0) / 4096 for name, form in lstm.forms()}
 
 
 def test_doped_run_on_a_ptb_slice_anneals_d_to_its_target_and_resumes_exactly(tmp_path, ptb_slice_dir):
@@ -140,7 +144,7 @@ def test_doped_run_on_a_ptb_slice_anneals_d_to_its_target_and_resumes_exactly(tm
 
     class Stop(Callback):
         def on_epoch_end(self, trainer, epoch, metrics):
-            densities = {name: form.sparse.density() for name, form in trainer.model.lstm.forms()}
+            densities = {f"lstm.{name}": form.sparse.density() for name, form in trainer.model.lstm.forms()}
             if epoch == 1:                                             # step 8 of 16; annealing ends at 12
                 halfway.update(densities)
             if epoch == 2:                                             # step 16: the schedule, not finalize()
@@ -167,7 +171,7 @@ def test_plain_circulant_run_trains_and_checkpoints(tmp_path, ptb_slice_dir):
                     overrides={"epochs": 1, "max_batches": 4}, method_config={"compression": 8.0})
     metrics = compress_run(run, tmp_path / "c", progress=False)
     assert [h["phase"] for h in metrics["history"]] == ["compress"]
-    assert metrics["lstm_weight_compression"] >= 8.0 and metrics["structure_options"]["layers.0.weight_ih"]
+    assert metrics["lstm_weight_compression"] >= 8.0 and metrics["structure_options"]["lstm.layers.0.weight_ih"]
 
 
 def test_cli_compress_with_doped_kp(tmp_path, ptb_slice_dir):

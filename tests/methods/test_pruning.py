@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from leanlstm import LSTM
-from leanlstm.methods import get_method
+from leanlstm.compress import compress_
+from leanlstm.methods import Prune
 from leanlstm.methods.pruning import GradualPruning, csr_entries_within, final_entries, weight_compression
 from leanlstm.nn.forms import MaskedSparse
 from leanlstm.nn.forms.sparse import csr_nbytes
@@ -40,20 +41,39 @@ def test_gradual_pruning_follows_the_schedule_to_the_exact_final_entries():
     assert all(torch.equal(before[name], form.mask) for name, form in lstm.forms())
 
 
-def test_prune_method_keeps_the_largest_weights():
-    lstm = LSTM(8, 16)
-    dense = lstm.layers[0].weight_hh.weight.detach().clone()
-    method = get_method("prune")(get_method("prune").Config(compression=4.0))
-    method.prepare(lstm)
-    assert isinstance(lstm.layers[0].weight_hh, MaskedSparse) and lstm.layers[0].weight_hh.density() == 1.0
-    method.finalize(lstm)
-    form = lstm.layers[0].weight_hh
+def test_prune_keeps_the_largest_weights_of_every_matrix():
+    model = torch.nn.Sequential(torch.nn.LSTM(8, 16))
+    dense = model[0].weight_hh_l0.detach().clone()
+    handle = compress_(model, Prune(compression=4.0))
+    assert isinstance(model[0].layers[0].weight_hh, MaskedSparse) and model[0].layers[0].weight_hh.density() == 1.0
+    handle.finalize()
+    form = model[0].layers[0].weight_hh
     kept = form.mask
     assert dense[kept].abs().min() >= dense[~kept].abs().max()
     torch.testing.assert_close(form.materialize()[kept], dense[kept])
-    assert method.summary(lstm)["lstm_weight_compression"] >= 4.0
+    assert handle.summary()["lstm_weight_compression"] >= 4.0
+    assert set(handle.summary()["sparse_density"]) == {"0.layers.0.weight_ih", "0.layers.0.weight_hh"}
+
+
+def test_a_budget_that_cannot_be_met_is_refused_before_any_change():
+    model = torch.nn.Sequential(torch.nn.LSTM(8, 16))
     with pytest.raises(ValueError, match="cannot reach 100.0x"):
-        get_method("prune")(get_method("prune").Config(compression=100.0)).prepare(LSTM(8, 16))
+        compress_(model, Prune(compression=100.0))
+    assert isinstance(model[0], torch.nn.LSTM)
+
+
+def test_the_schedule_runs_from_the_handle_and_needs_its_length():
+    model = torch.nn.Sequential(torch.nn.LSTM(8, 16))
+    handle = compress_(model, Prune(compression=4.0, prune_every=1, anneal_end=1.0, total_steps=4))
+    nnz = []
+    for _ in range(4):
+        handle.after_step()
+        nnz.append(sum(form.nnz() for _, form in handle.forms()))
+    assert nnz[0] < 4 * 16 * (8 + 16) and all(b < a for a, b in zip(nnz, nnz[1:]))
+    assert 4.0 <= handle.summary()["lstm_weight_compression"] < 4.0 * 1.01     # at its target on the last step
+    unknown = compress_(torch.nn.Sequential(torch.nn.LSTM(8, 16)), Prune(compression=4.0))
+    with pytest.raises(ValueError, match="total_steps=N"):
+        unknown.after_step()
 
 
 def test_prune_run_on_a_ptb_slice_ends_at_the_target_density(tmp_path, ptb_slice_dir):
@@ -62,6 +82,7 @@ def test_prune_run_on_a_ptb_slice_ends_at_the_target_density(tmp_path, ptb_slice
                     method_config={"compression": 10.0, "prune_every": 3})
     metrics = compress_run(run, tmp_path / "prune", progress=False)
     final = csr_entries_within(128, 32, 128 * 32 * 4 / 10)              # 187 entries of 4096 per matrix
-    assert metrics["sparse_density"] == {f"layers.{i}.weight_{m}": final / 4096 for i in (0, 1) for m in ("ih", "hh")}
+    assert metrics["sparse_density"] == {f"lstm.layers.{i}.weight_{m}": final / 4096 for i in (0, 1)
+                                         for m in ("ih", "hh")}
     assert 10.0 <= metrics["lstm_weight_compression"] < 10.0 * 1.005
     assert json.loads((tmp_path / "prune" / "metrics.json").read_text())["method"] == "prune"
