@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import _VF, nn
 
 from .cells import CELLS, LSTMLayer, RecurrentLayer, layer_from_config
 from .forms import WeightForm, build_form, form_class
@@ -179,6 +179,34 @@ class LSTM(nn.Module):
         unbatched = x.dim() == 2
         x = x.unsqueeze(1) if unbatched else (x.transpose(0, 1) if self.batch_first else x)  # (T, B, in)
         h0, c0 = self._initial_state(hx, x, unbatched)
+        if self._fused():
+            x, h_n, c_n = self._run_fused(x, h0, c0)
+        else:
+            x, h_n, c_n = self._run_layers(x, h0, c0)
+        if unbatched:
+            x, h_n, c_n = x.squeeze(1), [h.squeeze(1) for h in h_n], [c.squeeze(1) for c in c_n]
+        elif self.batch_first:
+            x = x.transpose(0, 1)
+        if self.uniform_sizes:
+            return x, (torch.cat(h_n, 0), torch.cat(c_n, 0))
+        return x, (h_n, c_n)
+
+    def _fused(self) -> bool:
+        """Whether PyTorch's fused kernel can run the whole stack in one call: LSTM cells of one size. Per-layer
+        calls cost up to 6% of the training throughput of the PTB ``small`` stack (2x200)."""
+        return self.uniform_sizes and all(type(layer) is LSTMLayer for layer in self.layers)
+
+    def _run_fused(self, x: torch.Tensor, h0: list[torch.Tensor], c0: list[torch.Tensor]
+                   ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Every layer and direction in one call, with dropout between layers, exactly as torch.nn.LSTM runs."""
+        weights = [w for layer in self.layers for w in layer.flat_weights()]
+        out, h, c = _VF.lstm(x, (torch.cat(h0), torch.cat(c0)), weights, self.bias, self.num_layers, self.dropout,
+                             self.training, self.bidirectional, False)
+        return out, list(h.split(1)), list(c.split(1))
+
+    def _run_layers(self, x: torch.Tensor, h0: list[torch.Tensor], c0: list[torch.Tensor]
+                    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Layer by layer (per-layer sizes, other cells), with dropout between layers."""
         h_n, c_n, D = [], [], self.num_directions
         for index in range(self.num_layers):
             if index and self.dropout and self.training:
@@ -187,13 +215,7 @@ class LSTM(nn.Module):
             x, h, c = self._run_layer(self.layers[flat], x, h0[flat], c0[flat])
             h_n += h
             c_n += c
-        if unbatched:
-            x, h_n, c_n = x.squeeze(1), [h.squeeze(1) for h in h_n], [c.squeeze(1) for c in c_n]
-        elif self.batch_first:
-            x = x.transpose(0, 1)
-        if self.uniform_sizes:
-            return x, (torch.cat(h_n, 0), torch.cat(c_n, 0))
-        return x, (h_n, c_n)
+        return x, h_n, c_n
 
     @staticmethod
     def _run_layer(directions: Sequence[RecurrentLayer], x: torch.Tensor, h0: list[torch.Tensor],

@@ -80,9 +80,34 @@ class MaskedSparse(WeightForm):
         super().__init__(out_features, in_features)
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.register_buffer("mask", torch.ones(out_features, in_features, dtype=torch.bool))
+        self.dense_grad: torch.Tensor | None = None   # see track_gradient (not a buffer: DDP would broadcast it)
 
     def materialize(self) -> torch.Tensor:
         return self.weight * self.mask
+
+    def training_weight(self) -> torch.Tensor:
+        weight = self.materialize()
+        if self.dense_grad is not None and weight.requires_grad:
+            weight.register_hook(self._add_dense_grad)
+        return weight
+
+    def track_gradient(self, on: bool = True) -> None:
+        """Sum ``dL/dW`` of the forward pass's matrix into ``dense_grad`` at every backward pass, masked-out
+        entries included: ``weight.grad`` is zero there (``W = weight * mask``), but ``dL/dW`` says how much a
+        dormant connection would lower the loss (grow-and-prune's growth). ``on=False`` stops and drops the sum.
+
+        >>> w = MaskedSparse.from_dense(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), density=0.5)   # keeps row 1
+        >>> w.track_gradient()
+        >>> (w.training_weight() * torch.tensor([[1.0, 2.0], [3.0, 4.0]])).sum().backward()
+        >>> w.dense_grad.tolist(), w.weight.grad.tolist()
+        ([[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.0], [3.0, 4.0]])
+        """
+        self.dense_grad = torch.zeros_like(self.weight, requires_grad=False) if on else None
+
+    def _add_dense_grad(self, grad: torch.Tensor) -> None:
+        if self.dense_grad.device != grad.device:     # the module moved since tracking began
+            self.dense_grad = self.dense_grad.to(grad.device)
+        self.dense_grad.add_(grad.detach())
 
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
         with warnings.catch_warnings():  # PyTorch flags CSR support as beta on every conversion
