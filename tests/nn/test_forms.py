@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from leanlstm.nn.forms import (FORMS, BlockCirculant, Dense, Doped, Hybrid, Kronecker, LowRank, MaskedSparse,
-                               build_form, kron_factor_shapes)
+from leanlstm.nn.forms import (FORMS, BlockCirculant, Dense, Doped, GroupDense, GroupLowRank, Hybrid, Kronecker,
+                               LowRank, MaskedSparse, build_form, kron_factor_shapes)
 from leanlstm.nn.gates import gate_rows, split_gates
 
 SHAPES = [(64, 16), (52, 13), (28, 7), (4, 3)]
@@ -21,6 +21,8 @@ def _forms(shape):
     yield BlockCirculant.from_dense(weight, block_size=5)                  # pads and crops every shape here
     yield Doped.from_dense(weight, "kronecker", density=0.1)
     yield Doped.from_dense(weight, "circulant", {"block_size": 3}, density=0.3)
+    yield GroupDense.from_dense(weight, groups=math.gcd(*shape))
+    yield GroupLowRank.from_dense(weight, groups=1, rank=1)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -34,7 +36,8 @@ def test_matvec_agrees_with_materialize(shape):
 def test_every_registered_form_is_tested():
     # forms defined by other test modules register too; only the package's own must be listed here
     package_forms = {name for name, cls in FORMS.items() if cls.__module__.startswith("leanlstm.")}
-    assert package_forms == {"dense", "sparse", "kronecker", "lowrank", "doped", "hybrid", "circulant"}
+    assert package_forms == {"dense", "sparse", "kronecker", "lowrank", "doped", "hybrid", "circulant",
+                             "group", "grouplowrank"}
     assert {form.name for form in _forms((8, 4))} == package_forms      # and the tests here build each one
 
 
