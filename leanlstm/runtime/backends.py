@@ -1,18 +1,21 @@
 """Inference backends that ``latency`` can time, each a small function registered by name.
 
 A backend builder takes ``(model, inputs, threads)`` and returns a zero-argument callable that runs the
-whole sequence ``inputs`` at batch 1 from a zero state. ``inputs`` is (T, input) float32 for an LSTM or
-(T,) int64 token ids for a language model. Adding a backend is one decorated function; nothing else changes.
+whole sequence ``inputs`` at batch 1 from a zero state. ``model`` is any model ``runtime.compile`` runs, or its
+``Pipeline`` (``runtime.pipeline``); ``inputs`` is (T, input) float32, or (T,) int64 token ids for a model that
+starts with an embedding. Every backend runs the same whole model (embedding, stacks, heads, last step).
+Adding a backend is one decorated function; nothing else changes.
 
 - ``leanlstm``: this package's engine, running every weight form through its own structure;
-- ``torch``: the equivalent dense ``torch.nn.LSTM`` (forms materialised), eager, under ``inference_mode``;
-- ``torch-int8``: the same after ``torch.ao.quantization.quantize_dynamic`` (int8 weights of LSTM and decoder);
-- ``onnxruntime``: the equivalent dense model exported to ONNX (the fused ``LSTM`` operator);
+- ``torch``: the equivalent dense PyTorch model (forms materialised, ``torch.nn.LSTM`` stacks), eager, under
+  ``inference_mode``;
+- ``torch-int8``: the same after ``torch.ao.quantization.quantize_dynamic`` (int8 weights of LSTMs and heads);
+- ``onnxruntime``: the equivalent dense model exported to ONNX (the fused ``LSTM`` operator where it applies);
 - ``onnxruntime-forms``: the model exported with its forms' structure (``runtime.onnx``), for comparison;
 - ``leanlstm-stream`` and ``onnxruntime-stream``: true streaming, one input at a time with the state carried
   between calls (``Engine.stream()``; one ``T = 1`` ONNX Runtime call per step with state inputs), as an
   application sees inputs that arrive one by one. Nothing is batched over time, so these are slower per
-  step than the whole-sequence backends.
+  step than the whole-sequence backends; a bidirectional model cannot stream.
 """
 from __future__ import annotations
 
@@ -27,9 +30,10 @@ from torch import nn
 
 from ..nn import LSTM
 from .engine import compile as compile_engine
+from .pipeline import Activation, Affine, Elementwise, LastStep, Pipeline, Recurrent, pipeline_of
 
 Runner = Callable[[], Any]
-Builder = Callable[[nn.Module, np.ndarray, int], Runner]
+Builder = Callable[[nn.Module | Pipeline, np.ndarray, int], Runner]
 BACKENDS: dict[str, Builder] = {}
 
 
@@ -49,13 +53,13 @@ def get_backend(name: str) -> Builder:
 
 
 @backend("leanlstm")
-def _leanlstm(model: nn.Module, inputs: np.ndarray, threads: int) -> Runner:
+def _leanlstm(model: nn.Module | Pipeline, inputs: np.ndarray, threads: int) -> Runner:
     engine = compile_engine(model)
     return lambda: engine.run(inputs)
 
 
 @backend("leanlstm-stream")
-def _leanlstm_stream(model: nn.Module, inputs: np.ndarray, threads: int) -> Runner:
+def _leanlstm_stream(model: nn.Module | Pipeline, inputs: np.ndarray, threads: int) -> Runner:
     stream = compile_engine(model).stream()
     steps = [x for x in inputs] if inputs.dtype != np.int64 else [int(token) for token in inputs]
 
@@ -67,42 +71,84 @@ def _leanlstm_stream(model: nn.Module, inputs: np.ndarray, threads: int) -> Runn
 
 # --- PyTorch ---------------------------------------------------------------------------------------------
 class DenseTorch(nn.Module):
-    """The dense PyTorch equivalent of a leanlstm ``LSTM`` or language model, for baselines.
-
-    Equal layer sizes give one ``torch.nn.LSTM`` (``LSTM.to_torch()``); per-layer sizes a chain of
-    one-layer ``nn.LSTM``s. A language model keeps its embedding and decoder. ``forward(x)`` takes
-    (T, 1, input) floats or (T, 1) token ids and returns (T, 1, H) outputs or logits.
+    """The dense PyTorch equivalent of a model's pipeline, for baselines: embedding, ``torch.nn.LSTM`` stacks
+    (forms materialised; one ``nn.LSTM`` per stack of one layer size, a chain of one-layer ones otherwise), heads
+    and activations. ``forward(x)`` takes (T, 1, input) floats or (T, 1) token ids (time-major, batch one) and
+    returns (T, 1, output), or (1, output) for a model that reads the last step.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module | Pipeline) -> None:
         super().__init__()
-        lstm = getattr(model, "lstm", model)
-        lstm = lstm if isinstance(lstm, LSTM) else LSTM.from_torch(lstm)
+        pipeline = pipeline_of(model)
+        self.embedding = copy.deepcopy(pipeline.embedding)
+        self.parts, self._plan = nn.ModuleList(), []   # the plan names modules by index: quantize_dynamic swaps them
         with torch.no_grad():
-            if lstm.uniform_sizes:
-                self.lstms = nn.ModuleList([lstm.to_torch()])
-                self.lstms[0].batch_first = False                  # it is fed (T, 1, ...)
-            else:
-                self.lstms = nn.ModuleList(_single_layer_torch(lstm, index) for index in range(lstm.num_layers))
-        self.embedding = copy.deepcopy(model.embedding) if hasattr(model, "lstm") else None
-        self.decoder = copy.deepcopy(model.decoder) if hasattr(model, "lstm") else None
+            for stage in pipeline.stages:
+                self._add(stage)
         self.eval()
+
+    def _add(self, stage: Any) -> None:
+        if isinstance(stage, Recurrent):
+            modules = torch_stack(stage.module)
+        elif isinstance(stage, Affine):
+            modules = [copy.deepcopy(stage.module)]
+        else:
+            self._plan.append(("function", _torch_function(stage)))
+            return
+        for module in modules:
+            self._plan.append(("lstm" if isinstance(module, nn.LSTM) else "module", len(self.parts)))
+            self.parts.append(module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.embedding is not None:
             x = self.embedding(x)                                 # (T, 1, E)
-        for lstm in self.lstms:
-            x, _ = lstm(x)
-        return x if self.decoder is None else self.decoder(x)
+        for kind, what in self._plan:
+            if kind == "lstm":
+                x, _ = self.parts[what](x)
+            elif kind == "module":
+                x = self.parts[what](x)
+            else:
+                x = what(x)
+        return x
 
 
-def _single_layer_torch(lstm: LSTM, index: int) -> nn.LSTM:
-    layer = lstm.layers[index]
-    module = nn.LSTM(layer.input_size, layer.hidden_size, bias=layer.bias_ih is not None)
-    for matrix in ("ih", "hh"):
-        getattr(module, f"weight_{matrix}_l0").copy_(layer.form(matrix).materialize())
-        if layer.bias_ih is not None:
-            getattr(module, f"bias_{matrix}_l0").copy_(getattr(layer, f"bias_{matrix}"))
+def _torch_function(stage: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    if isinstance(stage, LastStep):
+        return lambda x: x[-1]
+    if isinstance(stage, Activation):
+        return {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+                "softmax": lambda x: torch.softmax(x, -1),
+                "log_softmax": lambda x: torch.log_softmax(x, -1)}[stage.kind]
+    if isinstance(stage, Elementwise):
+        constant, op = torch.from_numpy(stage.constant), stage.op
+        return {"add": lambda x: x + constant, "sub": lambda x: x - constant, "mul": lambda x: x * constant,
+                "div": lambda x: x / constant, "rsub": lambda x: constant - x, "rdiv": lambda x: constant / x}[op]
+    raise ValueError(f"{stage.name}: no PyTorch equivalent for {type(stage).__name__}")
+
+
+def torch_stack(lstm: LSTM) -> list[nn.LSTM]:
+    """Dense, time-major ``torch.nn.LSTM``s computing ``lstm``: one for one layer size, else one per layer."""
+    if lstm.uniform_sizes:
+        module = lstm.to_torch()
+        module.batch_first = False                                # it is fed (T, 1, ...)
+        return [module]
+    return [_torch_layer(lstm, index) for index in range(lstm.num_layers)]
+
+
+def _torch_layer(lstm: LSTM, index: int) -> nn.LSTM:
+    directions = [lstm.layer(index, d) for d in range(lstm.num_directions)]
+    first = directions[0]
+    if first.cell != "lstm":
+        raise ValueError(f"torch.nn.LSTM holds LSTM cells only; layer {index} is a {first.cell!r} cell")
+    module = nn.LSTM(first.input_size, first.hidden_size, bias=first.bias, bidirectional=lstm.bidirectional,
+                     proj_size=first.proj_size)
+    for d, layer in enumerate(directions):
+        suffix = "_l0" + ("_reverse" if d else "")
+        for matrix in layer.matrices:
+            getattr(module, f"weight_{matrix}{suffix}").copy_(layer.form(matrix).materialize())
+        if layer.bias:
+            for name in ("bias_ih", "bias_hh"):
+                getattr(module, name + suffix).copy_(getattr(layer, name))
     return module
 
 
@@ -116,13 +162,16 @@ def _torch_runner(module: nn.Module, inputs: np.ndarray, threads: int) -> Runner
 
 
 @backend("torch")
-def _torch(model: nn.Module, inputs: np.ndarray, threads: int) -> Runner:
+def _torch(model: nn.Module | Pipeline, inputs: np.ndarray, threads: int) -> Runner:
     return _torch_runner(DenseTorch(model).cpu(), inputs, threads)
 
 
 @backend("torch-int8")
-def _torch_int8(model: nn.Module, inputs: np.ndarray, threads: int) -> Runner:
+def _torch_int8(model: nn.Module | Pipeline, inputs: np.ndarray, threads: int) -> Runner:
     # quantize_dynamic swaps child modules only, so the LSTMs must sit inside a container (DenseTorch).
+    if any(stage.module.proj_size for stage in pipeline_of(model).stacks):
+        raise ValueError("PyTorch's dynamically quantized LSTM has no projection (proj_size); its packed weights "
+                         "fail on one")
     with warnings.catch_warnings():                               # deprecated in favour of torchao
         warnings.simplefilter("ignore")
         quantized = torch.ao.quantization.quantize_dynamic(DenseTorch(model).cpu(), {nn.LSTM, nn.Linear},
@@ -131,25 +180,6 @@ def _torch_int8(model: nn.Module, inputs: np.ndarray, threads: int) -> Runner:
 
 
 # --- ONNX Runtime ----------------------------------------------------------------------------------------
-def time_major_copy(model: nn.Module) -> nn.Module:
-    """A CPU copy of ``model`` that reads (T, B, ...): the backends feed one sequence as (T, 1, ...), which a
-    ``batch_first`` model would read as T sequences of one step."""
-    copied = copy.deepcopy(model).cpu()
-    lstm = getattr(copied, "lstm", copied)
-    if isinstance(lstm, (LSTM, nn.LSTM)):
-        lstm.batch_first = False
-    return copied
-
-
-def dense_copy(model: nn.Module) -> nn.Module:
-    """A time-major copy of ``model`` whose LSTM weights are all dense forms (materialised)."""
-    dense = time_major_copy(model)
-    lstm = getattr(dense, "lstm", dense)
-    if isinstance(lstm, LSTM):
-        lstm.replace_forms("dense")
-    return dense
-
-
 def _ort_session(proto: Any, threads: int) -> Any:
     import onnxruntime
 
@@ -159,40 +189,41 @@ def _ort_session(proto: Any, threads: int) -> Any:
     return onnxruntime.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _ort_runner(proto: Any, inputs: np.ndarray, threads: int) -> Runner:
-    session = _ort_session(proto, threads)
-    name = session.get_inputs()[0].name
-    feed = {name: inputs[:, None] if inputs.dtype == np.int64 else inputs[:, None, :]}   # batch of one
+def _ort_runner(pipeline: Pipeline, inputs: np.ndarray, threads: int) -> Runner:
+    from .onnx import to_onnx
+
+    session = _ort_session(to_onnx(pipeline, state_inputs=False), threads)
+    feed = {session.get_inputs()[0].name: pipeline.batch_of_one(inputs)}   # batch of one, the model's layout
     return lambda: session.run(None, feed)
 
 
 @backend("onnxruntime")
-def _onnxruntime(model: nn.Module, inputs: np.ndarray, threads: int) -> Runner:
-    from .onnx import to_onnx
-
-    return _ort_runner(to_onnx(dense_copy(model), state_inputs=False), inputs, threads)
+def _onnxruntime(model: nn.Module | Pipeline, inputs: np.ndarray, threads: int) -> Runner:
+    return _ort_runner(pipeline_of(model).dense(), inputs, threads)
 
 
 @backend("onnxruntime-forms")
-def _onnxruntime_forms(model: nn.Module, inputs: np.ndarray, threads: int) -> Runner:
-    from .onnx import to_onnx
-
-    return _ort_runner(to_onnx(time_major_copy(model), state_inputs=False), inputs, threads)
+def _onnxruntime_forms(model: nn.Module | Pipeline, inputs: np.ndarray, threads: int) -> Runner:
+    return _ort_runner(pipeline_of(model), inputs, threads)
 
 
 @backend("onnxruntime-stream")
-def _onnxruntime_stream(model: nn.Module, inputs: np.ndarray, threads: int) -> Runner:
+def _onnxruntime_stream(model: nn.Module | Pipeline, inputs: np.ndarray, threads: int) -> Runner:
     from .onnx import to_onnx
 
-    session = _ort_session(to_onnx(dense_copy(model), state_inputs=True), threads)
+    pipeline = pipeline_of(model).dense()
+    if pipeline.bidirectional:
+        raise ValueError("a bidirectional model cannot stream: its reverse direction starts from the end of the "
+                         "sequence")
+    session = _ort_session(to_onnx(pipeline, state_inputs=True), threads)
     names = [i.name for i in session.get_inputs()]
     states = [np.zeros([1 if d == "B" else d for d in i.shape], np.float32) for i in session.get_inputs()[1:]]
-    steps = [x[None, None] if inputs.dtype == np.int64 else x[None, None, :] for x in inputs]   # T = B = 1
+    steps = [x[None, None] for x in inputs]                                   # T = B = 1 in either layout
 
     def run():
         state, outputs = states, []
         for x in steps:
-            y, *state = session.run(None, dict(zip(names, [x, *state])))
+            y, *state = session.run(None, dict(zip(names, [x, *state])))    # the state outputs in input order
             outputs.append(y)
         return outputs
     return run

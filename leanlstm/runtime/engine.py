@@ -1,19 +1,22 @@
-"""``compile(model) -> Engine``: batch-1 streaming inference of a leanlstm model in compiled code.
+"""``compile(model) -> Engine``: batch-1 inference of a whole model in compiled code.
 
-The engine asks every weight form for its ``runtime_op()`` (arrays + Numba kernels, see ``kernels``), so a
-sparse matrix runs as sparse, a Kronecker one through its factors, a low-rank one as two thin products; a
-form without an op runs as its dense ``materialize()`` (with a warning). Per layer, ``run`` makes one call
-into compiled code that batches the input products of the whole sequence and loops over time; ``step``
-advances one time step. Inference semantics: dropout is off. Everything is float32 NumPy.
+The model is read as a pipeline (``runtime.pipeline``): an optional embedding, LSTM stacks, ``nn.Linear`` heads and
+activations, per step or on the last step, whatever the attributes are called. Each cell layer is compiled by
+its cell's registered ``compile_layer`` (``runtime.cells``), which asks every weight form for its
+``runtime_op()`` (arrays + Numba kernels, see ``kernels``): a sparse matrix runs as sparse, a Kronecker one
+through its factors, a low-rank one as two thin products; a form without an op runs as its dense
+``materialize()`` (with a warning). Per layer and direction, ``run`` makes one call into compiled code that
+batches the input products of the whole sequence and loops over time; ``step`` advances one time step.
+Inference semantics: dropout is off. Everything is float32 NumPy.
 
-State is ``(h, c)``: two lists with one ``(H_l,)`` array per layer (``Engine.initial_state()``); stacked
-``(L, H)`` or PyTorch's ``(L, 1, H)`` arrays are accepted as input. Calls never modify the state passed in.
+State is ``(h, c)``: two lists with one array per cell layer, in each stack's flat order (layer l, direction
+d at ``l * D + d``, as PyTorch), stacks in the order the model runs them: ``h`` of the layer's output size
+(``proj_size`` or H), ``c`` of H (``Engine.initial_state()``). Stacked ``(L, H)`` or PyTorch's ``(L, 1, H)``
+arrays are accepted as input. Calls never modify the state passed in.
 """
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import numba
@@ -21,23 +24,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..nn import LSTM, LSTMLayer, WeightForm
 from . import kernels
-from .kernels import RuntimeOp
+from .cells import CompiledLayer, EngineError, bind, cell_part, form_op
+from .pipeline import Activation, Affine, Elementwise, LastStep, Pipeline, Recurrent, Stage, pipeline_of
 
-log = logging.getLogger(__name__)
+__all__ = ["Engine", "EngineError", "Stream", "compile", "form_op"]
 
-State = tuple[list[np.ndarray], list[np.ndarray]]
-
-
-class EngineError(ValueError):
-    """The model or an input cannot be run as given; the message names the part and the problem."""
+State = tuple[list[np.ndarray], ...]            # public: one list per state part, e.g. (h, c)
+LayerStates = list[tuple[np.ndarray, ...]]      # inside: one tuple of parts per cell layer
+PART_NAMES = ("h", "c")
 
 
 # --- compiling a model -------------------------------------------------------------------------------------
-def compile(model: nn.Module) -> "Engine":  # noqa: A001 - the issue's name for it
-    """An inference engine for a ``leanlstm.LSTM``, a ``torch.nn.LSTM`` or a language model
-    (``embedding`` -> ``lstm`` -> ``decoder``, such as ``WordLM``), in any mix of weight forms.
+def compile(model: nn.Module | Pipeline) -> "Engine":  # noqa: A001 - the issue's name for it
+    """An inference engine for a model made of an optional ``nn.Embedding``, LSTM stacks (``torch.nn.LSTM``,
+    ``leanlstm.LSTM``, any mix of weight forms, bidirectional, projected) and ``nn.Linear`` heads with the usual
+    activations, per step or on the last step; a bare LSTM too. Anything else is an ``EngineError`` naming it.
 
     >>> import leanlstm, numpy as np
     >>> engine = compile(leanlstm.LSTM(8, [16, 12]).replace_forms("lowrank", rank=4))
@@ -45,124 +47,134 @@ def compile(model: nn.Module) -> "Engine":  # noqa: A001 - the issue's name for 
     >>> y.shape, [t.shape for t in h]
     ((5, 12), [(16,), (12,)])
     """
-    lstm, embedding, decoder = _parts(model)
-    _check_sizes(lstm, embedding, decoder)
+    pipeline = pipeline_of(model, EngineError)
     with torch.no_grad():
-        layers = [_compile_layer(layer, index) for index, layer in enumerate(lstm.layers)]
-        source = _Tokens(embedding) if embedding is not None else _Vectors(lstm.input_size)
-        sink = _Decoder(decoder) if decoder is not None else None
-    return Engine(layers, source, sink)
+        source = _Tokens(pipeline.embedding, pipeline.input_layout) if pipeline.tokens else \
+            _Vectors(pipeline.input_size, pipeline.input_layout)
+        stages, layers = [], []
+        for stage in pipeline.stages:
+            compiled = _compile_stage(stage, len(layers))
+            layers += compiled.flat if isinstance(compiled, _Stack) else []
+            stages.append(compiled)
+    return Engine(pipeline, source, stages, layers)
 
 
-def _parts(model: nn.Module) -> tuple[LSTM, nn.Embedding | None, nn.Linear | None]:
-    if isinstance(model, nn.LSTM):
-        return LSTM.from_torch(model), None, None
-    if isinstance(model, LSTM):
-        return model, None, None
-    if all(hasattr(model, part) for part in ("embedding", "lstm", "decoder")):
-        lstm, embedding, decoder = model.lstm, model.embedding, model.decoder
-        lstm, _, _ = _parts(lstm) if isinstance(lstm, (LSTM, nn.LSTM)) else _unsupported("model.lstm", lstm)
-        if not isinstance(embedding, nn.Embedding):
-            _unsupported("model.embedding", embedding)
-        if not isinstance(decoder, nn.Linear):
-            _unsupported("model.decoder", decoder)
-        return lstm, embedding, decoder
-    return _unsupported("the model", model)
+def _compile_stage(stage: Stage, first: int) -> Any:
+    if isinstance(stage, Recurrent):
+        return _Stack(stage, first)
+    if isinstance(stage, Affine):
+        return _Affine(stage.module)
+    if isinstance(stage, Activation):
+        return _Function(ACTIVATIONS[stage.kind])
+    if isinstance(stage, Elementwise):
+        constant = stage.constant
+        return _Function(lambda x: ELEMENTWISE[stage.op](x, constant))
+    if isinstance(stage, LastStep):
+        return _LastStep()
+    raise EngineError(f"{stage.name}: no engine stage for {type(stage).__name__}")
 
 
-def _check_sizes(lstm: LSTM, embedding: nn.Embedding | None, decoder: nn.Linear | None) -> None:
-    """Every part must fit the next: the kernels multiply through raw addresses without bounds checks, where
-    PyTorch would raise, so a mismatch (a form assigned by hand, a swapped decoder) must be refused here."""
-    inputs = lstm.input_size
-    if embedding is not None and embedding.embedding_dim != inputs:
-        raise EngineError(f"the embedding is {embedding.embedding_dim} wide, the LSTM takes inputs of {inputs}")
-    for index, layer in enumerate(lstm.layers):
-        size = layer.hidden_size
-        for matrix, expected in (("ih", (4 * size, inputs)), ("hh", (4 * size, size))):
-            shape = tuple(layer.form(matrix).shape)
-            if shape != expected:
-                raise EngineError(f"layer {index}: weight_{matrix} is {shape[0]}x{shape[1]}, the layer needs "
-                                  f"{expected[0]}x{expected[1]} (hidden size {size}, input size {inputs})")
-        for name in ("bias_ih", "bias_hh"):
-            bias = getattr(layer, name)
-            if bias is not None and tuple(bias.shape) != (4 * size,):
-                raise EngineError(f"layer {index}: {name} has shape {tuple(bias.shape)}, not ({4 * size},)")
-        inputs = size
-    if decoder is not None and decoder.in_features != inputs:
-        raise EngineError(f"the decoder takes {decoder.in_features} inputs, the top LSTM layer gives {inputs}")
+# --- stages ------------------------------------------------------------------------------------------------
+class _Stack:
+    """One recurrent stack: its cell layers, each direction compiled by its cell's ``compile_layer``."""
 
+    def __init__(self, stage: Recurrent, first: int) -> None:
+        lstm, prefix = stage.module, f"{stage.name}." if stage.name else ""
+        self.name, self.directions, self.first = stage.name, lstm.num_directions, first
+        self.flat: list[CompiledLayer] = []
+        for index, layer in enumerate(lstm.layers):
+            name = f"{prefix}layers.{index}"
+            self.flat.append(cell_part(layer, "compile_layer", name, EngineError)(layer, name))
+        self._indexed = list(enumerate(self.flat, first))
 
-def _unsupported(part: str, module: Any):
-    raise EngineError(f"leanlstm.runtime.compile cannot run {part}, a {type(module).__name__}: it takes a "
-                      f"leanlstm.LSTM, a torch.nn.LSTM, or a language model whose embedding is nn.Embedding, "
-                      f"lstm one of those two LSTMs and decoder nn.Linear")
+    def run(self, xs: np.ndarray, states: LayerStates) -> np.ndarray:
+        D, index = self.directions, self.first
+        if D == 1:
+            for index, layer in self._indexed:
+                xs = layer.run(xs, states[index])
+            return xs
+        for start in range(0, len(self.flat), D):
+            outputs = [layer.run(xs, states[index + d]) for d, layer in enumerate(self.flat[start:start + D])]
+            xs = outputs[0] if D == 1 else np.concatenate(outputs, axis=1)     # (T, D * out): [fwd | rev]
+            index += D
+        return xs
 
-
-def form_op(form: WeightForm, name: str = "weight") -> RuntimeOp:
-    """The form's ``runtime_op()``, or, if it has none, its dense ``materialize()`` with a logged warning."""
-    try:
-        op = form.runtime_op()
-    except NotImplementedError:
-        op = None
-    if op is None:
-        log.warning("%s: weight form %s has no runtime op; running it as a dense %dx%d matrix", name,
-                    type(form).__name__, form.out_features, form.in_features)
-        return kernels.dense_op(form.materialize().detach().cpu().numpy())
-    if not (hasattr(op, "arrays") and hasattr(op, "matvec")):
-        raise EngineError(f"{name}: {type(form).__name__}.runtime_op() returned {type(op).__name__}, "
-                          f"not a RuntimeOp (arrays, matvec, matmat)")
-    return op
-
-
-def _bind(dispatcher: Any, *example: Any) -> Callable:
-    """The compiled entry point of ``dispatcher`` for the types of ``example``.
-
-    Calling it skips Numba's per-call type dispatch (about 6 us with function-valued arguments, more than
-    a whole step of a small LSTM). It does not check types: callers pass arrays of the example's types.
-    """
-    return dispatcher.compile(tuple(numba.typeof(value) for value in example))
-
-
-# --- layers ------------------------------------------------------------------------------------------------
-@dataclass
-class _Layer:
-    input_size: int
-    hidden_size: int
-    ih: RuntimeOp
-    hh: RuntimeOp
-    bias: np.ndarray                 # bias_ih + bias_hh, (4H,)
-    _run: Callable | None = None     # bound on first use: each costs a second of Numba compilation
-    _step: Callable | None = None
-
-    def run(self, xs: np.ndarray, h: np.ndarray, c: np.ndarray) -> np.ndarray:
-        out = np.empty((xs.shape[0], self.hidden_size), np.float32)
-        args = (self.ih.matvec, self.ih.matmat, self.ih.arrays, self.hh.matvec, self.hh.arrays, self.bias,
-                xs, h, c, out)
-        if self._run is None:
-            self._run = _bind(kernels.layer_run, *args)
-        self._run(*args)
-        return out
-
-    def step(self, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> None:
-        args = (self.ih.matvec, self.ih.arrays, self.hh.matvec, self.hh.arrays, self.bias, x, h, c)
-        if self._step is None:
-            self._step = _bind(kernels.layer_step, *args)
-        self._step(*args)
+    def step(self, x: np.ndarray, states: LayerStates) -> np.ndarray:
+        for index, layer in self._indexed:
+            x = layer.step(x, states[index])
+        return x
 
     def nbytes(self) -> int:
-        return self.ih.nbytes() + self.hh.nbytes() + self.bias.nbytes
+        return sum(layer.nbytes() for layer in self.flat)
 
 
-def _compile_layer(layer: LSTMLayer, index: int) -> _Layer:
-    ih = form_op(layer.weight_ih, f"layers.{index}.weight_ih")
-    hh = form_op(layer.weight_hh, f"layers.{index}.weight_hh")
-    bias = np.zeros(4 * layer.hidden_size, np.float32)
-    if layer.bias_ih is not None:
-        bias += (layer.bias_ih + layer.bias_hh).detach().cpu().numpy()
-    return _Layer(layer.input_size, layer.hidden_size, ih, hh, bias)
+class _Affine:
+    """An ``nn.Linear``: y = x @ W.T + b, through the panel kernels."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        self.weight = kernels.pack_panels(linear.weight.detach().cpu().float().numpy())      # (out, in) as panels
+        bias = linear.bias.detach().cpu().numpy() if linear.bias is not None else np.zeros(linear.out_features)
+        self.bias = _float32(bias)
+        self._affine = bind(kernels.affine, self.weight, self.bias,
+                            np.zeros((1, linear.in_features), np.float32))
+
+    def run(self, xs: np.ndarray, states: LayerStates) -> np.ndarray:
+        return self._affine(self.weight, self.bias, xs if _exact(xs) else _float32(xs))   # the bound type only
+
+    def step(self, x: np.ndarray, states: LayerStates) -> np.ndarray:
+        return self.run(x.reshape(1, -1), states)[0]
+
+    def nbytes(self) -> int:
+        return self.weight.nbytes + self.bias.nbytes
 
 
-# --- inputs and outputs --------------------------------------------------------------------------------------
+class _Function:
+    """A stateless function of the channels (activations, per-channel constants), on steps or sequences."""
+
+    def __init__(self, function: Any) -> None:
+        self.function = function
+
+    def run(self, xs: np.ndarray, states: LayerStates) -> np.ndarray:
+        return self.function(xs)
+
+    step = run
+
+    def nbytes(self) -> int:
+        return 0
+
+
+class _LastStep(_Function):
+    """``out[:, -1]``: the last step of a sequence; a single step passes through (a stream applies the head
+    at every step, as if each step ended the sequence)."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    def run(self, xs: np.ndarray, states: LayerStates) -> np.ndarray:
+        if not len(xs):
+            raise EngineError("this model reads the last time step (out[:, -1]): give it at least one step")
+        return xs[-1:]
+
+    def step(self, x: np.ndarray, states: LayerStates) -> np.ndarray:
+        return x
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return np.float32(0.5) * np.tanh(np.float32(0.5) * x) + np.float32(0.5)   # never overflows, unlike 1/(1+e^-x)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+ACTIVATIONS = {"relu": lambda x: np.maximum(x, np.float32(0)), "tanh": np.tanh, "sigmoid": _sigmoid,
+               "softmax": lambda x: np.exp(_log_softmax(x)), "log_softmax": _log_softmax}
+ELEMENTWISE = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide,
+               "rsub": lambda x, c: c - x, "rdiv": lambda x, c: c / x}
+
+
+# --- inputs ------------------------------------------------------------------------------------------------
 def _float32(array: np.ndarray) -> np.ndarray:
     """C-contiguous, writeable float32: the exact array type the bound kernels were compiled for. Values past
     float32's range become inf here, so check finiteness after this."""
@@ -171,22 +183,32 @@ def _float32(array: np.ndarray) -> np.ndarray:
     return array if array.flags.writeable else array.copy()
 
 
-class _Vectors:
-    """Input of an LSTM: float vectors of ``size``."""
+def _batch_axis(layout: tuple[str, ...]) -> int:
+    """Where a batch of one sits in the model's own input layout: (T, 1, ...) time-major, (1, T, ...) batch-first."""
+    return 0 if layout.index("B") < layout.index("T") else 1
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+
+def _layout_text(layout: tuple[str, ...], size: int | None) -> str:
+    return "(" + ", ".join({"B": "1", "F": str(size)}.get(axis, axis) for axis in layout) + ")"
+
+
+class _Vectors:
+    """Input of a model that reads float vectors of ``size``."""
+
+    def __init__(self, size: int, layout: tuple[str, ...] = ("T", "B", "F")) -> None:
+        self.size, self.layout, self.batch_axis = size, layout, _batch_axis(layout)
+        self._finite = bind(_all_finite, np.zeros(1, np.float32))   # without Numba's dispatch: a stream's input
 
     def sequence(self, xs: Any) -> np.ndarray:
         if _exact(xs) and xs.ndim == 2 and xs.shape[1] == self.size and xs.shape[0]:  # check it compiled
-            if not _all_finite(xs.reshape(-1)):
+            if not self._finite(xs.reshape(-1)):
                 _check_finite(xs, "input", "time step ")             # raises, naming the step
             return xs
         xs = _numeric(xs, "input")
-        if xs.ndim == 3 and xs.shape[1] == 1:        # PyTorch's (T, 1, in) batch-1 layout
-            xs = xs[:, 0]
+        if xs.ndim == 3 and xs.shape[self.batch_axis] == 1:           # a batch of one in the model's layout
+            xs = xs[:, 0] if self.batch_axis == 1 else xs[0]
         if xs.ndim != 2 or xs.shape[1] != self.size:
-            raise EngineError(f"input must have shape (T, {self.size}) (or (T, 1, {self.size})), "
+            raise EngineError(f"input must have shape (T, {self.size}) (or {_layout_text(self.layout, self.size)}), "
                               f"got {xs.shape}")
         xs = _float32(xs)
         _check_finite(xs, "input", "time step ")
@@ -194,7 +216,7 @@ class _Vectors:
 
     def single(self, x: Any) -> np.ndarray:
         if _exact(x) and x.shape == (self.size,):                  # the kernels' exact type: check it compiled
-            if not _all_finite(x):
+            if not self._finite(x):
                 raise EngineError("input contains NaN or inf")
             return x
         x = _numeric(x, "input")
@@ -206,17 +228,19 @@ class _Vectors:
 
 
 class _Tokens:
-    """Input of a language model: token ids, looked up in the embedding table."""
+    """Input of a model that starts with an embedding: token ids, looked up in its table."""
 
-    def __init__(self, embedding: nn.Embedding) -> None:
+    def __init__(self, embedding: nn.Embedding, layout: tuple[str, ...] = ("T", "B")) -> None:
         self.table = _float32(embedding.weight.detach().cpu().numpy())   # (V, E)
+        self.layout, self.batch_axis = layout, _batch_axis(layout)
 
     def sequence(self, tokens: Any) -> np.ndarray:
         tokens = _array(tokens)
-        if tokens.ndim == 2 and tokens.shape[1] == 1:
-            tokens = tokens[:, 0]
+        if tokens.ndim == 2 and tokens.shape[self.batch_axis] == 1:
+            tokens = tokens[:, 0] if self.batch_axis == 1 else tokens[0]
         if tokens.ndim != 1:
-            raise EngineError(f"token ids must have shape (T,) (or (T, 1)), got {tokens.shape}")
+            raise EngineError(f"token ids must have shape (T,) (or {_layout_text(self.layout, None)}), "
+                              f"got {tokens.shape}")
         if tokens.size and not np.issubdtype(tokens.dtype, np.integer):
             raise EngineError(f"token ids must be integers, got dtype {tokens.dtype}")
         outside = np.flatnonzero((tokens < 0) | (tokens >= len(self.table)))
@@ -227,23 +251,6 @@ class _Tokens:
 
     def single(self, token: Any) -> np.ndarray:
         return self.sequence(np.reshape(token, (1,)))[0]
-
-
-class _Decoder:
-    """The language model's output layer: logits = h @ W.T + b."""
-
-    def __init__(self, decoder: nn.Linear) -> None:
-        self.weight = kernels.pack_panels(decoder.weight.detach().cpu().numpy())      # (V, H) as panels
-        bias = decoder.bias.detach().cpu().numpy() if decoder.bias is not None else np.zeros(decoder.out_features)
-        self.bias = _float32(bias)
-        self._affine = _bind(kernels.affine, self.weight, self.bias, np.zeros((1, decoder.in_features),
-                                                                           np.float32))
-
-    def __call__(self, hs: np.ndarray) -> np.ndarray:
-        return self._affine(self.weight, self.bias, hs)
-
-    def nbytes(self) -> int:
-        return self.weight.nbytes + self.bias.nbytes
 
 
 def _exact(value: Any) -> bool:
@@ -292,71 +299,110 @@ def _all_finite(x: np.ndarray) -> bool:
 
 # --- the engine ----------------------------------------------------------------------------------------------
 class Engine:
-    """Batch-1 streaming inference; build it with ``leanlstm.runtime.compile(model)``.
+    """Batch-1 inference of a whole model; build it with ``leanlstm.runtime.compile(model)``.
 
-    ``run(xs, state=None) -> (ys, state)``: ``xs`` is (T, input) floats, or (T,) token ids for a language
-    model; ``ys`` is (T, H_last), or logits (T, vocab). ``step(x, state=None) -> (y, state)`` does one step.
+    ``run(xs, state=None) -> (ys, state)``: ``xs`` is (T, input) floats, or (T,) token ids for a model that
+    starts with an embedding; ``ys`` is (T, output) for a per-step model, (output,) for one that reads the last
+    step. ``step(x, state=None) -> (y, state)`` does one step; ``stream()`` steps with the state kept inside.
+    A bidirectional model runs whole sequences only (``run``).
     """
 
-    def __init__(self, layers: Sequence[_Layer], source: _Vectors | _Tokens, sink: _Decoder | None) -> None:
-        self.layers, self._source, self._sink = list(layers), source, sink
+    def __init__(self, pipeline: Pipeline, source: _Vectors | _Tokens, stages: Sequence[Any],
+                 layers: Sequence[CompiledLayer]) -> None:
+        self.pipeline, self._source, self._stages, self.layers = pipeline, source, list(stages), list(layers)
+        parts = {len(layer.state_sizes()) for layer in self.layers}
+        if len(parts) != 1:
+            raise EngineError(f"the model's cells keep states of different kinds ({sorted(parts)} parts); the engine "
+                              f"runs models whose cells all keep the same")
+        self._parts, self._last_step = parts.pop(), pipeline.last_step
+        self._sizes = [layer.state_sizes() for layer in self.layers]
+        last = [stage for stage in self._stages if not isinstance(stage, _LastStep)][-1]
+        self._copy_out = isinstance(last, _Stack)        # a stack's step returns its own state array
+
+    @property
+    def state_sizes(self) -> list[tuple[int, ...]]:
+        """Per cell layer, the sizes of its state parts (``(output_size, H)`` for an LSTM layer)."""
+        return list(self._sizes)
 
     @property
     def hidden_sizes(self) -> list[int]:
-        return [layer.hidden_size for layer in self.layers]
+        return [sizes[-1] for sizes in self.state_sizes]
 
     @property
     def input_size(self) -> int:
-        return self.layers[0].input_size
+        return self.pipeline.input_size
+
+    @property
+    def output_size(self) -> int:
+        return self.pipeline.output_size
 
     def initial_state(self) -> State:
-        """Zero state: ``([h_0, h_1, ...], [c_0, c_1, ...])`` with one (H_l,) array per layer."""
-        return ([np.zeros(s, np.float32) for s in self.hidden_sizes],
-                [np.zeros(s, np.float32) for s in self.hidden_sizes])
+        """Zero state: ``([h_0, h_1, ...], [c_0, c_1, ...])`` with one array per cell layer."""
+        return self._public(self._zeros())
 
     def run(self, xs: Any, state: Any = None) -> tuple[np.ndarray, State]:
-        """Outputs (or logits) for a whole sequence and the state after its last step."""
+        """Outputs for a whole sequence and the state after its last step."""
         xs = self._source.sequence(xs)
-        h, c = self._state(state)
-        for layer, h_l, c_l in zip(self.layers, h, c):
-            xs = layer.run(xs, h_l, c_l)                           # (T, H_l)
-        return (xs if self._sink is None else self._sink(xs)), (h, c)
+        states = self._state(state)
+        for stage in self._stages:
+            xs = stage.run(xs, states)
+        return (xs[0] if self._last_step else xs), self._public(states)
 
     def stream(self, state: Any = None) -> "Stream":
         """A ``Stream`` for inputs that arrive one at a time, starting from ``state`` (default zeros)."""
         return Stream(self, state)
 
     def step(self, x: Any, state: Any = None) -> tuple[np.ndarray, State]:
-        """The output (or logits) of one time step and the state after it (the state passed in is copied
-        and checked on every call: for a long stream of steps, ``stream()`` is several times faster)."""
-        h, c = self._state(state)
-        return self._advance(self._source.single(x), h, c), (h, c)
+        """The output of one time step and the state after it (the state passed in is copied and checked on
+        every call: for a long stream of steps, ``stream()`` is several times faster). A model that reads the
+        last step applies its head to this step."""
+        self._check_streamable()
+        states = self._state(state)
+        return self._advance(self._source.single(x), states), self._public(states)
 
-    def _advance(self, x: np.ndarray, h: list[np.ndarray], c: list[np.ndarray]) -> np.ndarray:
-        """One step through every layer, updating ``h`` and ``c`` in place; the output (or logits)."""
-        for layer, h_l, c_l in zip(self.layers, h, c):
-            layer.step(x, h_l, c_l)
-            x = h_l
-        return x.copy() if self._sink is None else self._sink(x.reshape(1, -1))[0]
+    def _advance(self, x: np.ndarray, states: LayerStates) -> np.ndarray:
+        """One step through every stage, updating ``states`` in place; the output."""
+        for stage in self._stages:
+            x = stage.step(x, states)
+        return x.copy() if self._copy_out else x
+
+    def _check_streamable(self) -> None:
+        if self.pipeline.bidirectional:
+            names = ", ".join(s.name or "the LSTM" for s in self.pipeline.stacks if s.module.bidirectional)
+            raise EngineError(f"{names} is bidirectional: its reverse direction starts from the end of the "
+                              f"sequence, so it cannot run step by step; run whole sequences with run()")
 
     def nbytes(self) -> int:
         """Bytes of every array the engine multiplies by (embedding table excluded: it is only indexed)."""
-        return sum(layer.nbytes() for layer in self.layers) + (self._sink.nbytes() if self._sink else 0)
+        return sum(stage.nbytes() for stage in self._stages)
 
-    def _state(self, state: Any) -> State:
+    # --- state ---------------------------------------------------------------------------------------------
+    def _zeros(self) -> LayerStates:
+        return [tuple([np.zeros(size, np.float32) for size in sizes]) for sizes in self._sizes]
+
+    @staticmethod
+    def _public(states: LayerStates) -> State:
+        return tuple(list(part) for part in zip(*states))
+
+    def _state(self, state: Any) -> LayerStates:
         """Fresh float32 copies of a given state (checked), or zeros."""
         if state is None:
-            return self.initial_state()
-        if not (isinstance(state, (tuple, list)) and len(state) == 2):
-            raise EngineError("state must be a pair (h, c), as returned by run/step or initial_state()")
-        return tuple(self._state_part(part, name) for part, name in zip(state, "hc"))
+            return self._zeros()
+        if not (isinstance(state, (tuple, list)) and len(state) == self._parts):
+            names = ", ".join(_part_name(p) for p in range(self._parts))
+            kind = "pair" if self._parts == 2 else "tuple"
+            raise EngineError(f"state must be a {kind} ({names}), as returned by run/step or initial_state()")
+        parts = [self._state_part(part, p) for p, part in enumerate(state)]
+        return list(zip(*parts))
 
-    def _state_part(self, part: Any, name: str) -> list[np.ndarray]:
+    def _state_part(self, part: Any, which: int) -> list[np.ndarray]:
+        name = _part_name(which)
         layers = list(part) if isinstance(part, (list, tuple)) else list(_numeric(part, f"state {name}"))
         if len(layers) != len(self.layers):
             raise EngineError(f"state {name} holds {len(layers)} layers, the model has {len(self.layers)}")
         out = []
-        for index, (value, size) in enumerate(zip(layers, self.hidden_sizes)):
+        for index, (value, sizes) in enumerate(zip(layers, self._sizes)):
+            size = sizes[which]
             if _exact(value) and value.shape == (size,) and _all_finite(value):
                 out.append(value.copy())                           # the common case: a state run() returned
                 continue
@@ -370,13 +416,18 @@ class Engine:
         return out
 
 
+def _part_name(which: int) -> str:
+    return PART_NAMES[which] if which < len(PART_NAMES) else f"part {which}"
+
+
 class Stream:
     """Step-by-step inference that keeps its state inside, for inputs that arrive one at a time (audio
     frames, sensor readings, generated tokens): ``stream = engine.stream()``, then ``y = stream.step(x)``.
 
     ``Engine.step`` copies and checks the whole state on every call, which costs more than the step itself
-    for a small LSTM (about 30 us against 3 for 2x32); a stream checks only the input and updates its own
-    state arrays in place. ``state`` returns a copy of ``(h, c)``; ``reset()`` starts over from zeros.
+    for a small LSTM (about 25 us against 3 for 2x32); a stream checks only the input and updates its own
+    state arrays in place. ``state`` returns a copy of ``(h, c)``; ``reset()`` starts over from zeros. A model
+    that reads the last step (``fc(out[:, -1])``) gives its head's output at every step.
 
     >>> import leanlstm, numpy as np
     >>> engine = compile(leanlstm.LSTM(4, 6))
@@ -387,17 +438,18 @@ class Stream:
     """
 
     def __init__(self, engine: Engine, state: Any = None) -> None:
-        self._engine = engine
-        self._h, self._c = engine._state(state)
+        engine._check_streamable()
+        self._engine, self._source = engine, engine._source
+        self._states = engine._state(state)
 
     @property
     def state(self) -> State:
-        return [h.copy() for h in self._h], [c.copy() for c in self._c]
+        return self._engine._public([tuple(part.copy() for part in layer) for layer in self._states])
 
     def reset(self, state: Any = None) -> None:
         """Start again from ``state`` (default zeros)."""
-        self._h, self._c = self._engine._state(state)
+        self._states = self._engine._state(state)
 
     def step(self, x: Any) -> np.ndarray:
-        """The output (or logits) for input ``x``: a ``(input_size,)`` vector, or one token id."""
-        return self._engine._advance(self._engine._source.single(x), self._h, self._c)
+        """The output for input ``x``: a ``(input_size,)`` vector, or one token id."""
+        return self._engine._advance(self._source.single(x), self._states)

@@ -713,9 +713,15 @@ def lstm_cell(gates, h, c):
 
 
 # --- one layer over a sequence, and one step -----------------------------------------------------------------
+# A projected layer (``proj_size`` P, as torch.nn.LSTM) keeps h = W_hr (o * tanh(c)): the cell writes o * tanh(c)
+# into a scratch vector of H and the projection's own op multiplies it into h (P), so a sparse or low-rank
+# ``weight_hr`` runs through its structure like every other matrix. Without a projection ``hr_matvec`` is None
+# and Numba prunes the branch at compile time: the unprojected loop is the same code as before.
 @njit(fastmath=True, error_model="numpy", nogil=True)
-def layer_run(ih_matvec, ih_matmat, ih_arrays, hh_matvec, hh_arrays, bias, xs, h, c, out):
-    """``out[t]`` = h after step t for inputs ``xs`` (T, in); ``h``, ``c`` (H,) are updated in place.
+def layer_run(ih_matvec, ih_matmat, ih_arrays, hh_matvec, hh_arrays, hr_matvec, hr_arrays, bias, xs, h, c, out,
+              reverse):
+    """``out[t]`` = h after step t for inputs ``xs`` (T, in); ``h`` (out,), ``c`` (H,) are updated in place.
+    ``reverse`` runs over time backwards (t = T-1 .. 0), as the reverse direction of a bidirectional layer.
 
     The input products of all steps go first, batched (``ih_matmat``; per step when it is None, a branch
     Numba prunes at compile time); the loop over time then only adds the recurrent product.
@@ -730,24 +736,38 @@ def layer_run(ih_matvec, ih_matmat, ih_arrays, hh_matvec, hh_arrays, bias, xs, h
             ih_matvec(ih_arrays, xs[t], gates[t], False)
     else:
         ih_matmat(ih_arrays, xs, gates)
-    for t in range(steps):
-        hh_matvec(hh_arrays, h, gates[t], (t & 1) == 1)
-        lstm_cell(gates[t], h, c)
+    cell_out = np.empty(c.shape[0], np.float32)             # o * tanh(c) before the projection
+    for k in range(steps):
+        t = steps - 1 - k if reverse else k
+        flip = (k & 1) == 1
+        hh_matvec(hh_arrays, h, gates[t], flip)
+        if hr_matvec is None:
+            lstm_cell(gates[t], h, c)
+        else:
+            lstm_cell(gates[t], cell_out, c)
+            h[:] = 0.0
+            hr_matvec(hr_arrays, cell_out, h, flip)
         out[t] = h
 
 
 @njit(fastmath=True, error_model="numpy", nogil=True)
-def layer_step(ih_matvec, ih_arrays, hh_matvec, hh_arrays, bias, x, h, c):
-    """One time step of one layer: ``h``, ``c`` (H,) are updated in place."""
+def layer_step(ih_matvec, ih_arrays, hh_matvec, hh_arrays, hr_matvec, hr_arrays, bias, x, h, c):
+    """One time step of one layer: ``h``, ``c`` are updated in place."""
     gates = bias.copy()
     ih_matvec(ih_arrays, x, gates, False)
     hh_matvec(hh_arrays, h, gates, False)
-    lstm_cell(gates, h, c)
+    if hr_matvec is None:
+        lstm_cell(gates, h, c)
+    else:
+        cell_out = np.empty(c.shape[0], np.float32)
+        lstm_cell(gates, cell_out, c)
+        h[:] = 0.0
+        hr_matvec(hr_arrays, cell_out, h, False)
 
 
 @njit(**JIT)
 def affine(weight, bias, xs):
-    """``xs @ weight.T + bias`` for a (T, in) batch: the language model's dense decoder."""
+    """``xs @ weight.T + bias`` for a (T, in) batch: an ``nn.Linear`` head or decoder."""
     out = np.empty((xs.shape[0], bias.shape[0]), np.float32)
     for t in range(xs.shape[0]):
         out[t] = bias

@@ -22,8 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..graph import find_lstms
 from ..nn import WeightForm
 from .backends import get_backend
+from .pipeline import Pipeline, pipeline_of
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +35,12 @@ MIN_SAMPLE_SECONDS = 1e-3    # short sequences are repeated within a sample, to 
 
 def latency(model: nn.Module, backends: Sequence[str] = DEFAULT_BACKENDS, seq_len: int = 35,
             repeats: int = 30, warmup: int = 3, threads: int = 1, seed: int = 0) -> dict[str, Any]:
-    """Per-step latency of ``model`` (an LSTM or language model) on each backend, batch 1.
+    """Per-step latency of the whole ``model`` (anything ``runtime.compile`` runs) on each backend, batch 1.
 
     Returns ``{"backends": {name: {"median", "p25", "p75", "iqr", "min", "max", "samples"}}, "errors":
     {name: message}, "seq_len", "threads", ...}``, all times in microseconds per time step. A backend
-    that cannot run the model is reported under ``errors`` instead of stopping the others.
+    that cannot run the model (or a model the runtime cannot read) is reported under ``errors`` instead of
+    stopping the others.
 
     >>> import leanlstm
     >>> result = latency(leanlstm.LSTM(8, 16), backends=("leanlstm",), seq_len=5, repeats=3)
@@ -76,19 +79,30 @@ def measure(models: Mapping[str, nn.Module], backends: Sequence[str] | Mapping[s
 
 def stack_and_model(models: Mapping[str, nn.Module], backends: Sequence[str] = ("leanlstm", "onnxruntime"),
                     seq_len: int = 35, repeats: int = 30, threads: int = 1) -> dict[str, Any]:
-    """Latency of each language model whole (embedding, LSTM stack, decoder) and of its LSTM stack alone.
+    """Latency of each model whole (embedding, LSTM stacks, heads) and of its LSTM stacks alone.
 
     All (model, part, backend) triples take turns in one interleaved run, so the ratios between models
-    compare like with like. Returns the settings plus ``{"models": {label: {"lstm": {backend: stats},
-    "model": {backend: stats}, "errors": {"lstm/backend": message}}}}``.
+    compare like with like. A model that is only LSTM stacks is timed once, as ``"lstm"``. Returns the
+    settings plus ``{"models": {label: {"lstm": {backend: stats}, "model": {backend: stats}, "errors":
+    {"lstm/backend": message}}}}``.
     """
-    parts = {}
+    parts, failed = {}, {}
     for label, model in models.items():
-        parts[f"{label}\0lstm"] = getattr(model, "lstm", model)
-        if hasattr(model, "lstm"):
-            parts[f"{label}\0model"] = model
+        try:
+            pipeline = pipeline_of(model)
+        except ValueError as error:             # reported, as a backend that cannot run it would be; a single
+            failed[label] = f"{type(error).__name__}: {error}"          # stack is still timed on its own
+            stacks = find_lstms(model)
+            if len(stacks) == 1:
+                parts[f"{label}\0lstm"] = pipeline_of(stacks[0][1]).recurrent_only()
+            continue
+        parts[f"{label}\0lstm"] = pipeline.recurrent_only()
+        if pipeline.tokens or len(pipeline.stages) > len(pipeline.stacks):
+            parts[f"{label}\0model"] = pipeline
     result = measure(parts, backends, seq_len=seq_len, repeats=repeats, threads=threads)
     report = {label: {"lstm": {}, "model": {}, "errors": {}} for label in models}
+    for label, message in failed.items():
+        report[label]["errors"] = {f"model/{name}": message for name in backends}
     for key, measured in result.pop("models").items():
         label, part = key.split("\0")
         report[label][part] = measured["backends"]
@@ -105,7 +119,12 @@ def _build_runners(models: Mapping[str, nn.Module], backends: Mapping[str, list[
                    seed: int) -> tuple[dict[tuple[str, str], Callable], dict[str, dict[str, str]]]:
     runners, errors = {}, {}
     for label, model in models.items():
-        inputs = example_inputs(model, seq_len, seed)
+        try:
+            model = pipeline_of(model)                      # read once; every backend runs the same pipeline
+            inputs = example_inputs(model, seq_len, seed)
+        except Exception as error:  # noqa: BLE001 - a model no backend can run is reported, not fatal
+            errors[label] = {name: f"{type(error).__name__}: {error}" for name in backends[label]}
+            continue
         for name in backends[label]:
             try:
                 with torch.no_grad():
@@ -116,13 +135,13 @@ def _build_runners(models: Mapping[str, nn.Module], backends: Mapping[str, list[
     return runners, errors
 
 
-def example_inputs(model: nn.Module, seq_len: int, seed: int = 0) -> np.ndarray:
-    """Random inputs for one sequence: (T,) token ids for a language model, else (T, input) floats."""
-    rng = np.random.default_rng(seed)
-    if hasattr(model, "embedding"):
-        return rng.integers(0, model.embedding.num_embeddings, seq_len).astype(np.int64)
-    lstm = getattr(model, "lstm", model)
-    return rng.standard_normal((seq_len, lstm.input_size)).astype(np.float32)
+def example_inputs(model: nn.Module | Pipeline, seq_len: int, seed: int = 0) -> np.ndarray:
+    """Random inputs for one sequence: (T,) token ids for a model that starts with an embedding, else
+    (T, input) floats."""
+    pipeline, rng = pipeline_of(model), np.random.default_rng(seed)
+    if pipeline.tokens:
+        return rng.integers(0, pipeline.embedding.num_embeddings, seq_len).astype(np.int64)
+    return rng.standard_normal((seq_len, pipeline.input_size)).astype(np.float32)
 
 
 def _interleave(runners: dict[Any, Callable], seq_len: int, repeats: int, warmup: int,

@@ -1,25 +1,30 @@
-"""Export a ``leanlstm.LSTM`` or a ``WordLM`` to ONNX, keeping each weight form's real structure.
+"""Export a model to ONNX (any model ``runtime.compile`` runs), keeping each weight form's real structure.
 
-Per layer, the exporter picks how the recurrence is written (``recurrence="auto"``):
+The model is read as a pipeline (``runtime.pipeline``: embedding, LSTM stacks, ``nn.Linear`` heads, activations,
+last step); each cell layer is written by its cell's registered ``onnx_layer`` (``runtime.cells``). For the LSTM
+cell, per layer, the exporter picks how the recurrence is written (``recurrence="auto"``):
 
-- **both forms dense**: one ONNX ``LSTM`` node, the fused operator every runtime optimises;
-- **any structured form**: an explicit recurrence. The input-to-hidden products of the whole sequence are
-  computed before the loop in one batch, ``(T*B, in) -> (T*B, 4H)`` (unless the form's
-  ``onnx_batch_over_time`` says batching does not pay, as for sparse); a ``Scan`` over time then adds each
-  step's hidden-to-hidden product and applies the gates. Every product is written by the form itself through
+- **dense, no projection**: one ONNX ``LSTM`` node (``direction="bidirectional"`` for both directions), the fused
+  operator every runtime optimises;
+- **any structured form, or a projection** (the ``LSTM`` operator has no ``proj_size``): an explicit recurrence.
+  The input-to-hidden products of the whole sequence are computed before the loop in one batch,
+  ``(T*B, in) -> (T*B, 4H)`` (unless the form's ``onnx_batch_over_time`` says batching does not pay, as for
+  sparse); a ``Scan`` over time (backwards for a reverse direction) then adds each step's hidden-to-hidden
+  product, applies the gates and the projection. Every product is written by the form itself through
   ``WeightForm.onnx_matvec(graph, x)``: a low-rank form is two thin ``MatMul``s, a Kronecker form the reshape
-  identity, a sparse form gathers only the inputs its stored entries need (sliced ELL). Nothing is
-  re-densified.
+  identity, a sparse form gathers only the inputs its stored entries need (sliced ELL). Nothing is re-densified.
 
 Graph signature (``T`` and ``B`` are symbolic: streaming with ``T = B = 1`` and batched runs share a file):
 
-- inputs: ``x`` (T, B, input) float32, or ``tokens`` (T, B) int64 for a ``WordLM``; with ``state_inputs``
-  also ``h0``, ``c0`` (L, B, H) when all layers have one size, else ``h0_0``, ``c0_0``, ``h0_1``, ... (1, B, H_l);
-- outputs: ``y`` (T, B, H_last) (``logits`` (T, B, V) for a ``WordLM``) and the final state ``h_n``, ``c_n``
-  (or ``h_n_0``, ``c_n_0``, ...), shaped like the state inputs.
+- inputs: ``x`` float32 in the model's own layout ((T, B, input), or (B, T, input) for a ``batch_first`` model),
+  or ``tokens`` int64 ((T, B) or (B, T)) for a model that starts with an embedding; with ``state_inputs`` also
+  ``h0``, ``c0`` (L*D, B, size) when all layers have one size, else ``h0_0``, ``c0_0``, ``h0_1``, ... (1, B, size)
+  per cell layer (with several LSTM stacks, each stack's names start with its name: ``rnn.h0``);
+- outputs: the model's output, ``y`` when it is an LSTM's output, ``logits`` when a head follows, in the model's
+  own layout ((T, B, F), (B, T, F), (B, F) after the last step, (T*B, F) after a ``view(-1, F)``), and the final
+  state ``h_n``, ``c_n`` (or ``h_n_0``, ``c_n_0``, ...), shaped like the state inputs.
 
-A ``batch_first`` LSTM takes ``x`` and returns ``y`` as (B, T, ...), as in PyTorch. Dropout is not exported
-(inference). Everything is float32.
+Dropout is not exported (inference). Everything is float32.
 """
 from __future__ import annotations
 
@@ -34,19 +39,19 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from ..files import atomic_write
-from ..nn import LSTM, LSTMLayer
-from ..nn.forms import Dense, WeightForm
-from ..nn.gates import GATES, NUM_GATES, split_gates
+from ..nn.gates import GATES, split_gates
+from .cells import ExportError, cell_part
+from .pipeline import Activation, Affine, Elementwise, LastStep, Pipeline, Recurrent, pipeline_of
+
+__all__ = ["ExportError", "GraphBuilder", "export_onnx", "onnx_gate_order", "to_onnx"]
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 13                       # Split/Squeeze/ReduceSum with their sizes and axes as inputs
 ONNX_GATES = ("i", "o", "f", "g")    # the ONNX LSTM operator packs [i|o|f|c]; its c is our cell candidate g
-GATE_ACTIVATIONS = {"i": "Sigmoid", "f": "Sigmoid", "g": "Tanh", "o": "Sigmoid"}
 RECURRENCES = ("auto", "lstm", "scan")
-
-
-class ExportError(ValueError):
-    """The model cannot be written to ONNX as asked; the message names the part and what to do."""
+ACTIVATION_OPS = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid", "softmax": "Softmax",
+                  "log_softmax": "LogSoftmax"}
+ELEMENTWISE_OPS = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "rsub": "Sub", "rdiv": "Div"}
 
 
 # --- a small graph builder -------------------------------------------------------------------------------
@@ -99,7 +104,7 @@ class GraphBuilder:
         if isinstance(value, torch.Tensor):
             value = value.detach().cpu().numpy()
         name = self.fresh(self.scoped(name))
-        self.root.initializers.append(numpy_helper.from_array(np.ascontiguousarray(value, dtype=dtype), name))
+        self.root.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype, order="C"), name))
         return name
 
     def ints(self, values: Sequence[int], name: str = "const") -> str:
@@ -136,169 +141,153 @@ def onnx_gate_order(packed: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.cat([blocks[gate] for gate in ONNX_GATES], dim)
 
 
-# --- layers ---------------------------------------------------------------------------------------------
-def _is_dense(layer: LSTMLayer) -> bool:
-    return type(layer.weight_ih) is Dense and type(layer.weight_hh) is Dense
+# --- gate layout ----------------------------------------------------------------------------------------
+def onnx_gate_order(packed: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Reorder PyTorch's ``[i|f|g|o]`` gate blocks into the ONNX LSTM operator's ``[i|o|f|c]``.
 
-
-def _lstm_op_layer(g: GraphBuilder, layer: LSTMLayer, x: str, h0: str | None, c0: str | None
-                   ) -> tuple[str, str, str]:
-    """The fused ONNX LSTM operator. x: (T, B, in); h0, c0: (1, B, H) -> y (T, B, H), h_n, c_n (1, B, H)."""
-    w = g.weight("W", onnx_gate_order(layer.weight_ih.materialize())[None])    # (1, 4H, in)
-    r = g.weight("R", onnx_gate_order(layer.weight_hh.materialize())[None])    # (1, 4H, H)
-    bias = ""
-    if layer.bias_ih is not None:
-        bias = g.weight("B", torch.cat([onnx_gate_order(layer.bias_ih), onnx_gate_order(layer.bias_hh)])[None])
-    inputs = [x, w, r, bias] + (["", h0, c0] if h0 is not None else [])  # "" skips sequence_lens
-    while not inputs[-1]:
-        inputs.pop()
-    y, h_n, c_n = g.node("LSTM", inputs, 3, hidden_size=layer.hidden_size)
-    return g.node("Squeeze", [y, g.ints([1], "axes")]), h_n, c_n             # (T, 1, B, H) -> (T, B, H)
-
-
-def _matvec(g: GraphBuilder, form: WeightForm, x: str, name: str) -> str:
-    """``x @ W.T`` through the form's own ONNX product. x: (N, in) -> (N, out)."""
-    with g.scope(name):
-        return form.onnx_matvec(g, x)
-
-
-def _scan_layer(g: GraphBuilder, layer: LSTMLayer, x: str, h0: str | None, c0: str | None
-                ) -> tuple[str, str, str]:
-    """An explicit recurrence over the forms' products; same contract as ``_lstm_op_layer``.
-
-    The input-to-hidden product runs before the loop, over all T*B rows at once, unless the form says a
-    batched product does not pay (``onnx_batch_over_time``): a gather-based sparse product gains no speed
-    from batching and would hold a (T*B, nnz) intermediate, so it runs inside the loop, one step at a time.
+    >>> onnx_gate_order(torch.arange(8)).tolist()
+    [0, 1, 6, 7, 2, 3, 4, 5]
     """
-    hidden = layer.hidden_size
-    bias = g.weight("bias", layer.bias_ih + layer.bias_hh) if layer.bias_ih is not None else None
-    time_batch = g.node("Slice", [g.node("Shape", [x]), g.ints([0]), g.ints([2])])           # [T, B]
-    batched = layer.weight_ih.onnx_batch_over_time
-    scanned = x                                                                              # (T, B, in)
-    if batched:
-        flat = g.node("Reshape", [x, g.ints([-1, layer.input_size])])                        # (T*B, in)
-        scanned = _matvec(g, layer.weight_ih, flat, "weight_ih")                             # (T*B, 4H)
-        scanned = g.node("Add", [scanned, bias]) if bias else scanned
-        shape = g.node("Concat", [time_batch, g.ints([NUM_GATES * hidden])], axis=0)
-        scanned = g.node("Reshape", [scanned, shape])                                        # (T, B, 4H)
-    if h0 is None:
-        batch = g.node("Slice", [time_batch, g.ints([1]), g.ints([2])])
-        zeros = g.node("ConstantOfShape", [g.node("Concat", [batch, g.ints([hidden])], axis=0)])
-        h0 = c0 = zeros                                                                      # (B, H)
-    else:
-        h0, c0 = (g.node("Squeeze", [s, g.ints([0], "axes")]) for s in (h0, c0))
-    body = _step_body(g, layer, batched, bias)
-    h_n, c_n, y = g.node("Scan", [h0, c0, scanned], 3, body=body, num_scan_inputs=1)
-    h_n, c_n = (g.node("Unsqueeze", [s, g.ints([0], "axes")]) for s in (h_n, c_n))
-    return y, h_n, c_n
+    blocks = dict(zip(GATES, split_gates(packed, dim)))
+    return torch.cat([blocks[gate] for gate in ONNX_GATES], dim)
 
 
-def _step_body(g: GraphBuilder, layer: LSTMLayer, batched: bool, bias: str | None) -> onnx.GraphProto:
-    """One time step (h, c, u_t) -> (h', c', h').
+# --- recurrent stacks --------------------------------------------------------------------------------------
+class _StackState:
+    """Names and shapes of one stack's state inputs and outputs: ``{prefix}h0`` (L*D, B, size) when every cell
+    layer keeps states of one size, else ``{prefix}h0_{i}`` (1, B, size) per cell layer."""
 
-    ``u_t`` is the step's input-to-hidden product plus biases when it was batched before the loop, else the
-    step's input x_t, multiplied here (and ``bias`` added).
-    """
-    body, hidden = g.subgraph(), layer.hidden_size
-    h, c, u_t = (body.fresh(body.scoped(n)) for n in ("h", "c", "gx_t" if batched else "x_t"))
-    packed = body.node("Add", [u_t if batched else _matvec(body, layer.weight_ih, u_t, "weight_ih"),
-                               _matvec(body, layer.weight_hh, h, "weight_hh")])              # (B, 4H)
-    packed = body.node("Add", [packed, bias]) if bias and not batched else packed
-    parts = body.node("Split", [packed, body.ints([hidden] * NUM_GATES, "split")], NUM_GATES, axis=1)
-    act = {gate: body.node(GATE_ACTIVATIONS[gate], [part]) for gate, part in zip(GATES, parts)}
-    c_next = body.node("Add", [body.node("Mul", [act["f"], c]), body.node("Mul", [act["i"], act["g"]])])
-    h_next = body.node("Mul", [act["o"], body.node("Tanh", [c_next])])
-    y_t = body.node("Identity", [h_next])
-    state = lambda name, size: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["B", size])  # noqa: E731
-    step_input = NUM_GATES * hidden if batched else layer.input_size
-    return helper.make_graph(body.nodes, body.fresh(body.scoped("step")),
-                             [state(h, hidden), state(c, hidden), state(u_t, step_input)],
-                             [state(h_next, hidden), state(c_next, hidden), state(y_t, hidden)])
+    PARTS = ("h", "c")
+
+    def __init__(self, stage: Recurrent, prefix: str) -> None:
+        self.prefix, self.sizes = prefix, [layer.state_sizes() for layer in stage.module.layers]
+        self.stacked = len(set(self.sizes)) == 1
+        self.parts = self.PARTS[:len(self.sizes[0])]
+
+    def names(self, suffix: str) -> list[str]:
+        """Graph names of one end (``"0"`` inputs, ``"_n"`` outputs), part by part."""
+        if self.stacked:
+            return [f"{self.prefix}{part}{suffix}" for part in self.parts]
+        return [f"{self.prefix}{part}{suffix}_{i}" for part in self.parts for i in range(len(self.sizes))]
+
+    def infos(self, suffix: str) -> list[onnx.ValueInfoProto]:
+        shapes = ([[len(self.sizes), "B", self.sizes[0][k]] for k in range(len(self.parts))] if self.stacked else
+                  [[1, "B", sizes[k]] for k in range(len(self.parts)) for sizes in self.sizes])
+        return [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+                for name, shape in zip(self.names(suffix), shapes)]
+
+    def inputs(self, g: "GraphBuilder") -> list[tuple[str, ...]]:
+        """Per cell layer, its (1, B, size) state tensors read from the graph inputs."""
+        count = len(self.sizes)
+        if not self.stacked:
+            names = self.names("0")
+            return [tuple(names[k * count + i] for k in range(len(self.parts))) for i in range(count)]
+        if count == 1:
+            return [tuple(self.names("0"))]
+        split = g.ints([1] * count, "split")
+        per_part = [g.node("Split", [name, split], count, axis=0) for name in self.names("0")]
+        return list(zip(*per_part))
+
+    def outputs(self, g: "GraphBuilder", finals: list[tuple[str, ...]]) -> list[onnx.ValueInfoProto]:
+        """Name the final states (``h_n``, ``c_n``, ...), stacked or per cell layer."""
+        names = iter(self.names("_n"))
+        for k in range(len(self.parts)):
+            tensors = [final[k] for final in finals]
+            if self.stacked:
+                g.node("Concat", tensors, [next(names)], axis=0)
+                continue
+            for tensor in tensors:
+                g.node("Identity", [tensor], [next(names)])
+        return self.infos("_n")
 
 
-# --- whole models ---------------------------------------------------------------------------------------
-def _uses_lstm_op(layer: LSTMLayer, index: int, recurrence: str) -> bool:
-    if recurrence == "scan" or (recurrence == "auto" and not _is_dense(layer)):
-        return False
-    if not _is_dense(layer):
-        kinds = ", ".join(f"weight_{m} is {type(layer.form(m)).__name__}" for m in ("ih", "hh"))
-        raise ExportError(f"recurrence='lstm' writes the ONNX LSTM operator, which only takes dense weights, "
-                          f"but in layer {index} {kinds}; use recurrence='auto' or 'scan' to export the "
-                          f"structured products as an explicit recurrence")
-    return True
+def _stack(g: "GraphBuilder", stage: Recurrent, x: str, state: _StackState | None, recurrence: str
+           ) -> tuple[str, list[tuple[str, ...]]]:
+    """Every layer of one stack, each through its cell's ``onnx_layer``. x: (T, B, in) -> (T, B, D * out)."""
+    lstm, prefix = stage.module, f"{stage.name}." if stage.name else ""
+    starts = state.inputs(g) if state is not None else None
+    D, finals = lstm.num_directions, []
+    for start in range(0, len(lstm.layers), D):
+        layers = list(lstm.layers[start:start + D])
+        names = [f"{prefix}layers.{start + d}" for d in range(D)]
+        write = cell_part(layers[0], "onnx_layer", names[0], ExportError)
+        x, final = write(g, layers, x, starts[start:start + D] if starts else None, names, recurrence)
+        finals += final
+    return x, finals
 
 
-def _check_forms(lstm: LSTM, recurrence: str) -> None:
-    """Fail before building anything if a form that must write its own product cannot."""
+def _check_forms(pipeline: Pipeline, recurrence: str) -> None:
+    """Fail before building anything if a matrix that must write its own product cannot."""
     missing = []
-    for index, layer in enumerate(lstm.layers):
-        if _uses_lstm_op(layer, index, recurrence):
-            continue
-        for matrix in ("ih", "hh"):
-            form = layer.form(matrix)
-            if type(form).onnx_matvec is WeightForm.onnx_matvec:
-                missing.append(f"layers.{index}.weight_{matrix} ({type(form).__name__})")
+    for stage in pipeline.stacks:
+        lstm, prefix = stage.module, f"{stage.name}." if stage.name else ""
+        D = lstm.num_directions
+        for start in range(0, len(lstm.layers), D):
+            layers, names = list(lstm.layers[start:start + D]), [f"{prefix}layers.{start + d}" for d in range(D)]
+            missing += cell_part(layers[0], "onnx_check", names[0], ExportError)(layers, names, recurrence)
     if missing:
         raise ExportError(f"cannot export to ONNX: {', '.join(missing)} has no ONNX product. Give the form "
                           f"an onnx_matvec(graph, x) method (see leanlstm.runtime.onnx.GraphBuilder), or "
                           f"convert those matrices first, e.g. lstm.replace_forms('dense')")
 
 
-def _unwrap(model: nn.Module) -> tuple[LSTM, nn.Module | None, str]:
-    """(the leanlstm.LSTM, the WordLM around it or None, the LSTM's name prefix in the state dict)."""
-    from ..tasks.lm import WordLM  # tasks import the nn package, not the reverse
-
-    if isinstance(model, WordLM):
-        lstm = LSTM.from_torch(model.lstm) if isinstance(model.lstm, nn.LSTM) else model.lstm
-        return lstm, model, "lstm"
-    if isinstance(model, nn.LSTM):
-        return LSTM.from_torch(model), None, ""
-    if isinstance(model, LSTM):
-        return model, None, ""
-    raise ExportError(f"export_onnx takes a leanlstm.LSTM, a torch.nn.LSTM or a WordLM, got "
-                      f"{type(model).__name__}")
-
-
-def _state_inputs(g: GraphBuilder, sizes: list[int], stacked: bool
-                  ) -> tuple[list[onnx.ValueInfoProto], list[str], list[str]]:
-    """Graph inputs for the initial state and the per-layer (1, B, H_l) tensors they give."""
-    def value(name: str, shape: list) -> onnx.ValueInfoProto:
-        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
-
-    if stacked:
-        infos = [value(name, [len(sizes), "B", sizes[0]]) for name in ("h0", "c0")]
-        if len(sizes) == 1:
-            return infos, ["h0"], ["c0"]
-        split = g.ints([1] * len(sizes), "split")
-        per_layer = [g.node("Split", [name, split], len(sizes), axis=0) for name in ("h0", "c0")]
-        return infos, per_layer[0], per_layer[1]
-    infos = [value(f"{part}0_{i}", [1, "B", size]) for part in "hc" for i, size in enumerate(sizes)]
-    return infos, [f"h0_{i}" for i in range(len(sizes))], [f"c0_{i}" for i in range(len(sizes))]
+# --- the other stages ---------------------------------------------------------------------------------------
+def _source(g: "GraphBuilder", pipeline: Pipeline) -> tuple[onnx.ValueInfoProto, str]:
+    """The graph input and the (T, B, F) tensor it gives (token ids looked up, batch-first transposed)."""
+    dims = [pipeline.input_size if axis == "F" else axis for axis in pipeline.input_layout]
+    if pipeline.tokens:
+        info = helper.make_tensor_value_info("tokens", TensorProto.INT64, dims)
+        x = g.node("Gather", [g.weight("embedding.weight", pipeline.embedding.weight), "tokens"], axis=0)
+    else:
+        info, x = helper.make_tensor_value_info("x", TensorProto.FLOAT, dims), "x"
+    if pipeline.input_layout.index("B") < pipeline.input_layout.index("T"):
+        x = g.node("Transpose", [x], perm=[1, 0, 2])                                      # (B, T, F) -> (T, B, F)
+    return info, x
 
 
-def _state_outputs(g: GraphBuilder, h_n: list[str], c_n: list[str], sizes: list[int], stacked: bool
-                   ) -> list[onnx.ValueInfoProto]:
-    """Name the final states ``h_n``/``c_n`` (stacked) or ``h_n_0``, ``c_n_0``, ... (per layer)."""
-    infos = []
-    for part, tensors in (("h_n", h_n), ("c_n", c_n)):
-        if stacked:
-            g.node("Concat", tensors, [part], axis=0)
-            infos.append(helper.make_tensor_value_info(part, TensorProto.FLOAT, [len(sizes), "B", sizes[0]]))
-            continue
-        for i, (tensor, size) in enumerate(zip(tensors, sizes)):
-            g.node("Identity", [tensor], [f"{part}_{i}"])
-            infos.append(helper.make_tensor_value_info(f"{part}_{i}", TensorProto.FLOAT, [1, "B", size]))
-    return infos
+def _stage(g: "GraphBuilder", stage, x: str) -> str:
+    if isinstance(stage, Affine):
+        with g.scope(stage.name):
+            y = g.node("MatMul", [x, g.weight("weight_t", stage.module.weight.T)])
+            return g.node("Add", [y, g.weight("bias", stage.module.bias)]) if stage.module.bias is not None else y
+    if isinstance(stage, Activation):
+        axis = {"axis": -1} if stage.kind in ("softmax", "log_softmax") else {}
+        return g.node(ACTIVATION_OPS[stage.kind], [x], **axis)
+    if isinstance(stage, Elementwise):
+        constant = g.weight("constant", stage.constant)
+        operands = [constant, x] if stage.op in ("rsub", "rdiv") else [x, constant]
+        return g.node(ELEMENTWISE_OPS[stage.op], operands)
+    if isinstance(stage, LastStep):
+        return g.node("Gather", [x, g.weight("last_step", np.array(-1, np.int64), np.int64)], axis=0)  # (B, F)
+    raise ExportError(f"{stage.name}: no ONNX writer for {type(stage).__name__}")
 
 
-def to_onnx(model: nn.Module, *, opset: int = DEFAULT_OPSET, state_inputs: bool = True,
+def _main_output(g: "GraphBuilder", pipeline: Pipeline, x: str) -> onnx.ValueInfoProto:
+    """The model's output in its own layout, from the exporter's (T, B, F) or, after the last step, (B, F)."""
+    inside = ("B", "F") if pipeline.last_step else ("T", "B", "F")
+    target, width = pipeline.output_layout, pipeline.output_size
+    merged = [axis for axis in target if len(axis) == 2]                   # "TB"/"BT": a view(-1, F)
+    order = (tuple(merged[0]) + ("F",)) if merged else target
+    if order != inside:
+        x = g.node("Transpose", [x], perm=[inside.index(axis) for axis in order])
+    if merged:
+        x = g.node("Reshape", [x, g.ints([-1, width])])
+    name = "logits" if any(isinstance(stage, Affine) for stage in pipeline.stages) else "y"
+    g.node("Identity", [x], [name])
+    dims = [width if axis == "F" else axis for axis in target]
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+
+
+# --- whole models ---------------------------------------------------------------------------------------
+def to_onnx(model: nn.Module | Pipeline, *, opset: int = DEFAULT_OPSET, state_inputs: bool = True,
             recurrence: str = "auto") -> onnx.ModelProto:
-    """The checked ONNX model of a ``leanlstm.LSTM``, ``torch.nn.LSTM`` or ``WordLM`` (see the module doc).
+    """The checked ONNX model of any model ``runtime.compile`` runs (see the module doc for its signature).
 
-    ``recurrence``: ``"auto"`` (ONNX LSTM operator for dense layers, a ``Scan`` over the forms' products
-    otherwise), ``"lstm"`` (operator only; structured forms are an error) or ``"scan"`` (always explicit).
-    Without ``state_inputs`` the recurrence starts from zeros.
+    ``recurrence``: ``"auto"`` (ONNX LSTM operator for dense layers without projection, a ``Scan`` over the
+    forms' products otherwise), ``"lstm"`` (operator only; structured forms and projections are an error) or
+    ``"scan"`` (always explicit). Without ``state_inputs`` the recurrence starts from zeros.
 
+    >>> from leanlstm import LSTM
     >>> proto = to_onnx(LSTM(8, 16, 2))
     >>> [i.name for i in proto.graph.input], [o.name for o in proto.graph.output]
     (['x', 'h0', 'c0'], ['y', 'h_n', 'c_n'])
@@ -308,31 +297,24 @@ def to_onnx(model: nn.Module, *, opset: int = DEFAULT_OPSET, state_inputs: bool 
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise ExportError(f"opset {opset} is not available: leanlstm writes ONNX opsets {MIN_OPSET} to "
                           f"{onnx.defs.onnx_opset_version()} (the newest this onnx {onnx.__version__} knows)")
-    lstm, head, prefix = _unwrap(model)
-    _check_forms(lstm, recurrence)
-    g, sizes, stacked = GraphBuilder(), lstm.hidden_sizes, lstm.uniform_sizes
-    g.reserve("x", "tokens", "y", "logits", *(f"{p}{s}" for p in ("h0", "c0", "h_n", "c_n")
-                                               for s in ["", *(f"_{i}" for i in range(len(sizes)))]))
+    pipeline = pipeline_of(model, ExportError)
+    _check_forms(pipeline, recurrence)
+    several = len(pipeline.stacks) > 1
+    states = {id(s): _StackState(s, f"{s.name}." if several else "") for s in pipeline.stacks}
+    g = GraphBuilder()
+    g.reserve("x", "tokens", "y", "logits", *(n for s in states.values() for end in ("0", "_n") for n in s.names(end)))
     with torch.no_grad():
-        if head is None:
-            shape = ["B", "T", lstm.input_size] if lstm.batch_first else ["T", "B", lstm.input_size]
-            inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)]
-            x = g.node("Transpose", ["x"], perm=[1, 0, 2]) if lstm.batch_first else "x"     # (T, B, in)
-        else:
-            inputs = [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["T", "B"])]
-            x = g.node("Gather", [g.weight("embedding.weight", head.embedding.weight), "tokens"], axis=0)
-        h0, c0 = [None] * len(sizes), [None] * len(sizes)
-        if state_inputs:
-            infos, h0, c0 = _state_inputs(g, sizes, stacked)
-            inputs += infos
-        h_n, c_n = [], []
-        for index, layer in enumerate(lstm.layers):
-            with g.scope(".".join(filter(None, [prefix, "layers", str(index)]))):
-                build = _lstm_op_layer if _uses_lstm_op(layer, index, recurrence) else _scan_layer
-                x, h, c = build(g, layer, x, h0[index], c0[index])
-                h_n.append(h)
-                c_n.append(c)
-        outputs = _main_output(g, lstm, head, x) + _state_outputs(g, h_n, c_n, sizes, stacked)
+        source, x = _source(g, pipeline)
+        inputs, outputs = [source], []
+        for stage in pipeline.stages:
+            if not isinstance(stage, Recurrent):
+                x = _stage(g, stage, x)
+                continue
+            state = states[id(stage)] if state_inputs else None
+            x, finals = _stack(g, stage, x, state, recurrence)
+            inputs += state.infos("0") if state else []
+            outputs += states[id(stage)].outputs(g, finals)
+        outputs.insert(0, _main_output(g, pipeline, x))
     graph = helper.make_graph(g.nodes, "leanlstm", inputs, outputs, initializer=g.initializers)
     opsets = [helper.make_opsetid("", opset)]
     proto = helper.make_model(graph, opset_imports=opsets, producer_name="leanlstm",
@@ -341,28 +323,14 @@ def to_onnx(model: nn.Module, *, opset: int = DEFAULT_OPSET, state_inputs: bool 
     return proto
 
 
-def _main_output(g: GraphBuilder, lstm: LSTM, head: nn.Module | None, y: str) -> list[onnx.ValueInfoProto]:
-    """``y`` (T, B, H) for an LSTM (transposed back if batch_first), ``logits`` (T, B, V) for a WordLM."""
-    if head is None:
-        if lstm.batch_first:
-            g.node("Transpose", [y], ["y"], perm=[1, 0, 2])
-        else:
-            g.node("Identity", [y], ["y"])
-        shape = ["B", "T", lstm.hidden_sizes[-1]] if lstm.batch_first else ["T", "B", lstm.hidden_sizes[-1]]
-        return [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)]
-    decoder = head.decoder
-    product = g.node("MatMul", [y, g.weight("decoder.weight_t", decoder.weight.T)])
-    g.node("Add", [product, g.weight("decoder.bias", decoder.bias)], ["logits"])
-    return [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["T", "B", decoder.out_features])]
-
-
-def export_onnx(model: nn.Module, path: str | Path, *, opset: int = DEFAULT_OPSET, state_inputs: bool = True,
-                recurrence: str = "auto", overwrite: bool = True) -> Path:
-    """Write ``model`` (a ``leanlstm.LSTM``, ``torch.nn.LSTM`` or ``WordLM``) to ``path`` as ONNX, atomically.
+def export_onnx(model: nn.Module | Pipeline, path: str | Path, *, opset: int = DEFAULT_OPSET,
+                state_inputs: bool = True, recurrence: str = "auto", overwrite: bool = True) -> Path:
+    """Write ``model`` (anything ``runtime.compile`` runs) to ``path`` as ONNX, atomically.
 
     Options as in ``to_onnx``; ``overwrite=False`` refuses to replace an existing file.
 
     >>> import onnxruntime, tempfile, numpy as np
+    >>> from leanlstm import LSTM
     >>> path = export_onnx(LSTM(8, 16, 2), Path(tempfile.mkdtemp()) / "lstm.onnx", state_inputs=False)
     >>> y, h_n, c_n = onnxruntime.InferenceSession(path).run(None, {"x": np.zeros((5, 1, 8), np.float32)})
     >>> y.shape, h_n.shape

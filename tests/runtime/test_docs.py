@@ -5,6 +5,7 @@ import importlib
 import pytest
 
 MODULES = ["leanlstm.runtime.engine", "leanlstm.runtime.kernels", "leanlstm.runtime.latency",
+           "leanlstm.runtime.pipeline", "leanlstm.runtime.cells", "leanlstm.runtime.onnx", "leanlstm.runtime.structured_ops",
            "leanlstm.runtime.profile", "leanlstm.cli.profile"]
 
 

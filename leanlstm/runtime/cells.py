@@ -1,0 +1,129 @@
+"""The runtime's cell seam: how each recurrent cell runs in the engine and is written to ONNX.
+
+A cell layer (``leanlstm.nn.cells.RecurrentLayer``, one direction of one layer) is looked up by its ``cell`` name.
+A new cell registers its two halves once, e.g. in its own ``runtime/<cell>_cell.py``:
+
+    register_cell("lstm", compile_layer=compile_lstm_layer, onnx_layer=lstm_onnx_layer, onnx_check=...)
+
+- ``compile_layer(layer, name) -> CompiledLayer``: the arrays and kernels of one direction of one layer;
+- ``onnx_layer(graph, layers, x, states, names, recurrence) -> (y, final_states)``: every direction of one layer
+  in an ONNX graph (so a cell can use a fused bidirectional operator); ``x`` is (T, B, in), ``states`` per
+  direction a tuple of (1, B, size) tensors or None (zeros), ``y`` (T, B, directions * output_size);
+- ``onnx_check(layers, names, recurrence) -> list[str]``: the matrices that cannot be written (listed in one error).
+
+A cell without an entry gets a clear ``EngineError`` / ``ExportError`` naming it. Nothing else in the runtime
+knows which cells exist.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import numba
+import numpy as np
+
+from . import kernels
+from .kernels import RuntimeOp
+
+log = logging.getLogger(__name__)
+
+BUILTIN = ("leanlstm.runtime.lstm_cell",)    # modules that register the cells leanlstm ships
+
+
+class EngineError(ValueError):
+    """The model or an input cannot be run as given; the message names the part and the problem."""
+
+
+class ExportError(ValueError):
+    """The model cannot be written to ONNX as asked; the message names the part and what to do."""
+
+
+class CompiledLayer(Protocol):
+    """One direction of one layer, compiled: what ``compile_layer`` returns."""
+
+    input_size: int
+    output_size: int
+    reverse: bool
+
+    def state_sizes(self) -> tuple[int, ...]:
+        """Sizes of the state parts, e.g. ``(h, c)``; the first part is the output the next step reads."""
+
+    def run(self, xs: np.ndarray, state: Sequence[np.ndarray]) -> np.ndarray:
+        """Outputs (T, output_size) for inputs (T, input_size), in time order (a reverse layer runs backwards);
+        the state arrays are updated in place."""
+
+    def step(self, x: np.ndarray, state: Sequence[np.ndarray]) -> np.ndarray:
+        """One step: updates the state in place and returns the output (valid until the next call)."""
+
+    def nbytes(self) -> int:
+        """Bytes of every array the layer multiplies by."""
+
+
+@dataclass(frozen=True)
+class CellRuntime:
+    compile_layer: Callable[..., CompiledLayer] | None = None
+    onnx_layer: Callable[..., Any] | None = None
+    onnx_check: Callable[..., list[str]] | None = None
+
+
+CELL_RUNTIMES: dict[str, CellRuntime] = {}
+
+
+def register_cell(cell: str, **parts: Callable | None) -> None:
+    """Register (or complete) the runtime of cell ``cell``: ``compile_layer``, ``onnx_layer``, ``onnx_check``.
+
+    >>> register_cell("test-cell", compile_layer=lambda layer, name: layer)
+    >>> CELL_RUNTIMES["test-cell"].onnx_layer is None
+    True
+    >>> del CELL_RUNTIMES["test-cell"]
+    """
+    unknown = set(parts) - set(CellRuntime.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"register_cell takes {', '.join(CellRuntime.__dataclass_fields__)}, not "
+                        f"{', '.join(sorted(unknown))}")
+    CELL_RUNTIMES[cell] = replace(CELL_RUNTIMES.get(cell, CellRuntime()), **parts)
+
+
+def cell_part(layer: Any, part: str, name: str, error: type[Exception]) -> Callable:
+    """The registered ``part`` (e.g. ``"compile_layer"``) of ``layer``'s cell, or ``error`` naming the cell."""
+    _load_builtin()
+    cell = getattr(layer, "cell", None)
+    found = getattr(CELL_RUNTIMES.get(cell), part, None) if cell in CELL_RUNTIMES else None
+    if found is None:
+        purpose = "engine step" if part == "compile_layer" else "ONNX step"
+        raise error(f"{name}: leanlstm.runtime has no {purpose} for cell {cell!r} ({type(layer).__name__}); a cell "
+                    f"runs once it is registered with leanlstm.runtime.cells.register_cell({cell!r}, {part}=...)")
+    return found
+
+
+def _load_builtin() -> None:
+    for module in BUILTIN:
+        importlib.import_module(module)
+
+
+def bind(dispatcher: Any, *example: Any) -> Callable:
+    """The compiled entry point of ``dispatcher`` for the types of ``example``.
+
+    Calling it skips Numba's per-call type dispatch (about 6 us with function-valued arguments, more than
+    a whole step of a small LSTM). It does not check types: callers pass arrays of the example's types.
+    """
+    return dispatcher.compile(tuple(numba.typeof(value) for value in example))
+
+
+def form_op(form: Any, name: str = "weight") -> RuntimeOp:
+    """The form's ``runtime_op()``, or, if it has none, its dense ``materialize()`` with a logged warning."""
+    try:
+        op = form.runtime_op()
+    except NotImplementedError:
+        op = None
+    if op is None:
+        log.warning("%s: weight form %s has no runtime op; running it as a dense %dx%d matrix", name,
+                    type(form).__name__, form.out_features, form.in_features)
+        return kernels.dense_op(form.materialize().detach().cpu().numpy())
+    if not (hasattr(op, "arrays") and hasattr(op, "matvec")):
+        raise EngineError(f"{name}: {type(form).__name__}.runtime_op() returned {type(op).__name__}, "
+                          f"not a RuntimeOp (arrays, matvec, matmat)")
+    return op
