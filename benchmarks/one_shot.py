@@ -56,7 +56,7 @@ def convert(model: torch.nn.Module, method_spec: str, compression: float) -> tup
         if isinstance(form, Doped):
             entry["structure_alone_error"] = relative_error(original[name], form.structured.materialize())
         errors[name] = entry
-    return converted, {"lstm_weight_compression": weight_compression(lstm_of(converted)), "matrices": errors}
+    return converted, {"lstm_weight_compression": weight_compression(converted), "matrices": errors}
 
 
 def main() -> None:

@@ -406,11 +406,3 @@ def _dense_slot(layer: RecurrentLayer, name: str) -> torch.Tensor:
 def _dense_value(layer: RecurrentLayer, name: str) -> torch.Tensor:
     return getattr(layer, name) if name.startswith("bias") else layer.form(name.removeprefix("weight_")).materialize()
 
-
-def lstm_of(model: nn.Module) -> LSTM:
-    """The ``leanlstm.LSTM`` of a model (``model.lstm``) or the model itself (to be replaced by ``leanlstm.graph``)."""
-    lstm = getattr(model, "lstm", model)
-    if not isinstance(lstm, LSTM):
-        raise TypeError(f"this method compresses a leanlstm.LSTM (or a model with one as .lstm), got "
-                        f"{type(lstm).__name__}")
-    return lstm
