@@ -67,15 +67,16 @@ def method_label(run: dict[str, Any]) -> str:
     return label
 
 
-def plot_tradeoff(report: str | Path | dict[str, Any], out_png: str | Path) -> Path:
-    """Test perplexity against LSTM compression, one line per method, the dense baseline as a dashed line.
+def plot_tradeoff(report: str | Path | dict[str, Any], out_png: str | Path, metric: str | None = None) -> Path:
+    """The task's test metric against LSTM compression, one line per method, the dense baseline as a dashed line.
 
     ``report`` is what ``benchmarks/compression_results.py`` writes (its JSON file or dict): ``baseline`` and
-    ``runs``, each with ``lstm_compression`` and ``test_ppl``.
+    ``runs``, each with ``lstm_compression`` and ``test_<metric>``. ``metric`` defaults to the report's
+    ``metric``, else the baseline's one ``test_<metric>`` other than ``test_loss``.
 
-    >>> plot_tradeoff({"baseline": {"test_ppl": 114.0}, "runs": [
-    ...     {"method": "prune", "lstm_compression": 10.0, "test_ppl": 120.0},
-    ...     {"method": "prune", "lstm_compression": 20.0, "test_ppl": 131.0}]}, "/tmp/tradeoff.png").name
+    >>> plot_tradeoff({"baseline": {"test_wer": 4.0}, "runs": [
+    ...     {"method": "prune", "lstm_compression": 10.0, "test_wer": 4.2},
+    ...     {"method": "prune", "lstm_compression": 20.0, "test_wer": 5.1}]}, "/tmp/tradeoff.png").name
     'tradeoff.png'
     """
     from matplotlib.figure import Figure
@@ -83,23 +84,47 @@ def plot_tradeoff(report: str | Path | dict[str, Any], out_png: str | Path) -> P
 
     if not isinstance(report, dict):
         report = json.loads(Path(report).read_text())
+    metric = metric or report.get("metric") or _test_metric(report["baseline"])
+    key, label = f"test_{metric}", metric_label(metric)
     lines: dict[str, list[tuple[float, float]]] = {}
     for run in report["runs"]:
-        lines.setdefault(method_label(run), []).append((run["lstm_compression"], run["test_ppl"]))
+        lines.setdefault(method_label(run), []).append((run["lstm_compression"], run[key]))
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    for label, points in sorted(lines.items()):
+    for name, points in sorted(lines.items()):
         points.sort()
-        ax.plot(*zip(*points), marker="o", label=label)
-    ax.axhline(report["baseline"]["test_ppl"], color="grey", ls="--", lw=1, label="dense baseline")
+        ax.plot(*zip(*points), marker="o", label=name)
+    ax.axhline(report["baseline"][key], color="grey", ls="--", lw=1, label="dense baseline")
     factors = [x for points in lines.values() for x, _ in points]
     if factors and max(factors) / min(factors) < 2:  # one target factor: a log axis would zoom into rounding
         ax.set_xlim(min(factors) / 1.5, max(factors) * 1.5)
     ax.set(xscale="log", xlabel="LSTM compression (dense bytes / stored bytes incl. indices)",
-           ylabel="test perplexity", title="Perplexity against compression")
+           ylabel=f"test {label}", title=f"{label[:1].upper()}{label[1:]} against compression")
     ax.xaxis.set_major_formatter(ScalarFormatter())  # after set_xscale, which installs its own formatters
     ax.xaxis.set_minor_formatter(ScalarFormatter())
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     return Path(out_png)
+
+
+def _test_metric(baseline: dict[str, Any]) -> str:
+    """The metric of a run summary that names none: its only ``test_<metric>`` besides ``test_loss``."""
+    found = [k[len("test_"):] for k, v in baseline.items()
+             if k.startswith("test_") and k != "test_loss" and isinstance(v, (int, float))]
+    if len(found) != 1:
+        raise ValueError(f"cannot tell the metric from the baseline's keys ({', '.join(sorted(baseline))}): pass "
+                         f"metric= or add 'metric' to the report")
+    return found[0]
+
+
+def metric_label(metric: str) -> str:
+    """Words for a metric in plots: the label of a registered task whose metric it is, else the metric's name.
+
+    >>> metric_label("wer-doc")
+    'wer-doc'
+    """
+    from .tasks import TASKS
+
+    labels = [task.metric_label for task in TASKS.values() if task.metric == metric and task.metric_label]
+    return labels[0] if labels else metric

@@ -1,7 +1,9 @@
-"""Run directories: what ``leanlstm train`` writes and ``leanlstm eval`` / ``bench`` read.
+"""Run directories: what ``leanlstm train`` writes and ``leanlstm eval`` / ``bench`` read, for any task.
 
-A run directory holds ``config.json`` (what was asked), ``checkpoint.pt`` (latest epoch, atomic),
-``log.txt`` and, once finished, ``metrics.json``. Nothing in it is ever overwritten by a new run.
+A run directory holds ``config.json`` (what was asked, the task included), ``checkpoint.pt`` (latest epoch,
+atomic), ``log.txt`` and, once finished, ``metrics.json`` (``val_<metric>`` and ``test_<metric>`` of the task's
+metric, sizes and parameter counts of the model's LSTMs, the per-epoch history). Nothing in it is ever
+overwritten by a new run.
 """
 from __future__ import annotations
 
@@ -12,20 +14,20 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint, load_state
 from .files import leftover_temp_files, write_json
+from .graph import find_lstms
 from .methods import get_method
-from .presets import get_preset
-from .tasks import TASKS
+from .tasks import DataConfig, Preset, Task, TaskError, get_task
 from .tasks.distill import DistillConfig, Distillation
-from .tasks.lm import LMConfig, WordLM
 from .train import CHECKPOINT, Trainer, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -38,12 +40,12 @@ class RunDirError(RuntimeError):
 
 @dataclass
 class RunConfig:
-    task: str = "ptb"
-    preset: str = "small"
+    task: str = "ptb"                       # a registered task (leanlstm.tasks.get_task)
+    preset: str | None = None               # one of the task's presets; None: the task's default
     method: str = "baseline"
     data_dir: str | None = None
-    max_tokens: int | None = None           # truncate every split (smoke runs)
-    verify_data: bool = True                # md5 check of the data files
+    max_tokens: int | None = None           # only the first items (tokens, utterances) of every split (smoke runs)
+    verify_data: bool = True                # checksums of the data files
     overrides: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields changed on the command line
     command: str = ""
     method_config: dict[str, Any] = field(default_factory=dict)       # the method's own options
@@ -57,29 +59,47 @@ class RunConfig:
     distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
+        """Unknown tasks, presets of another task and bad settings fail here, before a run directory is made."""
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise RunDirError(f"--dropout must lie in [0, 1), got {self.dropout}")
         try:
             self.distill_config()
+            self.preset = self.preset or self.task_type().default_preset
+            self.task_type().preset(self.preset)
         except ValueError as error:
             raise RunDirError(str(error)) from None
 
     def distill_config(self) -> DistillConfig:
         return DistillConfig(self.distill_weight, self.distill_temperature)
 
-    def lm_config(self) -> LMConfig:
-        lm = get_preset(self.preset).lm
-        if self.dropout is not None:
-            lm = replace(lm, dropout=self.dropout)
-        if self.hidden_sizes is None:
-            return lm
-        if len(self.hidden_sizes) != len(lm.hidden_sizes) or min(self.hidden_sizes) < 1:
-            raise RunDirError(f"--hidden-sizes needs {len(lm.hidden_sizes)} positive sizes for preset "
-                              f"{self.preset!r}, got {self.hidden_sizes}")
-        return replace(lm, hidden_sizes=list(self.hidden_sizes))
+    def task_type(self) -> type[Task]:
+        return get_task(self.task)
+
+    def preset_config(self) -> Preset:
+        return self.task_type().preset(self.preset)
+
+    def data_config(self) -> DataConfig:
+        return DataConfig(self.data_dir, self.max_tokens, self.verify_data)
+
+    def model_config(self) -> Any:
+        """The preset's model config with this run's ``--dropout`` and ``--hidden-sizes``."""
+        task, config = self.task_type(), self.preset_config().model
+        for option, change in (("--dropout", {"dropout": self.dropout}),
+                               ("--hidden-sizes", {"hidden_sizes": self.hidden_sizes})):
+            if None not in change.values():
+                try:
+                    config = task.configure_model(config, **change)
+                except TaskError as error:
+                    raise RunDirError(f"{option} for preset {self.preset!r} of task {self.task!r}: {error}") from None
+        return config
 
     def train_config(self) -> TrainConfig:
-        return replace(get_preset(self.preset).train, **self.overrides)
+        train = self.preset_config().train
+        try:
+            return replace(train, **self.overrides)
+        except TypeError:
+            unknown = sorted(set(self.overrides) - {f.name for f in fields(train)})
+            raise RunDirError(f"task {self.task!r} has no training setting {', '.join(unknown)}") from None
 
     def finetune_config(self) -> TrainConfig:
         """Fine-tuning continues from the compression phase's last lr and decays every epoch by default."""
@@ -201,24 +221,30 @@ def logging_to(out: Path) -> Iterator[None]:
         handler.close()
 
 
-def build_task(run: RunConfig, train: TrainConfig, rank: int = 0, world_size: int = 1):
-    builder = TASKS.get(run.task)
-    if builder is None:
-        raise RunDirError(f"unknown task {run.task!r}; known tasks: {', '.join(TASKS)}")
-    return builder(run.data_dir, train.batch_size, train.bptt, rank, world_size, run.max_tokens, run.verify_data)
+def build_task(run: RunConfig, train: TrainConfig, rank: int = 0, world_size: int = 1) -> Task:
+    """``run``'s task with its data, batched for ``train`` (this process's share under torchrun)."""
+    return run.task_type().load(run.data_config(), train, rank, world_size)
 
 
-def load_teacher(run_dir: str | Path, run: RunConfig) -> WordLM:
-    """The trained model of ``run_dir``, checked to predict the same vocabulary as ``run``'s models."""
+def load_teacher(run_dir: str | Path, run: RunConfig) -> nn.Module:
+    """The trained model of ``run_dir``, checked to be of ``run``'s task (``check_teacher`` compares outputs)."""
     teacher_run, teacher, _ = load_run(run_dir)
-    if teacher_run.task != run.task or teacher.config.vocab_size != run.lm_config().vocab_size:
-        raise RunDirError(f"--distill-from {run_dir} is a {teacher_run.task} model over {teacher.config.vocab_size} "
-                          f"words; this run is {run.task} over {run.lm_config().vocab_size}: distil from a run of "
-                          f"the same task")
+    if teacher_run.task != run.task:
+        raise RunDirError(f"--distill-from {run_dir} is a {teacher_run.task} model; this run is {run.task}: distil "
+                          f"from a run of the same task")
     if not (Path(run_dir) / METRICS).is_file():
         log.warning("--distill-from %s has not finished training (no %s): distilling from its latest checkpoint",
                     run_dir, METRICS)
     return teacher
+
+
+def check_teacher(run: RunConfig, teacher: nn.Module, student: nn.Module) -> None:
+    """Refuse a teacher whose logits are not over the student's classes, before training starts."""
+    task = run.task_type()
+    theirs, ours = task.output_size(teacher), task.output_size(student)
+    if theirs is not None and ours is not None and theirs != ours:
+        raise RunDirError(f"--distill-from {run.distill_from} predicts over {theirs} classes; this run's model over "
+                          f"{ours}: distil from a run of the same task and data")
 
 
 @dataclass
@@ -228,7 +254,7 @@ class Phase:
     name: str
     train: TrainConfig
     callbacks: list = field(default_factory=list)
-    enter: Callable[[WordLM], WordLM] | None = None  # applied when the phase starts, not when it resumes
+    enter: Callable[[nn.Module], nn.Module] | None = None  # applied when the phase starts, not when it resumes
 
 
 def train_run(run: RunConfig, out: str | Path, resume: bool = False, progress: bool = True,
@@ -237,12 +263,12 @@ def train_run(run: RunConfig, out: str | Path, resume: bool = False, progress: b
     if resume:
         run = saved_run(out, run)
     phase = Phase("train", run.train_config(), list(callbacks))
-    lm = run.lm_config()  # bad sizes fail here, before the run directory is made
-    return run_phases(run, out, lambda: WordLM(lm), [phase], resume, progress)
+    task, config = run.task_type(), run.model_config()  # bad sizes fail here, before the run directory is made
+    return run_phases(run, out, lambda: task.build_model(config), [phase], resume, progress)
 
 
-def run_phases(run: RunConfig, out: str | Path, make_model: Callable[[], WordLM], phases: list[Phase],
-               resume: bool = False, progress: bool = True, summary: Callable[[WordLM], dict] | None = None
+def run_phases(run: RunConfig, out: str | Path, make_model: Callable[[], nn.Module], phases: list[Phase],
+               resume: bool = False, progress: bool = True, summary: Callable[[nn.Module], dict] | None = None
                ) -> dict[str, Any]:
     """Run ``phases`` in order in ``out`` with per-epoch checkpoints; resume picks up at the saved phase."""
     out = Path(out)
@@ -254,8 +280,8 @@ def run_phases(run: RunConfig, out: str | Path, make_model: Callable[[], WordLM]
         return _run_phases(run, out, make_model, phases, resume, progress, summary, rank, world_size)
 
 
-def _run_phases(run: RunConfig, out: Path, make_model: Callable[[], WordLM], phases: list[Phase], resume: bool,
-                progress: bool, summary: Callable[[WordLM], dict] | None, rank: int, world_size: int
+def _run_phases(run: RunConfig, out: Path, make_model: Callable[[], nn.Module], phases: list[Phase], resume: bool,
+                progress: bool, summary: Callable[[nn.Module], dict] | None, rank: int, world_size: int
                 ) -> dict[str, Any]:
     if rank == 0:
         if not resume:          # a resumed run arrives with its saved configuration (``saved_run``)
@@ -264,8 +290,9 @@ def _run_phases(run: RunConfig, out: Path, make_model: Callable[[], WordLM], pha
     first = phases[0].train
     torch.manual_seed(first.seed)
     task = build_task(run, first, rank, world_size)
-    if run.distill_from:
-        task = Distillation(task, load_teacher(run.distill_from, run), run.distill_config())
+    teacher = load_teacher(run.distill_from, run) if run.distill_from else None
+    if teacher is not None:
+        task = Distillation(task, teacher, run.distill_config())
     start, payload, model, history = 0, None, None, []
     if resume:
         payload = load_checkpoint(out / CHECKPOINT)
@@ -274,12 +301,14 @@ def _run_phases(run: RunConfig, out: Path, make_model: Callable[[], WordLM], pha
             raise CheckpointError(f"{out / CHECKPOINT} is from phase {payload.get('phase')!r}; this run has "
                                   f"phases {names}")
         start = names.index(payload.get("phase", "train"))
-        model = _model_from(payload, out / CHECKPOINT)
+        model = _model_from(run.task_type(), payload, out / CHECKPOINT)
     for index in range(start, len(phases)):
         phase = phases[index]
         resuming = payload is not None and index == start
         if model is None:
             model = make_model()
+        if teacher is not None and index == start:
+            check_teacher(run, teacher, model)
         if not resuming and phase.enter is not None:
             model = phase.enter(model)
         trainer = Trainer(model, task, phase.train, out, phase.callbacks, progress, asdict(run), phase.name,
@@ -296,12 +325,14 @@ def _run_phases(run: RunConfig, out: Path, make_model: Callable[[], WordLM], pha
         # --finetune-epochs 0 after a method's final step): then measure it
         trained_last = bool(history) and history[-1]["phase"] == phases[-1].name
         valid = history[-1][f"val_{task.metric}"] if trained_last else task.evaluate(model, "valid")[task.metric]
-        metrics = summarise(run, model, history, valid, task.evaluate(model, "test"))
+        tests = {split: task.evaluate(model, split) for split in task.test_splits}
+        metrics = summarise(run, model, history, valid, tests)
         if summary is not None:
             metrics |= summary(model)
         write_json(out / METRICS, metrics)
-        log.info("finished: valid %s %.2f, test %s %.2f", task.metric, metrics["val_ppl"], task.metric,
-                 metrics["test_ppl"])
+        metric = task.metric
+        log.info("finished: valid %s %.2f, test %s %.2f", metric, metrics[f"val_{metric}"], metric,
+                 metrics[f"test_{metric}"])
     distributed.barrier()
     return metrics
 
@@ -312,32 +343,39 @@ def compress_run(run: RunConfig, out: str | Path, resume: bool = False, progress
     if resume:
         run = saved_run(out, run)
     method = get_method(run.method)(get_method(run.method).Config(**run.method_config))
-    if run.source and not (Path(run.source) / METRICS).is_file():
-        log.warning("--from %s has not finished training (no %s): compressing its latest checkpoint",
-                    run.source, METRICS)
+    task = run.task_type()
+    if run.source:
+        source = read_config(run.source)
+        if source.task != run.task:
+            raise RunDirError(f"--from {run.source} is a {source.task} run; this run is {run.task}: compress a run "
+                              f"of the same task")
+        if not (Path(run.source) / METRICS).is_file():
+            log.warning("--from %s has not finished training (no %s): compressing its latest checkpoint",
+                        run.source, METRICS)
+    config = run.model_config()
 
-    def make_model() -> WordLM:
+    def make_model() -> nn.Module:
         if not run.source:
-            return WordLM(run.lm_config())
+            return task.build_model(config)
         model = load_run(run.source)[1]
         if run.dropout is not None:
-            model.set_dropout(run.dropout)
+            task.set_dropout(model, run.dropout)
         return model
 
     phases = [Phase("compress", run.train_config(), method.callbacks(), method.prepare)]
     if method.has_finetune:
         phases.append(Phase("finetune", run.finetune_config(), method.finetune_callbacks(), method.finalize))
 
-    def summary(model: WordLM) -> dict[str, Any]:
+    def summary(model: nn.Module) -> dict[str, Any]:
         extra = {"method_config": run.method_config, "source": run.source, **method.summary(model)}
         baseline = Path(run.source) / METRICS if run.source else None
         if baseline is not None and baseline.is_file():
-            base = json.loads(baseline.read_text())
-            extra |= {"baseline_test_ppl": base["test_ppl"], "baseline_lstm_params": base["lstm_params"]}
-        # against the dense LSTM of the model compression started from (the --from run's sizes, else the
+            base, key = json.loads(baseline.read_text()), f"test_{task.metric}"
+            extra |= {f"baseline_{key}": base[key], "baseline_lstm_params": base["lstm_params"]}
+        # against the dense LSTMs of the model compression started from (the --from run's sizes, else the
         # preset's), so that removed units count as compression
-        start = load_run(run.source)[1] if run.source else WordLM(run.lm_config())
-        extra["lstm_compression"] = start.lstm.dense_params() / model.lstm.stored_params()
+        start = load_run(run.source)[1] if run.source else task.build_model(config)
+        extra["lstm_compression"] = lstm_numbers(start)["dense_lstm_params"] / lstm_numbers(model)["lstm_params"]
         if run.latency_repeats > 0:
             extra |= compare_latency(model, start, repeats=run.latency_repeats)
         return extra
@@ -348,7 +386,7 @@ def compress_run(run: RunConfig, out: str | Path, resume: bool = False, progress
     return metrics
 
 
-def compare_latency(model: WordLM, baseline: WordLM, backends=("leanlstm", "onnxruntime"), repeats: int = 20,
+def compare_latency(model: nn.Module, baseline: nn.Module, backends=("leanlstm", "onnxruntime"), repeats: int = 20,
                     threads: int = 1) -> dict[str, Any]:
     """Batch-1 latency per time step of the compressed model and its dense baseline, whole and LSTM stack only,
     measured in one interleaved run, plus the stack speed-up of leanlstm over the baseline on each backend.
@@ -370,62 +408,104 @@ def compare_latency(model: WordLM, baseline: WordLM, backends=("leanlstm", "onnx
             **({"latency_errors": errors} if errors else {})}
 
 
+def read_config(run_dir: str | Path) -> RunConfig:
+    """The configuration a run directory was started with (its ``config.json``)."""
+    config = Path(run_dir) / CONFIG
+    if not config.is_file():
+        raise RunDirError(f"{run_dir} is not a leanlstm run directory (no {CONFIG})")
+    return RunConfig(**json.loads(config.read_text()))
+
+
 def source_preset(source: str | Path) -> str:
     """The preset a trained run directory was made with."""
-    config = Path(source) / CONFIG
-    if not config.is_file():
-        raise RunDirError(f"--from {source} is not a leanlstm run directory (no {CONFIG})")
-    return json.loads(config.read_text())["preset"]
+    return read_config(source).preset
 
 
-def _model_from(payload: dict[str, Any], source: Path) -> WordLM:
+def source_task(source: str | Path) -> str:
+    """The task a trained run directory was made for."""
+    return read_config(source).task
+
+
+def _model_from(task: type[Task], payload: dict[str, Any], source: Path) -> nn.Module:
     try:
-        model = WordLM.from_model_config(payload["model_config"])
+        model = task.model_from_config(payload["model_config"])
     except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"{source} has an unreadable model config ({error})") from error
+        raise CheckpointError(f"{source} has an unreadable model config ({type(error).__name__}: {error})") from error
     load_state(model, payload["model_state"], source)
     return model
 
 
-def summarise(run: RunConfig, model: WordLM, history: list[dict], valid_ppl: float, test: dict
+def lstm_numbers(model: nn.Module) -> dict[str, Any]:
+    """Sizes and parameter counts of the model's LSTM stacks (found in the module tree, any attribute names):
+    ``hidden_sizes`` (the per-layer sizes of the only stack, or ``{name: sizes}`` for several), stored and dense
+    LSTM parameters (sparse indices included), and all stored parameters of the model."""
+    stacks = find_lstms(model)
+    inside = {id(p) for _, stack in stacks for p in stack.parameters()}
+    other = sum(p.numel() for p in model.parameters() if id(p) not in inside)
+    stored = sum(_stored_params(stack) for _, stack in stacks)
+    sizes = {name: _hidden_sizes(stack) for name, stack in stacks}
+    return {"hidden_sizes": next(iter(sizes.values())) if len(sizes) == 1 else sizes, "lstm_params": stored,
+            "dense_lstm_params": sum(_dense_params(stack) for _, stack in stacks), "total_params": stored + other}
+
+
+def _hidden_sizes(stack: nn.Module) -> list[int]:
+    if isinstance(stack, nn.LSTM):
+        return [stack.hidden_size] * stack.num_layers
+    return list(stack.hidden_sizes)
+
+
+def _stored_params(stack: nn.Module) -> int:
+    if hasattr(stack, "stored_params"):
+        return stack.stored_params()
+    return sum(p.numel() for p in stack.parameters())
+
+
+def _dense_params(stack: nn.Module) -> int:
+    if hasattr(stack, "dense_params"):
+        return stack.dense_params()
+    return sum(p.numel() for p in stack.parameters())
+
+
+def summarise(run: RunConfig, model: nn.Module, history: list[dict], valid: float, tests: dict[str, dict]
               ) -> dict[str, Any]:
-    lstm = model.lstm
-    other = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("lstm."))
+    """``metrics.json``: the run, its model's LSTM numbers, ``val_<metric>`` and every ``<split>_<key>`` of the
+    task's test splits (``test_<metric>``, ``test_loss``, ...), and the per-epoch history."""
+    task = run.task_type()
+    scores = {f"{split}_{key}": value for split, result in tests.items() for key, value in result.items()}
     return {
-        "task": run.task, "preset": run.preset, "method": run.method,
-        "hidden_sizes": list(lstm.hidden_sizes), "lstm_params": lstm.stored_params(),
-        "dense_lstm_params": lstm.dense_params(), "total_params": lstm.stored_params() + other,
-        "val_ppl": valid_ppl, "test_ppl": test["ppl"], "epochs": history[-1]["epoch"] if history else 0,
+        "task": run.task, "preset": run.preset, "method": run.method, **lstm_numbers(model),
+        "metric": task.metric, "higher_is_better": task.higher_is_better, f"val_{task.metric}": valid, **scores,
+        "epochs": history[-1]["epoch"] if history else 0,
         "train_minutes": sum(h["seconds"] for h in history) / 60, "command": run.command,
         "history": history,
         **({"distilled_from": run.distill_from, "distill": asdict(run.distill_config())} if run.distill_from else {}),
     }
 
 
-def load_run(run_dir: str | Path) -> tuple[RunConfig, WordLM, dict[str, Any]]:
+def load_run(run_dir: str | Path) -> tuple[RunConfig, nn.Module, dict[str, Any]]:
     """The run's config, its model with the latest weights, and the checkpoint payload."""
     run_dir = Path(run_dir)
-    if not (run_dir / CONFIG).is_file():
-        raise RunDirError(f"{run_dir} is not a leanlstm run directory (no {CONFIG})")
-    run = RunConfig(**json.loads((run_dir / CONFIG).read_text()))
+    run = read_config(run_dir)
     payload = load_checkpoint(run_dir / CHECKPOINT)
-    return run, _model_from(payload, run_dir / CHECKPOINT), payload
+    return run, _model_from(run.task_type(), payload, run_dir / CHECKPOINT), payload
 
 
 def run_progress(run_dir: str | Path) -> dict[str, Any]:
-    """Where a run stands, from ``metrics.json`` when finished, else from its checkpoint: the per-epoch history,
-    and for an unfinished run the windows done inside the epoch in progress and the pid of the process training
-    it now, if any (``training_paused``: that process is stopped by a signal)."""
+    """Where a run stands, from ``metrics.json`` when finished, else from its checkpoint: the task's metric names,
+    the per-epoch history, and for an unfinished run the batches done inside the epoch in progress and the pid of
+    the process training it now, if any (``training_paused``: that process is stopped by a signal)."""
     run_dir = Path(run_dir)
-    if not (run_dir / CONFIG).is_file():
-        raise RunDirError(f"{run_dir} is not a leanlstm run directory (no {CONFIG})")
+    task = read_config(run_dir).task_type()
+    names = {"run": str(run_dir), "task": task.name, "metric": task.metric,
+             "train_metric": task.train_metric_name}
     if (run_dir / METRICS).is_file():
         metrics = json.loads((run_dir / METRICS).read_text())
-        return {"run": str(run_dir), "finished": True, "history": metrics["history"],
-                "test_ppl": metrics["test_ppl"], "hidden_sizes": metrics["hidden_sizes"]}
+        key = f"test_{task.metric}"
+        return names | {"finished": True, "history": metrics["history"], key: metrics[key],
+                        "hidden_sizes": metrics["hidden_sizes"]}
     pid = training_pid(run_dir)
-    unfinished = {"run": str(run_dir), "finished": False, "training_pid": pid,
-                  "training_paused": pid is not None and _stopped(pid)}
+    unfinished = names | {"finished": False, "training_pid": pid,
+                          "training_paused": pid is not None and _stopped(pid)}
     if not (run_dir / CHECKPOINT).is_file():
         return unfinished | {"history": [], "within_epoch": None}
     payload = load_checkpoint(run_dir / CHECKPOINT)
@@ -440,12 +520,23 @@ def finished_hidden_sizes(run_dir: str | Path) -> list[int]:
     if not metrics.is_file():
         raise RunDirError(f"{run_dir} has not finished (no {METRICS}), so its sizes may still change; finish it "
                           f"first")
-    return list(json.loads(metrics.read_text())["hidden_sizes"])
+    sizes = json.loads(metrics.read_text())["hidden_sizes"]
+    if not isinstance(sizes, list):
+        raise RunDirError(f"{run_dir}'s model has several LSTM stacks ({', '.join(sizes)}): give --hidden-sizes")
+    return list(sizes)
 
 
-def evaluate_run(run_dir: str | Path, splits=("valid", "test"), data_dir: str | None = None) -> dict[str, Any]:
+def evaluate_run(run_dir: str | Path, splits: tuple[str, ...] | list[str] | None = None,
+                 data_dir: str | None = None) -> dict[str, Any]:
+    """The run's latest model on ``splits`` (default: ``valid`` and the task's test splits)."""
     run, model, _ = load_run(run_dir)
     run = replace(run, data_dir=data_dir or run.data_dir)
+    task_type = run.task_type()
+    splits = list(splits) if splits else ["valid", *task_type.test_splits]
+    unknown = [split for split in splits if split not in task_type.splits]
+    if unknown:
+        raise RunDirError(f"task {run.task!r} has no split {', '.join(map(repr, unknown))}; its splits: "
+                          f"{', '.join(task_type.splits)}")
     task = build_task(run, run.train_config())
     started = time.perf_counter()
     result = {split: task.evaluate(model, split) for split in splits}

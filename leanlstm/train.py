@@ -1,13 +1,16 @@
 """One training loop for every task and compression method.
 
-Methods never own the loop: they are ``Callback`` objects that add loss terms and act around optimiser steps,
-and they work the same from a user's own loop (call ``extra_loss`` / ``after_step`` yourself).
+The task (``leanlstm.tasks.Task``) owns the data, the loss and the metrics; ``Trainer`` owns the loop, the
+optimiser, clipping, the lr schedule and checkpoints. Methods never own the loop: they are ``Callback`` objects
+that add loss terms and act around optimiser steps, and they work the same from a user's own loop (call
+``extra_loss`` / ``after_step`` yourself).
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,27 +27,32 @@ CHECKPOINT = "checkpoint.pt"
 # bfloat16 runs the training forward pass under CPU autocast: matrix products and the fused LSTM kernel in bf16
 # (faster only on CPUs with native bf16 arithmetic, AMX or AVX-512 BF16; BENCHMARKS.md has the measured gains), the
 # loss and the weights, gradients and updates in float32. Evaluation always runs in float32, so reported
-# perplexities are comparable.
+# metrics are comparable.
 PRECISIONS = ("float32", "bfloat16")
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 
 
 @dataclass
 class TrainConfig:
+    """The schedule every task shares; a task with settings of its own subclasses it (``Task.train_config_type``)."""
+
     epochs: int = 13                 # passes over the training split
     batch_size: int = 20             # global batch (split across processes under torchrun)
-    bptt: int = 20                   # unrolled steps per window
-    lr: float = 1.0                  # SGD learning rate (for the loss summed over the window)
+    lr: float = 1.0                  # learning rate (of the loss as the task scales it: ``Task.objective``)
     lr_decay: float = 0.5            # lr factor per epoch once decay starts
     decay_after: int = 4             # epochs at the full lr
-    clip: float = 5.0                # gradient-norm clipping
+    clip: float = 5.0                # gradient-norm clipping (0: none)
     seed: int = 1234                 # initialisation and dropout
     max_batches: int | None = None   # per epoch; None = all (smoke runs set it)
     checkpoint_minutes: float = 10.0  # also checkpoint inside an epoch this often (0: at epoch ends only)
     precision: str = "float32"       # of the training forward pass: float32, or bfloat16 (autocast; see PRECISIONS)
+    optimizer: str = "sgd"           # sgd (plain, no momentum) or adam; see OPTIMIZERS
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of 1-based ``epoch``."""
@@ -53,11 +61,6 @@ class TrainConfig:
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-def _exp(loss: float) -> float:
-    """Perplexity of a mean loss; infinite instead of ``OverflowError`` past float range."""
-    return math.exp(loss) if loss < 709.0 else math.inf
 
 
 class Callback:
@@ -74,14 +77,17 @@ class Callback:
 
 
 class Trainer:
-    """Trains ``model`` on ``task`` with SGD, clipping and a per-epoch lr schedule; checkpoints every epoch and,
-    in single-process runs, every ``checkpoint_minutes`` inside an epoch (a medium PTB epoch takes minutes on
-    a CPU; resuming from inside one continues exactly where it stopped: same windows, carried state, RNG).
+    """Trains ``model`` on ``task`` with the configured optimiser, clipping and a per-epoch lr schedule;
+    checkpoints every epoch and, in single-process runs, every ``checkpoint_minutes`` inside an epoch (an epoch
+    may take many minutes on a CPU; resuming from inside one continues exactly where it stopped: same batches,
+    carried state, RNG).
 
-    ``task`` provides ``train_batches()``, ``num_train_batches()``, ``training_loss(model, batch, state)``,
-    ``evaluate(model, split)`` and ``metric``. ``model`` must offer ``model_config()`` for checkpoints.
-    ``training_loss`` returns ``(loss, state)``, or ``(loss, state, task_loss)`` when the loss it optimises is not
-    the one its metric is made of (``tasks.distill.Distillation``): the train metric is then ``task_loss``'s.
+    ``task`` is a loaded ``leanlstm.tasks.Task`` (or anything with its members): ``train_batches(epoch)``,
+    ``num_train_batches()``, ``training_loss(model, batch, state)``, ``evaluate(model, split)``, ``metric``,
+    ``train_metric(mean_loss)``, ``train_metric_name`` and ``model_config(model)`` for checkpoints.
+    ``training_loss`` returns ``(loss, state)``, or ``(loss, state, mean_loss)`` when the loss it optimises is
+    not the task's own mean loss (a task that scales it, ``tasks.distill.Distillation``): the training metric is
+    then ``mean_loss``'s.
     """
 
     def __init__(self, model: nn.Module, task, config: TrainConfig, run_dir: str | Path | None = None,
@@ -100,9 +106,9 @@ class Trainer:
         self._bind(model, config.lr)
 
     def _bind(self, model: nn.Module, lr: float) -> None:
-        """Train ``model``: a plain-SGD optimiser over its parameters, and its DDP wrapper under torchrun."""
+        """Train ``model``: a fresh optimiser over its parameters, and its DDP wrapper under torchrun."""
         self.model, self.train_model = model, model
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        self.optimizer = OPTIMIZERS[self.config.optimizer](model.parameters(), lr=lr)
         if distributed.is_distributed():
             self.train_model = nn.parallel.DistributedDataParallel(model)
 
@@ -110,7 +116,8 @@ class Trainer:
         """Train ``model`` from here on, e.g. a smaller one a method cut out of the current one at an epoch end.
 
         The optimiser starts afresh over the new parameters at the current lr: plain SGD keeps no state, so
-        nothing is lost. Checkpoints save the new model with its own ``model_config()``, and resuming rebuilds it.
+        nothing is lost (Adam's moments start over). Checkpoints save the new model with the task's
+        ``model_config``, and resuming rebuilds it.
         """
         self._bind(model, self.optimizer.param_groups[0]["lr"])
         for callback in self.callbacks:    # those holding per-parameter state (masks) take it from the new model
@@ -131,8 +138,8 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             train_loss = self.train_epoch(epoch)
-            metrics = {"phase": self.phase, "epoch": epoch, "lr": lr,
-                       f"train_{self.task.metric}": _exp(train_loss)}
+            metrics = {"phase": self.phase, "epoch": epoch, "lr": lr, "train_loss": train_loss,
+                       f"train_{self.task.train_metric_name}": self.task.train_metric(train_loss)}
             metrics |= {f"val_{k}": v for k, v in self.evaluate("valid").items()}
             self._check_finite(metrics.get("val_loss", 0.0), "validation loss", epoch)
             metrics["seconds"] = time.perf_counter() - started
@@ -140,14 +147,14 @@ class Trainer:
                 callback.on_epoch_end(self, epoch, metrics)
             self.history.append(metrics)
             self.epoch = epoch
-            metric = self.task.metric
+            train, metric = self.task.train_metric_name, self.task.metric
             log.info("%s epoch %d  lr %.4g  train %s %.2f  valid %s %.2f  (%.0f s)", self.phase, epoch, lr,
-                     metric, metrics[f"train_{metric}"], metric, metrics[f"val_{metric}"], metrics["seconds"])
+                     train, metrics[f"train_{train}"], metric, metrics[f"val_{metric}"], metrics["seconds"])
             self.save()
         return self.history
 
     def train_epoch(self, epoch: int) -> float:
-        """One pass over the training windows; returns the mean per-token training loss."""
+        """One pass over the training batches; returns the mean of the task's per-batch mean losses."""
         self.train_model.train()
         total, batches, state, done = 0.0, 0, None, 0
         if self.within_epoch is not None and self.within_epoch["epoch"] == epoch:
@@ -159,10 +166,10 @@ class Trainer:
             limit = min(limit, self.config.max_batches)
         bar = tqdm(total=limit, desc=f"epoch {epoch}/{self.config.epochs}", leave=False, unit="batch",
                    disable=not self.progress or distributed.rank() != 0)
-        for batch in self.task.train_batches():
+        for batch in self.task.train_batches(epoch):
             if batches == limit:
                 break
-            if batches < done:                   # resumed inside this epoch: skip the windows already trained
+            if batches < done:                   # resumed inside this epoch: skip the batches already trained
                 batches += 1
                 bar.update()
                 continue
@@ -170,11 +177,11 @@ class Trainer:
                 loss, state, *reported = self.task.training_loss(self.train_model, batch, state)
             state = _detach(state)
             self.optimise(loss, epoch, batches)
-            total += float(reported[0] if reported else loss.detach()) / batch[0].shape[0]
+            total += float(reported[0] if reported else loss.detach())
             batches += 1
             bar.update()
             if batches % 50 == 0:
-                bar.set_postfix({self.task.metric: f"{_exp(total / batches):.1f}"})
+                bar.set_postfix({self.task.train_metric_name: f"{self.task.train_metric(total / batches):.1f}"})
             if self._checkpoint_due() and batches < limit:
                 self.save({"epoch": epoch, "batches": batches, "total": total, "state": state,
                            "seconds": time.perf_counter() - epoch_started})
@@ -230,7 +237,7 @@ class Trainer:
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {"phase": self.phase, "model_config": self.model.model_config(),
+        return {"phase": self.phase, "model_config": self.task.model_config(self.model),
                 "model_state": self.model.state_dict(),
                 "optimizer_state": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step,
                 "history": self.history, "rng_state": torch.get_rng_state(), "run_info": self.run_info,
@@ -269,14 +276,14 @@ class Trainer:
             callback.load_state_dict(state)
         self.within_epoch = payload.get("within_epoch")
         if self.within_epoch is not None:
-            log.info("resumed from %s inside epoch %d, after %d windows", path, self.within_epoch["epoch"],
+            log.info("resumed from %s inside epoch %d, after %d batches", path, self.within_epoch["epoch"],
                      self.within_epoch["batches"])
         else:
             log.info("resumed from %s after epoch %d", path, self.epoch)
 
 
 def _detach(state):
-    """Cut the graph between windows; state that autocast left in bfloat16 is carried on in float32."""
+    """Cut the graph between batches; state that autocast left in bfloat16 is carried on in float32."""
     if state is None:
         return None
     if isinstance(state, torch.Tensor):

@@ -17,6 +17,7 @@ from . import eval as eval_command
 from . import export as export_command
 from . import profile as profile_command
 from . import show as show_command
+from . import tasks as tasks_command
 from . import train as train_command
 
 # Errors whose message already tells the user what to do: print it, no traceback.
@@ -47,3 +48,4 @@ main.add_command(export_command.command)
 main.add_command(bench_command.command)
 main.add_command(profile_command.command)
 main.add_command(show_command.command)
+main.add_command(tasks_command.command)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from . import options
+
 DEFAULT_BACKENDS = ("leanlstm", "torch", "onnxruntime", "torch-int8")
 
 
@@ -18,7 +20,8 @@ DEFAULT_BACKENDS = ("leanlstm", "torch", "onnxruntime", "torch-int8")
 @click.option("--repeats", type=int, default=30, show_default=True, help="Timed sequences per model and backend.")
 @click.option("--threads", type=int, default=1, show_default=True, help="Threads for every backend.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def command(run_dirs, backends, seq_len, repeats, threads, as_json):
+@options.task
+def command(run_dirs, backends, seq_len, repeats, threads, as_json, task_name):
     """Per-step latency (microseconds, batch 1) of each RUN_DIR's model on each backend.
 
     Every (run, backend) pair takes turns in each repeat, so the ratios compare like with like.
@@ -29,6 +32,7 @@ def command(run_dirs, backends, seq_len, repeats, threads, as_json):
     from ..runs import load_run
     from ..runtime.latency import measure, model_size
 
+    options.check_task(run_dirs, task_name)
     labels = [str(Path(d)) for d in run_dirs]
     if len(set(labels)) != len(labels):
         raise click.BadParameter("each run directory may be given once", param_hint="RUN_DIRS")

@@ -9,8 +9,7 @@ import click
 
 from .. import methods
 from ..methods.base import parse_settings
-from ..presets import PRESETS
-from ..runs import RunConfig, compress_run, source_preset
+from ..runs import RunConfig, compress_run, source_preset, source_task
 from . import options
 
 
@@ -18,7 +17,8 @@ from . import options
 @click.option("--method", "method_name", required=True, help="Compression method (see `leanlstm methods`).")
 @click.option("--from", "source", type=click.Path(exists=True, file_okay=False),
               help="Trained run directory to start from; without it the model is trained from scratch.")
-@click.option("--preset", type=click.Choice(list(PRESETS)), help="Preset (default: the --from run's).")
+@click.option("--task", help="Task (default: the --from run's, else ptb).")
+@click.option("--preset", help="One of the task's presets (default: the --from run's, else the task's own).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to create.")
 @click.option("--strength", type=str, help="Shorthand for --set strength=VALUE (e.g. the ISS lambda).")
 @click.option("--set", "settings", multiple=True, help="Method option KEY=VALUE (repeatable).")
@@ -33,15 +33,16 @@ from . import options
 @click.option("--finetune-lr", type=float, help="Fine-tuning lr (default: the compression phase's last lr).")
 @click.option("--resume", is_flag=True, help="Continue the unfinished run in --out.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Data folder (default: $LEANLSTM_DATA).")
-@click.option("--max-batches", type=int, help="Stop each epoch after this many windows (smoke runs).")
-@click.option("--max-tokens", type=int, help="Use only the first N tokens of every split (smoke runs).")
-@click.option("--no-verify-data", is_flag=True, help="Skip the md5 check of the data files (for slices).")
+@click.option("--max-batches", type=int, help="Stop each epoch after this many batches (smoke runs).")
+@click.option("--max-items", "--max-tokens", "max_tokens", type=int,
+              help="Use only the first N items (tokens, utterances) of every split (smoke runs).")
+@click.option("--no-verify-data", is_flag=True, help="Skip the checksums of the data files (for slices).")
 @click.option("--latency-repeats", type=click.IntRange(min=0), default=20, show_default=True,
               help="Batch-1 latency samples of the result and its dense baseline at the end (0: skip).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @options.distillation
 @options.precision
-def command(method_name, source, preset, out, strength, settings, dropout, epochs, lr, decay_after, lr_decay,
+def command(method_name, source, task, preset, out, strength, settings, dropout, epochs, lr, decay_after, lr_decay,
             finetune_epochs, finetune_lr,
             resume, data_dir, max_batches, max_tokens, no_verify_data, latency_repeats, no_progress, distill_from,
             distill_weight, distill_temperature, precision):
@@ -56,12 +57,14 @@ def command(method_name, source, preset, out, strength, settings, dropout, epoch
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--set") from error
     config = method.Config.from_strings(options)
-    if preset is None:
-        preset = source_preset(source) if source else "small"
+    if task is None:
+        task = source_task(source) if source else "ptb"
+    if preset is None and source:
+        preset = source_preset(source)
     overrides = {k: v for k, v in dict(epochs=epochs, lr=lr, decay_after=decay_after, lr_decay=lr_decay,
                                          max_batches=max_batches, precision=precision).items() if v is not None}
     finetune = {k: v for k, v in dict(epochs=finetune_epochs, lr=finetune_lr).items() if v is not None}
-    run = RunConfig(preset=preset, method=method_name, data_dir=data_dir, max_tokens=max_tokens,
+    run = RunConfig(task=task, preset=preset, method=method_name, data_dir=data_dir, max_tokens=max_tokens,
                     verify_data=not no_verify_data, overrides=overrides, method_config=config.to_dict(),
                     source=source, finetune_overrides=finetune, latency_repeats=latency_repeats, dropout=dropout,
                     distill_from=distill_from, distill_weight=distill_weight,
@@ -69,8 +72,9 @@ def command(method_name, source, preset, out, strength, settings, dropout, epoch
                     command=shlex.join(["leanlstm"] + sys.argv[1:]))
     metrics = compress_run(run, out, resume=resume, progress=not no_progress)
     if metrics is not None:
-        keys = ("hidden_sizes", "lstm_params", "lstm_compression", "val_ppl", "test_ppl", "train_minutes",
-                "lstm_speedup")
+        metric = metrics["metric"]
+        keys = ("hidden_sizes", "lstm_params", "lstm_compression", f"val_{metric}", f"test_{metric}",
+                "train_minutes", "lstm_speedup")
         click.echo(json.dumps({k: metrics[k] for k in keys if k in metrics}))
 
 

