@@ -327,3 +327,43 @@ def test_other_bad_inputs_name_the_problem():
 def test_docstring_examples(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+# --- what a user ships: the compressed model through the engine and ONNX Runtime ---------------------------------
+FIRST_SAMPLE = {"keyword_spotter": lambda x: x[:1], "word_language_model": lambda x: x[:, :1],
+                "bidirectional_tagger": lambda x: x[:1]}
+SHIPPED = {"iss": lambda case: leanlstm.ISS(strength=1e-3),
+           "prune": lambda case: leanlstm.Prune(compression=case.compression, total_steps=STEPS),
+           "doped-kp": lambda case: leanlstm.Doped("kronecker", compression=case.compression, total_steps=STEPS)}
+
+
+@pytest.mark.parametrize("method", SHIPPED)
+@pytest.mark.parametrize("name", CASES)
+def test_compressed_user_models_run_in_the_engine_and_onnx_runtime_as_in_pytorch(name, method):
+    import numpy as np
+    import onnxruntime
+
+    from leanlstm import runtime
+    from leanlstm.runtime.onnx import to_onnx
+
+    case = CASES[name]
+    torch.manual_seed(0)
+    model = case.build()
+    handle = compress_(model, SHIPPED[method](case))
+    user_loop(model, handle, case)
+    if method == "iss":                                  # dead units, so that finalize really shrinks
+        for dead in case.dead:
+            zero_components_(model, **dead)
+    handle.finalize()
+    if method == "iss":
+        assert next(m for m in model.modules() if isinstance(m, leanlstm.LSTM)).hidden_sizes == case.shrunk[0]
+    model.eval()
+    x = FIRST_SAMPLE[name](case.batch()[0])
+    with torch.no_grad():
+        want = case.outputs(model, x).numpy().reshape(-1)
+    got, _ = runtime.compile(model).run(x.numpy())
+    np.testing.assert_allclose(got.reshape(-1), want, atol=1e-4, rtol=1e-4)
+    proto = to_onnx(model, state_inputs=False)
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    np.testing.assert_allclose(session.run(None, feed)[0].reshape(-1), want, atol=1e-4, rtol=1e-4)
