@@ -19,6 +19,7 @@ from . import profile as profile_command
 from . import show as show_command
 from . import tasks as tasks_command
 from . import train as train_command
+from . import transcribe as transcribe_command
 
 # Errors whose message already tells the user what to do: print it, no traceback.
 USER_ERRORS = (CheckpointError, DataError, ProfileError, RunDirError, TrainingDiverged, ValueError)
@@ -49,3 +50,4 @@ main.add_command(bench_command.command)
 main.add_command(profile_command.command)
 main.add_command(show_command.command)
 main.add_command(tasks_command.command)
+main.add_command(transcribe_command.command)

@@ -200,7 +200,7 @@ def _require_field(task: type[Task], config: Any, name: str) -> Any:
 
 # --- the registry -------------------------------------------------------------------------------------------------
 TASKS: dict[str, type[Task]] = {}                      # registered tasks by name
-BUILTIN_TASKS: dict[str, str] = {"ptb": "leanlstm.tasks.ptb"}   # imported when first asked for
+BUILTIN_TASKS: dict[str, str] = {"ptb": "leanlstm.tasks.ptb", "digits": "leanlstm.tasks.digits"}  # imported when asked for
 
 
 def register_task(task: type[Task]) -> type[Task]:
