@@ -35,12 +35,12 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 
 from ..nn.forms import GroupLowRank  # noqa: F401  (the docstring examples)
-from ..nn.forms import LowRank, WeightForm, form_class
-from .base import Method, MethodConfig
-from .pruning import convert_forms, weight_compression
+from ..nn.forms import LowRank, WeightForm
+from .base import MethodConfig
+from .doping import FitsStructure
+from .pruning import weight_compression
 
 if TYPE_CHECKING:
     from ..compress import Compression
@@ -95,7 +95,7 @@ def _largest_rank(out: int, inp: int, g: int, unit: int, values: float) -> int:
     return min(rank, unit * min(out, inp) // g)
 
 
-class AntManMethod(Method):
+class AntManMethod(FitsStructure):
     """Converts every LSTM matrix to the configured AntMan structure sized to the target; training does the rest.
 
     ``distill_from_source``: runs (``leanlstm compress --from RUN``) should distil from the source model by
@@ -160,22 +160,7 @@ class AntManMethod(Method):
                              + (" or change groups" if self.config.groups else ""))
         return size
 
-    def form_for(self, weight: torch.Tensor) -> WeightForm:
-        """The structure fitted to one dense matrix (per-block truncated SVD: the Frobenius-nearest)."""
-        return form_class(self.config.structure).from_dense(weight, **self.structure_options(*weight.shape))
-
-    def fits(self, form: WeightForm) -> bool:
-        return (type(form) is form_class(self.config.structure)
-                and form.options() == self.structure_options(form.out_features, form.in_features))
-
-    # --- hooks ----------------------------------------------------------------------------------------------
-    def check(self, handle: "Compression") -> None:
-        for _, form in handle.forms():
-            self.structure_options(form.out_features, form.in_features)   # fails when nothing fits
-
-    def convert(self, handle: "Compression") -> None:
-        convert_forms(handle, lambda name, dense: self.form_for(dense), keep=self.fits)
-
+    # --- hooks (form_for, fits, check, convert: FitsStructure's; the fit is a per-block truncated SVD) -----------
     def summarize(self, handle: "Compression") -> dict[str, Any]:
         forms = handle.forms()
         return {"structure": self.config.structure, "target_reduction": self.config.reduction,

@@ -144,7 +144,32 @@ def set_cmr(source, probability: float, mode: str = "row") -> None:
 
 
 # --- methods -----------------------------------------------------------------------------------------------
-class StructuredMethod(Method):
+class FitsStructure(Method):
+    """A method that turns every LSTM matrix into ``config.structure`` with the options ``structure_options``
+    gives its shape (structured methods here, AntMan's groups)."""
+
+    def structure_options(self, out: int, inp: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def form_for(self, weight: torch.Tensor) -> WeightForm:
+        """The structured form fitted to one dense matrix."""
+        options = self.structure_options(*weight.shape)
+        return form_class(self.config.structure).from_dense(weight, **options)
+
+    def fits(self, form: WeightForm) -> bool:
+        """Whether ``form`` already is what ``form_for`` would make of its matrix (kept as it is by convert)."""
+        return (type(form) is form_class(self.config.structure)
+                and form.options() == self.structure_options(form.out_features, form.in_features))
+
+    def check(self, handle: "Compression") -> None:
+        for _, form in handle.forms():
+            self.structure_options(form.out_features, form.in_features)   # fails when nothing fits
+
+    def convert(self, handle: "Compression") -> None:
+        convert_forms(handle, lambda name, dense: self.form_for(dense), keep=self.fits)
+
+
+class StructuredMethod(FitsStructure):
     """Every LSTM matrix becomes ``config.structure``, the largest that fits the compression; then training.
 
     Registered subclasses fix ``structure`` (``kp``, ``lmf``, ``hmd``, ``circulant``); the class itself takes
@@ -180,23 +205,6 @@ class StructuredMethod(Method):
         """Options of the largest structure within ``structure_bytes``."""
         values = self.structure_bytes(out, inp) / FLOAT_BYTES
         return SIZERS[self.config.structure](out, inp, values, self.config)
-
-    def form_for(self, weight: torch.Tensor) -> WeightForm:
-        """The structured form fitted to one dense matrix."""
-        options = self.structure_options(*weight.shape)
-        return form_class(self.config.structure).from_dense(weight, **options)
-
-    def fits(self, form: WeightForm) -> bool:
-        """Whether ``form`` already is what ``form_for`` would make of its matrix (kept as it is by convert)."""
-        return (type(form) is form_class(self.config.structure)
-                and form.options() == self.structure_options(form.out_features, form.in_features))
-
-    def check(self, handle: "Compression") -> None:
-        for _, form in handle.forms():
-            self.structure_options(form.out_features, form.in_features)   # fails when nothing fits
-
-    def convert(self, handle: "Compression") -> None:
-        convert_forms(handle, lambda name, dense: self.form_for(dense), keep=self.fits)
 
     def summarize(self, handle: "Compression") -> dict[str, Any]:
         forms = handle.forms()
