@@ -35,7 +35,6 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-
 from ..nn.forms import GroupLowRank  # noqa: F401  (the docstring examples)
 from ..nn.forms import LowRank, WeightForm
 from .base import MethodConfig
