@@ -30,7 +30,7 @@ from .kernels import RuntimeOp
 
 log = logging.getLogger(__name__)
 
-BUILTIN = ("leanlstm.runtime.lstm_cell",)    # modules that register the cells leanlstm ships
+BUILTIN = ("leanlstm.runtime.lstm_cell", "leanlstm.runtime.hlstm_cell")    # modules that register the cells leanlstm ships
 
 
 class EngineError(ValueError):

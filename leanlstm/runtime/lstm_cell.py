@@ -118,6 +118,11 @@ def lstm_onnx_check(layers: Sequence[LSTMLayer], names: Sequence[str], recurrenc
     """The matrices an explicit recurrence would need an ONNX product for, and that have none."""
     if _uses_lstm_op(layers, names, recurrence):
         return []
+    return missing_onnx_products(layers, names)
+
+
+def missing_onnx_products(layers: Sequence[Any], names: Sequence[str]) -> list[str]:
+    """The matrices of cell ``layers`` whose forms have no ONNX product (``WeightForm.onnx_matvec``)."""
     return [f"{name}.weight_{m} ({type(layer.form(m)).__name__})" for layer, name in zip(layers, names)
             for m in layer.matrices if type(layer.form(m)).onnx_matvec is WeightForm.onnx_matvec]
 
@@ -133,7 +138,9 @@ def lstm_onnx_layer(g: Any, layers: Sequence[LSTMLayer], x: str, states: Sequenc
     outputs, finals = [], []
     for index, (layer, name) in enumerate(zip(layers, names)):
         with g.scope(name):
-            y, h_n, c_n = _scan_layer(g, layer, x, *(states[index] if states else (None, None)))
+            bias = g.weight("bias", layer.bias_ih + layer.bias_hh) if layer.bias_ih is not None else None
+            y, h_n, c_n = scan_layer(g, layer, x, *(states[index] if states else (None, None)),
+                                     NUM_GATES * layer.hidden_size, bias, _lstm_gates)
         outputs.append(y)
         finals.append((h_n, c_n))
     return (outputs[0] if len(outputs) == 1 else g.node("Concat", outputs, axis=2)), finals
@@ -170,15 +177,20 @@ def _lstm_op(g: Any, layers: Sequence[LSTMLayer], x: str, states: Sequence[tuple
     return y, list(zip(h_parts, c_parts))
 
 
-def _matvec(g: Any, form: WeightForm, x: str, name: str) -> str:
+def matvec(g: Any, form: WeightForm, x: str, name: str) -> str:
     """``x @ W.T`` through the form's own ONNX product. x: (N, in) -> (N, out)."""
     with g.scope(name):
         return form.onnx_matvec(g, x)
 
 
-def _scan_layer(g: Any, layer: LSTMLayer, x: str, h0: str | None, c0: str | None) -> tuple[str, str, str]:
-    """An explicit recurrence over the forms' products (and the projection). x: (T, B, in); h0 (1, B, out),
-    c0 (1, B, H) -> y (T, B, out), h_n, c_n.
+def scan_layer(g: Any, layer: Any, x: str, h0: str | None, c0: str | None, first_rows: int, bias: str | None,
+               gates: Any) -> tuple[str, str, str]:
+    """An explicit recurrence of a cell with an LSTM's state update, over its forms' products (and the
+    projection, if the layer has one). x: (T, B, in); h0 (1, B, out), c0 (1, B, H) -> y (T, B, out), h_n, c_n.
+
+    ``first_rows``: the rows of ``weight_ih`` (4H for an LSTM); ``bias``: added to its product. ``gates(body,
+    layer, first, h, matvec) -> {gate: (B, H)}`` gives the pre-activations of i, f, g, o from ``first`` (the
+    step's input product plus bias) and the previous h.
 
     The input-to-hidden product runs before the loop, over all T*B rows at once, unless the form says a
     batched product does not pay (``onnx_batch_over_time``): a gather-based sparse product gains no speed
@@ -186,23 +198,22 @@ def _scan_layer(g: Any, layer: LSTMLayer, x: str, h0: str | None, c0: str | None
     A reverse layer scans its input from the end and writes its outputs from the end (ONNX Scan directions).
     """
     hidden, out = layer.hidden_size, layer.output_size
-    bias = g.weight("bias", layer.bias_ih + layer.bias_hh) if layer.bias_ih is not None else None
     time_batch = g.node("Slice", [g.node("Shape", [x]), g.ints([0]), g.ints([2])])           # [T, B]
     batched = layer.weight_ih.onnx_batch_over_time
     scanned = x                                                                              # (T, B, in)
     if batched:
         flat = g.node("Reshape", [x, g.ints([-1, layer.input_size])])                        # (T*B, in)
-        scanned = _matvec(g, layer.weight_ih, flat, "weight_ih")                             # (T*B, 4H)
+        scanned = matvec(g, layer.weight_ih, flat, "weight_ih")                              # (T*B, rows)
         scanned = g.node("Add", [scanned, bias]) if bias else scanned
-        shape = g.node("Concat", [time_batch, g.ints([NUM_GATES * hidden])], axis=0)
-        scanned = g.node("Reshape", [scanned, shape])                                        # (T, B, 4H)
+        shape = g.node("Concat", [time_batch, g.ints([first_rows])], axis=0)
+        scanned = g.node("Reshape", [scanned, shape])                                        # (T, B, rows)
     if h0 is None:
         batch = g.node("Slice", [time_batch, g.ints([1]), g.ints([2])])
         h0, c0 = (g.node("ConstantOfShape", [g.node("Concat", [batch, g.ints([size])], axis=0)])
                   for size in (out, hidden))                                                 # (B, out), (B, H)
     else:
         h0, c0 = (g.node("Squeeze", [s, g.ints([0], "axes")]) for s in (h0, c0))
-    body = _step_body(g, layer, batched, bias)
+    body = _step_body(g, layer, batched, bias, first_rows, gates)
     direction = [1] if layer.reverse else [0]
     h_n, c_n, y = g.node("Scan", [h0, c0, scanned], 3, body=body, num_scan_inputs=1,
                          scan_input_directions=direction, scan_output_directions=direction)
@@ -210,31 +221,36 @@ def _scan_layer(g: Any, layer: LSTMLayer, x: str, h0: str | None, c0: str | None
     return y, h_n, c_n
 
 
-def _step_body(g: Any, layer: LSTMLayer, batched: bool, bias: str | None) -> Any:
+def _step_body(g: Any, layer: Any, batched: bool, bias: str | None, first_rows: int, gates: Any) -> Any:
     """One time step (h, c, u_t) -> (h', c', h').
 
-    ``u_t`` is the step's input-to-hidden product plus biases when it was batched before the loop, else the
+    ``u_t`` is the step's input-to-hidden product plus bias when it was batched before the loop, else the
     step's input x_t, multiplied here (and ``bias`` added).
     """
     from onnx import TensorProto, helper
 
     body, hidden, out = g.subgraph(), layer.hidden_size, layer.output_size
     h, c, u_t = (body.fresh(body.scoped(n)) for n in ("h", "c", "gx_t" if batched else "x_t"))
-    packed = body.node("Add", [u_t if batched else _matvec(body, layer.weight_ih, u_t, "weight_ih"),
-                               _matvec(body, layer.weight_hh, h, "weight_hh")])              # (B, 4H)
-    packed = body.node("Add", [packed, bias]) if bias and not batched else packed
-    parts = body.node("Split", [packed, body.ints([hidden] * NUM_GATES, "split")], NUM_GATES, axis=1)
-    act = {gate: body.node(GATE_ACTIVATIONS[gate], [part]) for gate, part in zip(GATES, parts)}
+    first = u_t if batched else matvec(body, layer.weight_ih, u_t, "weight_ih")
+    first = body.node("Add", [first, bias]) if bias and not batched else first
+    pre = gates(body, layer, first, h, matvec)                                               # gate -> (B, H)
+    act = {gate: body.node(GATE_ACTIVATIONS[gate], [pre[gate]]) for gate in GATES}
     c_next = body.node("Add", [body.node("Mul", [act["f"], c]), body.node("Mul", [act["i"], act["g"]])])
     h_next = body.node("Mul", [act["o"], body.node("Tanh", [c_next])])                      # (B, H)
-    if layer.proj_size:
-        h_next = _matvec(body, layer.weight_hr, h_next, "weight_hr")                       # (B, P)
+    if getattr(layer, "proj_size", 0):
+        h_next = matvec(body, layer.weight_hr, h_next, "weight_hr")                         # (B, P)
     y_t = body.node("Identity", [h_next])
     state = lambda name, size: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["B", size])  # noqa: E731
-    step_input = NUM_GATES * hidden if batched else layer.input_size
+    step_input = first_rows if batched else layer.input_size
     return helper.make_graph(body.nodes, body.fresh(body.scoped("step")),
                              [state(h, out), state(c, hidden), state(u_t, step_input)],
                              [state(h_next, out), state(c_next, hidden), state(y_t, out)])
+
+
+def _lstm_gates(body: Any, layer: LSTMLayer, first: str, h: str, product: Any) -> dict[str, str]:
+    packed = body.node("Add", [first, product(body, layer.weight_hh, h, "weight_hh")])     # (B, 4H)
+    parts = body.node("Split", [packed, body.ints([layer.hidden_size] * NUM_GATES, "split")], NUM_GATES, axis=1)
+    return dict(zip(GATES, parts))
 
 
 register_cell(LSTMLayer.cell, compile_layer=compile_lstm_layer, onnx_layer=lstm_onnx_layer, onnx_check=lstm_onnx_check)

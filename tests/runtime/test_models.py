@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import leanlstm
+from leanlstm.nn import LSTMLayer
 from leanlstm.runtime import EngineError, ExportError, compile, latency, pipeline_of, stack_and_model
 from leanlstm.runtime.onnx import to_onnx
 from leanlstm.tasks.lm import LMConfig, WordLM
@@ -316,11 +317,18 @@ def test_modules_the_runtime_cannot_run_are_named(model, message):
         to_onnx(model)
 
 
+class _UnregisteredCell(LSTMLayer):
+    """An LSTM layer under a cell name the runtime has no entry for."""
+
+    cell = "test-unregistered"
+
+
 def test_a_cell_without_a_runtime_step_is_named():
-    lstm = leanlstm.LSTM(4, 5, cell="hlstm", cell_options={"gate_hidden": 3})
-    with pytest.raises(EngineError, match=r"layers.0: .* no engine step for cell 'hlstm' \(HLSTMLayer\).*register"):
+    lstm = leanlstm.LSTM(4, 5, cell="test-unregistered")
+    with pytest.raises(EngineError, match=r"layers.0: .* no engine step for cell 'test-unregistered' "
+                                          r"\(_UnregisteredCell\).*register"):
         compile(lstm)
-    with pytest.raises(ExportError, match="no ONNX step for cell 'hlstm'"):
+    with pytest.raises(ExportError, match="no ONNX step for cell 'test-unregistered'"):
         to_onnx(lstm)
 
 
