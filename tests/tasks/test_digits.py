@@ -30,7 +30,7 @@ def task(recordings_folder, tmp_path_factory) -> D.DigitsTask:
 def test_registered_with_presets():
     task = get_task("digits")
     assert task is D.DigitsTask and task.metric == "wer" and not task.higher_is_better
-    assert set(task.presets) == {"tiny", "digits-small", "digits-medium"}
+    assert set(task.presets) == {"tiny", "digits-small", "digits-medium", "digits-hlstm"}
     assert all(p.train.optimizer == "adam" for p in task.presets.values())
     assert task.test_splits == ("test", "heldout")
 
@@ -47,6 +47,22 @@ def test_model_shapes_and_frame_stacking():
     np.testing.assert_array_equal(D.stack_frames(x[:, 0].numpy(), 2), D.stack_frames(x, 2)[:, 0].numpy())
     with pytest.raises(ValueError, match="3 values for 40 mel bands"):
         D.DigitsConfig(mean=[0.0] * 3, std=[1.0] * 3)
+
+
+def test_the_cell_is_part_of_the_config_and_streams():
+    """The H-LSTM preset builds H-LSTM layers; the cell survives a JSON round trip, and the runtime streams it."""
+    config = D.DigitsConfig(hidden_sizes=[8, 6], cell="hlstm", cell_options={"gate_hidden": 4})
+    again = D.DigitsConfig(**json.loads(json.dumps(vars(config), default=vars)))
+    model = D.DigitsCTC(again).eval()
+    assert [layer.cell for layer in model.lstm.layers] == ["hlstm", "hlstm"] and model.lstm.layers[0].widths == (4,) * 4
+    assert get_task("digits").preset("digits-hlstm").model.cell == "hlstm"
+    frames = np.random.default_rng(0).standard_normal((30, 40)).astype(np.float32)
+    logits = {}
+    for backend in ("leanlstm", "torch"):
+        stream = D.DigitsStream(model, backend, pad=0.0)
+        logits[backend] = np.stack([y for y in map(stream.frame_logits, frames) if y is not None])
+    assert logits["torch"].shape == (10, 11)                               # one step every 3 frames
+    np.testing.assert_allclose(logits["leanlstm"], logits["torch"], atol=1e-5)
 
 
 def test_batches_are_seeded_per_epoch_and_split_across_processes(task, recordings_folder):
