@@ -17,6 +17,8 @@ class LMConfig:
     hidden_sizes: list[int] = field(default_factory=lambda: [200, 200])  # per-layer LSTM sizes
     dropout: float = 0.0                                           # on embeddings, between layers, before decoder
     init_range: float = 0.1                                        # uniform(-r, r) for every parameter
+    cell: str = "lstm"                                             # recurrent cell of every layer (nn.CELLS)
+    cell_options: dict[str, Any] = field(default_factory=dict)     # its options, e.g. {"gate_hidden": 325}
 
 
 class WordLM(nn.Module):
@@ -30,7 +32,8 @@ class WordLM(nn.Module):
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.embed_size)
         if lstm_config is None:
-            self.lstm = LSTM(config.embed_size, config.hidden_sizes, dropout=config.dropout)
+            self.lstm = LSTM(config.embed_size, config.hidden_sizes, dropout=config.dropout, cell=config.cell,
+                             cell_options=config.cell_options)
         else:
             self.lstm = LSTM.from_config(lstm_config)
         self.dropout = nn.Dropout(config.dropout)

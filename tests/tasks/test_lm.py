@@ -18,3 +18,17 @@ def test_set_dropout_applies_everywhere_and_is_recorded():
     for bad in (1.0, -0.1):
         with pytest.raises(ValueError, match="dropout"):
             model.set_dropout(bad)
+
+
+def test_the_cell_comes_from_the_config_and_survives_the_round_trip():
+    from leanlstm.tasks.ptb import PRESETS
+
+    assert PRESETS["hlstm-medium-cpu"].model.cell == "hlstm" and PRESETS["medium-cpu"].model.cell == "lstm"
+    config = LMConfig(vocab_size=30, embed_size=6, hidden_sizes=[8, 5], cell="hlstm", cell_options={"gate_hidden": 3})
+    model = WordLM(config)
+    assert [layer.cell for layer in model.lstm.layers] == ["hlstm", "hlstm"] and model.decoder.in_features == 5
+    rebuilt = WordLM.from_model_config(model.model_config())
+    assert [layer.widths for layer in rebuilt.lstm.layers] == [(3,) * 4] * 2
+    tokens = torch.randint(0, 30, (4, 2))
+    rebuilt.load_state_dict(model.state_dict())
+    assert torch.equal(model.eval()(tokens)[0], rebuilt.eval()(tokens)[0])
