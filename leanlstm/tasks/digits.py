@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 class DigitsConfig:
     hidden_sizes: list[int] = field(default_factory=lambda: [128, 128])  # per-layer LSTM sizes (unidirectional)
     stack: int = 3                                         # 10 ms feature frames per LSTM step (see DigitsCTC)
+    skip_steps: int = 3                                    # first LSTM steps whose outputs mean nothing (below)
     cell: str = "lstm"                                     # recurrent cell of every layer (leanlstm.nn.CELLS)
     cell_options: dict[str, Any] = field(default_factory=dict)   # its options, e.g. {"gate_hidden": 64} (hlstm)
     dropout: float = 0.0                                   # between LSTM layers and before the head
@@ -57,6 +58,8 @@ class DigitsConfig:
             self.features = FeatureConfig(**self.features)
         if self.stack < 1:
             raise ValueError(f"stack must be a positive number of frames, got {self.stack}")
+        if self.skip_steps < 0:
+            raise ValueError(f"skip_steps must be 0 or more, got {self.skip_steps}")
         if (self.mean is None) != (self.std is None):
             raise ValueError("give both mean and std, or neither")
         for name in ("mean", "std"):
@@ -107,6 +110,11 @@ class DigitsCTC(nn.Module):
     def steps(self, frames: torch.Tensor) -> torch.Tensor:
         """LSTM steps (logit rows) for inputs of ``frames`` feature frames."""
         return torch.div(frames, self.config.stack, rounding_mode="floor")
+
+    def decodable(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logit rows ``(S, ...)`` a decoder reads: all but the first ``config.skip_steps``, which training
+        leaves out of the loss (``DigitsTask.forward``) and which are therefore untrained."""
+        return logits[self.config.skip_steps:]
 
     @property
     def normalised(self) -> bool:
@@ -177,7 +185,7 @@ def transcribe(model: DigitsCTC, audio: np.ndarray, beam_width: int = 0, pad: fl
         return []
     was_training = model.training
     model.eval()
-    log_probs = model(inputs)[0][:, 0].log_softmax(-1)                            # (S, C)
+    log_probs = model.decodable(model(inputs)[0][:, 0]).log_softmax(-1)          # (S - skip, C)
     model.train(was_training)
     labels = ctc.beam_decode(log_probs, beam_width) if beam_width else ctc.greedy_decode(log_probs)
     return [label - 1 for label in labels]
@@ -233,7 +241,7 @@ class DigitsStream:
         out, self._pending = self._pending, []
         for frame in self.features.push(samples):
             logits = self.frame_logits(frame)
-            if logits is not None:
+            if logits is not None and self.steps > self.model.config.skip_steps:     # as DigitsCTC.decodable
                 out += [label - 1 for label in self.decoder.step(logits)]
         return out
 
@@ -290,7 +298,6 @@ class DigitsTrainConfig(TrainConfig):
     norm_utterances: int = 500        # clean training utterances the normalisation statistics come from
     eval_batch_size: int = 100
     beam_width: int = 0               # decoding in evaluation: 0 greedy, else prefix beam search of this width
-    skip_steps: int = 3               # LSTM steps at the start of an utterance left out of the CTC loss (see below)
 
 
 # --- presets ---------------------------------------------------------------------------------------------------------
@@ -433,10 +440,12 @@ class DigitsTask(Task):
     def forward(self, model: nn.Module, batch: Batch, state=None, with_loss: bool = True):
         """``(logits (S, B, 11), mean CTC loss per label, None)``: utterances are independent.
 
-        The loss leaves out the first ``skip_steps`` LSTM steps (90 ms at 30 ms a step; every utterance starts
-        with at least 100 ms of silence). A unidirectional model can tell its first step from all others by the
-        zero initial state alone, and early in training CTC parks every label there, where the audio says nothing
-        about the digit: the loss sticks at log(10) per label. Without those steps it moves on.
+        The loss leaves out the model's first ``skip_steps`` LSTM steps (90 ms at 30 ms a step; every utterance
+        starts with at least 100 ms of silence). A unidirectional model can tell its first step from all others by
+        the zero initial state alone, and early in training CTC parks every label there, where the audio says
+        nothing about the digit: the loss sticks at log(10) per label. Without those steps it moves on. Their
+        outputs are then untrained (a model may emit a digit there), so every decoder leaves them out as well
+        (``DigitsCTC.decodable``).
         """
         self.fit_normalisation(model)
         inner = getattr(model, "module", model)            # under DistributedDataParallel
@@ -444,7 +453,7 @@ class DigitsTask(Task):
         if not with_loss:
             return logits, None, None
         steps = inner.steps(batch.lengths)
-        return logits, ctc_loss(logits, steps, batch, self.train.skip_steps), None
+        return logits, ctc_loss(logits, steps, batch, inner.config.skip_steps), None
 
     # --- evaluation ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -462,8 +471,9 @@ class DigitsTask(Task):
             batch = collate([features[i] for i in index], [digits[i] for i in index])
             logits, _ = model(model.inputs(batch.features))
             steps = model.steps(batch.lengths)
-            total += float(ctc_loss(logits, steps, batch, self.train.skip_steps, reduction="sum"))
-            hypotheses |= dict(zip(index.tolist(), self.decode(logits, steps)))
+            skip = model.config.skip_steps
+            total += float(ctc_loss(logits, steps, batch, skip, reduction="sum"))
+            hypotheses |= dict(zip(index.tolist(), self.decode(model.decodable(logits), (steps - skip).clamp(min=0))))
         model.train(was_training)
         references = [" ".join(map(str, d)) for d in digits]
         transcripts = [ctc.labels_to_text(hypotheses[i]) for i in range(len(digits))]

@@ -122,6 +122,31 @@ def test_evaluate_reports_error_rates(task):
         task.evaluate(model, "dev")
 
 
+class _SaysSixFirst(D.DigitsCTC):
+    """Blank everywhere except a confident "6" at the first step of an utterance: what a trained model may emit
+    at the steps the loss leaves out (``skip_steps``), where nothing trains it."""
+
+    def forward(self, inputs, state=None):
+        logits = torch.zeros(*inputs.shape[:2], self.config.num_classes)
+        logits[..., 0] = 5.0                                      # blank
+        if state is None:
+            logits[0, :, 7] = 10.0                                # label 7: the digit 6, at the first step only
+        return logits, "started"
+
+
+def test_decoders_leave_out_the_untrained_first_steps(task):
+    """Evaluation, transcribe and the stream read the same steps the loss trains: no digit from the first ones."""
+    model = _SaysSixFirst(D.DigitsConfig(hidden_sizes=[8], mean=[0.0] * 40, std=[1.0] * 40)).eval()
+    assert model.config.skip_steps == 3 and task.evaluate(model, "valid")["wer"] == 1.0   # deletions only
+    audio = np.zeros(8000, np.float32)
+    assert D.transcribe(model, audio) == []
+    stream = D.DigitsStream(model, "torch")
+    assert stream.push(audio) + stream.finish() == [] and stream.steps > 3
+    unskipped = _SaysSixFirst(D.DigitsConfig(hidden_sizes=[8], skip_steps=0, mean=[0.0] * 40, std=[1.0] * 40))
+    assert D.transcribe(unskipped.eval(), audio) == [6]           # the check above can fail
+    assert task.evaluate(unskipped, "valid")["wer"] < 1.0         # every transcript "6": right where a 6 is said
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, fsdd_cache):
     """A finished run of the tiny preset on 24 utterances per set, through the run machinery."""
