@@ -27,14 +27,25 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for damaged files
-        raise CheckpointError(f"{path} is corrupt or not a leanlstm checkpoint ({type(error).__name__}: "
-                              f"{str(error)[:200]}). Restore it from a backup or start a new run.") from error
+        raise CheckpointError(f"{path} is corrupt or not a leanlstm checkpoint ({_reason(error)}). Restore it from "
+                              f"a backup or start a new run.") from error
     if not isinstance(payload, dict) or "format_version" not in payload:
         raise CheckpointError(f"{path} is not a leanlstm checkpoint (no format version)")
     if payload["format_version"] != FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format {payload['format_version']}, this leanlstm reads "
                               f"format {FORMAT_VERSION}; use the leanlstm version that wrote it")
     return payload
+
+
+def _reason(error: Exception) -> str:
+    """The first line of a load error. PyTorch's advice to retry with ``weights_only=False`` is replaced: that
+    unpickles the file, which runs whatever code it holds, and leanlstm checkpoints never need it."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if "weights_only" in str(error):
+        return (f"{type(error).__name__}: it holds Python objects besides tensors and plain data, which leanlstm "
+                f"checkpoints never do. Do not load it with torch.load(weights_only=False) unless you trust where "
+                f"it came from: that runs arbitrary code from the file")
+    return f"{type(error).__name__}: {text[:200]}"
 
 
 def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:

@@ -47,4 +47,58 @@ def _umask() -> int:
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    atomic_write(path, lambda handle: handle.write((json.dumps(data, indent=2) + "\n").encode()))
+    """Write ``data`` as JSON; NaN and infinities are refused (``ValueError``): JSON has no such numbers."""
+    text = json.dumps(data, indent=2, allow_nan=False)
+    atomic_write(path, lambda handle: handle.write((text + "\n").encode()))
+
+
+class FileProblem(ValueError):
+    """A file cannot be read or written as asked; the message names it and says what to do."""
+
+
+def read_json(path: str | os.PathLike, fix: str) -> Any:
+    """The JSON in ``path``; a file that cannot be read or parsed raises ``FileProblem`` naming it, the problem
+    and ``fix`` (what the user can do about it).
+
+    >>> import tempfile
+    >>> bad = Path(tempfile.mkdtemp()) / "config.json"
+    >>> _ = bad.write_text("{")
+    >>> read_json(bad, "restore it")
+    Traceback (most recent call last):
+    ...
+    leanlstm.files.FileProblem: .../config.json is not valid JSON (line 1, column 2: Expecting ...); restore it
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise FileProblem(f"cannot read {path} ({reason}); {fix}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise FileProblem(f"{path} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
+                          f"{fix}") from None
+
+
+def check_writable(path: str | os.PathLike, option: str, file: bool = False) -> None:
+    """Refuse an output path that cannot be created, before any work: the nearest existing folder at or above it
+    (above it, for a ``file``) must take a new file (tried with an unnamed temporary file, which is what counts
+    for root too, and leaves nothing behind).
+
+    >>> check_writable("/proc/leanlstm/out", "--out")
+    Traceback (most recent call last):
+    ...
+    leanlstm.files.FileProblem: --out /proc/leanlstm/out cannot be written: ...; choose another --out
+    """
+    path = Path(path).absolute()
+    existing = next(p for p in (path.parents if file else (path, *path.parents)) if p.exists())
+    if not existing.is_dir():
+        raise FileProblem(f"{option} {path} cannot be written: {existing} is a file, not a folder; choose another "
+                          f"{option}")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise FileProblem(f"{option} {path} cannot be written: {existing}: {error.strerror or error}; choose "
+                          f"another {option}") from None

@@ -8,8 +8,8 @@ overwritten by a new run.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -23,12 +23,12 @@ from torch import nn
 
 from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint, load_state
-from .files import leftover_temp_files, write_json
+from .files import FileProblem, leftover_temp_files, read_json, write_json
 from .graph import find_lstms
-from .methods import get_method
+from .methods import config_for, get_method
 from .tasks import DataConfig, Preset, Task, TaskError, get_task
 from .tasks.distill import DistillConfig, Distillation
-from .train import CHECKPOINT, Trainer, TrainConfig
+from .train import CHECKPOINT, ConfigError, Range, Trainer, TrainConfig, TrainingDiverged
 
 log = logging.getLogger(__name__)
 CONFIG, METRICS, LOG, LOCK = "config.json", "metrics.json", "log.txt", ".lock"
@@ -36,6 +36,20 @@ CONFIG, METRICS, LOG, LOCK = "config.json", "metrics.json", "log.txt", ".lock"
 
 class RunDirError(RuntimeError):
     """The run directory cannot be used as asked; the message says what to do."""
+
+
+# the command-line option of each RunConfig field (``--set KEY`` for the method's own options)
+OPTIONS = {"max_tokens": "--max-items", "verify_data": "--no-verify-data", "source": "--from",
+           "hidden_sizes": "--hidden-sizes", "dropout": "--dropout", "latency_repeats": "--latency-repeats",
+           "distill_from": "--distill-from", "distill_weight": "--distill-weight",
+           "distill_temperature": "--distill-temperature"}
+# what makes a run's model: a checkpoint written by a run that differs in these belongs to another run
+MODEL_FIELDS = ("task", "preset", "method", "hidden_sizes", "dropout", "source", "method_config")
+
+
+def option(name: str, prefix: str = "") -> str:
+    """``lr_decay`` -> ``--lr-decay``; with ``prefix="finetune"``, ``--finetune-lr-decay``."""
+    return "--" + "-".join(filter(None, (prefix, name.replace("_", "-"))))
 
 
 @dataclass
@@ -54,20 +68,39 @@ class RunConfig:
     latency_repeats: int = 20          # compressed runs: batch-1 latency samples at the end (0: don't measure)
     hidden_sizes: list[int] | None = None   # per-layer LSTM sizes instead of the preset's (e.g. ISS's found sizes)
     dropout: float | None = None            # dropout instead of the preset's (or the --from run's)
+    vocab_size: int | None = None           # vocabulary cap instead of the preset's (the text task)
     distill_from: str | None = None         # run directory of a teacher to distil from, in every phase
     distill_weight: float = 0.5             # share of the teacher's soft targets in the training loss
     distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        """Unknown tasks, presets of another task and bad settings fail here, before a run directory is made."""
-        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
-            raise RunDirError(f"--dropout must lie in [0, 1), got {self.dropout}")
+        """Unknown tasks, presets of another task, settings out of range and models too large for memory fail
+        here, before a run directory is made or data is read; a ``ConfigError`` names the command-line option."""
+        if self.dropout is not None:
+            Range(0, 1, high_open=True).check("--dropout", self.dropout)
+        Range(0, 10**6, integer=True, note="0: skip").check("--latency-repeats", self.latency_repeats)
         try:
             self.distill_config()
             self.preset = self.preset or self.task_type().default_preset
             self.task_type().preset(self.preset)
+        except ConfigError:
+            raise
         except ValueError as error:
             raise RunDirError(str(error)) from None
+        self.check()
+
+    def check(self) -> None:
+        """Build every config of the run once, so that each checks its ranges, under its option's name."""
+        _as_option(self.data_config, {"limit": "--max-items"})
+        train = _as_option(self.train_config, {name: option(name) for name in self.overrides}, "the preset's ")
+        if train.epochs < 1:        # only fine-tuning may train no epoch (the method's final step alone)
+            Range(1, 10**6, integer=True).check(option("epochs") if "epochs" in self.overrides else "the preset's "
+                                                "epochs", train.epochs)
+        _as_option(self.finetune_config, {name: option(name, "finetune") for name in self.finetune_overrides},
+                   "fine-tuning (from the compression phase's settings) ")
+        if self.method != "baseline":       # its errors name the option as the method's config calls it
+            get_method(self.method)(config_for(self.method, self.method_config))
+        self.model_config()
 
     def distill_config(self) -> DistillConfig:
         return DistillConfig(self.distill_weight, self.distill_temperature)
@@ -82,16 +115,20 @@ class RunConfig:
         return DataConfig(self.data_dir, self.max_tokens, self.verify_data)
 
     def model_config(self) -> Any:
-        """The preset's model config with this run's ``--dropout`` and ``--hidden-sizes``."""
+        """The preset's model config with this run's ``--dropout``, ``--hidden-sizes`` and ``--vocab-size``, fitted
+        to the run's data by the task (e.g. the text task's vocabulary to its corpus)."""
         task, config = self.task_type(), self.preset_config().model
         for option, change in (("--dropout", {"dropout": self.dropout}),
-                               ("--hidden-sizes", {"hidden_sizes": self.hidden_sizes})):
+                               ("--hidden-sizes", {"hidden_sizes": self.hidden_sizes}),
+                               ("--vocab-size", {"vocab_size": self.vocab_size})):
             if None not in change.values():
                 try:
                     config = task.configure_model(config, **change)
+                except ConfigError as error:
+                    raise error.renamed(option) from None
                 except TaskError as error:
                     raise RunDirError(f"{option} for preset {self.preset!r} of task {self.task!r}: {error}") from None
-        return config
+        return task.fit_model_config(config, self.data_config())
 
     def train_config(self) -> TrainConfig:
         train = self.preset_config().train
@@ -105,20 +142,42 @@ class RunConfig:
         """Fine-tuning continues from the compression phase's last lr and decays every epoch by default."""
         train = self.train_config()
         defaults = {"epochs": 3, "lr": train.lr_at(train.epochs), "decay_after": 1}
-        return replace(train, **(defaults | self.finetune_overrides))
+        try:
+            return replace(train, **(defaults | self.finetune_overrides))
+        except TypeError:
+            unknown = sorted(set(self.finetune_overrides) - {f.name for f in fields(train)})
+            raise RunDirError(f"task {self.task!r} has no fine-tuning setting {', '.join(unknown)}") from None
+
+
+def _as_option(build: Callable[[], Any], options: dict[str, str], other: str = "") -> Any:
+    """``build()``, with a ``ConfigError`` renamed to the option that set the value (``other`` + the field's name
+    when no option did: a preset's own value, say)."""
+    try:
+        return build()
+    except ConfigError as error:
+        raise error.renamed(options.get(error.name, other + error.name)) from None
 
 
 def prepare(out: Path, resume: bool) -> None:
     """Refuse to clobber: a finished run stays finished; an unfinished one needs ``--resume``. A run that
     stopped before its first checkpoint (only ``config.json`` and ``log.txt``) starts over in place."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"{out} is a file, not a run directory; choose another --out")
     if (out / METRICS).exists():
         raise RunDirError(f"{out} already holds a finished run ({METRICS}); choose another --out, or read it "
                           f"with `leanlstm eval {out}`")
     if resume and not (out / CHECKPOINT).exists():
         raise RunDirError(f"--resume given but {out} has no {CHECKPOINT}; drop --resume to start a new run")
+    if resume and not (out / CONFIG).is_file():
+        raise RunDirError(f"{out} has a {CHECKPOINT} but no {CONFIG}, so it cannot be resumed: restore {CONFIG} "
+                          f"from a backup, or start a new run in another --out")
     if not resume and out.exists():
         names = {path.name for path in out.iterdir()}
         if names and not names <= {CONFIG, LOG, LOCK}:
+            missing = [name for name in (CONFIG, CHECKPOINT) if name not in names]
+            if missing:
+                raise RunDirError(f"{out} is not empty; pass --resume only to continue a leanlstm run, and it holds "
+                                  f"none ({' and '.join(missing)} missing): choose another --out")
             raise RunDirError(f"{out} is not empty; pass --resume to continue the run there, or choose another "
                               f"--out")
         if names:
@@ -193,16 +252,43 @@ def _lock(out: Path):
 
 def saved_run(out: str | Path, run: RunConfig) -> RunConfig:
     """The configuration ``out`` was started with: a resumed run continues as it was asked, whatever the
-    command line says now (except ``--data-dir``, which may move)."""
+    command line says now (except ``--data-dir``, which may move); options that ask otherwise are named in a
+    warning."""
     out = Path(out)
     prepare(out, resume=True)           # finished, or nothing to resume: say so first
-    if not (out / CONFIG).is_file():
-        raise RunDirError(f"--resume given but {out} has no {CONFIG}; drop --resume to start a new run")
-    saved = RunConfig(**json.loads((out / CONFIG).read_text()))
+    saved = read_config(out)
     if (saved.task, saved.preset, saved.method) != (run.task, run.preset, run.method):
         raise RunDirError(f"{out} holds a {saved.task}/{saved.preset}/{saved.method} run; resume it with the "
                           f"same --task/--preset/--method")
+    ignored = ignored_options(run, saved)
+    if ignored:
+        log.warning("%s continues as it was started, so these options are ignored: %s (start a new run in another "
+                    "--out to use them)", out, "; ".join(ignored))
     return replace(saved, data_dir=run.data_dir or saved.data_dir)
+
+
+def ignored_options(asked: RunConfig, saved: RunConfig) -> list[str]:
+    """The options of ``asked`` (a resume's command line) that differ from the run ``saved`` as it was started:
+    ``"--epochs 7 (the run has 2)"``. An option left at its default counts as not given."""
+    ignored = []
+    for name, train, prefix in (("overrides", RunConfig.train_config, ""),
+                                ("finetune_overrides", RunConfig.finetune_config, "finetune")):
+        for key, value in getattr(asked, name).items():
+            theirs = getattr(train(saved), key, None)
+            if value != theirs:
+                ignored.append(f"{option(key, prefix)} {value} (the run has {theirs})")
+    defaults = RunConfig.__dataclass_fields__
+    for name, flag in OPTIONS.items():
+        value, theirs = getattr(asked, name), getattr(saved, name)
+        if value != theirs and value != defaults[name].default:
+            ignored.append(f"{flag} (the run checks its data files)" if name == "verify_data" else
+                           f"{flag} {value} (the run has {theirs})")
+    if asked.method != "baseline":
+        standard = get_method(asked.method).Config().to_dict()
+        for key, value in asked.method_config.items():
+            if value != saved.method_config.get(key) and value != standard.get(key):
+                ignored.append(f"--set {key}={value} (the run has {saved.method_config.get(key)})")
+    return ignored
 
 
 @contextmanager
@@ -302,6 +388,7 @@ def _run_phases(run: RunConfig, out: Path, make_model: Callable[[], nn.Module], 
                                   f"phases {names}")
         start = names.index(payload.get("phase", "train"))
         model = _model_from(run.task_type(), payload, out / CHECKPOINT)
+        check_adoptable(run, payload, model, out)
     for index in range(start, len(phases)):
         phase = phases[index]
         resuming = payload is not None and index == start
@@ -329,6 +416,11 @@ def _run_phases(run: RunConfig, out: Path, make_model: Callable[[], nn.Module], 
         metrics = summarise(run, model, history, valid, tests)
         if summary is not None:
             metrics |= summary(model)
+        broken = [f"{key} {value}" for key, value in metrics.items()
+                  if isinstance(value, float) and not math.isfinite(value)]
+        if broken:      # a run that finished must be usable: never mark one finished with a broken model
+            raise TrainingDiverged(f"the trained model gives {', '.join(broken)}; {out} stays unfinished: start a "
+                                   f"new run with a lower learning rate (--lr) or method strength")
         write_json(out / METRICS, metrics)
         metric = task.metric
         log.info("finished: valid %s %.2f, test %s %.2f", metric, metrics[f"val_{metric}"], metric,
@@ -342,14 +434,17 @@ def compress_run(run: RunConfig, out: str | Path, resume: bool = False, progress
     """Compress with ``run.method``: from ``run.source`` (a trained run) or from scratch, then fine-tune."""
     if resume:
         run = saved_run(out, run)
-    method = get_method(run.method)(get_method(run.method).Config(**run.method_config))
+    method = get_method(run.method)(config_for(run.method, run.method_config))
     task = run.task_type()
+    baseline = None         # the --from run's metrics, read now: a broken file fails before any training
     if run.source:
         source = read_config(run.source)
         if source.task != run.task:
             raise RunDirError(f"--from {run.source} is a {source.task} run; this run is {run.task}: compress a run "
                               f"of the same task")
-        if not (Path(run.source) / METRICS).is_file():
+        if (Path(run.source) / METRICS).is_file():
+            baseline = read_metrics(run.source, (f"test_{task.metric}", "lstm_params"))
+        else:
             log.warning("--from %s has not finished training (no %s): compressing its latest checkpoint",
                         run.source, METRICS)
     config = run.model_config()
@@ -368,10 +463,9 @@ def compress_run(run: RunConfig, out: str | Path, resume: bool = False, progress
 
     def summary(model: nn.Module) -> dict[str, Any]:
         extra = {"method_config": run.method_config, "source": run.source, **method.summary(model)}
-        baseline = Path(run.source) / METRICS if run.source else None
-        if baseline is not None and baseline.is_file():
-            base, key = json.loads(baseline.read_text()), f"test_{task.metric}"
-            extra |= {f"baseline_{key}": base[key], "baseline_lstm_params": base["lstm_params"]}
+        if baseline is not None:
+            key = f"test_{task.metric}"
+            extra |= {f"baseline_{key}": baseline[key], "baseline_lstm_params": baseline["lstm_params"]}
         # against the dense LSTMs of the model compression started from (the --from run's sizes, else the
         # preset's), so that removed units count as compression
         start = load_run(run.source)[1] if run.source else task.build_model(config)
@@ -409,11 +503,62 @@ def compare_latency(model: nn.Module, baseline: nn.Module, backends=("leanlstm",
 
 
 def read_config(run_dir: str | Path) -> RunConfig:
-    """The configuration a run directory was started with (its ``config.json``)."""
-    config = Path(run_dir) / CONFIG
-    if not config.is_file():
+    """The configuration a run directory was started with (its ``config.json``); a damaged file, or one that asks
+    for what this leanlstm cannot do, fails naming the file."""
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
         raise RunDirError(f"{run_dir} is not a leanlstm run directory (no {CONFIG})")
-    return RunConfig(**json.loads(config.read_text()))
+    fix = "restore it from a backup, or start a new run"
+    values = _read_json(path, fix)
+    if not isinstance(values, dict):
+        raise RunDirError(f"{path} holds a {type(values).__name__}, not a run's settings; {fix}")
+    unknown = sorted(set(values) - {f.name for f in fields(RunConfig)})
+    if unknown:
+        raise RunDirError(f"{path} has settings this leanlstm does not know ({', '.join(unknown)}): was it written "
+                          f"by another version? Use that version, or {fix}")
+    try:
+        return RunConfig(**values)
+    except (ValueError, TypeError, RunDirError) as error:
+        raise RunDirError(f"{path} asks for something this leanlstm cannot do ({error}); {fix}") from None
+
+
+def read_metrics(run_dir: str | Path, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A finished run's ``metrics.json``, checked to hold ``keys``; a damaged file fails naming it."""
+    path = Path(run_dir) / METRICS
+    fix = (f"restore it from a backup (the model is still in {CHECKPOINT}: `leanlstm eval {run_dir}` measures it), "
+           f"or delete it and finish the run again with --resume")
+    metrics = _read_json(path, fix)
+    if not isinstance(metrics, dict):
+        raise RunDirError(f"{path} holds a {type(metrics).__name__}, not a run's metrics; {fix}")
+    missing = [key for key in keys if key not in metrics]
+    if missing:
+        raise RunDirError(f"{path} lacks {', '.join(missing)}; {fix}")
+    return metrics
+
+
+def _read_json(path: Path, fix: str) -> Any:
+    try:
+        return read_json(path, fix)
+    except FileProblem as error:
+        raise RunDirError(str(error)) from None
+
+
+def check_adoptable(run: RunConfig, payload: dict[str, Any], model: nn.Module, out: Path) -> None:
+    """Refuse a checkpoint that another run wrote (copied in by hand, say) before resuming from it: the run it
+    records must have made the same model as ``out``'s ``config.json`` asks for; a baseline's model must have
+    the sizes the run's preset and options give."""
+    path, written = out / CHECKPOINT, payload.get("run_info") or {}
+    ours = asdict(run)
+    differ = [f"{name} {written[name]!r} there, {ours[name]!r} here" for name in MODEL_FIELDS
+              if name in written and written[name] != ours[name]]
+    if not differ and run.method == "baseline" and payload.get("phase", "train") == "train":
+        theirs, wanted = lstm_numbers(model)["hidden_sizes"], run.model_config()
+        expected = getattr(wanted, "hidden_sizes", None)
+        if expected is not None and isinstance(theirs, list) and list(expected) != theirs:
+            differ = [f"hidden sizes {theirs} there, {list(expected)} here"]
+    if differ:
+        raise CheckpointError(f"{path} belongs to another run ({'; '.join(differ)}), not the one {out / CONFIG} "
+                              f"describes; put back this run's checkpoint, or start a new run in another --out")
 
 
 def source_preset(source: str | Path) -> str:
@@ -499,8 +644,8 @@ def run_progress(run_dir: str | Path) -> dict[str, Any]:
     names = {"run": str(run_dir), "task": task.name, "metric": task.metric,
              "train_metric": task.train_metric_name}
     if (run_dir / METRICS).is_file():
-        metrics = json.loads((run_dir / METRICS).read_text())
         key = f"test_{task.metric}"
+        metrics = read_metrics(run_dir, ("history", key, "hidden_sizes"))
         return names | {"finished": True, "history": metrics["history"], key: metrics[key],
                         "hidden_sizes": metrics["hidden_sizes"]}
     pid = training_pid(run_dir)
@@ -520,7 +665,7 @@ def finished_hidden_sizes(run_dir: str | Path) -> list[int]:
     if not metrics.is_file():
         raise RunDirError(f"{run_dir} has not finished (no {METRICS}), so its sizes may still change; finish it "
                           f"first")
-    sizes = json.loads(metrics.read_text())["hidden_sizes"]
+    sizes = read_metrics(run_dir, ("hidden_sizes",))["hidden_sizes"]
     if not isinstance(sizes, list):
         raise RunDirError(f"{run_dir}'s model has several LSTM stacks ({', '.join(sizes)}): give --hidden-sizes")
     return list(sizes)

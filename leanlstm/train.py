@@ -7,13 +7,15 @@ that add loss terms and act around optimiser steps, and they work the same from 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -30,11 +32,147 @@ CHECKPOINT = "checkpoint.pt"
 # metrics are comparable.
 PRECISIONS = ("float32", "bfloat16")
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+MAX_LR = 1000.0         # beyond this no optimiser here trains: the weights leave float range within a few steps
+MAX_SEED = 2**32 - 1    # numpy's generators take seeds below 2**32
+
+
+# --- settings and their ranges ------------------------------------------------------------------------------------
+class ConfigError(ValueError):
+    """A setting outside its range; the message names the setting, its value and the range.
+
+    ``renamed`` gives the same error under another name (the CLI's option for a config field).
+    """
+
+    def __init__(self, name: str, value: Any, allowed: str) -> None:
+        self.name, self.value, self.allowed = name, value, allowed
+        super().__init__(f"{name} must {allowed}, got {value!r}")
+
+    def renamed(self, name: str) -> "ConfigError":
+        return ConfigError(name, self.value, self.allowed)
+
+
+class Range(NamedTuple):
+    """The values a numeric setting may take: ``low``..``high`` (either end open or unbounded), whole or not.
+
+    >>> Range(0, 1, low_open=True).check("lr_decay", 0.5)
+    >>> Range(0, 1, low_open=True).check("lr_decay", 0)
+    Traceback (most recent call last):
+    ...
+    leanlstm.train.ConfigError: lr_decay must lie in (0, 1], got 0
+    >>> Range(1, 100, integer=True).describe()
+    'be at least 1 and at most 100 (a whole number)'
+    """
+
+    low: float | None = None
+    high: float | None = None
+    integer: bool = False
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""               # what special values mean, e.g. "0: no clipping"
+
+    def describe(self) -> str:
+        """What a value must do, to follow "must": counts and factors are "at least" their lower bound (the upper
+        one is a sanity cap), shares and rates "lie in" their interval."""
+        low, high = _number(self.low), _number(self.high)
+        most = "" if self.high is None else f" and {'below' if self.high_open else 'at most'} {high}"
+        if self.low is not None and not self.low_open and (self.integer or self.low >= 1):
+            text = f"be at least {low}{most}"
+        elif self.low is None and self.high is None:
+            text = "be a finite number"
+        elif self.high is None:
+            text = f"be {'greater than' if self.low_open else 'at least'} {low}"
+        elif self.low is None:
+            text = f"be {'below' if self.high_open else 'at most'} {high}"
+        else:
+            text = f"lie in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        notes = [note for note in ("a whole number" if self.integer else "", self.note) if note]
+        return text + (f" ({'; '.join(notes)})" if notes else "")
+
+    def contains(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def check(self, name: str, value: Any) -> None:
+        if self.contains(value):
+            return
+        if self.integer and isinstance(value, float) and math.isfinite(value) and self.contains(int(value)):
+            raise ConfigError(name, value, "be a whole number")      # the one thing wrong with it
+        raise ConfigError(name, value, self.describe())
+
+
+def _number(value: float | None) -> str:
+    """Bounds as people write them: 1000000, 0.5, 1e+12."""
+    if value is not None and float(value).is_integer() and abs(value) < 1e10:
+        return str(int(value))
+    return f"{value:g}" if value is not None else ""
+
+
+COUNT = Range(0, 10**9, integer=True)            # a field of a subclass without a range of its own
+AMOUNT = Range(0, 1e12)
+
+
+def check_ranges(config: Any, ranges: dict[str, Range], optional: tuple[str, ...] = ()) -> None:
+    """Check every numeric field of the dataclass ``config`` against ``ranges`` (fields without one: whole numbers
+    in [0, 1e9] or finite numbers in [0, 1e12]); ``optional`` fields may also be None."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if value is None and field.name in optional:
+            continue
+        if field.name in ranges:
+            ranges[field.name].check(field.name, value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            (COUNT if isinstance(value, int) else AMOUNT).check(field.name, value)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process may still take: Linux's MemAvailable, else all physical memory; None: unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_memory(name: str, value: Any, needed: float, what: str) -> None:
+    """Refuse a request that needs more memory than the machine has, before anything is allocated."""
+    free = available_memory()
+    if free is not None and needed > free:
+        raise ConfigError(name, value, f"fit in memory: {what} would take {needed / 2**30:,.1f} GiB and "
+                                       f"{free / 2**30:,.1f} GiB is available")
 
 
 @dataclass
 class TrainConfig:
-    """The schedule every task shares; a task with settings of its own subclasses it (``Task.train_config_type``)."""
+    """The schedule every task shares; a task with settings of its own subclasses it (``Task.train_config_type``)
+    and may extend ``ranges`` for its fields (other numeric fields must be finite and >= 0).
+
+    Every setting is checked on construction:
+
+    >>> TrainConfig(clip=-5)
+    Traceback (most recent call last):
+    ...
+    leanlstm.train.ConfigError: clip must lie in [0, 1000000] (0: no clipping), got -5
+    """
+
+    ranges: ClassVar[dict[str, Range]] = {
+        "epochs": Range(0, 10**6, integer=True, note="0: a phase that trains nothing"),
+        "batch_size": Range(1, 10**6, integer=True),
+        "lr": Range(0, MAX_LR, low_open=True), "lr_decay": Range(0, 1, low_open=True),
+        "decay_after": Range(0, 10**6, integer=True), "clip": Range(0, 1e6, note="0: no clipping"),
+        "seed": Range(0, MAX_SEED, integer=True), "max_batches": Range(1, 10**12, integer=True),
+        "checkpoint_minutes": Range(0, 1e6, note="0: at epoch ends only")}
 
     epochs: int = 13                 # passes over the training split
     batch_size: int = 20             # global batch (split across processes under torchrun)
@@ -49,10 +187,11 @@ class TrainConfig:
     optimizer: str = "sgd"           # sgd (plain, no momentum) or adam; see OPTIMIZERS
 
     def __post_init__(self) -> None:
+        check_ranges(self, self.ranges, optional=("max_batches",))
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise ConfigError("precision", self.precision, f"be one of {', '.join(PRECISIONS)}")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+            raise ConfigError("optimizer", self.optimizer, f"be one of {', '.join(OPTIMIZERS)}")
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of 1-based ``epoch``."""
@@ -60,7 +199,11 @@ class TrainConfig:
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss, a gradient or a validation metric became NaN or infinite."""
+
+
+class NoTrainingData(ValueError):
+    """The training split gives not one batch: an epoch would train nothing."""
 
 
 class Callback:
@@ -141,7 +284,9 @@ class Trainer:
             metrics = {"phase": self.phase, "epoch": epoch, "lr": lr, "train_loss": train_loss,
                        f"train_{self.task.train_metric_name}": self.task.train_metric(train_loss)}
             metrics |= {f"val_{k}": v for k, v in self.evaluate("valid").items()}
-            self._check_finite(metrics.get("val_loss", 0.0), "validation loss", epoch)
+            for key, value in metrics.items():      # e.g. a finite loss whose perplexity overflows
+                if key.startswith(("train_", "val_")) and isinstance(value, (int, float)):
+                    self._check_finite(value, key.replace("val_", "validation ").replace("_", " "), epoch)
             metrics["seconds"] = time.perf_counter() - started
             for callback in self.callbacks:
                 callback.on_epoch_end(self, epoch, metrics)
@@ -162,6 +307,8 @@ class Trainer:
         self.within_epoch = None
         epoch_started = time.perf_counter()
         limit = self.task.num_train_batches()
+        if limit < 1:
+            raise self._no_batches()
         if self.config.max_batches is not None:
             limit = min(limit, self.config.max_batches)
         bar = tqdm(total=limit, desc=f"epoch {epoch}/{self.config.epochs}", leave=False, unit="batch",
@@ -186,7 +333,13 @@ class Trainer:
                 self.save({"epoch": epoch, "batches": batches, "total": total, "state": state,
                            "seconds": time.perf_counter() - epoch_started})
         bar.close()
-        return total / max(batches, 1)
+        if batches == 0:
+            raise self._no_batches()
+        return total / batches
+
+    def _no_batches(self) -> NoTrainingData:
+        return NoTrainingData(f"the training split gives no batch of {self.config.batch_size}: there is nothing to "
+                              f"train; use more of the data (a larger --max-items, or none)")
 
     def _autocast(self) -> torch.autocast:
         device = next(self.model.parameters()).device.type

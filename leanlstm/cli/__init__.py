@@ -7,10 +7,11 @@ import sys
 import click
 
 from ..checkpoint import CheckpointError
+from ..files import FileProblem
 from ..runs import RunDirError
 from ..runtime.profile import ProfileError
 from ..tasks.data import DataError
-from ..train import TrainingDiverged
+from ..train import ConfigError, TrainingDiverged
 from . import bench as bench_command
 from . import compress as compress_command
 from . import eval as eval_command
@@ -22,15 +23,20 @@ from . import train as train_command
 from . import transcribe as transcribe_command
 
 # Errors whose message already tells the user what to do: print it, no traceback.
-USER_ERRORS = (CheckpointError, DataError, ProfileError, RunDirError, TrainingDiverged, ValueError)
+USER_ERRORS = (CheckpointError, DataError, FileProblem, ProfileError, RunDirError, TrainingDiverged, ValueError)
 
 
 class Main(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except ConfigError as error:        # an option out of its range: a usage error, named by its option
+            raise click.UsageError(str(error), ctx) from error
         except USER_ERRORS as error:
             raise click.ClickException(str(error)) from error
+        except OSError as error:            # the disk, not a bug: a full or read-only file system, say
+            where = f"{error.filename}: " if error.filename else ""
+            raise click.ClickException(f"{where}{error.strerror or error}") from error
 
 
 @click.group(cls=Main)

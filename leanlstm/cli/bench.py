@@ -16,9 +16,12 @@ DEFAULT_BACKENDS = ("leanlstm", "torch", "onnxruntime", "torch-int8")
 @click.option("--backend", "backends", multiple=True, default=DEFAULT_BACKENDS, show_default=True,
               help="Backend to time (repeat the option for several): leanlstm, torch, torch-int8, "
                    "onnxruntime, onnxruntime-forms.")
-@click.option("--seq-len", type=int, default=35, show_default=True, help="Time steps per timed sequence.")
-@click.option("--repeats", type=int, default=30, show_default=True, help="Timed sequences per model and backend.")
-@click.option("--threads", type=int, default=1, show_default=True, help="Threads for every backend.")
+@click.option("--seq-len", type=click.IntRange(1, 10**5), default=35, show_default=True,
+              help="Time steps per timed sequence.")
+@click.option("--repeats", type=click.IntRange(1, 10**5), default=30, show_default=True,
+              help="Timed sequences per model and backend.")
+@click.option("--threads", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="Threads for every backend.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @options.task
 def command(run_dirs, backends, seq_len, repeats, threads, as_json, task_name):
@@ -63,8 +66,9 @@ def _print_table(report: dict) -> None:
     width = max(len(run["run"]) for run in report["runs"]) + 2
     header = f"{'run':<{width}}{'params':>10}{'bytes':>10}" + "".join(f"{b:>19}" for b in backends)
     click.echo(f"us per time step, batch 1, seq_len {report['settings']['seq_len']}, "
-               f"{report['settings']['threads']} thread(s); median (IQR); ratio: {reference} vs the first run")
-    click.echo(header + f"{'ratio':>8}")
+               f"{report['settings']['threads']} thread(s); median (IQR); last column: the {reference} latency "
+               f"ratio to the first run, as faster or slower")
+    click.echo(header + f"  {'vs first':<14}")
     for run in report["runs"]:
         cells = []
         for name in backends:
@@ -72,10 +76,23 @@ def _print_table(report: dict) -> None:
             cells.append(f"{stats['median']:>11.1f} ({stats['iqr']:>4.1f})" if stats else f"{'failed':>19}")
         ratio = run["ratio_to_first"].get(reference)
         click.echo(f"{run['run']:<{width}}{_si(run['params']):>10}{_si(run['bytes'], 'B'):>10}" + "".join(cells)
-                   + (f"{ratio:>7.2f}x" if ratio is not None else f"{'-':>8}"))
+                   + f"  {speed(ratio) if run is not report['runs'][0] else '1.00x (first)'}")
     for run in report["runs"]:
         for name, message in run["errors"].items():
             click.echo(f"{run['run']}: {name} failed: {message}", err=True)
+
+
+def speed(ratio: float | None) -> str:
+    """A latency ratio (this run's over the first's) in words: ``1.34`` -> ``"1.34x slower"``.
+
+    >>> speed(1.34), speed(0.5), speed(1.0), speed(None)
+    ('1.34x slower', '2.00x faster', 'same speed', '-')
+    """
+    if ratio is None or not ratio > 0:
+        return "-"
+    if round(ratio, 2) == 1.0:
+        return "same speed"
+    return f"{ratio:.2f}x slower" if ratio > 1 else f"{1 / ratio:.2f}x faster"
 
 
 def _si(value: float, unit: str = "") -> str:

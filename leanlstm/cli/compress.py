@@ -8,8 +8,10 @@ import sys
 import click
 
 from .. import methods
+from ..files import check_writable
 from ..methods.base import parse_settings
-from ..runs import RunConfig, compress_run, source_preset, source_task
+from ..runs import RunConfig, compress_run, read_config
+from ..train import ConfigError
 from . import options
 
 
@@ -32,11 +34,13 @@ from . import options
               help="Epochs of fine-tuning (default 3; 0: apply the method's final step and stop).")
 @click.option("--finetune-lr", type=float, help="Fine-tuning lr (default: the compression phase's last lr).")
 @click.option("--resume", is_flag=True, help="Continue the unfinished run in --out.")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Data folder (default: $LEANLSTM_DATA).")
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="Data folder (default: the --from run's, else $LEANLSTM_DATA).")
 @click.option("--max-batches", type=int, help="Stop each epoch after this many batches (smoke runs).")
 @click.option("--max-items", "--max-tokens", "max_tokens", type=int,
               help="Use only the first N items (tokens, utterances) of every split (smoke runs).")
-@click.option("--no-verify-data", is_flag=True, help="Skip the checksums of the data files (for slices).")
+@click.option("--no-verify-data", is_flag=True,
+              help="Skip the checksums of the data files (for slices; default: as the --from run did).")
 @click.option("--latency-repeats", type=click.IntRange(min=0), default=20, show_default=True,
               help="Batch-1 latency samples of the result and its dense baseline at the end (0: skip).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
@@ -51,21 +55,27 @@ def command(method_name, source, task, preset, out, strength, settings, dropout,
     \b
     Example:  leanlstm compress --method iss --from runs/ptb-small --strength 0.002 --out runs/ptb-small-iss
     """
+    check_writable(out, "--out")
     method = methods.get_method(method_name)
     try:
         options = parse_settings(settings) | ({"strength": strength} if strength is not None else {})
-    except ValueError as error:
-        raise click.BadParameter(str(error), param_hint="--set") from error
-    config = method.Config.from_strings(options)
-    if task is None:
-        task = source_task(source) if source else "ptb"
-    if preset is None and source:
-        preset = source_preset(source)
+        config = method.Config.from_strings(options)
+    except ValueError as error:     # ConfigError included: it names the method's option
+        named = isinstance(error, ConfigError) and error.name.endswith("strength")
+        given = "--strength" if named and strength is not None else "--set"
+        raise click.BadParameter(str(error), param_hint=given) from error
+    if source:      # what is not given comes from the --from run: its task, preset and data
+        origin = read_config(source)
+        task, preset = task or origin.task, preset or origin.preset
+        data_dir = data_dir or origin.data_dir
+        verify_data = origin.verify_data and not no_verify_data
+    else:
+        task, verify_data = task or "ptb", not no_verify_data
     overrides = {k: v for k, v in dict(epochs=epochs, lr=lr, decay_after=decay_after, lr_decay=lr_decay,
                                          max_batches=max_batches, precision=precision).items() if v is not None}
     finetune = {k: v for k, v in dict(epochs=finetune_epochs, lr=finetune_lr).items() if v is not None}
     run = RunConfig(task=task, preset=preset, method=method_name, data_dir=data_dir, max_tokens=max_tokens,
-                    verify_data=not no_verify_data, overrides=overrides, method_config=config.to_dict(),
+                    verify_data=verify_data, overrides=overrides, method_config=config.to_dict(),
                     source=source, finetune_overrides=finetune, latency_repeats=latency_repeats, dropout=dropout,
                     distill_from=distill_from, distill_weight=distill_weight,
                     distill_temperature=distill_temperature,

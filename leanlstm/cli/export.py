@@ -4,9 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import onnx
 
+from ..files import check_writable
 from ..runs import load_run
-from ..runtime.onnx import DEFAULT_OPSET, RECURRENCES, export_onnx
+from ..runtime.onnx import DEFAULT_OPSET, MIN_OPSET, RECURRENCES, export_onnx
 from . import options
 
 
@@ -15,7 +17,8 @@ from . import options
 @click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), help="Output file (default: RUN_DIR/model.onnx).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset version.")
+@click.option("--opset", type=click.IntRange(MIN_OPSET, onnx.defs.onnx_opset_version()), default=DEFAULT_OPSET,
+              show_default=True, help="ONNX opset version.")
 @click.option("--recurrence", type=click.Choice(RECURRENCES), default="auto", show_default=True,
               help="auto: ONNX LSTM operator for dense layers, a Scan over the forms' own products otherwise.")
 @click.option("--no-state-inputs", is_flag=True, help="Start from a zero state instead of taking h0/c0 inputs.")
@@ -30,6 +33,9 @@ def command(run_dir, fmt, out, force, opset, recurrence, no_state_inputs, task_n
     out = Path(out) if out else Path(run_dir) / f"model.{fmt}"
     if out.exists() and not force:
         raise click.ClickException(f"{out} already exists; pass --force to replace it, or choose another --out")
+    if out.is_dir():
+        raise click.BadParameter(f"{out} is a folder; give a file name", param_hint="--out")
+    check_writable(out, "--out", file=True)
     _, model, _ = load_run(run_dir)
     path = export_onnx(model.eval(), out, opset=opset, state_inputs=not no_state_inputs,
                        recurrence=recurrence, overwrite=True)

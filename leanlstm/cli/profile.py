@@ -5,32 +5,50 @@ import json
 
 import click
 
+from ..files import check_writable
 from ..runtime.backends import BACKENDS
+from ..runtime.profile import ProfileSettings, check_sizes
+from ..train import ConfigError, Range
+
+# the command-line option of each ProfileSettings field
+OPTIONS = {"num_layers": "--layers", "input_size": "--input-size", "seq_len": "--seq-len", "repeats": "--repeats",
+           "threads": "--threads"}
 
 
-def parse_sizes(spec: str) -> list[int]:
-    """``"8:64:8,100,128:256"`` -> sizes; ``a:b:s`` runs from a to b inclusive in steps of s (default 1).
-
-    >>> parse_sizes("8:24:8,100")
-    [8, 16, 24, 100]
-    """
-    sizes = set()
+def parse_ranges(spec: str) -> list[range]:
+    """``"8:64:8,100"`` -> ``[range(8, 65, 8), range(100, 101)]``: ``a:b:s`` runs from a to b inclusive in steps of
+    s (default 1). Nothing is expanded, so a request of any size costs nothing to read and to check."""
+    ranges = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         try:
             bounds = [int(v) for v in part.split(":")]
         except ValueError:
             raise click.BadParameter(f"{part!r} is not a size or a range a:b[:step]", param_hint="--sizes") from None
         if len(bounds) == 1:
-            sizes.add(bounds[0])
+            ranges.append(range(bounds[0], bounds[0] + 1))
         elif len(bounds) in (2, 3) and (len(bounds) == 2 or bounds[2] > 0):
-            start, stop, step = bounds[0], bounds[1], bounds[2] if len(bounds) == 3 else 1
-            sizes.update(range(start, stop + 1, step))
+            ranges.append(range(bounds[0], bounds[1] + 1, bounds[2] if len(bounds) == 3 else 1))
         else:
             raise click.BadParameter(f"{part!r} is not a size or a range a:b[:step] with step > 0",
                                      param_hint="--sizes")
-    if not sizes or min(sizes) < 1:
+    if not any(ranges) or min(r[0] for r in ranges if r) < 1:
         raise click.BadParameter(f"need positive sizes, got {spec!r}", param_hint="--sizes")
-    return sorted(sizes)
+    return [r for r in ranges if r]
+
+
+def parse_sizes(spec: str, settings: ProfileSettings | None = None) -> list[int]:
+    """``"8:64:8,100,128:256"`` -> sizes, once their number (at most ``MAX_SIZES``) and the largest (it must fit in
+    memory) are checked.
+
+    >>> parse_sizes("8:24:8,100")
+    [8, 16, 24, 100]
+    """
+    ranges = parse_ranges(spec)
+    try:
+        check_sizes(sum(len(r) for r in ranges), max(r[-1] for r in ranges), settings or ProfileSettings())
+    except ConfigError as error:
+        raise click.BadParameter(str(error), param_hint="--sizes") from None
+    return sorted(set().union(*ranges))
 
 
 def parse_options(pairs: tuple[str, ...]) -> dict:
@@ -70,17 +88,23 @@ def command(sizes, out, backend, layers, input_size, form, form_options, seq_len
     \b
     Example:  leanlstm profile --sizes 32:1024:8 --out profiles/dense-1layer
     """
-    from ..runtime.profile import ProfileSettings, profile
+    from ..runtime.profile import profile
 
-    settings = ProfileSettings(backend=backend, num_layers=layers, input_size=input_size, form=form,
-                               form_options=parse_options(form_options), seq_len=seq_len, repeats=repeats,
-                               threads=threads)
+    try:
+        settings = ProfileSettings(backend=backend, num_layers=layers, input_size=input_size, form=form,
+                                   form_options=parse_options(form_options), seq_len=seq_len, repeats=repeats,
+                                   threads=threads)
+    except ConfigError as error:
+        raise error.renamed(OPTIONS.get(error.name, error.name)) from None
+    Range(0, 1, high_open=True).check("--tolerance", tolerance)
+    sizes = parse_sizes(sizes, settings)
+    check_writable(out, "--out")
 
     def progress(size, row):
         if not as_json:
             click.echo(f"size {size:>6}: {row['median']:10.2f} us/step (IQR {row['p75'] - row['p25']:.2f})")
 
-    table = profile(parse_sizes(sizes), out, settings, on_row=progress)
+    table = profile(sizes, out, settings, on_row=progress)
     if as_json:
         click.echo(json.dumps(table.to_dict(tolerance), indent=2))
         return

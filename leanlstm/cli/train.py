@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from ..files import check_writable
 from ..runs import RunConfig, finished_hidden_sizes, train_run
 from . import options
 
@@ -37,6 +38,9 @@ def _sizes(text: str | None) -> list[int] | None:
 @click.option("--hidden-sizes", help="Per-layer LSTM sizes instead of the preset's, e.g. 120,95 (a direct design).")
 @click.option("--hidden-sizes-from", type=click.Path(exists=True, file_okay=False),
               help="The per-layer sizes a finished run ended with (e.g. an ISS result): its direct design.")
+@click.option("--vocab-size", type=click.IntRange(min=2),
+              help="Vocabulary cap of the text task: the most frequent training words plus <unk> (default: the "
+                   "preset's 10000, or the corpus's own vocabulary when smaller).")
 @click.option("--max-batches", type=int, help="Stop each epoch after this many batches (smoke runs).")
 @click.option("--max-items", "--max-tokens", "max_tokens", type=int,
               help="Use only the first N items (tokens, utterances) of every split (smoke runs).")
@@ -45,13 +49,14 @@ def _sizes(text: str | None) -> list[int] | None:
 @options.distillation
 @options.precision
 def command(task, preset, out, resume, data_dir, dropout, epochs, lr, clip, seed, hidden_sizes, hidden_sizes_from,
-            max_batches, max_tokens, no_verify_data, no_progress, distill_from, distill_weight,
+            vocab_size, max_batches, max_tokens, no_verify_data, no_progress, distill_from, distill_weight,
             distill_temperature, precision):
     """Train a task's model from a preset.
 
     \b
     Example:  leanlstm train --task ptb --preset small --out runs/ptb-small
     """
+    check_writable(out, "--out")
     sizes = _sizes(hidden_sizes)
     if hidden_sizes_from is not None:
         if sizes is not None:
@@ -61,7 +66,7 @@ def command(task, preset, out, resume, data_dir, dropout, epochs, lr, clip, seed
                                        max_batches=max_batches, precision=precision).items() if v is not None}
     run = RunConfig(task=task, preset=preset, data_dir=data_dir, max_tokens=max_tokens,
                     verify_data=not no_verify_data, overrides=overrides, hidden_sizes=sizes, dropout=dropout,
-                    distill_from=distill_from, distill_weight=distill_weight,
+                    vocab_size=vocab_size, distill_from=distill_from, distill_weight=distill_weight,
                     distill_temperature=distill_temperature,
                     command=shlex.join(["leanlstm"] + sys.argv[1:]))
     metrics = train_run(run, out, resume=resume, progress=not no_progress)

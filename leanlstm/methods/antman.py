@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..nn.forms import GroupLowRank  # noqa: F401  (the docstring examples)
 from ..nn.forms import LowRank, WeightForm
-from .base import MethodConfig
+from ..train import Range
+from .base import COMPRESSION, MethodConfig
 from .doping import FitsStructure
 from .pruning import weight_compression
 
@@ -62,6 +63,10 @@ class AntMan(MethodConfig):
     groups: int = 0                   # groups per matrix (a divisor of both its sizes); 0: chosen per matrix
     min_block_rank: int = 8           # grouplowrank, groups=0: the most groups whose blocks keep this rank
     shuffle: bool = True              # channel shuffle between the groups of consecutive stages
+
+    ranges = {"reduction": COMPRESSION, "groups": Range(0, 10**6, integer=True, note="0: chosen per matrix"),
+              "min_block_rank": Range(1, 10**6, integer=True)}
+    choices = {"structure": STRUCTURES, "budget": BUDGETS}
 
 
 def multiply_adds(form: WeightForm) -> int:
@@ -107,16 +112,7 @@ class AntManMethod(FitsStructure):
     distill_from_source: ClassVar[bool] = True
 
     def __init__(self, config: AntMan | None = None) -> None:
-        super().__init__(config)
-        c = self.config
-        if c.structure not in STRUCTURES:
-            raise ValueError(f"structure must be one of {', '.join(STRUCTURES)}, got {c.structure!r}")
-        if c.budget not in BUDGETS:
-            raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {c.budget!r}")
-        if c.reduction < 1.0:
-            raise ValueError(f"reduction must be at least 1, got {c.reduction}")
-        if c.min_block_rank < 1:
-            raise ValueError(f"min_block_rank must be at least 1, got {c.min_block_rank}")
+        super().__init__(config)      # the config checked its ranges when it was made
 
     # --- sizing ---------------------------------------------------------------------------------------------
     def budget_values(self, out: int, inp: int) -> float:

@@ -18,7 +18,6 @@ Methods register by ``name`` (the CLI's ``--method``); adding one is a new file 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -28,7 +27,7 @@ from torch import nn
 
 from ..graph import lstm_forms
 from ..nn import LSTM, WeightForm  # noqa: F401  (LSTM: the docstring examples)
-from ..train import Callback
+from ..train import Callback, ConfigError, Range, check_ranges
 
 if TYPE_CHECKING:
     from ..compress import Compression
@@ -52,16 +51,37 @@ def parse_settings(pairs: Iterable[str]) -> dict[str, str]:
     return settings
 
 
+UNIT = Range(0, 1)                           # shares, fractions, densities
+SHARE = Range(0, 1, low_open=True, high_open=True)
+COMPRESSION = Range(1, 1e6)                  # beyond this not one value of a matrix would be left
+STEPS = Range(0, 10**12, integer=True)
+
+
 @dataclasses.dataclass
 class MethodConfig:
-    """Base of every method's configuration; fields need defaults that work. Numbers must be finite and >= 0."""
+    """Base of every method's configuration; fields need defaults that work. Every numeric field is checked on
+    construction against ``ranges`` (fields without one: finite and >= 0); ``choices`` name the allowed words of
+    text fields. Errors name the option, its value and its range:
+
+    >>> from leanlstm.methods import ISS
+    >>> ISS(threshold=1e308)
+    Traceback (most recent call last):
+    ...
+    leanlstm.train.ConfigError: threshold must lie in [0, 1] (...), got 1e+308
+    """
+
+    ranges: ClassVar[dict[str, Range]] = {}
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
+        for field in dataclasses.fields(self):      # what every method's numbers share, checked first
             value = getattr(self, field.name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and not (
-                    math.isfinite(value) and value >= 0):
-                raise ValueError(f"option {field.name} must be a finite number >= 0, got {value}")
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not Range(0).contains(value):
+                raise ConfigError(f"option {field.name}", value, "be a finite number >= 0")
+        check_ranges(self, self.ranges)
+        for name, allowed in self.choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(name, getattr(self, name), f"be one of {', '.join(allowed)}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "MethodConfig":

@@ -44,9 +44,10 @@ from ..nn.forms import Doped as DopedForm
 from ..nn.forms import WeightForm, form_class
 from ..nn.forms.base import FLOAT_BYTES
 from ..nn.forms.sparse import csr_nbytes
-from .base import Method, MethodConfig, Preset
-from .pruning import (GradualPruning, as_forms, convert_forms, final_entries, schedule_length, sparsity_summary,
-                      weight_compression)
+from ..train import ConfigError, Range
+from .base import COMPRESSION, SHARE, STEPS, UNIT, Method, MethodConfig, Preset
+from .pruning import (GradualPruning, as_forms, check_anneal, convert_forms, final_entries, schedule_length,
+                      sparsity_summary, weight_compression)
 
 if TYPE_CHECKING:
     from ..compress import Compression
@@ -113,6 +114,13 @@ class Structured(MethodConfig):
     compression: float = 20.0      # target honest compression of the LSTM weight matrices (biases excluded)
     full_row_share: float = 0.5    # hybrid only: share of the structure's bytes spent on its dense rows
 
+    ranges = {"compression": COMPRESSION, "full_row_share": UNIT}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.structure not in SIZERS:
+            raise ConfigError("structure", self.structure, f"be one of {', '.join(SIZERS)}")
+
 
 @dataclass
 class Doped(Structured):
@@ -130,6 +138,16 @@ class Doped(Structured):
     cmr: float = 0.5               # co-matrix dropout probability before finalize() (0: off)
     cmr_mode: str = "row"          # row: each row of D dropped on its own; matrix: all of D at once
     total_steps: int = 0           # optimiser steps the schedule spans in a user loop (0: Trainer's phase length)
+
+    ranges = Structured.ranges | {
+        "doping_share": SHARE, "initial_density": Range(0, 1, low_open=True), "anneal_start": UNIT,
+        "anneal_end": UNIT, "prune_every": Range(1, 10**9, integer=True), "cmr": Range(0, 1, high_open=True),
+        "total_steps": STEPS}
+    choices = {"cmr_mode": ("row", "matrix")}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_anneal(self)
 
 
 StructuredConfig, DopingConfig = Structured, Doped  # the names before issue 20
@@ -188,14 +206,10 @@ class StructuredMethod(FitsStructure):
 
     def __init__(self, config: Structured | None = None) -> None:
         super().__init__(config)
-        wanted = self.config.structure
-        if wanted not in SIZERS:
-            raise ValueError(f"structure must be one of {', '.join(SIZERS)}, got {wanted!r}")
+        wanted = self.config.structure      # the config checked its ranges when it was made
         if self.structure is not None and wanted != self.structure:
             raise ValueError(f"method {self.name} uses structure {self.structure}, not {wanted}; pick the "
                              f"method of that structure instead")
-        if self.config.compression < 1.0:
-            raise ValueError(f"compression must be at least 1, got {self.config.compression}")
 
     def structure_bytes(self, out: int, inp: int) -> float:
         """Bytes the structured part of an ``out x inp`` matrix may take: all of the budget."""
@@ -226,10 +240,6 @@ class DopedMethod(StructuredMethod):
     def __init__(self, config: Doped | None = None) -> None:
         super().__init__(config)
         c = self.config
-        if not 0.0 < c.doping_share < 1.0:
-            raise ValueError(f"doping_share must lie in (0, 1), got {c.doping_share}")
-        if not 0.0 <= c.cmr < 1.0:
-            raise ValueError(f"cmr must lie in [0, 1), got {c.cmr}")
         self.annealing = GradualPruning(c.compression, c.initial_density, c.anneal_start, c.anneal_end,
                                         c.prune_every)
 

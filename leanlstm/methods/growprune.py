@@ -51,8 +51,8 @@ import torch.distributed as dist
 from .. import distributed
 from ..nn import LSTM  # noqa: F401  (the docstring examples)
 from ..nn.forms import MaskedSparse
-from ..train import Callback
-from .base import Method, MethodConfig
+from ..train import MAX_LR, MAX_SEED, Callback, Range
+from .base import COMPRESSION, STEPS, UNIT, Method, MethodConfig
 from .pruning import convert_forms, final_entries, sparsity_summary
 
 if TYPE_CHECKING:
@@ -86,21 +86,13 @@ class GrowPrune(MethodConfig):
     loss_tolerance: float = 0.0   # stop pruning once val loss > (1 + this) x its value when pruning began (0: off)
     total_steps: int = 0          # optimiser steps of the phase in a user loop (needed only for the 0 = auto fields)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        checks = [(0.0 < self.seed_density <= 1.0, f"seed_density must lie in (0, 1], got {self.seed_density}"),
-                  (self.compression >= 1.0, f"compression must be at least 1, got {self.compression}"),
-                  (0.0 <= self.grow_ratio <= 1.0, f"grow_ratio must lie in [0, 1], got {self.grow_ratio}"),
-                  (0.0 < self.prune_ratio < 1.0, f"prune_ratio must lie in (0, 1), got {self.prune_ratio}"),
-                  (self.seed_mask in SEEDS, f"seed_mask must be one of {SEEDS}, got {self.seed_mask!r}"),
-                  (self.grow_init in INITS, f"grow_init must be one of {INITS}, got {self.grow_init!r}")]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        for name in ("generator_seed", "grow_steps", "grow_every", "prune_every", "total_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be a whole number, got {value!r}")
+    ranges = {"compression": COMPRESSION, "seed_density": Range(0, 1, low_open=True), "grow_ratio": UNIT,
+              "prune_ratio": Range(0, 1, low_open=True, high_open=True),
+              "generator_seed": Range(0, MAX_SEED, integer=True),
+              "grow_steps": Range(0, 10**6, integer=True), "grow_every": STEPS, "prune_every": STEPS,
+              "total_steps": STEPS, "growth_lr": Range(0, MAX_LR, note="0: the Trainer phase's lr"),
+              "loss_tolerance": Range(0, 1e6, note="0: off")}
+    choices = {"seed_mask": SEEDS, "grow_init": INITS}
 
 
 # --- the schedule: pure arithmetic on entry counts ---------------------------------------------------------

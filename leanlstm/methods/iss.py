@@ -68,6 +68,7 @@ from torch import fx, nn
 
 from ..graph import consumers, find_lstms, replace_module, trace
 from ..nn import LSTM, Dense
+from ..train import Range
 from .base import Method, MethodConfig, qualified
 
 if TYPE_CHECKING:
@@ -91,6 +92,9 @@ class ISS(MethodConfig):
     eps: float = 1e-8           # inside each component's sqrt: finite (zero) gradient for an all-zero component
     group_rule: bool = True     # also zero whole components whose RMS entry is <= threshold (see module doc)
     shrink_each_epoch: bool = False  # remove dead units at every epoch end, so later epochs train a smaller model
+
+    ranges = {"strength": Range(0, 10), "threshold": Range(0, 1, note="weights at or below it become 0"),
+              "eps": Range(1e-30, 1, note="smaller ones round to 0 in float32: NaN gradients")}
 
 
 ISSConfig = ISS  # the name before issue 20

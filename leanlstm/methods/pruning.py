@@ -32,7 +32,8 @@ from ..nn.forms import Doped as DopedForm
 from ..nn.forms import MaskedSparse, WeightForm
 from ..nn.forms.base import FLOAT_BYTES
 from ..nn.forms.sparse import csr_nbytes
-from .base import Method, MethodConfig, named_forms, qualified
+from ..train import ConfigError, Range
+from .base import COMPRESSION, STEPS, UNIT, Method, MethodConfig, named_forms, qualified
 from .schedules import gradual_sparsity, phase_steps
 
 if TYPE_CHECKING:
@@ -55,6 +56,19 @@ class Prune(MethodConfig):
     anneal_end: float = 0.75      # fraction at which the final density is reached
     prune_every: int = 10         # optimiser steps between pruning events (Zhu & Gupta's dt)
     total_steps: int = 0          # optimiser steps the schedule spans in a user loop (0: Trainer's phase length)
+
+    ranges = {"compression": COMPRESSION, "initial_density": Range(0, 1, low_open=True), "anneal_start": UNIT,
+              "anneal_end": UNIT, "prune_every": Range(1, 10**9, integer=True), "total_steps": STEPS}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_anneal(self)
+
+
+def check_anneal(config: Any) -> None:
+    """The annealing window must not end before it starts."""
+    if config.anneal_end < config.anneal_start:
+        raise ConfigError("anneal_end", config.anneal_end, f"be at least anneal_start ({config.anneal_start})")
 
 
 PruneConfig = Prune  # the name before issue 20

@@ -374,13 +374,23 @@ class LSTM(nn.Module):
                     _dense_slot(layer, name).copy_(tensor)
         return lstm.train(module.training)
 
-    def to_torch(self) -> nn.LSTM:
-        """A dense ``torch.nn.LSTM`` computing the same function (forms are materialised)."""
-        if not self.uniform_sizes:
-            raise ValueError(f"torch.nn.LSTM needs equal layer sizes; this LSTM has {self.hidden_sizes}")
+    def to_torch(self) -> "nn.LSTM | TorchLSTMChain":
+        """Dense PyTorch modules computing the same function (forms are materialised): one ``torch.nn.LSTM``
+        when every layer has the same size, else a ``TorchLSTMChain`` of one ``torch.nn.LSTM`` per layer (per-layer
+        sizes, as ISS leaves them), which takes and returns state as this stack does.
+
+        >>> lstm, x = LSTM(8, [12, 5]), torch.ones(3, 8)
+        >>> chain = lstm.to_torch()
+        >>> [type(m).__name__ for m in chain.layers], torch.allclose(chain(x)[0], lstm(x)[0])
+        (['LSTM', 'LSTM'], True)
+        """
         if self.cell != "lstm":
             raise ValueError(f"torch.nn.LSTM holds LSTM cells only; this stack's cell is {self.cell!r}")
         reference = self.layers[0].weight_ih.materialize()
+        if not self.uniform_sizes:
+            chain = TorchLSTMChain([self._torch_layer(index, reference) for index in range(self.num_layers)],
+                                   self.dropout, self.batch_first)
+            return chain.train(self.training)
         module = nn.LSTM(self.input_size, self.hidden_sizes[0], self.num_layers, bias=self.bias,
                          batch_first=self.batch_first, dropout=self.dropout, bidirectional=self.bidirectional,
                          proj_size=self.proj_size, device=reference.device, dtype=reference.dtype)
@@ -389,6 +399,47 @@ class LSTM(nn.Module):
                 for name, tensor in _torch_weights(module, index, self.num_directions).items():
                     tensor.copy_(_dense_value(layer, name))
         return module.train(self.training)
+
+    def _torch_layer(self, index: int, reference: torch.Tensor) -> nn.LSTM:
+        """Layer ``index`` (every direction) as a one-layer ``torch.nn.LSTM``."""
+        directions = [self.layer(index, d) for d in range(self.num_directions)]
+        first = directions[0]
+        module = nn.LSTM(first.input_size, first.hidden_size, bias=self.bias, batch_first=self.batch_first,
+                         bidirectional=self.bidirectional, proj_size=first.proj_size, device=reference.device,
+                         dtype=reference.dtype)
+        with torch.no_grad():
+            for d, layer in enumerate(directions):
+                for name, tensor in _torch_weights(module, d, self.num_directions).items():
+                    tensor.copy_(_dense_value(layer, name))
+        return module
+
+
+class TorchLSTMChain(nn.Module):
+    """One ``torch.nn.LSTM`` per layer, run as one stack (``LSTM.to_torch()`` for per-layer sizes): dropout between
+    layers in training mode, and state as ``leanlstm.LSTM`` keeps it for unequal sizes, ``(h, c)`` lists with one
+    ``(1, B, size)`` tensor per layer and direction (``(1, size)`` for unbatched input)."""
+
+    def __init__(self, layers: Sequence[nn.LSTM], dropout: float = 0.0, batch_first: bool = False) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.dropout, self.batch_first = dropout, batch_first
+        self.num_directions = 2 if layers[0].bidirectional else 1
+
+    @property
+    def hidden_sizes(self) -> list[int]:
+        return [layer.hidden_size for layer in self.layers]
+
+    def forward(self, x: torch.Tensor, hx: State | None = None) -> tuple[torch.Tensor, State]:
+        D, h_n, c_n = self.num_directions, [], []
+        for index, layer in enumerate(self.layers):
+            if index and self.dropout and self.training:
+                x = nn.functional.dropout(x, self.dropout, training=True)
+            flat = slice(index * D, (index + 1) * D)
+            state = None if hx is None else (torch.cat(list(hx[0][flat])), torch.cat(list(hx[1][flat])))
+            x, (h, c) = layer(x, state)
+            h_n += list(h.split(1))
+            c_n += list(c.split(1))
+        return x, (h_n, c_n)
 
 
 def _torch_weights(module: nn.LSTM, index: int, directions: int) -> dict[str, torch.Tensor]:

@@ -21,13 +21,16 @@ from numba import njit
 from ..nn.gates import GATES, NUM_GATES
 from ..nn.hlstm import SECOND, HLSTMLayer
 from . import kernels
-from .cells import EngineError, ExportError, bind, form_op, register_cell
+from .cells import EngineError, ExportError, form_op, register_cell
+from .entry_points import specialise
 from .kernels import RuntimeOp
 from .lstm_cell import missing_onnx_products, scan_layer
 
 
 # --- kernels -------------------------------------------------------------------------------------------------
-@njit(fastmath=True, error_model="numpy", nogil=True)
+# Inlined into the layer loops: its kernel arguments then stay compile-time constants there, which keeps the
+# loops cacheable (``entry_points.specialise``); passed on as values they would not be.
+@njit(inline="always", fastmath=True, error_model="numpy", nogil=True)
 def _hidden_and_gates(hh_matvec, hh_arrays, i2_matvec, i2_arrays, f2_matvec, f2_arrays, g2_matvec, g2_arrays,
                       o2_matvec, o2_arrays, bias_2, bounds, first, h, c, hidden, gates, flip):
     """One step after the input product ``first`` (bias_1 included): the gates' hidden layer into ``hidden``,
@@ -108,14 +111,14 @@ class HLSTMRuntimeLayer:
         h, c = state
         out = np.empty((xs.shape[0], self.hidden_size), np.float32)
         if self._run is None:
-            self._run = bind(hlstm_layer_run, *self._run_args, xs, h, c, out, self.reverse)
+            self._run, self._run_args = specialise(hlstm_layer_run, self._run_args, xs, h, c, out, self.reverse)
         self._run(*self._run_args, xs, h, c, out, self.reverse)
         return out
 
     def step(self, x: np.ndarray, state: Sequence[np.ndarray]) -> np.ndarray:
         h, c = state
         if self._step is None:
-            self._step = bind(hlstm_layer_step, *self._step_args, x, h, c)
+            self._step, self._step_args = specialise(hlstm_layer_step, self._step_args, x, h, c)
         self._step(*self._step_args, x, h, c)
         return h
 

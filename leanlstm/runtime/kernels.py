@@ -10,7 +10,8 @@ than the cache then starts where the previous step stopped, on rows that are sti
 traffic from L3 for a 2600x650 dense matrix). Kernels for which order does not matter ignore it.
 
 The recurrence (``layer_run``) takes the kernels as first-class function arguments; Numba compiles one
-specialisation per kernel pair, so the loop over time runs entirely in compiled code.
+specialisation per kernel pair, so the loop over time runs entirely in compiled code. The engine calls it
+through ``entry_points.specialise``, which fixes the kernels in generated code that Numba caches on disk.
 
 Numba idioms that decide vectorisation here (each cost 3-5x when missing):
 - ``error_model="numpy"``: otherwise every division checks for zero and no loop with one vectorises;
@@ -725,7 +726,8 @@ def layer_run(ih_matvec, ih_matmat, ih_arrays, hh_matvec, hh_arrays, hr_matvec, 
 
     The input products of all steps go first, batched (``ih_matmat``; per step when it is None, a branch
     Numba prunes at compile time); the loop over time then only adds the recurrent product.
-    Not cached: Numba cannot cache functions that take other compiled functions as arguments.
+    Numba cannot cache it as it is (its arguments are compiled functions): the engine runs it through
+    ``entry_points.specialise``, whose generated entry points are cached.
     """
     steps = xs.shape[0]
     gates = np.empty((steps, bias.shape[0]), np.float32)    # (T, 4H)

@@ -17,7 +17,8 @@ from ..nn.cells import LSTMLayer
 from ..nn.forms import Dense, WeightForm
 from ..nn.gates import GATES, NUM_GATES
 from . import kernels
-from .cells import EngineError, ExportError, bind, form_op, register_cell
+from .cells import EngineError, ExportError, form_op, register_cell
+from .entry_points import specialise
 from .kernels import RuntimeOp
 
 GATE_ACTIVATIONS = {"i": "Sigmoid", "f": "Sigmoid", "g": "Tanh", "o": "Sigmoid"}
@@ -43,7 +44,7 @@ class LSTMRuntimeLayer:
         self._run_args = (self.ih.matvec, self.ih.matmat, self.ih.arrays, self.hh.matvec, self.hh.arrays,
                           *projection, self.bias)
         self._step_args = (self.ih.matvec, self.ih.arrays, self.hh.matvec, self.hh.arrays, *projection, self.bias)
-        self._run = self._step = None   # bound on first use: each costs a second of Numba compilation
+        self._run = self._step = None   # bound on first use: compiled (about a second each) or loaded from disk
 
     def state_sizes(self) -> tuple[int, int]:
         return self.output_size, self.hidden_size
@@ -52,14 +53,14 @@ class LSTMRuntimeLayer:
         h, c = state
         out = np.empty((xs.shape[0], self.output_size), np.float32)
         if self._run is None:
-            self._run = bind(kernels.layer_run, *self._run_args, xs, h, c, out, self.reverse)
+            self._run, self._run_args = specialise(kernels.layer_run, self._run_args, xs, h, c, out, self.reverse)
         self._run(*self._run_args, xs, h, c, out, self.reverse)
         return out
 
     def step(self, x: np.ndarray, state: Sequence[np.ndarray]) -> np.ndarray:
         h, c = state
         if self._step is None:
-            self._step = bind(kernels.layer_step, *self._step_args, x, h, c)
+            self._step, self._step_args = specialise(kernels.layer_step, self._step_args, x, h, c)
         self._step(*self._step_args, x, h, c)
         return h
 

@@ -25,6 +25,7 @@ import torch
 from ..files import write_json
 from ..nn import LSTM
 from ..nn.forms import form_class
+from ..train import MAX_SEED, Range, check_memory, check_ranges
 from .backends import get_backend
 from .latency import latency
 
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("size", "median", "p25", "p75", "min", "max")
 SETTINGS, ROWS, TABLE, PLOT = "settings.json", "latency.csv", "latency.json", "latency.png"
+MAX_SIZES = 100_000          # sizes in one profile: each is timed ``repeats`` times
+SIZE = Range(1, 10**6, integer=True)
 
 
 class ProfileError(RuntimeError):
@@ -50,14 +53,36 @@ class ProfileSettings:
     threads: int = 1                     # pinned thread count
     seed: int = 0                        # weights and inputs
 
+    ranges = {"num_layers": Range(1, 1000, integer=True), "input_size": SIZE,
+              "seq_len": Range(1, 10**5, integer=True), "repeats": Range(1, 10**5, integer=True),
+              "threads": Range(1, 1024, integer=True), "seed": Range(0, MAX_SEED, integer=True)}
+
     def __post_init__(self) -> None:
-        for name in ("num_layers", "seq_len", "repeats", "threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"profile setting {name} must be at least 1, got {getattr(self, name)}")
-        if self.input_size is not None and self.input_size < 1:
-            raise ValueError(f"profile setting input_size must be at least 1, got {self.input_size}")
+        check_ranges(self, self.ranges, optional=("input_size",))    # ConfigError names the setting
         get_backend(self.backend)                  # raise now, naming the known ones, not after the first size
         form_class(self.form)
+
+    def bytes_at(self, size: int) -> int:
+        """A generous estimate of the memory measuring ``size`` takes: the dense float32 weights (three copies:
+        the model, its form and a backend's own) and a few sequences of inputs and outputs."""
+        widths = [self.input_size or size] + [size] * (self.num_layers - 1)
+        weights = sum(4 * size * (width + size + 2) for width in widths)
+        return 4 * (3 * weights + 4 * self.seq_len * (widths[0] + size))
+
+
+def check_sizes(count: int, largest: int, settings: ProfileSettings, name: str = "sizes") -> None:
+    """Refuse a sweep of more than ``MAX_SIZES`` sizes, or whose largest size would not fit in memory, before
+    anything is built (``count`` and ``largest`` come from the request, not from a built list).
+
+    >>> check_sizes(10**9, 10**9, ProfileSettings())
+    Traceback (most recent call last):
+    ...
+    leanlstm.train.ConfigError: the number of sizes must be at least 1 and at most 100000 (...), got 1000000000
+    """
+    Range(1, MAX_SIZES, integer=True, note="each is timed on its own").check(f"the number of {name}", count)
+    SIZE.check(f"largest of {name}", largest)
+    check_memory(f"largest of {name}", largest, settings.bytes_at(largest),
+                 f"an LSTM of size {largest} with {settings.num_layers} layer(s) and its inputs")
 
 
 @dataclass
@@ -145,12 +170,14 @@ def profile(sizes: Iterable[int], out_dir: str | Path, settings: ProfileSettings
     [4, 8]
     """
     settings = settings or ProfileSettings()
+    sizes = sorted(set(int(s) for s in sizes))
+    if sizes and sizes[0] < 1:
+        raise ValueError(f"layer sizes must be positive, got {sizes[0]}")
+    check_sizes(len(sizes), max(sizes, default=1), settings)
     out = Path(out_dir)
     _prepare(out, settings)
     done = {int(row["size"]) for row in _read_rows(out / ROWS)}
-    for size in sorted(set(int(s) for s in sizes) - done):
-        if size < 1:
-            raise ValueError(f"layer sizes must be positive, got {size}")
+    for size in sorted(set(sizes) - done):
         row = _measure_size(size, settings)
         _append_row(out / ROWS, size, row)
         log.debug("profiled size %d: %.2f us/step", size, row["median"])

@@ -1,21 +1,44 @@
 """Runtime ops composed of other forms' ops: sums (doped ``S + D``) and row stacks (hybrid matrices).
 
 A doped matrix ``S + D`` runs as ``S``'s op followed by ``D``'s op on the same output; a hybrid matrix as a
-dense op on its top rows and a low-rank op on the rest. The composed kernels close over the parts' kernels
-(Numba freezes them as constants) and take the parts' arrays as one flat tuple, cut at a constant
-position. One kernel is compiled per combination of part kernels, shared by every matrix that uses it.
+dense op on its top rows and a low-rank op on the rest. The composed kernels call the parts' kernels by name
+(Numba compiles them in as constants) and take the parts' arrays as one flat tuple, cut at a constant
+position. One kernel is compiled per combination of part kernels, shared by every matrix that uses it, and
+cached on disk like every other kernel (``entry_points.generated_kernels``).
 """
 from __future__ import annotations
 
 from functools import lru_cache
 
 import numpy as np
-from numba import njit
 
+from .entry_points import generated_kernels
 from .kernels import JIT, RuntimeOp, dense_op
 
-# Closures over other kernels cannot be cached on disk; everything else as in ``kernels.JIT``.
-COMPOSED = {key: value for key, value in JIT.items() if key != "cache"}
+_SUM = """
+@njit(**OPTIONS)
+def matvec(arrays, x, out, flip):
+    first_vec(arrays[:CUT], x, out, flip)
+    second_vec(arrays[CUT:], x, out, flip)
+"""
+_SUM_MAT = """
+@njit(**OPTIONS)
+def matmat(arrays, xs, out):
+    first_mat(arrays[:CUT], xs, out)
+    second_mat(arrays[CUT:], xs, out)
+"""
+_STACK = """
+@njit(**OPTIONS)
+def matvec(arrays, x, out, flip):
+    top_vec(arrays[:CUT], x, out[:ROWS], flip)
+    rest_vec(arrays[CUT:], x, out[ROWS:], flip)
+"""
+_STACK_MAT = """
+@njit(**OPTIONS)
+def matmat(arrays, xs, out):
+    top_mat(arrays[:CUT], xs, out[:, :ROWS])
+    rest_mat(arrays[CUT:], xs, out[:, ROWS:])
+"""
 
 
 def child_op(form) -> RuntimeOp:
@@ -24,24 +47,20 @@ def child_op(form) -> RuntimeOp:
     return op if op is not None else dense_op(form.materialize().detach().cpu().numpy())
 
 
+def _composed(matvec_body: str, matmat_body: str, parts: dict[str, RuntimeOp], constants: dict[str, int]):
+    """``(matvec, matmat)`` of the bodies with each part's kernels as ``<part>_vec`` / ``<part>_mat``; matmat is
+    None unless every part has one."""
+    kernels = {f"{name}_vec": op.matvec for name, op in parts.items()}
+    with_matmat = all(op.matmat is not None for op in parts.values())
+    if with_matmat:
+        kernels |= {f"{name}_mat": op.matmat for name, op in parts.items()}
+    made = generated_kernels(matvec_body + (matmat_body if with_matmat else ""), kernels, constants, JIT)
+    return made.matvec, made.matmat if with_matmat else None
+
+
 @lru_cache(maxsize=None)
 def _sum_kernels(first: RuntimeOp, second: RuntimeOp, cut: int):
-    first_vec, second_vec, first_mat, second_mat = first.matvec, second.matvec, first.matmat, second.matmat
-
-    @njit(**COMPOSED)
-    def matvec(arrays, x, out, flip):
-        first_vec(arrays[:cut], x, out, flip)
-        second_vec(arrays[cut:], x, out, flip)
-
-    if first_mat is None or second_mat is None:
-        return matvec, None
-
-    @njit(**COMPOSED)
-    def matmat(arrays, xs, out):
-        first_mat(arrays[:cut], xs, out)
-        second_mat(arrays[cut:], xs, out)
-
-    return matvec, matmat
+    return _composed(_SUM, _SUM_MAT, {"first": first, "second": second}, {"CUT": cut})
 
 
 def sum_op(first: RuntimeOp, second: RuntimeOp) -> RuntimeOp:
@@ -57,22 +76,7 @@ def sum_op(first: RuntimeOp, second: RuntimeOp) -> RuntimeOp:
 
 @lru_cache(maxsize=None)
 def _stack_kernels(top: RuntimeOp, rest: RuntimeOp, cut: int, rows: int):
-    top_vec, rest_vec, top_mat, rest_mat = top.matvec, rest.matvec, top.matmat, rest.matmat
-
-    @njit(**COMPOSED)
-    def matvec(arrays, x, out, flip):
-        top_vec(arrays[:cut], x, out[:rows], flip)
-        rest_vec(arrays[cut:], x, out[rows:], flip)
-
-    if top_mat is None or rest_mat is None:
-        return matvec, None
-
-    @njit(**COMPOSED)
-    def matmat(arrays, xs, out):
-        top_mat(arrays[:cut], xs, out[:, :rows])
-        rest_mat(arrays[cut:], xs, out[:, rows:])
-
-    return matvec, matmat
+    return _composed(_STACK, _STACK_MAT, {"top": top, "rest": rest}, {"CUT": cut, "ROWS": rows})
 
 
 def row_stack_op(top: RuntimeOp, rest: RuntimeOp, rows: int) -> RuntimeOp:

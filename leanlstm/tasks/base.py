@@ -34,7 +34,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..train import TrainConfig
+from ..train import ConfigError, Range, TrainConfig, check_memory
+
+MAX_HIDDEN = 10**6          # per-layer LSTM size; memory refuses far smaller ones first (``check_lstm_memory``)
 
 
 class TaskError(ValueError):
@@ -46,6 +48,27 @@ class DataConfig:
     directory: str | None = None   # data folder; None: $LEANLSTM_DATA, else the per-user cache (tasks.data.data_dir)
     limit: int | None = None       # only the first items (tokens, utterances) of every split: smoke runs
     verify: bool = True            # check the data files' checksums (off for slices of them)
+
+    def __post_init__(self) -> None:
+        if self.limit is not None:
+            Range(1, 10**12, integer=True, note="or None: all").check("limit", self.limit)
+
+
+def check_lstm_memory(name: str, hidden_sizes: list[int]) -> None:
+    """Refuse per-layer sizes whose LSTM weights and gradients alone would not fit in memory (a lower bound:
+    the first layer's input width is not counted), before anything is allocated.
+
+    >>> check_lstm_memory("hidden_sizes", [500000, 8])
+    Traceback (most recent call last):
+    ...
+    leanlstm.train.ConfigError: hidden_sizes must fit in memory: ...
+    """
+    sizes = Range(1, MAX_HIDDEN, integer=True)
+    for size in hidden_sizes:
+        if not sizes.contains(size):
+            raise ConfigError(name, list(hidden_sizes), f"be whole numbers in [1, {MAX_HIDDEN}]")
+    weights = sum(4 * h * (h + below) for below, h in zip([0, *hidden_sizes], hidden_sizes))  # [i|f|g|o] rows
+    check_memory(name, list(hidden_sizes), 2 * 4 * weights, "the LSTM weights and their gradients (float32)")
 
 
 @dataclass(frozen=True)
@@ -95,9 +118,12 @@ class Task:
 
     @classmethod
     def configure_model(cls, config: Any, *, hidden_sizes: list[int] | None = None,
-                        dropout: float | None = None) -> Any:
+                        dropout: float | None = None, vocab_size: int | None = None) -> Any:
         """``config`` with per-layer LSTM sizes and/or a dropout rate changed (fields ``hidden_sizes``, ``dropout``
-        of the model config; a task whose config has other names overrides this)."""
+        of the model config; a task whose config has other names overrides this). ``vocab_size`` belongs to tasks
+        with a vocabulary to cap (the text task), which override this."""
+        if vocab_size is not None:
+            raise TaskError(f"task {cls.name!r} has no vocabulary size to set")
         if dropout is not None:
             _require_field(cls, config, "dropout")
             if not 0.0 <= dropout < 1.0:
@@ -107,7 +133,14 @@ class Task:
             current = _require_field(cls, config, "hidden_sizes")
             if len(hidden_sizes) != len(current) or min(hidden_sizes, default=0) < 1:
                 raise TaskError(f"needs {len(current)} positive sizes (one per layer), got {list(hidden_sizes)}")
+            check_lstm_memory("hidden_sizes", hidden_sizes)
             config = dataclasses.replace(config, hidden_sizes=list(hidden_sizes))
+        return config
+
+    @classmethod
+    def fit_model_config(cls, config: Any, data: DataConfig) -> Any:
+        """``config`` fitted to the run's data before the model is built (the text task lowers its vocabulary cap
+        to the corpus's); unchanged by default."""
         return config
 
     @classmethod
@@ -200,7 +233,8 @@ def _require_field(task: type[Task], config: Any, name: str) -> Any:
 
 # --- the registry -------------------------------------------------------------------------------------------------
 TASKS: dict[str, type[Task]] = {}                      # registered tasks by name
-BUILTIN_TASKS: dict[str, str] = {"ptb": "leanlstm.tasks.ptb", "digits": "leanlstm.tasks.digits"}  # imported when asked for
+BUILTIN_TASKS: dict[str, str] = {"ptb": "leanlstm.tasks.ptb", "digits": "leanlstm.tasks.digits",
+                                  "text": "leanlstm.tasks.text"}  # imported when asked for
 
 
 def register_task(task: type[Task]) -> type[Task]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, ClassVar, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import LSTM
-from ..train import TrainConfig
+from ..train import Range, TrainConfig
 from . import ctc, fsdd
 from .base import DataConfig, Preset, Task, TaskError, register_task
 from .features import FeatureCache, FeatureConfig, FeatureStream, Normalizer, cache_key, log_mel, pack, unpack
@@ -292,6 +292,10 @@ def ctc_loss(logits: torch.Tensor, steps: torch.Tensor, batch: Batch, skip: int 
 # --- the task --------------------------------------------------------------------------------------------------------
 @dataclass
 class DigitsTrainConfig(TrainConfig):
+    ranges: ClassVar[dict[str, Range]] = TrainConfig.ranges | {
+        name: Range(1, 10**7, integer=True) for name in ("train_utterances", "chunk_batches", "norm_utterances",
+                                                          "eval_batch_size")} | {"beam_width": Range(0, 1000, integer=True)}
+
     train_utterances: int = 4000      # utterances per epoch, drawn afresh each epoch from (seed, epoch)
     chunk_batches: int = 16           # batches synthesised together and sorted by length (less padding)
     augment: bool = True              # speed, gain and noise on training audio (ranges: fsdd.Augmentation)

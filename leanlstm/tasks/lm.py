@@ -105,3 +105,20 @@ def detach_state(state):
     """Cut the graph between BPTT windows."""
     h, c = state
     return [t.detach() for t in h], [t.detach() for t in c]
+
+
+@torch.no_grad()
+def evaluate_stream(model: nn.Module, columns: torch.Tensor, bptt: int) -> float:
+    """Mean next-word loss of ``model`` over token columns ``(T, B)`` (``ptb.batchify``), read in BPTT windows
+    with the state carried across them, in eval mode."""
+    was_training = model.training
+    model.eval()
+    state, total, count = None, 0.0, 0
+    for start in range(0, columns.shape[0] - 1, bptt):
+        length = min(bptt, columns.shape[0] - 1 - start)
+        inputs, targets = columns[start:start + length], columns[start + 1:start + 1 + length]
+        _, loss, state = model(inputs, state, targets)
+        total += float(loss) * targets.numel()
+        count += targets.numel()
+    model.train(was_training)
+    return total / count

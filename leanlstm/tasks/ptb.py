@@ -15,12 +15,12 @@ import logging
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..train import TrainConfig
+from ..train import Range, TrainConfig
 from .base import DataConfig, Preset, Task, TaskError, register_task
 from .data import DataError, data_dir, download, find_file, md5_of, read_text
 from .lm import LMConfig, WordLM
@@ -120,6 +120,8 @@ def batchify(tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 @dataclass
 class LMTrainConfig(TrainConfig):
+    ranges: ClassVar[dict[str, Range]] = TrainConfig.ranges | {"bptt": Range(1, 10**5, integer=True)}
+
     bptt: int = 20                   # unrolled steps per window (truncated BPTT)
 
 

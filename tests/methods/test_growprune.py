@@ -331,7 +331,7 @@ def test_cli_gp_on_a_ptb_slice(tmp_path, ptb_slice_dir):
     assert metrics["lstm_weight_compression"] >= 4.0 and metrics["gp_schedule"]["grow_steps"] == 2
     assert not metrics["gp_stopped_by_tolerance"] and metrics["gp_reference_val_loss"] > 0
     checkpoint = load_checkpoint(tmp_path / "gp" / "checkpoint.pt")
-    assert any(key.endswith("weight_hh.mask") for key in checkpoint["model_state"])
+    assert any(key.endswith("weight_hh.csr_columns") for key in checkpoint["model_state"])   # masks saved as CSR
     bad = runner.invoke(main, ["compress", "--method", "gp", "--preset", "tiny", "--set", "seed_density=1.5",
                                "--out", str(tmp_path / "bad")] + common)
     assert bad.exit_code != 0 and "seed_density must lie in (0, 1]" in bad.output

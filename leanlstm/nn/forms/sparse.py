@@ -1,4 +1,9 @@
-"""Masked-sparse weights: a dense parameter times a fixed 0/1 mask, stored as CSR at inference."""
+"""Masked-sparse weights: a dense parameter times a fixed 0/1 mask, stored as CSR at inference.
+
+State dicts (checkpoints) hold the same CSR arrays as inference (``csr_values``, ``csr_columns``, ``csr_rows``)
+whenever they are smaller than the dense weight and its mask, so a saved model weighs what ``nbytes()`` says.
+Loading takes either layout.
+"""
 from __future__ import annotations
 
 import math
@@ -25,6 +30,42 @@ def csr_nbytes(rows: int, cols: int, nnz: int) -> int:
     """Bytes of a float32 CSR matrix: values, column indices (uint16 where they fit) and row pointers."""
     index_bytes = 2 if cols <= 2**16 else 4
     return nnz * (FLOAT_BYTES + index_bytes) + (rows + 1) * 4
+
+
+def csr_arrays(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(values, columns, row_pointers)`` of ``weight`` at the entries of ``mask``: float32 values, column indices
+    as uint16 where they fit (else int32), int32 row pointers, as ``csr_nbytes`` counts them. Entries inside the
+    mask are kept even when zero (a connection that is free to grow).
+
+    >>> [t.tolist() for t in csr_arrays(torch.tensor([[1.0, 2.0], [3.0, 0.0]]), torch.tensor([[0, 1], [1, 1]]))]
+    [[2.0, 3.0, 0.0], [1, 0, 1], [0, 1, 3]]
+    """
+    mask = mask.to(torch.bool)
+    rows, cols = mask.nonzero(as_tuple=True)                               # row-major
+    pointers = torch.zeros(mask.shape[0] + 1, dtype=torch.int32)
+    pointers[1:] = mask.sum(1).cumsum(0)
+    index = torch.uint16 if mask.shape[1] <= 2**16 else torch.int32
+    return weight.detach()[rows, cols].to(torch.float32).cpu(), cols.to(index).cpu(), pointers
+
+
+def dense_from_csr(values: torch.Tensor, columns: torch.Tensor, pointers: torch.Tensor, shape: tuple[int, int]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense ``(weight, mask)`` of ``csr_arrays``' output; ValueError when the arrays do not fit ``shape``."""
+    counts = pointers.to(torch.long).diff()
+    if len(pointers) != shape[0] + 1 or counts.lt(0).any() or not int(counts.sum()) == len(values) == len(columns):
+        raise ValueError(f"CSR arrays ({len(pointers) - 1} rows, {len(values)} values, {len(columns)} columns) do "
+                         f"not describe a {shape[0]}x{shape[1]} matrix")
+    cols = columns.to(torch.long)
+    if len(cols) and int(cols.max()) >= shape[1]:
+        raise ValueError(f"CSR column index {int(cols.max())} is out of range for {shape[1]} columns")
+    rows = torch.repeat_interleave(torch.arange(shape[0]), counts)
+    weight = torch.zeros(shape, dtype=values.dtype)
+    mask = torch.zeros(shape, dtype=torch.bool)
+    weight[rows, cols], mask[rows, cols] = values, True
+    return weight, mask
+
+
+CSR_KEYS = ("csr_values", "csr_columns", "csr_rows")
 
 
 def ell_slices(mask: torch.Tensor, max_slices: int = 4, slack: float = 0.1
@@ -63,6 +104,16 @@ def ell_slices(mask: torch.Tensor, max_slices: int = 4, slack: float = 0.1
         cols[r, position], valid[r, position] = c, True
         slices.append((rows, cols, valid))
     return slices
+
+
+def _onnx_columns(graph, cols: torch.Tensor) -> str:
+    """Column indices stored as uint16 where they fit (the bytes ``csr_nbytes`` counts), cast to int32 once in the
+    main graph (ONNX Runtime folds the cast into a constant when it loads the model), never per step."""
+    if cols.numel() and int(cols.max()) >= 2**16:
+        return graph.weight("cols", cols, "int32")
+    from onnx import TensorProto   # onnx loads only when exporting
+
+    return graph.root.node("Cast", [graph.weight("cols", cols, "uint16")], to=TensorProto.INT32)
 
 
 class MaskedSparse(WeightForm):
@@ -122,7 +173,7 @@ class MaskedSparse(WeightForm):
         weight, outputs, rows_done = self.materialize().detach().cpu(), [], []
         for rows, cols, valid in ell_slices(self.mask.cpu()):
             values = torch.where(valid, weight[rows[:, None], cols], 0.0)                  # (R, K)
-            picked = graph.node("Gather", [x, graph.weight("cols", cols, "int32")], axis=1)  # (N, R, K)
+            picked = graph.node("Gather", [x, _onnx_columns(graph, cols)], axis=1)          # (N, R, K)
             weighted = graph.node("Mul", [picked, graph.weight("values", values)])
             outputs.append(graph.node("ReduceSum", [weighted, graph.ints([2], "axes")], keepdims=0))  # (N, R)
             rows_done.append(rows)
@@ -156,6 +207,33 @@ class MaskedSparse(WeightForm):
     def prune_to(self, density: float) -> None:
         """Keep the largest-magnitude entries of the current (masked) matrix at ``density``."""
         self.set_mask(magnitude_mask(self.materialize(), density))
+
+    # --- state dicts: the inference CSR arrays (see the module doc) -------------------------------------------
+    def _saves_csr(self) -> bool:
+        dense = self.mask.numel() * (FLOAT_BYTES + 1)                      # float32 weight + bool mask
+        return self.nbytes() < dense
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if keep_vars or not self._saves_csr():       # keep_vars asks for the live parameters themselves
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        for key, array in zip(CSR_KEYS, csr_arrays(self.weight, self.mask)):
+            destination[prefix + key] = array
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if prefix + CSR_KEYS[0] in state_dict:
+            arrays = [state_dict.pop(prefix + key, None) for key in CSR_KEYS]
+            if any(array is None for array in arrays):
+                missing_keys.extend(prefix + key for key, array in zip(CSR_KEYS, arrays) if array is None)
+                return
+            try:
+                weight, mask = dense_from_csr(*arrays, tuple(self.shape))
+            except ValueError as error:
+                error_msgs.append(f"{prefix}csr_*: {error}")
+                return
+            state_dict[prefix + "weight"], state_dict[prefix + "mask"] = weight.to(self.weight.dtype), mask
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def reset_parameters(self, init_range: float) -> None:
         # Keep the entries' spread of a dense init; the mask removes entries, not scale.
