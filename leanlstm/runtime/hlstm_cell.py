@@ -55,14 +55,7 @@ def hlstm_layer_run(ih_matvec, ih_matmat, ih_arrays, hh_matvec, hh_arrays, i2_ma
     """``out[t]`` = h after step t for inputs ``xs`` (T, in); ``h``, ``c`` (H,) updated in place; ``reverse``
     runs over time backwards. ``bounds`` (5,): where each gate's part of the hidden layer starts and ends."""
     steps, width = xs.shape[0], bias_1.shape[0]
-    first = np.empty((steps, width), np.float32)              # (T, sum w): the input half, all steps at once
-    for t in range(steps):
-        first[t] = bias_1
-    if ih_matmat is None:
-        for t in range(steps):
-            ih_matvec(ih_arrays, xs[t], first[t], False)
-    else:
-        ih_matmat(ih_arrays, xs, first)
+    first = kernels.input_products(ih_matvec, ih_matmat, ih_arrays, bias_1, xs)   # (T, sum w): the input half
     hidden, gates = np.empty(width, np.float32), np.empty(bias_2.shape[0], np.float32)
     for k in range(steps):
         t = steps - 1 - k if reverse else k

@@ -713,6 +713,22 @@ def lstm_cell(gates, h, c):
         h[j] = sigmoid32(go[j]) * tanh32(cell)
 
 
+@njit(inline="always", fastmath=True, error_model="numpy", nogil=True)
+def input_products(ih_matvec, ih_matmat, ih_arrays, bias, xs):
+    """``bias`` plus the input product of every step of ``xs`` (T, in): (T, rows), batched by ``ih_matmat`` (per
+    step when it is None, a branch Numba prunes at compile time). Inlined, so that the kernels stay compile-time
+    constants of the layer loops that call it (``entry_points.specialise`` caches those)."""
+    out = np.empty((xs.shape[0], bias.shape[0]), np.float32)
+    for t in range(xs.shape[0]):
+        out[t] = bias
+    if ih_matmat is None:
+        for t in range(xs.shape[0]):
+            ih_matvec(ih_arrays, xs[t], out[t], False)
+    else:
+        ih_matmat(ih_arrays, xs, out)
+    return out
+
+
 # --- one layer over a sequence, and one step -----------------------------------------------------------------
 # A projected layer (``proj_size`` P, as torch.nn.LSTM) keeps h = W_hr (o * tanh(c)): the cell writes o * tanh(c)
 # into a scratch vector of H and the projection's own op multiplies it into h (P), so a sparse or low-rank
@@ -730,14 +746,7 @@ def layer_run(ih_matvec, ih_matmat, ih_arrays, hh_matvec, hh_arrays, hr_matvec, 
     ``entry_points.specialise``, whose generated entry points are cached.
     """
     steps = xs.shape[0]
-    gates = np.empty((steps, bias.shape[0]), np.float32)    # (T, 4H)
-    for t in range(steps):
-        gates[t] = bias
-    if ih_matmat is None:
-        for t in range(steps):
-            ih_matvec(ih_arrays, xs[t], gates[t], False)
-    else:
-        ih_matmat(ih_arrays, xs, gates)
+    gates = input_products(ih_matvec, ih_matmat, ih_arrays, bias, xs)       # (T, 4H)
     cell_out = np.empty(c.shape[0], np.float32)             # o * tanh(c) before the projection
     for k in range(steps):
         t = steps - 1 - k if reverse else k
