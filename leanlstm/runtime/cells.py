@@ -26,6 +26,7 @@ import numba
 import numpy as np
 
 from . import kernels
+from .entry_points import specialise
 from .kernels import RuntimeOp
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,32 @@ class CompiledLayer(Protocol):
 
     def nbytes(self) -> int:
         """Bytes of every array the layer multiplies by."""
+
+
+class KernelLayer:
+    """``run`` and ``step`` of a compiled layer whose state is (h, c), through two layer kernels: ``run_kernel(*run_args,
+    xs, h, c, out, reverse)`` and ``step_kernel(*step_args, x, h, c)``. A subclass sets both kernels and, once, the
+    argument tuples ``_run_args`` / ``_step_args`` (every argument but the data: building them per call cost about
+    0.3 us a step of a stream) and ``_run = _step = None``; each kernel is bound on first use (compiled, about a
+    second, or loaded from the disk cache: ``entry_points.specialise``)."""
+
+    run_kernel: Any
+    step_kernel: Any
+
+    def run(self, xs: np.ndarray, state: Sequence[np.ndarray]) -> np.ndarray:
+        h, c = state
+        out = np.empty((xs.shape[0], self.output_size), np.float32)
+        if self._run is None:
+            self._run, self._run_args = specialise(self.run_kernel, self._run_args, xs, h, c, out, self.reverse)
+        self._run(*self._run_args, xs, h, c, out, self.reverse)
+        return out
+
+    def step(self, x: np.ndarray, state: Sequence[np.ndarray]) -> np.ndarray:
+        h, c = state
+        if self._step is None:
+            self._step, self._step_args = specialise(self.step_kernel, self._step_args, x, h, c)
+        self._step(*self._step_args, x, h, c)
+        return h
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,7 @@ from numba import njit
 from ..nn.gates import GATES, NUM_GATES
 from ..nn.hlstm import SECOND, HLSTMLayer
 from . import kernels
-from .cells import EngineError, ExportError, form_op, register_cell
-from .entry_points import specialise
+from .cells import EngineError, ExportError, KernelLayer, form_op, register_cell
 from .kernels import RuntimeOp
 from .lstm_cell import missing_onnx_products, scan_layer
 
@@ -77,8 +76,11 @@ def hlstm_layer_step(ih_matvec, ih_arrays, hh_matvec, hh_arrays, i2_matvec, i2_a
 
 # --- the engine layer ----------------------------------------------------------------------------------------
 @dataclass
-class HLSTMRuntimeLayer:
+class HLSTMRuntimeLayer(KernelLayer):
     """One direction of one H-LSTM layer as the engine runs it (``CompiledLayer``)."""
+
+    run_kernel = staticmethod(hlstm_layer_run)
+    step_kernel = staticmethod(hlstm_layer_step)
 
     input_size: int
     hidden_size: int
@@ -95,25 +97,10 @@ class HLSTMRuntimeLayer:
         tail = (*second, self.bias_1, self.bias_2, self.bounds)
         self._run_args = (ih.matvec, ih.matmat, ih.arrays, hh.matvec, hh.arrays, *tail)
         self._step_args = (ih.matvec, ih.arrays, hh.matvec, hh.arrays, *tail)
-        self._run = self._step = None   # bound on first use (Numba compiles then)
+        self._run = self._step = None
 
     def state_sizes(self) -> tuple[int, int]:
         return self.hidden_size, self.hidden_size
-
-    def run(self, xs: np.ndarray, state: Sequence[np.ndarray]) -> np.ndarray:
-        h, c = state
-        out = np.empty((xs.shape[0], self.hidden_size), np.float32)
-        if self._run is None:
-            self._run, self._run_args = specialise(hlstm_layer_run, self._run_args, xs, h, c, out, self.reverse)
-        self._run(*self._run_args, xs, h, c, out, self.reverse)
-        return out
-
-    def step(self, x: np.ndarray, state: Sequence[np.ndarray]) -> np.ndarray:
-        h, c = state
-        if self._step is None:
-            self._step, self._step_args = specialise(hlstm_layer_step, self._step_args, x, h, c)
-        self._step(*self._step_args, x, h, c)
-        return h
 
     def nbytes(self) -> int:
         return sum(op.nbytes() for op in self.ops.values()) + self.bias_1.nbytes + self.bias_2.nbytes
