@@ -18,7 +18,8 @@ from leanlstm.files import FileProblem, check_writable, read_json, write_json
 from leanlstm.methods import ISS, AntMan, Doped, GrowPrune, Prune, Structured
 from leanlstm.runs import RunConfig, ignored_options, train_run
 from leanlstm.runtime.profile import ProfileSettings, check_sizes, profile
-from leanlstm.train import Callback, ConfigError, NoTrainingData, Trainer, TrainConfig, TrainingDiverged
+from leanlstm.train import ConfigError, NoTrainingData, Trainer, TrainConfig, TrainingDiverged
+from tests.test_train import StopAfter
 
 
 def _common(data_dir) -> list[str]:
@@ -42,17 +43,6 @@ def _refused(result, *words, code=2):
     assert "Traceback" not in result.output
     for word in words:
         assert word in result.output, (word, result.output)
-
-
-class StopAfter(Callback):
-    """An interruption at the end of epoch ``epoch``, before its checkpoint."""
-
-    def __init__(self, epoch):
-        self.epoch = epoch
-
-    def on_epoch_end(self, trainer, epoch, metrics):
-        if epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 def _unfinished(data_dir, out, **changes) -> Path:

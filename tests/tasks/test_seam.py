@@ -15,7 +15,8 @@ from leanlstm.cli import main
 from leanlstm.runs import RunConfig, RunDirError, evaluate_run, load_run, train_run
 from leanlstm.tasks import TASKS, DataConfig, Preset, Task, TaskError, get_task, register_task
 from leanlstm.tasks.distill import Distillation
-from leanlstm.train import Callback, Trainer, TrainConfig
+from leanlstm.train import Trainer, TrainConfig
+from tests.test_train import StopAtStep
 
 SIZES = {"train": 384, "valid": 128, "test": 128}
 
@@ -177,15 +178,6 @@ def test_run_dir_commands_check_their_task(tmp_path):
         assert result.exit_code != 0 and "is a toy-seam run, not ptb" in result.output, result.output
     bad_split = CliRunner().invoke(main, ["eval", str(tmp_path / "run"), "--split", "heldout"])
     assert bad_split.exit_code != 0 and "has no split 'heldout'" in bad_split.output
-
-
-class StopAtStep(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def after_step(self, trainer):
-        if trainer.step == self.step:
-            raise KeyboardInterrupt
 
 
 def test_resume_inside_an_epoch_continues_exactly(tmp_path):
