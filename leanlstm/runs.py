@@ -100,7 +100,7 @@ class RunConfig:
                    "fine-tuning (from the compression phase's settings) ")
         if self.method != "baseline":       # its errors name the option as the method's config calls it
             get_method(self.method)(config_for(self.method, self.method_config))
-        self.model_config()
+        self._configured_model()           # the options only: fitting to the data reads it (model_config)
 
     def distill_config(self) -> DistillConfig:
         return DistillConfig(self.distill_weight, self.distill_temperature)
@@ -117,6 +117,10 @@ class RunConfig:
     def model_config(self) -> Any:
         """The preset's model config with this run's ``--dropout``, ``--hidden-sizes`` and ``--vocab-size``, fitted
         to the run's data by the task (e.g. the text task's vocabulary to its corpus)."""
+        return self.task_type().fit_model_config(self._configured_model(), self.data_config())
+
+    def _configured_model(self) -> Any:
+        """The preset's model config with this run's options, checked; not yet fitted to the data."""
         task, config = self.task_type(), self.preset_config().model
         for option, change in (("--dropout", {"dropout": self.dropout}),
                                ("--hidden-sizes", {"hidden_sizes": self.hidden_sizes}),
@@ -128,7 +132,7 @@ class RunConfig:
                     raise error.renamed(option) from None
                 except TaskError as error:
                     raise RunDirError(f"{option} for preset {self.preset!r} of task {self.task!r}: {error}") from None
-        return task.fit_model_config(config, self.data_config())
+        return config
 
     def train_config(self) -> TrainConfig:
         train = self.preset_config().train
