@@ -28,7 +28,7 @@ from .graph import find_lstms
 from .methods import config_for, get_method
 from .tasks import DataConfig, Preset, Task, TaskError, get_task
 from .tasks.distill import DistillConfig, Distillation
-from .train import CHECKPOINT, ConfigError, Range, Trainer, TrainConfig, TrainingDiverged
+from .train import CHECKPOINT, ConfigError, Range, Trainer, TrainConfig, TrainingDiverged, training_device
 
 log = logging.getLogger(__name__)
 CONFIG, METRICS, LOG, LOCK = "config.json", "metrics.json", "log.txt", ".lock"
@@ -362,6 +362,8 @@ def run_phases(run: RunConfig, out: str | Path, make_model: Callable[[], nn.Modu
                ) -> dict[str, Any]:
     """Run ``phases`` in order in ``out`` with per-epoch checkpoints; resume picks up at the saved phase."""
     out = Path(out)
+    for phase in phases:      # a device this machine lacks fails before the run directory is made
+        training_device(phase.train.device)
     rank, world_size = distributed.init_from_env()
     with ExitStack() as owned:
         if rank == 0:
@@ -382,7 +384,7 @@ def _run_phases(run: RunConfig, out: Path, make_model: Callable[[], nn.Module], 
     task = build_task(run, first, rank, world_size)
     teacher = load_teacher(run.distill_from, run) if run.distill_from else None
     if teacher is not None:
-        task = Distillation(task, teacher, run.distill_config())
+        task = Distillation(task, teacher.to(training_device(first.device)), run.distill_config())
     start, payload, model, history = 0, None, None, []
     if resume:
         payload = load_checkpoint(out / CHECKPOINT)
@@ -418,8 +420,8 @@ def _run_phases(run: RunConfig, out: Path, make_model: Callable[[], nn.Module], 
         valid = history[-1][f"val_{task.metric}"] if trained_last else task.evaluate(model, "valid")[task.metric]
         tests = {split: task.evaluate(model, split) for split in task.test_splits}
         metrics = summarise(run, model, history, valid, tests)
-        if summary is not None:
-            metrics |= summary(model)
+        if summary is not None:     # counts and batch-1 latency: of the model as deployed, on the CPU
+            metrics |= summary(model.cpu())
         broken = [f"{key} {value}" for key, value in metrics.items()
                   if isinstance(value, float) and not math.isfinite(value)]
         if broken:      # a run that finished must be usable: never mark one finished with a broken model
@@ -439,6 +441,11 @@ def compress_run(run: RunConfig, out: str | Path, resume: bool = False, progress
     if resume:
         run = saved_run(out, run)
     method = get_method(run.method)(config_for(run.method, run.method_config))
+    if run.source and run.distill_from is None and getattr(method, "distill_from_source", False):
+        # a method trained by distillation (AntMan) learns from the model it compresses unless told otherwise
+        log.info("%s distils from its --from run %s (give --distill-weight 0 to train without)", run.method,
+                 run.source)
+        run = replace(run, distill_from=run.source)
     task = run.task_type()
     baseline = None         # the --from run's metrics, read now: a broken file fails before any training
     if run.source:

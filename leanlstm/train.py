@@ -185,9 +185,14 @@ class TrainConfig:
     checkpoint_minutes: float = 10.0  # also checkpoint inside an epoch this often (0: at epoch ends only)
     precision: str = "float32"       # of the training forward pass: float32, or bfloat16 (autocast; see PRECISIONS)
     optimizer: str = "sgd"           # sgd (plain, no momentum) or adam; see OPTIMIZERS
+    device: str = "cpu"              # where training runs: cpu, cuda, cuda:1, ... (evaluation follows the model)
 
     def __post_init__(self) -> None:
         check_ranges(self, self.ranges, optional=("max_batches",))
+        try:    # only the name here: a run trained on a GPU must stay readable where there is none
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ConfigError("device", self.device, "name a torch device such as cpu, cuda or cuda:1") from None
         if self.precision not in PRECISIONS:
             raise ConfigError("precision", self.precision, f"be one of {', '.join(PRECISIONS)}")
         if self.optimizer not in OPTIMIZERS:
@@ -249,7 +254,9 @@ class Trainer:
         self._bind(model, config.lr)
 
     def _bind(self, model: nn.Module, lr: float) -> None:
-        """Train ``model``: a fresh optimiser over its parameters, and its DDP wrapper under torchrun."""
+        """Train ``model`` (moved to the configured device): a fresh optimiser over its parameters, and its DDP
+        wrapper under torchrun."""
+        model = model.to(training_device(self.config.device))
         self.model, self.train_model = model, model
         self.optimizer = OPTIMIZERS[self.config.optimizer](model.parameters(), lr=lr)
         if distributed.is_distributed():
@@ -320,6 +327,7 @@ class Trainer:
                 batches += 1
                 bar.update()
                 continue
+            batch = to_device(batch, self.config.device)
             with self._autocast():
                 loss, state, *reported = self.task.training_loss(self.train_model, batch, state)
             state = _detach(state)
@@ -433,6 +441,44 @@ class Trainer:
                      self.within_epoch["batches"])
         else:
             log.info("resumed from %s after epoch %d", path, self.epoch)
+
+
+def training_device(name: str) -> torch.device:
+    """The device ``name`` (``TrainConfig.device``), refused with what to do when this machine lacks it."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", name, "be one this machine has: PyTorch sees no CUDA device here (use cpu, or "
+                                          "install a CUDA build of PyTorch on a machine with a GPU)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError("device", name, f"be one this machine has: it has {torch.cuda.device_count()} CUDA "
+                                          f"device(s), numbered from 0")
+    return device
+
+
+def to_device(batch: Any, device: str | torch.device) -> Any:
+    """``batch`` with every tensor in it on ``device``: tensors, and tuples (named too), lists, dicts and dataclasses
+    of them; anything else is returned as it is.
+
+    >>> to_device((torch.ones(2), [torch.zeros(1)], "label"), "cpu")[2]
+    'label'
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(to_device(item, device) for item in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(item, device) for item in batch)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(batch, **{f.name: to_device(getattr(batch, f.name), device)
+                                             for f in dataclasses.fields(batch) if f.init})
+    return batch
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters live (cpu for a model without any): tasks move evaluation batches there."""
+    return next(iter(model.parameters()), torch.empty(0)).device
 
 
 def _detach(state):

@@ -12,7 +12,7 @@ from leanlstm.checkpoint import CheckpointError, load_checkpoint, save_checkpoin
 from leanlstm.cli import main
 from leanlstm.tasks.ptb import load_ptb
 from leanlstm.runs import RunConfig, RunDirError, evaluate_run, exclusive, load_run, train_run
-from leanlstm.train import Callback, Trainer, TrainConfig, TrainingDiverged
+from leanlstm.train import Callback, ConfigError, Trainer, TrainConfig, TrainingDiverged, to_device
 
 TINY = {"epochs": 3, "max_batches": 15}
 
@@ -367,3 +367,29 @@ def test_show_prints_finished_and_unfinished_runs(tmp_path, ptb_slice_dir):
     assert as_json[0]["finished"] is False and [h["epoch"] for h in as_json[0]["history"]] == [1]
     bad = CliRunner().invoke(main, ["show", str(tmp_path)])
     assert bad.exit_code != 0 and "not a leanlstm run directory" in bad.output
+
+
+def test_device_names_are_checked_and_a_missing_gpu_fails_before_the_run_dir_is_made(tmp_path, ptb_slice_dir):
+    with pytest.raises(ConfigError, match="device must name a torch device"):
+        TrainConfig(device="gpu0")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the refusal below needs one without")
+    result = CliRunner().invoke(main, ["train", "--preset", "tiny", "--device", "cuda", "--data-dir",
+                                       str(ptb_slice_dir), "--no-verify-data", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "PyTorch sees no CUDA device" in result.output, result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_batches_of_any_shape_move_to_the_device():
+    from leanlstm.tasks.digits import Batch
+
+    batch = Batch(torch.zeros(3, 2, 4), torch.tensor([3, 2]), torch.tensor([1, 2]), torch.tensor([1, 1]))
+    moved = to_device({"audio": batch, "ids": [torch.ones(2)], "name": "x"}, "cpu")
+    assert isinstance(moved["audio"], Batch) and moved["audio"].lengths.tolist() == [3, 2]
+    assert moved["name"] == "x" and moved["ids"][0].tolist() == [1.0, 1.0]
+
+
+def test_an_explicit_cpu_device_trains_exactly_as_the_default(tmp_path, ptb_slice_dir):
+    default = train_run(_run(ptb_slice_dir, epochs=1), tmp_path / "default", progress=False)
+    cpu = train_run(_run(ptb_slice_dir, epochs=1, device="cpu"), tmp_path / "cpu", progress=False)
+    assert cpu["test_ppl"] == default["test_ppl"]

@@ -46,10 +46,11 @@ from . import options
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @options.distillation
 @options.precision
+@options.device
 def command(method_name, source, task, preset, out, strength, settings, dropout, epochs, lr, decay_after, lr_decay,
             finetune_epochs, finetune_lr,
             resume, data_dir, max_batches, max_tokens, no_verify_data, latency_repeats, no_progress, distill_from,
-            distill_weight, distill_temperature, precision):
+            distill_weight, distill_temperature, precision, device):
     """Compress a model with a method, with checkpoints in OUT.
 
     \b
@@ -72,7 +73,8 @@ def command(method_name, source, task, preset, out, strength, settings, dropout,
     else:
         task, verify_data = task or "ptb", not no_verify_data
     overrides = {k: v for k, v in dict(epochs=epochs, lr=lr, decay_after=decay_after, lr_decay=lr_decay,
-                                         max_batches=max_batches, precision=precision).items() if v is not None}
+                                         max_batches=max_batches, precision=precision,
+                                         device=device).items() if v is not None}
     finetune = {k: v for k, v in dict(epochs=finetune_epochs, lr=finetune_lr).items() if v is not None}
     run = RunConfig(task=task, preset=preset, method=method_name, data_dir=data_dir, max_tokens=max_tokens,
                     verify_data=verify_data, overrides=overrides, method_config=config.to_dict(),

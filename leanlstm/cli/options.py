@@ -30,6 +30,13 @@ def precision(command):
              "and evaluation stay float32) trains faster on CPUs with AMX or AVX-512 BF16, slower on others.")(command)
 
 
+def device(command):
+    """``--device cpu|cuda|cuda:N``: where training runs (``TrainConfig.device``)."""
+    return click.option(
+        "--device", help="Where training runs: cpu (default), cuda or cuda:N (a PyTorch with CUDA on a machine "
+                         "with a GPU). Checkpoints, evaluation and the batch-1 runtime do not depend on it.")(command)
+
+
 def task(command):
     """``--task NAME`` on a command that reads run directories: they record their task, so the option only
     checks it (``check_task``)."""

@@ -48,9 +48,10 @@ def _sizes(text: str | None) -> list[int] | None:
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @options.distillation
 @options.precision
+@options.device
 def command(task, preset, out, resume, data_dir, dropout, epochs, lr, clip, seed, hidden_sizes, hidden_sizes_from,
             vocab_size, max_batches, max_tokens, no_verify_data, no_progress, distill_from, distill_weight,
-            distill_temperature, precision):
+            distill_temperature, precision, device):
     """Train a task's model from a preset.
 
     \b
@@ -63,7 +64,8 @@ def command(task, preset, out, resume, data_dir, dropout, epochs, lr, clip, seed
             raise click.UsageError("give --hidden-sizes or --hidden-sizes-from, not both")
         sizes = finished_hidden_sizes(hidden_sizes_from)
     overrides = {k: v for k, v in dict(epochs=epochs, lr=lr, clip=clip, seed=seed,
-                                       max_batches=max_batches, precision=precision).items() if v is not None}
+                                       max_batches=max_batches, precision=precision,
+                                       device=device).items() if v is not None}
     run = RunConfig(task=task, preset=preset, data_dir=data_dir, max_tokens=max_tokens,
                     verify_data=not no_verify_data, overrides=overrides, hidden_sizes=sizes, dropout=dropout,
                     vocab_size=vocab_size, distill_from=distill_from, distill_weight=distill_weight,

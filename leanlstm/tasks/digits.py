@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import LSTM
-from ..train import Range, TrainConfig
+from ..train import Range, TrainConfig, model_device, to_device
 from . import ctc, fsdd
 from .base import DataConfig, Preset, Task, TaskError, register_task
 from .features import FeatureCache, FeatureConfig, FeatureStream, Normalizer, cache_key, log_mel, pack, unpack
@@ -473,6 +473,7 @@ class DigitsTask(Task):
         for start in range(0, len(order), self.train.eval_batch_size):
             index = order[start:start + self.train.eval_batch_size]
             batch = collate([features[i] for i in index], [digits[i] for i in index])
+            batch = to_device(batch, model_device(model))
             logits, _ = model(model.inputs(batch.features))
             steps = model.steps(batch.lengths)
             skip = model.config.skip_steps

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..train import Range, TrainConfig
+from ..train import Range, TrainConfig, model_device
 from .base import DataConfig, Preset, Task, TaskError, register_task
 from .data import DataError, data_dir, download, find_file, md5_of, read_text
 from .lm import LMConfig, WordLM
@@ -250,7 +250,7 @@ class LanguageModelTask(Task):
             raise TaskError(f"the ptb task has splits {', '.join(SPLITS)}, not {split!r}")
         was_training = model.training
         model.eval()
-        data = batchify(getattr(self.corpus, split), self.eval_batch_size)
+        data = batchify(getattr(self.corpus, split), self.eval_batch_size).to(model_device(model))
         state, total, count = None, 0.0, 0
         for start in range(0, data.shape[0] - 1, self.bptt):
             inputs, targets = _window(data, start, self.bptt)

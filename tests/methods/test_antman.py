@@ -162,9 +162,9 @@ def tiny_run(tmp_path_factory, ptb_slice_dir):
     return out
 
 
-def test_cli_compresses_a_run_with_distillation_from_it(tmp_path, ptb_slice_dir, tiny_run):
-    out = tmp_path / "antman"
-    args = ["compress", "--method", "antman", "--from", str(tiny_run), "--distill-from", str(tiny_run),
+def test_cli_compresses_a_run_with_distillation_from_it_by_default(tmp_path, ptb_slice_dir, tiny_run):
+    out = tmp_path / "antman"         # no --distill-from: AntMan learns from the model it compresses
+    args = ["compress", "--method", "antman", "--from", str(tiny_run),
             "--set", "reduction=4", "--set", "min_block_rank=2", "--epochs", "2", "--max-batches", "6",
             "--latency-repeats", "0", "--data-dir", str(ptb_slice_dir), "--no-verify-data", "--no-progress",
             "--out", str(out)]
@@ -172,6 +172,7 @@ def test_cli_compresses_a_run_with_distillation_from_it(tmp_path, ptb_slice_dir,
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method_config"]["reduction"] == 4.0 and metrics["distilled_from"] == str(tiny_run)
+    assert json.loads((out / "config.json").read_text())["distill_from"] == str(tiny_run)
     assert metrics["lstm_macs_reduction"] >= 4.0 and metrics["structure"] == "grouplowrank"
     first, second = metrics["history"]
     assert second["val_loss"] < first["val_loss"]                              # training with the teacher helps
