@@ -435,9 +435,10 @@ def _run_phases(run: RunConfig, out: Path, make_model: Callable[[], nn.Module], 
     return metrics
 
 
-def compress_run(run: RunConfig, out: str | Path, resume: bool = False, progress: bool = True
+def compress_run(run: RunConfig, out: str | Path, resume: bool = False, progress: bool = True, callbacks=()
                  ) -> dict[str, Any]:
-    """Compress with ``run.method``: from ``run.source`` (a trained run) or from scratch, then fine-tune."""
+    """Compress with ``run.method``: from ``run.source`` (a trained run) or from scratch, then fine-tune.
+    ``callbacks`` (e.g. ``leanlstm.tensorboard.TensorBoard``) join every phase, after the method's."""
     if resume:
         run = saved_run(out, run)
     method = get_method(run.method)(config_for(run.method, run.method_config))
@@ -468,9 +469,10 @@ def compress_run(run: RunConfig, out: str | Path, resume: bool = False, progress
             task.set_dropout(model, run.dropout)
         return model
 
-    phases = [Phase("compress", run.train_config(), method.callbacks(), method.prepare)]
+    phases = [Phase("compress", run.train_config(), method.callbacks() + list(callbacks), method.prepare)]
     if method.has_finetune:
-        phases.append(Phase("finetune", run.finetune_config(), method.finetune_callbacks(), method.finalize))
+        phases.append(Phase("finetune", run.finetune_config(), method.finetune_callbacks() + list(callbacks),
+                            method.finalize))
 
     def summary(model: nn.Module) -> dict[str, Any]:
         extra = {"method_config": run.method_config, "source": run.source, **method.summary(model)}

@@ -250,6 +250,7 @@ class Trainer:
         self.step = 0           # optimiser steps taken in this phase
         self.history: list[dict[str, Any]] = list(history)  # earlier phases' epochs come first
         self.within_epoch: dict[str, Any] | None = None  # where an interrupted epoch stopped (from resume)
+        self.last_loss: torch.Tensor | None = None   # the task's mean loss of the batch being trained (callbacks)
         self._last_save = time.perf_counter()
         self._bind(model, config.lr)
 
@@ -331,8 +332,9 @@ class Trainer:
             with self._autocast():
                 loss, state, *reported = self.task.training_loss(self.train_model, batch, state)
             state = _detach(state)
+            self.last_loss = (reported[0] if reported else loss).detach()
             self.optimise(loss, epoch, batches)
-            total += float(reported[0] if reported else loss.detach())
+            total += float(self.last_loss)
             batches += 1
             bar.update()
             if batches % 50 == 0:

@@ -1,7 +1,15 @@
-"""Figures: the ISS component plot and the perplexity-compression trade-off."""
+"""Figures (the ISS component plot, the perplexity-compression trade-off) and the comparison report of recorded
+results files (`leanlstm report results/*.json`)."""
+import json
+from pathlib import Path
+
 import pytest
 
-from leanlstm.report import method_label, plot_components, plot_tradeoff
+from leanlstm.files import FileProblem
+from leanlstm.report import (baseline_of, build_report, collect, method_label, pareto_front, plot_components,
+                             plot_tradeoff, row_numbers, rows_from_results)
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def test_plot_tradeoff_draws_one_line_per_method(tmp_path):
@@ -16,15 +24,146 @@ def test_plot_tradeoff_draws_one_line_per_method(tmp_path):
 def test_method_label_marks_ablations_and_controls():
     assert method_label({"method": "doped-kp", "method_config": {"cmr": 0.5}}) == "doped-kp"
     assert method_label({"method": "doped-kp", "method_config": {"cmr": 0}}) == "doped-kp (no CMR)"
-    assert method_label({"method": "doped-kp", "method_config": {"cmr": 0, "doping_share": 0.25}}) == "doped-kp (no CMR)"
+    shared = {"method": "doped-kp", "method_config": {"cmr": 0, "doping_share": 0.25}}
+    assert method_label(shared) == "doped-kp (no CMR)"
     assert (method_label({"method": "doped-kp", "method_config": {"cmr": 0, "doping_share": 0.75}})
             == "doped-kp (no CMR) (doping share 0.75)")
     assert method_label({"method": "baseline", "role": "control"}) == "direct design (control)"
     assert method_label({"method": "iss", "source": None}) == "iss (from scratch)"
     assert method_label({"method": "iss", "source": "runs/ptb-small"}) == "iss"
-    assert method_label({"method": "iss", "source": None, "distilled_from": "runs/base"}) == "iss (from scratch) (distilled)"
+    distilled = {"method": "iss", "source": None, "distilled_from": "runs/base"}
+    assert method_label(distilled) == "iss (from scratch) (distilled)"
 
 
 def test_plot_components_needs_iss_metrics(tmp_path):
     with pytest.raises(ValueError, match="--method iss"):
         plot_components({"history": []}, tmp_path / "c.png")
+
+
+# --- the comparison report (`leanlstm report`) from recorded results files ---------------------------------------
+
+def test_rows_of_a_comparison_file_carry_their_baseline_and_latencies():
+    recorded = json.loads((RESULTS / "ptb-small-doping.json").read_text())
+    rows, reason = rows_from_results(RESULTS / "ptb-small-doping.json")
+    assert reason is None
+    assert [row.name for row in rows] == [recorded["baseline"]["run"]] + [r["run"] for r in recorded["runs"]]
+    assert rows[0].is_baseline and rows[0].method == "baseline" and rows[0].task == "ptb"
+    prune = next(row for row in rows if row.name == "runs/ptb-small-prune-20x")
+    entry = next(r for r in recorded["runs"] if r["run"] == "runs/ptb-small-prune-20x")
+    numbers = row_numbers(prune, baseline_of(prune, rows))
+    assert numbers["metric"] == entry["test_ppl"] and numbers["baseline_metric"] == entry["baseline_test_ppl"]
+    assert numbers["change"] == pytest.approx(entry["test_ppl_change"])
+    assert numbers["lstm_bytes"] == 4 * entry["lstm_params"]
+    assert numbers["latency_us"] == entry["latency_us_per_step"]["lstm"]
+    dense = entry["baseline_latency_us_per_step"]["lstm"]
+    assert numbers["speedup_vs_dense"] == pytest.approx(min(dense.values()) / entry["latency_us_per_step"]["lstm"]
+                                                        ["leanlstm"])
+    # the only peer recorded is onnxruntime: the same model there, over leanlstm
+    lstm = entry["latency_us_per_step"]["lstm"]
+    assert numbers["speedup_vs_peer"] == pytest.approx(lstm["onnxruntime"] / lstm["leanlstm"])
+
+
+def test_rows_of_a_table_file_and_of_one_runs_metrics():
+    rows, _ = rows_from_results(RESULTS / "digits-medium-compressed.json")
+    recorded = json.loads((RESULTS / "digits-medium-compressed.json").read_text())["rows"]
+    assert [(r.name, r.task, r.metric) for r in rows] == [(e["run"], "digits", e["test_wer"]) for e in recorded]
+    assert rows[0].latency == {"model": recorded[0]["us_per_step"]}        # the whole recogniser, as recorded
+    doped = rows[1]
+    numbers = row_numbers(doped, baseline_of(doped, rows))
+    assert numbers["baseline"] == recorded[0]["run"] and numbers["latency_part"] == "model"
+    assert numbers["speedup_vs_dense"] == pytest.approx(min(recorded[0]["us_per_step"].values())
+                                                        / recorded[1]["us_per_step"]["leanlstm"])
+    single, _ = rows_from_results(RESULTS / "ptb-small-baseline.json")
+    metrics = json.loads((RESULTS / "ptb-small-baseline.json").read_text())
+    assert [(r.name, r.metric, r.total_params) for r in single] == [
+        ("/work/runs/ptb-small", metrics["test_ppl"], metrics["total_params"])]       # the name: its --out
+    assert len(single[0].history) == metrics["epochs"]
+
+
+def test_files_without_runs_are_skipped_with_the_reason():
+    rows, reason = rows_from_results(RESULTS / "artifact-sizes.json")
+    assert rows == [] and "test_ppl" in reason and "test_wer" in reason
+    rows, skipped = collect([RESULTS / "artifact-sizes.json", RESULTS / "ptb-small-iss.json"])
+    assert [s["input"] for s in skipped] == [str(RESULTS / "artifact-sizes.json")]
+    assert len(rows) == 7
+
+
+def test_the_same_run_read_twice_is_one_row():
+    # runs/ptb-small-baseline-epyc.json is the metrics.json of the baseline both comparisons were made against
+    rows, _ = collect([RESULTS / "ptb-small-baseline-epyc.json", RESULTS / "ptb-small-doping.json",
+                       RESULTS / "ptb-small-doping-cmr.json"])
+    assert len(rows) == 1 + 15            # the baseline (three times) and the 13 + 4 runs, 2 of them in both
+    base = rows[0]
+    assert base.name == "runs/ptb-small" and base.total_params is not None and base.latency   # both halves
+    assert base.origins == [str(RESULTS / f) for f in ("ptb-small-baseline-epyc.json", "ptb-small-doping.json",
+                                                       "ptb-small-doping-cmr.json")]
+    assert all(baseline_of(row, rows) is base for row in rows)
+    # another result of the same run directory (an older baseline) is a row of its own, labelled with its file
+    rows, _ = collect([RESULTS / "ptb-small-baseline.json", RESULTS / "ptb-small-doping.json"])
+    assert [row.label for row in rows[:2]] == ["/work/runs/ptb-small", "runs/ptb-small (ptb-small-doping.json)"]
+    prune = next(row for row in rows if row.name == "runs/ptb-small-prune-20x")
+    assert baseline_of(prune, rows) is rows[1]        # the one it was compared with, from its own file
+
+
+def test_pareto_front_keeps_what_nothing_beats():
+    assert pareto_front([(3, 0.9), (1, 0.5), (2, 0.8), (2, 0.4)], higher_is_better=True) == [(1, 0.5), (2, 0.8),
+                                                                                               (3, 0.9)]
+
+
+def test_report_of_the_recorded_results(tmp_path):
+    inputs = sorted(RESULTS.glob("*.json"))
+    report = build_report(inputs, tmp_path / "report", measure=False)
+    tasks = {entry["task"]: entry for entry in report["tasks"]}
+    assert set(tasks) == {"ptb", "digits"}
+    ptb = {row["run"]: row for row in tasks["ptb"]["rows"]}
+    recorded = json.loads((RESULTS / "ptb-small-iss.json").read_text())["runs"]
+    for entry in recorded:
+        assert ptb[entry["run"]]["metric"] == entry["test_ppl"]
+    assert {s["input"] for s in report["skipped"]} >= {str(RESULTS / "artifact-sizes.json")}
+    assert len(report["skipped"]) + len({o for e in report["tasks"] for r in e["rows"] for o in r["origins"]}) \
+        == len(inputs)
+    files = sorted(p.name for p in (tmp_path / "report").iterdir())
+    assert files == sorted(report["files"])
+    assert {f["file"] for f in tasks["ptb"]["figures"]} == {"ptb-pareto-latency.png", "ptb-pareto-bytes.png",
+                                                            "ptb-curves.png"}
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert html.count('src="data:image/png;base64,') == 6 and "http" not in html.replace("http-equiv", "")
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "![" in markdown and "(ptb-pareto-latency.png)" in markdown
+    assert "| runs/ptb-small-iss-scratch-0.0025 | iss (from scratch) | small |" in markdown
+
+
+def test_report_never_replaces_files_it_did_not_write(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "index.html").write_text("mine")
+    with pytest.raises(FileProblem, match="index.html, not written by leanlstm report"):
+        build_report([RESULTS / "ptb-small-iss.json"], out, measure=False)
+    assert (out / "index.html").read_text() == "mine" and not (out / "report.json").exists()
+    (out / "index.html").unlink()
+    first = build_report([RESULTS / "ptb-small-iss.json", RESULTS / "digits-medium-compressed.json"], out,
+                         measure=False)
+    assert "digits-curves.png" not in first["files"] and (out / "digits-pareto-latency.png").exists()
+    again = build_report([RESULTS / "ptb-small-iss.json"], out, measure=False)   # its own files: replaced
+    assert not (out / "digits-pareto-latency.png").exists()                      # and the stale ones removed
+    assert sorted(p.name for p in out.iterdir()) == sorted(again["files"])
+
+
+def test_report_refuses_inputs_without_runs_and_unwritable_folders(tmp_path):
+    with pytest.raises(ValueError, match="no runs to report.*artifact-sizes.json: no runs in it"):
+        build_report([RESULTS / "artifact-sizes.json"], tmp_path / "out", measure=False)
+    with pytest.raises(FileProblem, match="cannot be written"):
+        build_report([RESULTS / "ptb-small-iss.json"], "/proc/leanlstm-report", measure=False)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(FileProblem, match="bad.json is not valid JSON"):
+        build_report([bad], tmp_path / "out", measure=False)
+
+
+def test_docstring_examples():
+    import doctest
+
+    import leanlstm.report
+
+    result = doctest.testmod(leanlstm.report, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -17,6 +17,7 @@ from . import compress as compress_command
 from . import eval as eval_command
 from . import export as export_command
 from . import profile as profile_command
+from . import report as report_command
 from . import show as show_command
 from . import tasks as tasks_command
 from . import train as train_command
@@ -54,6 +55,7 @@ main.add_command(compress_command.list_methods)
 main.add_command(export_command.command)
 main.add_command(bench_command.command)
 main.add_command(profile_command.command)
+main.add_command(report_command.command)
 main.add_command(show_command.command)
 main.add_command(tasks_command.command)
 main.add_command(transcribe_command.command)

@@ -13,6 +13,7 @@ from ..methods.base import parse_settings
 from ..runs import RunConfig, compress_run, read_config
 from ..train import ConfigError
 from . import options
+from .options import make_tensorboard  # the command's own `options` is a local
 
 
 @click.command("compress")
@@ -47,10 +48,11 @@ from . import options
 @options.distillation
 @options.precision
 @options.device
+@options.tensorboard
 def command(method_name, source, task, preset, out, strength, settings, dropout, epochs, lr, decay_after, lr_decay,
             finetune_epochs, finetune_lr,
             resume, data_dir, max_batches, max_tokens, no_verify_data, latency_repeats, no_progress, distill_from,
-            distill_weight, distill_temperature, precision, device):
+            distill_weight, distill_temperature, precision, device, tensorboard):
     """Compress a model with a method, with checkpoints in OUT.
 
     \b
@@ -82,7 +84,12 @@ def command(method_name, source, task, preset, out, strength, settings, dropout,
                     distill_from=distill_from, distill_weight=distill_weight,
                     distill_temperature=distill_temperature,
                     command=shlex.join(["leanlstm"] + sys.argv[1:]))
-    metrics = compress_run(run, out, resume=resume, progress=not no_progress)
+    callbacks = make_tensorboard(tensorboard)
+    try:
+        metrics = compress_run(run, out, resume=resume, progress=not no_progress, callbacks=callbacks)
+    finally:
+        for callback in callbacks:
+            callback.close()
     if metrics is not None:
         metric = metrics["metric"]
         keys = ("hidden_sizes", "lstm_params", "lstm_compression", f"val_{metric}", f"test_{metric}",

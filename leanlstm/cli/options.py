@@ -37,6 +37,27 @@ def device(command):
                          "with a GPU). Checkpoints, evaluation and the batch-1 runtime do not depend on it.")(command)
 
 
+def tensorboard(command):
+    """``--tensorboard``: log the run for TensorBoard under ``OUT/tensorboard`` (``leanlstm.tensorboard``)."""
+    return click.option(
+        "--tensorboard", is_flag=True,
+        help="Log losses, metrics, lr and the method's numbers (sparsity, surviving units, compression) per epoch, "
+             "and the training loss every 20 steps, for TensorBoard in OUT/tensorboard.")(command)
+
+
+def make_tensorboard(enabled: bool) -> list:
+    """The callbacks ``--tensorboard`` asks for: a ``leanlstm.tensorboard.TensorBoard``, or none."""
+    if not enabled:
+        return []
+    try:
+        from ..tensorboard import TensorBoard
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401 - fails here, not after an epoch
+    except ImportError as error:
+        raise click.UsageError(f"--tensorboard needs the tensorboard package ({error}): pip install "
+                               f"'tensorboard>=2.18,<2.22'") from None
+    return [TensorBoard()]
+
+
 def task(command):
     """``--task NAME`` on a command that reads run directories: they record their task, so the option only
     checks it (``check_task``)."""

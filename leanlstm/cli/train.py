@@ -49,9 +49,10 @@ def _sizes(text: str | None) -> list[int] | None:
 @options.distillation
 @options.precision
 @options.device
+@options.tensorboard
 def command(task, preset, out, resume, data_dir, dropout, epochs, lr, clip, seed, hidden_sizes, hidden_sizes_from,
             vocab_size, max_batches, max_tokens, no_verify_data, no_progress, distill_from, distill_weight,
-            distill_temperature, precision, device):
+            distill_temperature, precision, device, tensorboard):
     """Train a task's model from a preset.
 
     \b
@@ -71,7 +72,12 @@ def command(task, preset, out, resume, data_dir, dropout, epochs, lr, clip, seed
                     vocab_size=vocab_size, distill_from=distill_from, distill_weight=distill_weight,
                     distill_temperature=distill_temperature,
                     command=shlex.join(["leanlstm"] + sys.argv[1:]))
-    metrics = train_run(run, out, resume=resume, progress=not no_progress)
+    callbacks = options.make_tensorboard(tensorboard)
+    try:
+        metrics = train_run(run, out, resume=resume, progress=not no_progress, callbacks=callbacks)
+    finally:
+        for callback in callbacks:
+            callback.close()
     if metrics is not None:
         metric = metrics["metric"]
         keys = ("hidden_sizes", "lstm_params", f"val_{metric}", f"test_{metric}", "train_minutes")
