@@ -141,12 +141,27 @@ def metric_label(metric: str) -> str:
 # --- the comparison report: `leanlstm report` ---------------------------------------------------------------------
 # A page per set of runs: per task, a table of every run, Pareto plots and training curves. Rows come from run
 # directories (their metrics.json; latency measured here, all runs of a task in one interleaved run) or from the
-# result files benchmarks/ writes (numbers as recorded there).
+# result files benchmarks/ writes (numbers as recorded there). Latencies depend on the machine (batch-1 latency on
+# one CPU kind can be twice another's): each carries the CPU it was measured on, latencies are shown per task and
+# machine, and a speed-up divides only latencies of one measurement (one results file, one run's record, or this
+# report's interleaved run), never two machines'.
 
 OURS = "leanlstm"                  # the backend the speed-ups are of; the others are its peers
 FLOAT_BYTES = 4                    # stored parameters count float32 equivalents (sparse indices included)
 GENERATOR = "leanlstm report"      # report.json's mark: its folder's files may be replaced by a new report
 PARTS = ("lstm", "model")          # latency of the LSTM stacks alone, or of the whole model
+UNRECORDED = "unrecorded machine"  # the machine of latencies recorded without one: never compared across rows
+
+
+@dataclass
+class Timing:
+    """Latencies of one measurement, all on one machine: a results file, a run's own record, or this report's
+    interleaved run. Latencies of two timings are never divided by one another (unless their sessions match)."""
+
+    machine: str                                 # the CPU's model name as recorded, or ``UNRECORDED``
+    session: str                                 # latencies of one session were measured in one interleaved run
+    latency: dict[str, dict[str, float]]         # part -> backend -> us/step
+    baseline_latency: dict[str, dict[str, float]] = field(default_factory=dict)   # the dense one's, same session
 
 
 @dataclass
@@ -161,9 +176,7 @@ class Row:
     baseline_metric: float | None = None         # the dense model's, as recorded with the run or found here
     lstm_params: int | None = None               # stored, sparse indices included
     total_params: int | None = None
-    latency: dict[str, dict[str, float]] = field(default_factory=dict)            # part -> backend -> us/step
-    baseline_latency: dict[str, dict[str, float]] = field(default_factory=dict)   # the dense one's, same session
-    session: str = ""                # latencies of one session were measured in one interleaved run
+    timings: list[Timing] = field(default_factory=list)   # at most one per machine, the first read of each
     command: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
     source: str | None = None        # the run it was compressed from
@@ -174,6 +187,36 @@ class Row:
 
     def __post_init__(self) -> None:
         self.label = self.label or self.name
+
+    @property
+    def latency(self) -> dict[str, dict[str, float]]:
+        """The latencies of the first machine it was timed on (``{}`` if none)."""
+        return self.timings[0].latency if self.timings else {}
+
+    @property
+    def machines(self) -> list[str]:
+        return [t.machine for t in self.timings]
+
+    def timing(self, machine: str | None = None) -> Timing | None:
+        """Its timing on ``machine`` (default: the first one), or ``None``."""
+        return next((t for t in self.timings if machine is None or t.machine == machine), None)
+
+
+def _timings(latency: dict[str, dict[str, float]], baseline: dict[str, dict[str, float]], machine: str | None,
+             session: str) -> list[Timing]:
+    return [Timing(machine or UNRECORDED, session, latency, baseline)] if latency else []
+
+
+def cpu_of(*machines: Any) -> str | None:
+    """The CPU of the first recorded machine (``machine_info``'s or ``benchmarks/``' dict) that names one.
+
+    >>> cpu_of(None, "x86_64", {"cpu": " AMD EPYC ", "cpus": 2})
+    'AMD EPYC'
+    """
+    for machine in machines:
+        if isinstance(machine, dict) and isinstance(machine.get("cpu"), str) and machine["cpu"].strip():
+            return machine["cpu"].strip()
+    return None
 
 
 def row_from_run(run_dir: str | Path) -> Row:
@@ -186,14 +229,15 @@ def row_from_run(run_dir: str | Path) -> Row:
     metric = get_task(run.task).metric
     metrics = read_metrics(run_dir) if (Path(run_dir) / METRICS).is_file() else {}
     recorded = metrics.get("latency_us_per_step") or {}   # compress: the result and its baseline, one session
+    machine = cpu_of((metrics.get("latency_settings") or {}).get("machine"), metrics.get("machine"))
     described = {"method": run.method, "method_config": run.method_config, "distilled_from": run.distill_from}
     if run.method != "baseline":
         described["source"] = run.source
     return Row(name=str(run_dir), task=run.task, method=method_label(described), preset=run.preset,
                metric=metrics.get(f"test_{metric}"), baseline_metric=metrics.get(f"baseline_test_{metric}"),
                lstm_params=metrics.get("lstm_params"), total_params=metrics.get("total_params"),
-               latency=recorded.get("compressed", {}), baseline_latency=recorded.get("baseline", {}),
-               session=f"{run_dir} (recorded)", command=run.command,
+               timings=_timings(recorded.get("compressed", {}), recorded.get("baseline", {}), machine,
+                                f"{run_dir} (recorded)"), command=run.command,
                history=metrics.get("history") or run_progress(run_dir)["history"], source=run.source,
                origins=[str(run_dir)], is_baseline=run.method == "baseline")
 
@@ -237,14 +281,21 @@ def _row_from_entry(entry: dict[str, Any], context: dict[str, Any], path: Path, 
     value = entry.get(f"test_{metric}")
     if not _is_number(value):
         return None
-    latency = _latency_parts(entry.get("latency_us_per_step") or entry.get("us_per_step"))
+    recorded = entry.get("latency_us_per_step") or entry.get("us_per_step")
+    if isinstance(recorded, dict) and "compressed" in recorded:     # one run's metrics.json: it and its baseline
+        latency, dense = _latency_parts(recorded["compressed"]), _latency_parts(recorded.get("baseline"))
+    else:
+        latency, dense = _latency_parts(recorded), _latency_parts(entry.get("baseline_latency_us_per_step"))
+    settings = [entry.get("latency_settings"), context.get("latency_settings")]
+    machine = cpu_of(*[s.get("machine") for s in settings if isinstance(s, dict)], entry.get("machine"),
+                     context.get("machine"))        # where the latencies were measured, else where it was recorded
     baseline = entry.get("baseline_test_" + metric)
     return Row(name=entry.get("run") or _out_option(entry.get("command")) or f"{path.stem}[{index}]",
                task=task_name, method=method_label(entry), preset=entry.get("preset") or context.get("preset"),
                metric=float(value), baseline_metric=float(baseline) if _is_number(baseline) else None,
-               lstm_params=entry.get("lstm_params"), total_params=entry.get("total_params"), latency=latency,
-               baseline_latency=_latency_parts(entry.get("baseline_latency_us_per_step")), session=str(path),
-               command=entry.get("command") or "", history=entry.get("history") or [], source=entry.get("source"),
+               lstm_params=entry.get("lstm_params"), total_params=entry.get("total_params"),
+               timings=_timings(latency, dense, machine, str(path)), command=entry.get("command") or "",
+               history=entry.get("history") or [], source=entry.get("source"),
                origins=[str(path)], is_baseline=entry["method"] == "baseline" and entry.get("role") != "control")
 
 
@@ -312,8 +363,8 @@ def same_run(a: str | None, b: str | None) -> bool:
 
 def merge_rows(rows: list[Row]) -> list[Row]:
     """One row per run: rows of the same run with the same result (read from several results files, say) are
-    merged, each filling what the first lacks; the same run with other results keeps its rows, labelled with
-    their file."""
+    merged, each filling what the first lacks (latencies: the first timing on each machine); the same run with
+    other results keeps its rows, labelled with their file."""
     merged: list[Row] = []
     for row in rows:
         twin = next((m for m in merged if m.task == row.task and same_run(m.name, row.name)
@@ -326,8 +377,8 @@ def merge_rows(rows: list[Row]) -> list[Row]:
         for name in ("preset", "baseline_metric", "lstm_params", "total_params", "command", "source"):
             if getattr(twin, name) in (None, ""):
                 setattr(twin, name, getattr(row, name))
-        if not twin.latency and row.latency:
-            twin.latency, twin.baseline_latency, twin.session = row.latency, row.baseline_latency, row.session
+        timed = set(twin.machines)           # a machine's first timing of the run; each machine keeps its own
+        twin.timings += [timing for timing in row.timings if timing.machine not in timed]
         twin.history = twin.history or row.history
         twin.origins += row.origins
     return merged
@@ -393,11 +444,14 @@ def _pending(queue: list[Path]) -> set[str]:
 def measure_rows(rows: list[Row], backends: tuple[str, ...], repeats: int = 5, seq_len: int = 35,
                  threads: int = 1) -> dict[str, Any]:
     """Batch-1 latency of every run directory's model, per task in one interleaved run (all models, backends and
-    parts take turns), replacing what the runs recorded; returns the settings. Results files keep theirs."""
+    parts take turns) on this machine, replacing what the runs recorded; returns the settings, this machine's
+    CPU among them. Results files keep theirs."""
     from .checkpoint import CheckpointError
     from .runs import RunDirError, load_run
     from .runtime.latency import machine_info, medians, stack_and_model
 
+    machine = machine_info()
+    here = cpu_of(machine) or "this machine"
     for task in dict.fromkeys(row.task for row in rows):
         models = {}
         for row in rows:
@@ -413,24 +467,38 @@ def measure_rows(rows: list[Row], backends: tuple[str, ...], repeats: int = 5, s
         for row in rows:
             if row.name in models:
                 measured = result["models"][row.name]
-                row.latency = {part: medians(measured[part]) for part in PARTS if measured[part]}
-                row.baseline_latency, row.session = {}, f"measured: {task}"
+                latency = {part: medians(measured[part]) for part in PARTS if measured[part]}
+                row.timings = _timings(latency, {}, here, f"measured: {task}")
                 row.errors |= measured["errors"]
-    machine = machine_info()
     return {"seq_len": seq_len, "repeats": repeats, "threads": threads, "backends": list(backends),
-            "machine": {k: machine[k] for k in ("cpu", "cpus", "load_average") if k in machine}}
+            "machine": {"cpu": here} | {k: machine[k] for k in ("cpus", "load_average") if k in machine}}
 
 
-def row_numbers(row: Row, base: Row | None, part: str = "lstm") -> dict[str, Any]:
-    """What the report shows of ``row``: sizes, the metric and its change from the dense baseline ``base``, the
-    latency per backend of ``part`` (the other part where only that one was measured), and two speed-ups of
-    ``leanlstm`` on this model: over the dense baseline on its fastest backend, and over the fastest other backend
-    on this same model."""
-    latency, used = _part(row.latency, part)
-    dense = row.baseline_latency or (base.latency if base is not None and base.session == row.session else {})
-    dense = dense.get(used, {})
+def row_numbers(row: Row, base: Row | None, part: str = "lstm", machine: str | None = None) -> dict[str, Any]:
+    """What the report shows of ``row``: sizes, the metric and its change from the dense baseline ``base``, and of
+    its timing on ``machine`` (default: the first machine it was timed on) the latency per backend of ``part``
+    (the other part where only that one was measured) and two speed-ups of ``leanlstm`` on this model: over the
+    dense baseline on its fastest backend, and over the fastest other backend on this same model. A speed-up
+    divides only latencies of one measurement: the baseline's as the row recorded it, or the baseline row's own
+    when both come from the same session (so never across machines); else it is ``None``."""
+    timing = row.timing(machine)
+    latency, used = _part(timing.latency if timing else {}, part)
+    dense: dict[str, dict[str, float]] = {}
+    if timing is not None:
+        theirs = base.timing(timing.machine) if base is not None else None
+        dense = timing.baseline_latency or (theirs.latency if theirs and theirs.session == timing.session else {})
+    dense_part = dense.get(used, {})
     ours = latency.get(OURS)
     peers = [us for name, us in latency.items() if not name.startswith(OURS)]
+    return {**_accuracy(row, base), "machine": timing.machine if timing else None,
+            "session": timing.session if timing else None, "latency_part": used, "latency_us": latency,
+            "dense_latency_us": dense_part,
+            "speedup_vs_dense": min(dense_part.values()) / ours if ours and dense_part else None,
+            "speedup_vs_peer": min(peers) / ours if ours and peers else None}
+
+
+def _accuracy(row: Row, base: Row | None) -> dict[str, Any]:
+    """What the report shows of ``row`` whatever the machine: sizes, the metric and its change from ``base``'s."""
     reference = row.baseline_metric if row.baseline_metric is not None else (base.metric if base else None)
     change = row.metric - reference if row.metric is not None and reference is not None else None
     return {"run": row.label, "method": row.method, "preset": row.preset, "is_baseline": row.is_baseline,
@@ -439,11 +507,8 @@ def row_numbers(row: Row, base: Row | None, part: str = "lstm") -> dict[str, Any
             "lstm_bytes": FLOAT_BYTES * row.lstm_params if row.lstm_params else None,
             "metric": row.metric, "baseline_metric": reference, "change": change,
             "change_percent": 100 * change / reference if change is not None and reference else None,
-            "latency_part": used, "latency_us": latency, "dense_latency_us": dense,
-            "speedup_vs_dense": min(dense.values()) / ours if ours and dense else None,
-            "speedup_vs_peer": min(peers) / ours if ours and peers else None,
-            "baseline": base.label if base is not None else None, "command": row.command,
-            "history": row.history, "errors": row.errors, "origins": row.origins}
+            "machines": row.machines, "baseline": base.label if base is not None else None,
+            "command": row.command, "history": row.history, "errors": row.errors, "origins": row.origins}
 
 
 def _part(latency: dict[str, dict[str, float]], part: str) -> tuple[dict[str, float], str]:
@@ -472,12 +537,12 @@ PEER_MARKERS = ("s", "D", "^", "v", "P", "X")
 SERIES_MARKERS = ("o", "v", "^", "<", ">", "p", "h", "d")
 
 
-def plot_pareto(rows: list[dict[str, Any]], axis: str, metric: str, higher_is_better: bool = False
-                ) -> bytes | None:
+def plot_pareto(rows: list[dict[str, Any]], axis: str, metric: str, higher_is_better: bool = False,
+                machine: str | None = None) -> bytes | None:
     """PNG of a task's test metric against ``axis`` (``"latency"``: leanlstm's us per step; ``"bytes"``: the LSTM
     stacks' stored bytes), one series per method, dense baselines as stars and, on the latency plot, the dense
     baselines on the peer backends; the Pareto front dashed. ``rows`` are ``row_numbers`` dicts; ``None`` when no
-    row has both numbers.
+    row has both numbers. Latencies of one plot are of one ``machine``, which its title names.
 
     >>> rows = [{"method": "baseline", "is_baseline": True, "metric": 112.0, "lstm_bytes": 2_572_800,
     ...          "latency_us": {"leanlstm": 24.0, "onnxruntime": 22.0}},
@@ -519,12 +584,18 @@ def plot_pareto(rows: list[dict[str, Any]], axis: str, metric: str, higher_is_be
         ax.step(*zip(*front), where="post", color="grey", ls="--", lw=1, zorder=1, label="Pareto front")
     xs = [x for x, _ in points]
     if max(xs) / min(xs) > 4:
+        from matplotlib.ticker import FuncFormatter, LogFormatter
+
         ax.set_xscale("log")
+        if axis == "latency":     # µs as plain numbers, not 6×10^1; some minor ticks named where decades are few
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+            ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1.5, 0.4)))
     label = metric_label(metric)
-    ax.set(xlabel=f"us per time step, batch 1, on {OURS}" if axis == "latency" else
+    where = f" {_on(machine)}" if machine else ""
+    ax.set(xlabel=f"{OURS} us per time step, batch 1, measured{where}" if axis == "latency" else
            "LSTM stack bytes (stored, sparse indices included)",
            ylabel=f"test {label} ({'higher' if higher_is_better else 'lower'} is better)",
-           title=f"{label[:1].upper()}{label[1:]} against {'latency' if axis == 'latency' else 'size'}")
+           title=f"{label[:1].upper()}{label[1:]} against {'latency' + where if axis == 'latency' else 'size'}")
     _legend_outside(ax)
     fig.tight_layout()
     return _png(fig)
@@ -629,52 +700,118 @@ def build_report(inputs: list[str | Path], out: str | Path, measure: bool = True
 
 
 def _task_section(task: str, rows: list[Row], part: str) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """A task's table rows (baselines first) and figures."""
+    """A task's table rows (baselines first; sizes and the metric, whatever the machine), its latency sections
+    (one per machine its runs were timed on: the runs timed there, their latencies and speed-ups) and figures."""
     from .tasks import get_task
 
     kind = get_task(task)
-    numbers = [row_numbers(row, baseline_of(row, rows), part) for row in rows if row.task == task]
-    numbers.sort(key=lambda n: (not n["is_baseline"], n["method"], n["run"]))
+    mine = [(row, baseline_of(row, rows)) for row in rows if row.task == task]
+
+    def order(numbers: dict[str, Any]) -> tuple[bool, str, str]:
+        return not numbers["is_baseline"], numbers["method"], numbers["run"]
+
+    numbers = sorted((_accuracy(row, base) for row, base in mine), key=order)
     label = kind.metric_label or kind.metric
     entry = {"task": task, "metric": kind.metric, "metric_label": label, "higher_is_better": kind.higher_is_better,
-             "rows": numbers, "figures": []}
+             "rows": numbers, "latency": [], "figures": []}
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", task)
-    drawn = (("pareto-latency", f"test {label} against batch-1 latency ({OURS})",
-              plot_pareto(numbers, "latency", kind.metric, kind.higher_is_better)),
-             ("pareto-bytes", f"test {label} against the LSTM stacks' stored bytes",
-              plot_pareto(numbers, "bytes", kind.metric, kind.higher_is_better)),
-             ("curves", f"validation {label} per epoch", plot_curves(numbers, kind.metric)))
     pngs = {}
-    for name, title, png in drawn:
-        if png is not None:
-            pngs[f"{slug}-{name}.png"] = png
-            entry["figures"].append({"file": f"{slug}-{name}.png", "title": title})
+
+    def add(name: str, title: str, png: bytes | None) -> dict[str, str] | None:
+        if png is None:
+            return None
+        pngs[f"{slug}-{name}.png"] = png
+        entry["figures"].append({"file": f"{slug}-{name}.png", "title": title})
+        return entry["figures"][-1]
+
+    machines = sorted({m for row, _ in mine for m in row.machines}, key=lambda m: (m == UNRECORDED, m))
+    named: set[str] = set()
+    for machine in machines:
+        timed = sorted((_latency_numbers(row_numbers(row, base, part, machine))
+                        for row, base in mine if row.timing(machine)), key=order)
+        name, copy = _slug(machine), 1
+        while name in named:                 # two CPU names alike but for punctuation: two files still
+            copy += 1
+            name = f"{_slug(machine)}-{copy}"
+        named.add(name)
+        figure = add(f"pareto-latency-{name}", f"test {label} against batch-1 latency ({OURS}) {_on(machine)}",
+                     plot_pareto(timed, "latency", kind.metric, kind.higher_is_better, machine))
+        entry["latency"].append({"machine": machine, "rows": timed, "figure": figure})
+    add("pareto-bytes", f"test {label} against the LSTM stacks' stored bytes",
+        plot_pareto(numbers, "bytes", kind.metric, kind.higher_is_better))
+    add("curves", f"validation {label} per epoch", plot_curves(numbers, kind.metric))
     return entry, pngs
 
 
-def table(entry: dict[str, Any], part: str = "lstm") -> tuple[list[str], list[list[str]]]:
-    """The header and cells of a task's table (``entry``: a task of ``build_report``'s result).
+LATENCY_KEYS = ("run", "method", "preset", "is_baseline", "metric", "lstm_bytes", "machine", "session",
+                "latency_part", "latency_us", "dense_latency_us", "speedup_vs_dense", "speedup_vs_peer", "baseline")
+
+
+def _latency_numbers(numbers: dict[str, Any]) -> dict[str, Any]:
+    """A row of a latency section: ``row_numbers`` less what the task's table shows already."""
+    return {key: numbers[key] for key in LATENCY_KEYS}
+
+
+def _slug(text: str) -> str:
+    """A file name's part from a CPU's name.
+
+    >>> _slug("Intel(R) Xeon(R) Processor"), _slug("AMD EPYC")
+    ('intel-xeon-processor', 'amd-epyc')
+    """
+    text = re.sub(r"\((r|tm)\)", "", text, flags=re.IGNORECASE)
+    return re.sub(r"[^a-z0-9_.]+", "-", text.lower()).strip("-.") or "unnamed"
+
+
+def _on(machine: str) -> str:
+    """Where latencies were measured, in words.
+
+    >>> _on("AMD EPYC"), _on(UNRECORDED)
+    ('on AMD EPYC', 'on an unrecorded machine')
+    """
+    return "on an unrecorded machine" if machine == UNRECORDED else f"on {machine}"
+
+
+def table(entry: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The header and cells of a task's table (``entry``: a task of ``build_report``'s result): sizes, the metric,
+    and the machines its latencies were measured on (the latency sections show them).
 
     >>> entry = {"metric": "ppl", "rows": [{"run": "runs/a", "method": "prune", "preset": "tiny", "is_baseline": False,
     ...          "lstm_params": 1200, "total_params": 5000, "bytes": 20000, "metric": 130.0, "change": 2.5,
-    ...          "change_percent": 1.96, "latency_part": "lstm", "latency_us": {"leanlstm": 5.0, "torch": 10.0},
-    ...          "speedup_vs_dense": 2.0, "speedup_vs_peer": 2.0}]}
-    >>> table(entry)[1][0][:9]
-    ['runs/a', 'prune', 'tiny', '1,200', '5,000', '20.0 kB', '130', '+2.5 (+2.0%)', '5.0']
+    ...          "change_percent": 1.96, "machines": ["AMD EPYC"]}]}
+    >>> table(entry)[1][0]
+    ['runs/a', 'prune', 'tiny', '1,200', '5,000', '20.0 kB', '130', '+2.5 (+2.0%)', 'AMD EPYC']
     """
-    backends = sorted({name for row in entry["rows"] for name in row["latency_us"]},
-                      key=lambda name: (name != OURS, name))
     header = ["run", "method", "preset", "LSTM params", "total params", "bytes", f"test {entry['metric']}",
-              "change vs baseline", *[f"{name} µs/step" for name in backends], "× vs dense", "× vs best peer"]
+              "change vs baseline", "latency measured on"]
     cells = []
     for row in entry["rows"]:
+        change = "baseline" if row["is_baseline"] else _change(row["change"], row["change_percent"])
+        cells.append([row["run"], row["method"], row["preset"] or "–", _count(row["lstm_params"]),
+                      _count(row["total_params"]), _size(row["bytes"]), _number(row["metric"]), change,
+                      ", ".join(row["machines"]) or "–"])
+    return header, cells
+
+
+def latency_table(metric: str, section: dict[str, Any], part: str = "lstm") -> tuple[list[str], list[list[str]]]:
+    """The header and cells of a latency section's table: one machine's latencies and speed-ups.
+
+    >>> section = {"machine": "AMD EPYC", "rows": [{"run": "runs/a", "method": "prune", "preset": "tiny",
+    ...            "metric": 130.0, "machine": "AMD EPYC", "latency_part": "lstm",
+    ...            "latency_us": {"leanlstm": 5.0, "torch": 10.0}, "speedup_vs_dense": 2.0, "speedup_vs_peer": None}]}
+    >>> latency_table("ppl", section)[1][0]
+    ['runs/a', 'prune', 'tiny', '130', 'AMD EPYC', '5.0', '10.0', '2.00×', '–']
+    """
+    backends = sorted({name for row in section["rows"] for name in row["latency_us"]},
+                      key=lambda name: (name != OURS, name))
+    header = ["run", "method", "preset", f"test {metric}", "machine", *[f"{name} µs/step" for name in backends],
+              "× vs dense", "× vs best peer"]
+    cells = []
+    for row in section["rows"]:
         mark = "" if row["latency_part"] == part else "†"     # only the other part was measured
         latency = [f"{row['latency_us'][name]:.1f}{mark}" if name in row["latency_us"] else "–"
                    for name in backends]
-        change = "baseline" if row["is_baseline"] else _change(row["change"], row["change_percent"])
-        cells.append([row["run"], row["method"], row["preset"] or "–", _count(row["lstm_params"]),
-                      _count(row["total_params"]), _size(row["bytes"]), _number(row["metric"]), change, *latency,
-                      _times(row["speedup_vs_dense"]), _times(row["speedup_vs_peer"])])
+        cells.append([row["run"], row["method"], row["preset"] or "–", _number(row["metric"]), row["machine"],
+                      *latency, _times(row["speedup_vs_dense"]), _times(row["speedup_vs_peer"])])
     return header, cells
 
 
@@ -710,27 +847,46 @@ def _about(report: dict[str, Any]) -> list[str]:
     latency, part = report["latency"], "LSTM stacks alone" if report["latency"]["part"] == "lstm" else "whole model"
     if latency["measured"]:
         s = latency["settings"]
-        where = (f"measured now for the run directories (batch 1, {s['seq_len']} steps a sequence, {s['repeats']} "
-                 f"repeats, {s['threads']} thread(s), all models of a task in one interleaved run; "
-                 f"{s['machine'].get('cpu', 'this machine')}); results files show what they recorded")
+        where = (f"measured now on this machine ({s['machine']['cpu']}) for the run directories (batch 1, "
+                 f"{s['seq_len']} steps a sequence, {s['repeats']} repeats, {s['threads']} thread(s), all models of "
+                 f"a task in one interleaved run); results files show what they recorded, on the machine they name")
     else:
-        where = "as the runs and results files recorded them (--no-latency)"
-    return [f"Latency: µs per time step of the {part}, {where}. † marks a latency of the other part (the only one "
-            f"recorded).",
-            f"× vs dense: the dense baseline on its fastest backend over this model on {OURS}; × vs best peer: this "
-            f"model on its fastest other backend over {OURS}. Change vs baseline: the test metric minus the dense "
-            f"baseline's. Bytes: the whole model as stored (sparse indices included)."]
+        where = "as the runs and results files recorded them (--no-latency), each on the machine it names"
+    return [f"Latency: µs per time step of the {part}, {where}. Latency depends on the machine, so each task has "
+            f"a latency table and plot per machine (its CPU as recorded; \"{UNRECORDED}\": recorded without one, "
+            f"each such run possibly on another). † marks a latency of the other part (the only one recorded).",
+            f"× vs dense: the dense baseline on its fastest backend over this model on {OURS}, both from one "
+            f"measurement (one results file, one run's record, or this report's run), else –; × vs best peer: this "
+            f"model on its fastest other backend over {OURS}, in the same measurement. Change vs baseline: the test "
+            f"metric minus the dense baseline's. Bytes: the whole model as stored (sparse indices included)."]
+
+
+def _section_note(section: dict[str, Any]) -> str:
+    runs = len(section["rows"])
+    note = f"{runs} run(s) timed {_on(section['machine'])}; speed-ups divide latencies of one measurement only."
+    if section["machine"] == UNRECORDED:
+        note += " These runs recorded no machine: their latencies may come from different machines."
+    return note
 
 
 def render_markdown(report: dict[str, Any]) -> str:
     """``report.md``: the tables, the plots (the PNGs beside it) and each run's command."""
     lines = ["# leanlstm report", "", *[f"{line}\n" for line in _about(report)]]
+    part = report["latency"]["part"]
     for entry in report["tasks"]:
         better = "higher" if entry["higher_is_better"] else "lower"
         lines += [f"## {entry['task']}: {entry['metric_label']} ({better} is better)", ""]
-        header, cells = table(entry, report["latency"]["part"])
+        header, cells = table(entry)
         lines += [_md_row(header), "|" + "---|" * len(header), *[_md_row(row) for row in cells], ""]
-        lines += [f"![{figure['title']}]({figure['file']})\n" for figure in entry["figures"]]
+        in_sections = {section["figure"]["file"] for section in entry["latency"] if section["figure"]}
+        lines += [f"![{figure['title']}]({figure['file']})\n" for figure in entry["figures"]
+                  if figure["file"] not in in_sections]
+        for section in entry["latency"]:
+            lines += [f"### {entry['task']}: latency {_on(section['machine'])}", "", _section_note(section), ""]
+            header, cells = latency_table(entry["metric"], section, part)
+            lines += [_md_row(header), "|" + "---|" * len(header), *[_md_row(row) for row in cells], ""]
+            if section["figure"]:
+                lines += [f"![{section['figure']['title']}]({section['figure']['file']})", ""]
         lines += ["### Commands", ""] + [f"- `{row['run']}`: `{row['command'] or '(not recorded)'}`"
                                          for row in entry["rows"]] + [""]
     if report["skipped"]:
@@ -754,22 +910,38 @@ def render_html(report: dict[str, Any], figures: dict[str, bytes]) -> str:
     """``index.html``: the Markdown's content on one self-contained page."""
     e = html.escape
     body = ["<h1>leanlstm report</h1>", *[f"<p>{e(line)}</p>" for line in _about(report)]]
+
+    def figure_html(figure: dict[str, str]) -> str:
+        data = base64.b64encode(figures[figure["file"]]).decode()
+        return (f'<figure><img alt="{e(figure["title"])}" src="data:image/png;base64,{data}">'
+                f'<figcaption>{e(figure["title"])}</figcaption></figure>')
+
+    def table_html(kind: str, attributes: str, header: list[str], rows: list[dict[str, Any]],
+                   cells: list[list[str]]) -> str:
+        lines = [f'<table class="{kind}" {attributes}><thead><tr>' + "".join(f"<th>{e(h)}</th>" for h in header)
+                 + "</tr></thead><tbody>"]
+        for row, values in zip(rows, cells):
+            mark = ' class="baseline"' if row["is_baseline"] else ""
+            lines.append(f'<tr data-run="{e(row["run"])}"{mark}>' + "".join(f"<td>{e(v)}</td>" for v in values)
+                         + "</tr>")
+        return "\n".join(lines + ["</tbody></table>"])
+
     for entry in report["tasks"]:
         better = "higher" if entry["higher_is_better"] else "lower"
-        body.append(f'<section id="task-{e(entry["task"])}"><h2>{e(entry["task"])}: {e(entry["metric_label"])} '
-                    f'({better} is better)</h2>')
-        header, cells = table(entry, report["latency"]["part"])
-        body.append(f'<table class="runs" data-task="{e(entry["task"])}"><thead><tr>'
-                    + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead><tbody>")
-        for row, values in zip(entry["rows"], cells):
-            kind = ' class="baseline"' if row["is_baseline"] else ""
-            body.append(f'<tr data-run="{e(row["run"])}"{kind}>' + "".join(f"<td>{e(v)}</td>" for v in values)
-                        + "</tr>")
-        body.append("</tbody></table>")
-        for figure in entry["figures"]:
-            data = base64.b64encode(figures[figure["file"]]).decode()
-            body.append(f'<figure><img alt="{e(figure["title"])}" src="data:image/png;base64,{data}">'
-                        f'<figcaption>{e(figure["title"])}</figcaption></figure>')
+        task = e(entry["task"])
+        body.append(f'<section id="task-{task}"><h2>{task}: {e(entry["metric_label"])} ({better} is better)</h2>')
+        header, cells = table(entry)
+        body.append(table_html("runs", f'data-task="{task}"', header, entry["rows"], cells))
+        in_sections = {section["figure"]["file"] for section in entry["latency"] if section["figure"]}
+        body += [figure_html(figure) for figure in entry["figures"] if figure["file"] not in in_sections]
+        for section in entry["latency"]:
+            machine = e(section["machine"])
+            body.append(f'<h3>{task}: latency {e(_on(section["machine"]))}</h3><p>{e(_section_note(section))}</p>')
+            header, cells = latency_table(entry["metric"], section, report["latency"]["part"])
+            body.append(table_html("latency", f'data-task="{task}" data-machine="{machine}"', header,
+                                   section["rows"], cells))
+            if section["figure"]:
+                body.append(figure_html(section["figure"]))
         body.append("<h3>Commands</h3><ul>" + "".join(
             f"<li><code>{e(row['run'])}</code>: <code>{e(row['command'] or '(not recorded)')}</code></li>"
             for row in entry["rows"]) + "</ul></section>")

@@ -124,13 +124,137 @@ def test_report_of_the_recorded_results(tmp_path):
         == len(inputs)
     files = sorted(p.name for p in (tmp_path / "report").iterdir())
     assert files == sorted(report["files"])
-    assert {f["file"] for f in tasks["ptb"]["figures"]} == {"ptb-pareto-latency.png", "ptb-pareto-bytes.png",
-                                                            "ptb-curves.png"}
+    # the results were timed on two kinds of machine: a latency plot each, never one axis for both
+    assert {f["file"] for f in tasks["ptb"]["figures"]} == {
+        "ptb-pareto-latency-amd-epyc.png", "ptb-pareto-latency-intel-xeon-processor.png", "ptb-pareto-bytes.png",
+        "ptb-curves.png"}
+    sections = {section["machine"]: section for section in tasks["ptb"]["latency"]}
+    assert set(sections) == {"AMD EPYC", "Intel(R) Xeon(R) Processor"}
+    for machine, section in sections.items():
+        for row in section["rows"]:         # every latency from a file that names this machine
+            assert row["machine"] == machine and _cpu(Path(row["session"])) == machine
+        medium = [r["run"] for r in section["rows"] if r["is_baseline"] and r["preset"] == "medium-cpu"]
+        assert medium == (["runs/ptb-medium-cpu"] if machine == "AMD EPYC" else ["runs/ptb-medium-cpu-bf16"])
     html = (tmp_path / "report" / "index.html").read_text()
-    assert html.count('src="data:image/png;base64,') == 6 and "http" not in html.replace("http-equiv", "")
+    assert html.count('src="data:image/png;base64,') == 7 and "http" not in html.replace("http-equiv", "")
     markdown = (tmp_path / "report" / "report.md").read_text()
-    assert "![" in markdown and "(ptb-pareto-latency.png)" in markdown
+    assert "![" in markdown and "(ptb-pareto-latency-amd-epyc.png)" in markdown
+    assert "### ptb: latency on Intel(R) Xeon(R) Processor" in markdown
     assert "| runs/ptb-small-iss-scratch-0.0025 | iss (from scratch) | small |" in markdown
+
+
+def _cpu(results_file: Path) -> str:
+    """The CPU a results file's latencies were measured on, as it records it."""
+    data = json.loads(results_file.read_text())
+    return ((data.get("latency_settings") or {}).get("machine") or data["machine"])["cpu"]
+
+
+# --- latencies of two machines: shown apart, never divided by one another ----------------------------------------
+
+EPYC, XEON = "AMD EPYC", "Intel(R) Xeon(R) Processor"
+
+
+def _comparison(path: Path, machine: dict | None, baseline_us: float, runs: list[dict]) -> Path:
+    """A results file as benchmarks/compression_results.py writes it: the dense baseline and runs, all timed in
+    one interleaved run on ``machine``."""
+    data = {"command": "python benchmarks/compression_results.py", "task": "ptb",
+            "baseline": {"run": "runs/base", "method": "baseline", "preset": "tiny", "test_ppl": 150.0,
+                         "lstm_params": 10_000, "latency_us_per_step": {"lstm": {"leanlstm": baseline_us,
+                                                                                 "onnxruntime": baseline_us * 1.2}}},
+            "runs": runs}
+    if machine is not None:
+        data["machine"] = machine
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _run(name: str, us: float, ppl: float, dense_us: float | None = None) -> dict:
+    entry = {"run": name, "method": "prune", "preset": "tiny", "source": "runs/base", "test_ppl": ppl,
+             "baseline_test_ppl": 150.0, "lstm_params": 2_000,
+             "latency_us_per_step": {"lstm": {"leanlstm": us, "onnxruntime": us * 3}}}
+    if dense_us is not None:
+        entry["baseline_latency_us_per_step"] = {"lstm": {"leanlstm": dense_us, "onnxruntime": dense_us * 1.2}}
+    return entry
+
+
+def test_a_report_over_two_machines_never_divides_across_them(tmp_path):
+    # the same dense baseline, timed on an EPYC (40 us) and on a Xeon (80 us), with a compressed run each; the
+    # EPYC file's run recorded no baseline latency of its own: its speed-up comes from the baseline's row
+    epyc = _comparison(tmp_path / "epyc.json", {"cpu": EPYC, "cpus": 2}, 40.0, [_run("runs/fast", 10.0, 160.0)])
+    xeon = _comparison(tmp_path / "xeon.json", {"cpu": XEON, "cpus": 2}, 80.0,
+                       [_run("runs/slow", 20.0, 158.0, dense_us=81.0)])
+    # a Xeon table of a run compressed from the same baseline, without the baseline's latency: only the EPYC's
+    # and the Xeon file's (another measurement) exist, so no speed-up over the dense model
+    alone = tmp_path / "xeon-alone.json"
+    alone.write_text(json.dumps({"machine": {"cpu": XEON}, "rows": [
+        {**_run("runs/lonely", 30.0, 155.0), "task": "ptb"}]}))
+    report = build_report([epyc, xeon, alone], tmp_path / "report", measure=False)
+    (ptb,) = report["tasks"]
+    base = next(row for row in ptb["rows"] if row["is_baseline"])
+    assert base["run"] == "runs/base" and base["machines"] == [EPYC, XEON]      # one row, timed on both machines
+    sections = {section["machine"]: {row["run"]: row for row in section["rows"]} for section in ptb["latency"]}
+    assert list(sections) == [EPYC, XEON]
+    assert set(sections[EPYC]) == {"runs/base", "runs/fast"}
+    assert set(sections[XEON]) == {"runs/base", "runs/slow", "runs/lonely"}
+    assert sections[EPYC]["runs/base"]["latency_us"]["leanlstm"] == 40.0      # each machine its own latency
+    assert sections[XEON]["runs/base"]["latency_us"]["leanlstm"] == 80.0
+    fast, slow, lonely = sections[EPYC]["runs/fast"], sections[XEON]["runs/slow"], sections[XEON]["runs/lonely"]
+    assert fast["speedup_vs_dense"] == pytest.approx(40.0 / 10.0)             # the EPYC baseline, not the Xeon's
+    assert slow["speedup_vs_dense"] == pytest.approx(81.0 / 20.0)             # its own recorded baseline
+    assert lonely["speedup_vs_dense"] is None and lonely["dense_latency_us"] == {}
+    for machine, rows in sections.items():
+        for row in rows.values():
+            peer = 1.2 if row["run"] == "runs/base" else 3.0      # the same model on onnxruntime, same file
+            assert row["machine"] == machine and row["speedup_vs_peer"] == pytest.approx(peer)
+    names = {figure["file"] for figure in ptb["figures"]}
+    assert {"ptb-pareto-latency-amd-epyc.png", "ptb-pareto-latency-intel-xeon-processor.png"} <= names
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "### ptb: latency on AMD EPYC" in markdown and "### ptb: latency on Intel(R) Xeon(R) Processor" in markdown
+    assert "| runs/base | baseline | tiny | 150 | AMD EPYC | 40.0 | 48.0 | 1.00× | 1.20× |" in markdown
+    assert ("| runs/base | baseline | tiny | 150 | Intel(R) Xeon(R) Processor | 80.0 | 96.0 | 1.00× | 1.20× |"
+            in markdown)
+    assert "| runs/lonely | prune | tiny | 155 | Intel(R) Xeon(R) Processor | 30.0 | 90.0 | – | 3.00× |" in markdown
+    assert "| runs/base | baseline | tiny | 10,000 | – | – | 150 | baseline | AMD EPYC, Intel(R) Xeon(R) Processor |" \
+        in markdown
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert 'data-machine="AMD EPYC"' in html and 'data-machine="Intel(R) Xeon(R) Processor"' in html
+
+
+def test_latencies_without_a_machine_are_not_compared_across_rows(tmp_path):
+    # two files recording no machine: each row's latency is labelled so, and divided only within its own file
+    first = _comparison(tmp_path / "first.json", None, 40.0, [_run("runs/a", 10.0, 160.0)])
+    second = tmp_path / "second.json"
+    second.write_text(json.dumps({"rows": [{**_run("runs/b", 20.0, 158.0), "task": "ptb"}]}))
+    # one run's metrics.json, with its own baseline timed in the same session (compress records both)
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"task": "ptb", "method": "prune", "preset": "tiny", "test_ppl": 157.0,
+                                   "command": "leanlstm compress --out runs/c", "latency_us_per_step": {
+                                       "compressed": {"lstm": {"leanlstm": 5.0}},
+                                       "baseline": {"lstm": {"leanlstm": 45.0}}}}))
+    report = build_report([first, second, metrics], tmp_path / "report", measure=False)
+    (ptb,) = report["tasks"]
+    (section,) = ptb["latency"]
+    assert section["machine"] == "unrecorded machine"
+    rows = {row["run"]: row for row in section["rows"]}
+    assert rows["runs/a"]["speedup_vs_dense"] == pytest.approx(4.0)       # same file as the baseline
+    assert rows["runs/b"]["speedup_vs_dense"] is None                     # another file: perhaps another machine
+    assert rows["runs/c"]["speedup_vs_dense"] == pytest.approx(9.0)       # its own recorded baseline
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "### ptb: latency on an unrecorded machine" in markdown and "different machines" in markdown
+    assert "ptb-pareto-latency-unrecorded-machine.png" in report["files"]
+
+
+def test_rows_carry_the_machine_their_latencies_were_measured_on():
+    rows, _ = rows_from_results(RESULTS / "ptb-medium-cpu-bf16-iss-distill.json")
+    assert {row.machines[0] for row in rows} == {XEON}
+    rows, _ = rows_from_results(RESULTS / "ptb-small-iss-shrink-0.0045.json")     # a metrics.json: its own timing
+    (row,) = rows
+    numbers = row_numbers(row, None)
+    assert numbers["machine"] == EPYC and numbers["latency_us"]["leanlstm"] > 0
+    assert numbers["speedup_vs_dense"] == pytest.approx(row.timings[0].baseline_latency["lstm"]["leanlstm"]
+                                                        / numbers["latency_us"]["leanlstm"])
+    rows, _ = rows_from_results(RESULTS / "ptb-medium-cpu-baseline-bf16.json")     # not timed: no machine shown
+    assert rows[0].machines == [] and row_numbers(rows[0], rows[0])["machine"] is None
 
 
 def test_report_never_replaces_files_it_did_not_write(tmp_path):
@@ -143,9 +267,9 @@ def test_report_never_replaces_files_it_did_not_write(tmp_path):
     (out / "index.html").unlink()
     first = build_report([RESULTS / "ptb-small-iss.json", RESULTS / "digits-medium-compressed.json"], out,
                          measure=False)
-    assert "digits-curves.png" not in first["files"] and (out / "digits-pareto-latency.png").exists()
+    assert "digits-curves.png" not in first["files"] and (out / "digits-pareto-latency-amd-epyc.png").exists()
     again = build_report([RESULTS / "ptb-small-iss.json"], out, measure=False)   # its own files: replaced
-    assert not (out / "digits-pareto-latency.png").exists()                      # and the stale ones removed
+    assert not (out / "digits-pareto-latency-amd-epyc.png").exists()             # and the stale ones removed
     assert sorted(p.name for p in out.iterdir()) == sorted(again["files"])
 
 

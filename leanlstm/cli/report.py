@@ -14,7 +14,8 @@ from .bench import DEFAULT_BACKENDS
               help="Folder for index.html, report.md, report.json and the plots (created; files an earlier report "
                    "did not write are never replaced).")
 @click.option("--no-latency", is_flag=True,
-              help="Do not time the models: show the latencies the runs recorded (compress records them).")
+              help="Do not time the models: show the latencies the runs recorded (compress records them), each "
+                   "on the machine it names.")
 @click.option("--backend", "backends", multiple=True, default=DEFAULT_BACKENDS, show_default=True,
               help="Backend to time (repeat the option for several); leanlstm is the one the speed-ups are of.")
 @click.option("--repeats", type=click.IntRange(1, 10**5), default=5, show_default=True,
@@ -28,9 +29,11 @@ from .bench import DEFAULT_BACKENDS
 def command(inputs, out, no_latency, backends, repeats, seq_len, threads, part):
     """Compare runs on one page: INPUTS are run directories and results files (results/*.json).
 
-    Per task: a table of every run (sizes, test metric and its change from the dense baseline, batch-1 latency
-    per backend, speed-ups), Pareto plots of the metric against latency and bytes, training curves and the
-    command behind each run. Results files without runs are skipped, each with a note.
+    Per task: a table of every run (sizes, test metric and its change from the dense baseline, the machines its
+    latencies were measured on), per machine a table of batch-1 latency per backend with speed-ups (only within
+    one measurement, never across machines) and a Pareto plot of the metric against that latency, a plot against
+    bytes, training curves and the command behind each run. Results files without runs are skipped, each with a
+    note.
 
     \b
     Example:  leanlstm report runs/ptb-small runs/ptb-small-prune --out report/
@@ -41,7 +44,8 @@ def command(inputs, out, no_latency, backends, repeats, seq_len, threads, part):
     report = build_report(list(inputs), out, measure=not no_latency, backends=tuple(backends), repeats=repeats,
                           seq_len=seq_len, threads=threads, part=part)
     for entry in report["tasks"]:
-        click.echo(f"{entry['task']}: {len(entry['rows'])} run(s), {len(entry['figures'])} plot(s)")
+        timed = "; ".join(f"{len(s['rows'])} timed on {s['machine']}" for s in entry["latency"]) or "none timed"
+        click.echo(f"{entry['task']}: {len(entry['rows'])} run(s), {len(entry['figures'])} plot(s) ({timed})")
     if report["skipped"]:           # each was logged with its reason; report.md lists them too
         click.echo(f"skipped {len(report['skipped'])} input(s) without runs", err=True)
     click.echo(f"wrote {Path(out) / 'index.html'} and {Path(out) / 'report.md'}")

@@ -10,6 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from leanlstm.cli import main
+from leanlstm.report import _slug
+from leanlstm.runtime.latency import machine_info
 
 REPO = Path(__file__).resolve().parents[2]
 BROWSERS = ("chromium", "chromium-headless-shell", "chromium-browser", "google-chrome")
@@ -49,22 +51,32 @@ def test_report_of_run_directories_measures_and_tabulates_every_run(runs, tmp_pa
     assert ptb["task"] == "ptb" and ptb["metric"] == "ppl" and not ptb["higher_is_better"]
     rows = {row["method"]: row for row in ptb["rows"]}
     assert set(rows) == set(runs) and ptb["rows"][0]["method"] == "baseline"      # the baseline first
-    base = rows["baseline"]
+    here = machine_info()["cpu"]          # all timed now, here, in one interleaved run: one section, this CPU's
+    (section,) = ptb["latency"]
+    assert section["machine"] == here and report["latency"]["settings"]["machine"]["cpu"] == here
+    timed = {row["method"]: row for row in section["rows"]}
+    base = timed["baseline"]
     for method, run_dir in runs.items():
         row, metrics = rows[method], _metrics(run_dir)
-        assert row["run"] == str(run_dir) and row["metric"] == metrics["test_ppl"]
+        assert row["run"] == str(run_dir) and row["metric"] == metrics["test_ppl"] and row["machines"] == [here]
         assert (row["lstm_params"], row["total_params"]) == (metrics["lstm_params"], metrics["total_params"])
         assert row["bytes"] == 4 * metrics["total_params"]
         assert row["change"] == pytest.approx(metrics["test_ppl"] - _metrics(runs["baseline"])["test_ppl"])
-        assert set(row["latency_us"]) == {"leanlstm", "torch", "onnxruntime"} and row["latency_part"] == "lstm"
         assert row["command"] == metrics["command"]
+        row = timed[method]
+        assert set(row["latency_us"]) == {"leanlstm", "torch", "onnxruntime"} and row["latency_part"] == "lstm"
+        assert row["machine"] == here and row["session"] == "measured: ptb"
         ours = row["latency_us"]["leanlstm"]      # measured in the same run as the baseline: ratios of the two
         assert row["speedup_vs_dense"] == pytest.approx(min(base["latency_us"].values()) / ours)
         assert row["speedup_vs_peer"] == pytest.approx(min(row["latency_us"]["torch"],
                                                            row["latency_us"]["onnxruntime"]) / ours)
-    assert rows["lmf"]["lstm_params"] < base["lstm_params"] and rows["prune"]["lstm_params"] < base["lstm_params"]
+    assert rows["lmf"]["lstm_params"] < rows["baseline"]["lstm_params"]
+    assert rows["prune"]["lstm_params"] < rows["baseline"]["lstm_params"]
     assert report["latency"]["settings"]["repeats"] == 2
+    assert [f["file"] for f in ptb["figures"]] == [f"ptb-pareto-latency-{_slug(here)}.png", "ptb-pareto-bytes.png",
+                                                   "ptb-curves.png"]
     markdown = (out / "report.md").read_text()
+    assert f"### ptb: latency on {here}" in markdown
     for method, run_dir in runs.items():
         assert f"| {run_dir} | {method} | tiny |" in markdown and f"`{_metrics(run_dir)['command']}`" in markdown
     _check_in_browser(out / "index.html", runs, tmp_path)
@@ -110,19 +122,25 @@ def test_report_without_latency_shows_what_the_runs_recorded_and_adds_their_base
     (ptb,) = json.loads((out / "report.json").read_text())["tasks"]
     rows = {row["method"]: row for row in ptb["rows"]}
     assert set(rows) == {"baseline", "prune"} and rows["baseline"]["run"] == str(runs["baseline"])
-    recorded = _metrics(runs["prune"])["latency_us_per_step"]
-    assert rows["prune"]["latency_us"] == recorded["compressed"]["lstm"]
-    assert rows["prune"]["speedup_vs_dense"] == pytest.approx(min(recorded["baseline"]["lstm"].values())
-                                                              / recorded["compressed"]["lstm"]["leanlstm"])
-    assert rows["baseline"]["latency_us"] == {}       # a training run records no latency
-    assert [f["file"] for f in ptb["figures"]] == ["ptb-pareto-latency.png", "ptb-pareto-bytes.png", "ptb-curves.png"]
+    metrics = _metrics(runs["prune"])
+    recorded, machine = metrics["latency_us_per_step"], metrics["latency_settings"]["machine"]["cpu"]
+    (section,) = ptb["latency"]                       # where compress timed it, as it recorded
+    assert section["machine"] == machine and rows["prune"]["machines"] == [machine]
+    (prune,) = section["rows"]                        # a training run records no latency: not in it
+    assert prune["latency_us"] == recorded["compressed"]["lstm"] and prune["machine"] == machine
+    assert prune["speedup_vs_dense"] == pytest.approx(min(recorded["baseline"]["lstm"].values())
+                                                      / recorded["compressed"]["lstm"]["leanlstm"])
+    assert rows["baseline"]["machines"] == []
+    assert [f["file"] for f in ptb["figures"]] == [f"ptb-pareto-latency-{_slug(machine)}.png",
+                                                   "ptb-pareto-bytes.png", "ptb-curves.png"]
 
 
 def test_report_of_the_published_results_files():
     out = Path(os.environ.get("TMPDIR", "/tmp")) / f"leanlstm-report-{os.getpid()}"
     try:
         result = _invoke("report", *sorted((REPO / "results").glob("*.json")), "--no-latency", "--out", out)
-        assert re.search(r"ptb: \d+ run\(s\), 3 plot\(s\)", result.output)
+        # two machine kinds timed the PTB runs: a latency plot each, besides bytes and curves
+        assert re.search(r"ptb: \d+ run\(s\), 4 plot\(s\) \(\d+ timed on AMD EPYC; \d+ timed on Intel", result.output)
         assert "skipped" in result.output and "artifact-sizes.json" in (out / "report.md").read_text()
     finally:
         shutil.rmtree(out, ignore_errors=True)
