@@ -71,6 +71,7 @@ def attach(model: nn.Module, method: Method, filter_fn: FilterFn | None = None,
     handle = Compression(model, method, lstms, filter_fn)
     method.check(handle)          # raises before anything in the model changes
     if not (state or {}).get("finalized"):
+        plan_speed(handle, state)
         method.convert(handle)
     for name, lstm in lstms.items():
         if name and model.get_submodule(name) is not lstm:
@@ -106,6 +107,52 @@ def _converted(name: str, module: nn.Module) -> LSTM:
     return LSTM.from_torch(module)
 
 
+# --- no silent slow-downs (leanlstm.runtime.speed_check) -------------------------------------------------------
+def speed_options(config: MethodConfig) -> tuple[bool, bool]:
+    """``(speed_check, keep_slow_dense)`` of a config; configs without the fields are checked, never changed."""
+    return bool(getattr(config, "speed_check", True)), bool(getattr(config, "keep_slow_dense", False))
+
+
+def plan_speed(handle: "Compression", state: dict[str, Any] | None = None) -> None:
+    """Before converting: time the forms the method will leave (``planned_forms``) and warn about each slower than
+    dense; with ``keep_slow_dense`` those stay dense (``method.kept_dense``). A resumed handle takes the saved
+    choice instead of measuring again (timing noise must not change a model's structure mid-run)."""
+    from .runtime.speed_check import check_forms
+
+    method, (check, keep) = handle.method, speed_options(handle.config)
+    if state is not None and "kept_dense" in state:
+        method.kept_dense = set(state["kept_dense"])
+        return
+    planned = method.planned_forms(handle) if check else None
+    if not planned:
+        return
+    handle.slow_downs = check_forms(planned, warn=False)
+    for slow in handle.slow_downs:
+        log.warning("%s once compressed (timed on its final form before training); %s", slow,
+                    "it stays dense (keep_slow_dense)" if keep else "keep_slow_dense=True keeps it dense")
+    if keep:
+        method.kept_dense = {slow.name for slow in handle.slow_downs}
+
+
+def guard_speed(handle: "Compression") -> None:
+    """After the method's final step: time every compressed matrix as it now is; warn about each slower than
+    dense, or with ``keep_slow_dense`` make it dense (the same matrix, so the same outputs)."""
+    from .runtime.speed_check import check_forms, keep_dense_
+
+    check, keep = speed_options(handle.config)
+    if not check:
+        return
+    warned = {slow.name for slow in handle.slow_downs}       # before training, on the planned forms
+    handle.slow_downs = check_forms(handle.forms(), warn=False)
+    for slow in handle.slow_downs:
+        if keep or slow.name not in warned:
+            log.warning("%s; %s", slow, "made dense (keep_slow_dense)" if keep else
+                        "keep_slow_dense=True keeps it dense")
+    if keep and handle.slow_downs:
+        changed = keep_dense_(handle.model, handle.slow_downs)
+        handle.method.kept_dense |= set(changed)
+
+
 # --- the handle -----------------------------------------------------------------------------------------------
 class Compression:
     """What ``compress_`` returns: the method's hooks for one model, called from the user's loop.
@@ -127,6 +174,7 @@ class Compression:
         self.epoch = 0                # epochs ended in the current phase
         self.finalized = False
         self.schedule_steps = 0       # the schedule's length when the config gives none (Trainer sets it)
+        self.slow_downs: list = []    # the speed guard's last findings (runtime.speed_check.SlowDown)
 
     # --- what the method sees ---------------------------------------------------------------------------------
     @property
@@ -200,6 +248,7 @@ class Compression:
             raise CompressError(f"finalize() was already called on this handle (after step {self.step}); it runs "
                                 f"once. To compress the model further, call leanlstm.compress_ on it again")
         self.method.finish(self)
+        guard_speed(self)
         self.finalized, self.epoch = True, 0
         self.method.start(self)
         return self.model
@@ -210,7 +259,7 @@ class Compression:
         return {"format": FORMAT, "config_type": type(self.config).__name__, "config": self.config.to_dict(),
                 "step": self.step, "epoch": self.epoch, "finalized": self.finalized,
                 "schedule_steps": self.schedule_steps, "structure": compressed_config(self.model),
-                "method": self.method.state_dict()}
+                "kept_dense": sorted(self.method.kept_dense), "method": self.method.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state_dict()``. Load it *before* the model's state dict: it first gives the model the
@@ -228,6 +277,7 @@ class Compression:
             self.install(_restored_modules(self.model, state["structure"]))
         self.step, self.epoch, self.finalized = state["step"], state["epoch"], state["finalized"]
         self.schedule_steps = state["schedule_steps"]
+        self.method.kept_dense = set(state.get("kept_dense", ()))
         self.method.load_state_dict(state["method"], self)
         self.method.start(self)
 
@@ -238,7 +288,8 @@ class Compression:
                                      "stored_params": lstm.stored_params(), "dense_params": lstm.dense_params()}
                  for name, lstm in self.lstms.items()}
         return {"method": type(self.config).__name__, "config": self.config.to_dict(), "step": self.step,
-                "finalized": self.finalized, "lstms": lstms} | self.method.summarize(self)
+                "finalized": self.finalized, "lstms": lstms, "kept_dense": sorted(self.method.kept_dense),
+                "slow_downs": [slow.to_dict() for slow in self.slow_downs]} | self.method.summarize(self)
 
     def callbacks(self) -> list[Callback]:
         """The same hooks for ``leanlstm.train.Trainer(model, task, config, callbacks=handle.callbacks())``."""

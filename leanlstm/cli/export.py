@@ -8,7 +8,7 @@ import onnx
 
 from ..files import check_writable
 from ..runs import load_run
-from ..runtime.onnx import DEFAULT_OPSET, MIN_OPSET, RECURRENCES, export_onnx
+from ..runtime.onnx import DEFAULT_OPSET, MIN_OPSET, RECURRENCES, STRUCTURES, export_onnx
 from . import options
 
 
@@ -21,9 +21,12 @@ from . import options
               show_default=True, help="ONNX opset version.")
 @click.option("--recurrence", type=click.Choice(RECURRENCES), default="auto", show_default=True,
               help="auto: ONNX LSTM operator for dense layers, a Scan over the forms' own products otherwise.")
+@click.option("--structure", type=click.Choice(STRUCTURES), default="auto", show_default=True,
+              help="auto: write a layer's forms through their structure only where ONNX Runtime runs that faster "
+                   "than the dense LSTM operator (measured); always: every form's structure; never: all dense.")
 @click.option("--no-state-inputs", is_flag=True, help="Start from a zero state instead of taking h0/c0 inputs.")
 @options.task
-def command(run_dir, fmt, out, force, opset, recurrence, no_state_inputs, task_name):
+def command(run_dir, fmt, out, force, opset, recurrence, structure, no_state_inputs, task_name):
     """Export RUN_DIR's model (the model's inputs in, its outputs and final state out).
 
     \b
@@ -38,5 +41,5 @@ def command(run_dir, fmt, out, force, opset, recurrence, no_state_inputs, task_n
     check_writable(out, "--out", file=True)
     _, model, _ = load_run(run_dir)
     path = export_onnx(model.eval(), out, opset=opset, state_inputs=not no_state_inputs,
-                       recurrence=recurrence, overwrite=True)
+                       recurrence=recurrence, structure=structure, overwrite=True)
     click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")

@@ -63,6 +63,8 @@ class AntMan(MethodConfig):
     groups: int = 0                   # groups per matrix (a divisor of both its sizes); 0: chosen per matrix
     min_block_rank: int = 8           # grouplowrank, groups=0: the most groups whose blocks keep this rank
     shuffle: bool = True              # channel shuffle between the groups of consecutive stages
+    speed_check: bool = True          # time each converted matrix against dense on the engine and warn when slower
+    keep_slow_dense: bool = False     # keep the matrices that would run slower than dense dense (not converted)
 
     ranges = {"reduction": COMPRESSION, "groups": Range(0, 10**6, integer=True, note="0: chosen per matrix"),
               "min_block_rank": Range(1, 10**6, integer=True)}

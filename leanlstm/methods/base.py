@@ -8,12 +8,19 @@ handle (``leanlstm.compress.Compression``) that calls the method's hooks from th
 
     check(handle)          raise, naming the problem, before anything in the model changes
     convert(handle)        e.g. every matrix to a doped Kronecker form            (once, by compress_)
+    planned_forms(handle)  the forms the matrices will end in, to time before converting (speed guard)
     penalty(handle)        e.g. ISS's group-Lasso term                             (every step, with the loss)
     after_step(handle)     e.g. a pruning schedule, thresholding                   (after optimizer.step())
     on_epoch_end(handle)   e.g. record surviving units                             (every epoch)
     finish(handle)         e.g. ISS's shrink: remove dead units                    (handle.finalize())
 
 Methods register by ``name`` (the CLI's ``--method``); adding one is a new file in ``leanlstm/methods/``.
+
+No silent slow-downs: the handle times every matrix a method leaves non-dense against the dense product of its
+shape on the leanlstm engine (``leanlstm.runtime.speed_check``), once before converting (on ``planned_forms``,
+when a method knows them) and once at ``finalize()``, and logs a warning for each that is slower. A config with
+``keep_slow_dense=True`` keeps those matrices dense instead; ``speed_check=False`` skips the timing. Configs
+without these fields (``getattr`` defaults) are checked and warned about, never changed.
 """
 from __future__ import annotations
 
@@ -181,10 +188,16 @@ class Method:
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()
         self._driver = None   # the Trainer-side driver of runs (``prepare`` ...), made when first needed
+        self.kept_dense: set[str] = set()   # matrices the speed guard keeps dense (``keep_slow_dense``)
 
     # --- what the method does (called by the handle) -------------------------------------------------------
     def check(self, handle: "Compression") -> None:
         """Raise a ``ValueError`` naming the problem if the method cannot apply; nothing has changed yet."""
+
+    def planned_forms(self, handle: "Compression") -> list[tuple[str, WeightForm]] | None:
+        """The form each matrix (``handle.forms()`` names) will have once compressed, fitted to its current weights,
+        so that the speed guard can time it before anything changes; None when not known before ``finish``."""
+        return None
 
     def convert(self, handle: "Compression") -> None:
         """Transform the handle's LSTMs (``handle.lstms``) in place, e.g. to new weight forms. Matrices already in

@@ -33,6 +33,7 @@ summary); ``compress_run``'s ``lstm_compression`` counts them and so comes out s
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -113,6 +114,8 @@ class Structured(MethodConfig):
     structure: str = "kronecker"   # kronecker | lowrank | hybrid | circulant
     compression: float = 20.0      # target honest compression of the LSTM weight matrices (biases excluded)
     full_row_share: float = 0.5    # hybrid only: share of the structure's bytes spent on its dense rows
+    speed_check: bool = True       # time each compressed matrix against dense on the engine and warn when slower
+    keep_slow_dense: bool = False  # keep the matrices that would run slower than dense dense (not compressed)
 
     ranges = {"compression": COMPRESSION, "full_row_share": UNIT}
 
@@ -182,6 +185,11 @@ class FitsStructure(Method):
     def check(self, handle: "Compression") -> None:
         for _, form in handle.forms():
             self.structure_options(form.out_features, form.in_features)   # fails when nothing fits
+
+    def planned_forms(self, handle: "Compression") -> list[tuple[str, WeightForm]]:
+        """Each matrix as ``form_for`` fits it (the structure does not change while training)."""
+        return [(name, copy.deepcopy(form) if self.fits(form) else
+                 self.form_for(form.materialize().detach().cpu().float())) for name, form in handle.forms()]
 
     def convert(self, handle: "Compression") -> None:
         convert_forms(handle, lambda name, dense: self.form_for(dense), keep=self.fits)
@@ -267,6 +275,15 @@ class DopedMethod(StructuredMethod):
             out, inp = form.out_features, form.in_features
             empty = DopedForm(out, inp, self.config.structure, self.structure_options(out, inp))
             final_entries(name, empty, self.config.compression)
+
+    def planned_forms(self, handle: "Compression") -> list[tuple[str, WeightForm]]:
+        """Each matrix as ``S + D`` with ``D`` magnitude-pruned at once to its final entry count."""
+        planned = super().planned_forms(handle)
+        for name, form in planned:
+            sparse = form.sparse
+            if sparse.nnz() > (keep := final_entries(name, form, self.config.compression)):
+                sparse.prune_to(keep / sparse.mask.numel())
+        return planned
 
     def start(self, handle: "Compression") -> None:
         # CMR while D is annealed; fine-tuning trains S and the final D together

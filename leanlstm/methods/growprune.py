@@ -85,6 +85,8 @@ class GrowPrune(MethodConfig):
     prune_every: int = 0          # optimiser steps of retraining before each pruning step (0: from the phase)
     loss_tolerance: float = 0.0   # stop pruning once val loss > (1 + this) x its value when pruning began (0: off)
     total_steps: int = 0          # optimiser steps of the phase in a user loop (needed only for the 0 = auto fields)
+    speed_check: bool = True      # time each sparse matrix against dense on the engine and warn when slower
+    keep_slow_dense: bool = False  # keep the matrices that would run slower than dense dense (not sparse)
 
     ranges = {"compression": COMPRESSION, "seed_density": Range(0, 1, low_open=True), "grow_ratio": UNIT,
               "prune_ratio": Range(0, 1, low_open=True, high_open=True),

@@ -52,6 +52,33 @@ the net effect against the published schedule at the same strength.
 
 The PTB task loss is summed over the unrolled steps and averaged over the batch, as in the paper, so the
 paper's lambda (``strength``) transfers unchanged.
+
+**Steering ISS: targets, any optimiser.** A fixed strength has a cliff: in a user's 2x128 keyword spotter one
+strength kept all 128 units of a layer and the next one tried left 5. ``target_params=N`` (LSTM parameters
+after the shrink, biases included, as ``dense_lstm_params`` counts them) or ``target_latency_us=T`` (per-step
+engine latency of the LSTM stacks) makes the handle search the strength while training, with a controller:
+
+- every ``adapt_every`` steps in which no unit died, the strength grows by ``adapt_rate`` (from ``strength``);
+- a step never removes more units than the target allows: if thresholding would leave fewer parameters than
+  the target, the units that died in that step with the largest norms before it get their weights back;
+- once removing any one more unit would cross the target, the strength drops to 0 (the term and the proximal
+  step stop) and the handle logs that the target is reached; the model then trains at that size.
+
+A unit, once dead, stays dead in these modes (its component is zeroed after every step): Adam moves every entry
+by about its learning rate whatever the gradient's scale, so a zeroed component would otherwise grow back at once.
+
+``proximal=True`` replaces the loss term by a proximal step that does not depend on the optimiser being SGD:
+after every ``optimizer.step()`` (whatever it is, Adam included) each component is group-soft-thresholded,
+``w_k <- w_k * max(0, 1 - lr * strength / ||w_k||)``, the proximal operator of ``lr * strength * ||w_k||``.
+This is exact for SGD at learning rate ``lr``; under Adam, whose steps are about ``lr`` per entry, a component
+survives only while the task keeps moving it by more than ``lr * strength`` a step, so ``strength`` reads as a
+norm per step relative to ``lr`` (set ``lr`` to the optimiser's). A component whose norm falls below the shrink
+becomes exactly zero, so no hovering above the threshold. Latency targets are turned into a parameter target
+from the engine's measured latency at the current sizes (latency of these matvec-bound stacks grows about
+linearly with parameters), re-measured at every epoch end.
+
+When an epoch ends with no unit removed and the components' summed norm not shrinking (by 1% or more), the
+handle warns that nothing is being removed: the strength is too weak for this optimiser and learning rate.
 """
 from __future__ import annotations
 
@@ -68,7 +95,8 @@ from torch import fx, nn
 
 from ..graph import consumers, find_lstms, replace_module, trace
 from ..nn import LSTM, Dense
-from ..train import Range
+from ..nn.lstm import dense_lstm_params
+from ..train import ConfigError, Range
 from .base import Method, MethodConfig, qualified
 
 if TYPE_CHECKING:
@@ -92,9 +120,30 @@ class ISS(MethodConfig):
     eps: float = 1e-8           # inside each component's sqrt: finite (zero) gradient for an all-zero component
     group_rule: bool = True     # also zero whole components whose RMS entry is <= threshold (see module doc)
     shrink_each_epoch: bool = False  # remove dead units at every epoch end, so later epochs train a smaller model
+    proximal: bool = False      # group soft-thresholding after each optimiser step (Adam too) instead of the loss term
+    lr: float = 1e-3            # proximal: the shrink per step is lr * strength (give the optimiser's learning rate)
+    target_params: int = 0      # LSTM parameters to stop at (after the shrink, biases included); 0: strength alone
+    target_latency_us: float = 0.0  # per-step engine latency of the LSTM stacks to stop at; 0: none
+    adapt_every: int = 20       # with a target: steps between strength increases while no unit dies
+    adapt_rate: float = 1.25    # with a target: the factor of each increase
 
     ranges = {"strength": Range(0, 10), "threshold": Range(0, 1, note="weights at or below it become 0"),
-              "eps": Range(1e-30, 1, note="smaller ones round to 0 in float32: NaN gradients")}
+              "eps": Range(1e-30, 1, note="smaller ones round to 0 in float32: NaN gradients"),
+              "lr": Range(0, 10, low_open=True), "target_params": Range(0, 10**12, integer=True),
+              "target_latency_us": Range(0, 1e9), "adapt_every": Range(1, 10**9, integer=True),
+              "adapt_rate": Range(1, 100, low_open=True)}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.target_params and self.target_latency_us:
+            raise ConfigError("target_latency_us", self.target_latency_us, "be 0 when target_params is given "
+                              "(give one target)")
+        if (self.target_params or self.target_latency_us) and self.strength == 0:
+            raise ConfigError("strength", self.strength, "be > 0 with a target (the search starts from it)")
+
+    @property
+    def targeted(self) -> bool:
+        return bool(self.target_params or self.target_latency_us)
 
 
 ISSConfig = ISS  # the name before issue 20
@@ -178,6 +227,21 @@ class Components:
             keep = (~dead[part.owner]).to(part.weight.dtype)
             scale = part.weight.new_ones(part.weight.shape[part.dim]).scatter_reduce(0, part.index, keep, "amin")
             part.weight.mul_(scale.view((-1, 1) if part.dim == 0 else (1, -1)))
+
+    @torch.no_grad()
+    def scale_(self, factor: torch.Tensor) -> None:
+        """Multiply each unit's component by ``factor`` (size,), in place (an entry two slices share, both)."""
+        for part in self.slices:
+            ones = part.weight.new_ones(part.weight.shape[part.dim])
+            scale = ones.scatter_reduce(0, part.index, factor[part.owner].to(part.weight.dtype), "prod")
+            part.weight.mul_(scale.view((-1, 1) if part.dim == 0 else (1, -1)))
+
+    @torch.no_grad()
+    def restore_(self, unit: int, saved: dict[int, torch.Tensor]) -> None:
+        """Copy unit ``unit``'s component entries back from ``saved`` (``id(weight)`` -> a copy of that weight)."""
+        for part in self.slices:
+            picked = part.index[part.owner == unit]
+            part.weight.index_copy_(part.dim, picked, saved[id(part.weight)].index_select(part.dim, picked))
 
     @torch.no_grad()
     def zero_(self, units: torch.Tensor) -> None:
@@ -420,6 +484,60 @@ def zero_components_(model: nn.Module, layer: int, units: list[int], lstm: str |
     return model
 
 
+@torch.no_grad()
+def proximal_(units: UnitMap, shrink: float) -> None:
+    """Group soft-thresholding, the proximal step of ``shrink * sum_k ||w_k||``: each component scaled by
+    ``max(0, 1 - shrink / ||w_k||)`` (exactly zero when its norm is at most ``shrink``), in place, group by group.
+
+    >>> lstm = LSTM(2, 3)
+    >>> proximal_(UnitMap.of(lstm), shrink=100.0); surviving(lstm)
+    [0]
+    """
+    for group in units.components:
+        norms = group.squared_norms().sqrt()
+        group.scale_(torch.clamp(1.0 - shrink / norms.clamp_min(1e-30), min=0.0))
+
+
+def alive_units(units: UnitMap) -> list[torch.Tensor]:
+    """Per group, a bool tensor (size,): which units' components still have a nonzero entry."""
+    return [group.nonzeros() > 0 for group in units.components]
+
+
+def projected_sizes(units: UnitMap, alive: list[torch.Tensor]) -> dict[str, tuple[list[int], int]]:
+    """``{lstm name: (hidden sizes, proj_size)}`` that ``shrink`` would leave with units ``alive`` (one size per
+    layer: the direction with more survivors; at least one unit; more hidden units than projections)."""
+    sizes = {}
+    for name, lstm in units.lstms.items():
+        hidden, proj = [1] * lstm.num_layers, 1 if lstm.proj_size else 0
+        for group, mask in zip(units.components, alive):
+            if group.lstm == name:
+                count = max(int(mask.sum()), 1)
+                if group.group == "proj":
+                    proj = max(proj, count)
+                else:
+                    layer = group.layer // lstm.num_directions
+                    hidden[layer] = max(hidden[layer], count)
+        sizes[name] = ([max(h, proj + 1) for h in hidden] if proj else hidden, proj)
+    return sizes
+
+
+def projected_params(units: UnitMap, sizes: dict[str, tuple[list[int], int]]) -> int:
+    """LSTM parameters (biases included, every matrix dense) of the stacks at ``sizes`` (``projected_sizes``)."""
+    return sum(dense_lstm_params(lstm.input_size, sizes[name][0], lstm.bias, proj_size=sizes[name][1],
+                                 bidirectional=lstm.bidirectional) for name, lstm in units.lstms.items())
+
+
+def can_remove_one(units: UnitMap, sizes: dict[str, tuple[list[int], int]], target: int) -> bool:
+    """Whether removing one more hidden unit from some layer still leaves at least ``target`` parameters."""
+    for name, (hidden, proj) in sizes.items():
+        for layer, size in enumerate(hidden):
+            if size > max(proj + 1, 1):
+                smaller = dict(sizes) | {name: (hidden[:layer] + [size - 1] + hidden[layer + 1:], proj)}
+                if projected_params(units, smaller) >= target:
+                    return True
+    return False
+
+
 # --- removal ------------------------------------------------------------------------------------------------
 def kept_units(lstm: LSTM, groups: list[Components]) -> dict[tuple[int, str], torch.Tensor]:
     """Units each group of each layer keeps: the live ones, padded with dead ones so that both directions of a
@@ -606,6 +724,12 @@ class ISSMethod(Method):
         self.log: list[dict[str, Any]] = []       # {"phase", "epoch", "components": surviving units per group}
         self.frozen: dict[str, torch.Tensor] = {}  # fine-tuning: where each component weight is nonzero
         self._units: UnitMap | None = None
+        self.strength = self.config.strength       # the strength in use: a target's controller changes it
+        self.resume_strength = self.config.strength  # the strength to return to should the target move (latency)
+        self.target_params = self.config.target_params  # a latency target's estimate replaces it at start
+        self._alive: list[torch.Tensor] | None = None   # targets and proximal: the units alive after the last step
+        self._quiet = 0                                  # steps since a unit last died
+        self._epoch_mark: tuple[float, int] | None = None   # (summed component norm, alive units) at the last mark
 
     def units(self, handle: "Compression") -> UnitMap:
         if self._units is None or self._units.model is not handle.model or any(
@@ -628,16 +752,23 @@ class ISSMethod(Method):
         self._units = None
         if not self.log:
             self.log.append({"phase": handle.phase, "epoch": 0, "components": self.surviving(handle)})
+        if not handle.finalized:
+            if self.config.target_latency_us and not self.target_params:
+                self.target_params = self.params_for_latency(handle)
+            self._epoch_mark = self._mark(handle)
 
     def surviving(self, handle: "Compression") -> list[int]:
         return surviving(self.units(handle).components)
 
     def penalty(self, handle: "Compression") -> torch.Tensor | None:
-        if handle.finalized:
+        if handle.finalized or self.config.proximal or self.strength == 0:
             return None
-        return self.config.strength * group_lasso(self.units(handle).components, self.config.eps)
+        return self.strength * group_lasso(self.units(handle).components, self.config.eps)
 
     def after_step(self, handle: "Compression") -> None:
+        if not handle.finalized and (self.config.proximal or self.config.targeted):
+            self._steered_step(self.units(handle))
+            return
         if not handle.finalized:
             threshold_(self.units(handle), self.config.threshold, self.config.group_rule)
             return
@@ -649,10 +780,107 @@ class ISSMethod(Method):
         counts = self.surviving(handle)
         self.log.append({"phase": handle.phase, "epoch": handle.epoch, "components": counts})
         out: dict[str, Any] = {"iss_components": counts}
+        if not handle.finalized:
+            self._warn_if_stuck(handle)
+            if self.config.targeted:
+                out |= {"iss_strength": self.strength, "iss_target_params": self.target_params}
         if self.config.shrink_each_epoch and not handle.finalized and self._would_shrink(handle):
             self._shrink(handle)
             out["new_parameters"] = True
+        if not handle.finalized and self.config.target_latency_us:
+            self.target_params = self.params_for_latency(handle)   # re-measured at the sizes reached so far
         return out
+
+    # --- steering: targets, the proximal step, a warning when nothing moves ------------------------------------
+    def _steered_step(self, units: UnitMap) -> None:
+        """After an optimiser step with a target or the proximal step: dead units stay dead, the proximal step
+        and the thresholds, no more deaths than the target allows, then the controller (see the module doc)."""
+        groups = units.components
+        alive = self._alive if self._alive is not None and [len(a) for a in self._alive] == [g.size for g in groups] \
+            else alive_units(units)
+        for group, mask in zip(groups, alive):
+            group.zero_where_(~mask.to(group.slices[0].weight.device))
+        target = self.target_params
+        saved = {id(w): w.clone() for _, w in units.weights()} if target else {}
+        norms = [group.squared_norms().detach() for group in groups] if target else []
+        if self.config.proximal and self.strength > 0:
+            proximal_(units, self.config.lr * self.strength)
+        threshold_(units, self.config.threshold, self.config.group_rule)
+        now = alive_units(units)
+        if target:
+            now = self._cap_deaths(units, alive, now, norms, saved, target)
+        died = any(bool((before.cpu() & ~after.cpu()).any()) for before, after in zip(alive, now))
+        self._alive = now
+        if target:
+            self._adapt(units, died, target)
+
+    def _cap_deaths(self, units: UnitMap, before: list[torch.Tensor], after: list[torch.Tensor],
+                    norms: list[torch.Tensor], saved: dict[int, torch.Tensor], target: int) -> list[torch.Tensor]:
+        """Give the units that died in this step back their weights, largest norm first, until the stacks keep at
+        least ``target`` parameters (a strength past the cliff removes many units in one step)."""
+        after = [a.clone() for a in after]
+        if projected_params(units, projected_sizes(units, after)) >= target:
+            return after
+        died = sorted(((float(norms[g][k]), g, k) for g, (b, a) in enumerate(zip(before, after))
+                       for k in torch.nonzero(b & ~a).flatten().tolist()), reverse=True)
+        for _, g, k in died:
+            units.components[g].restore_(k, saved)
+            after[g][k] = True
+            if projected_params(units, projected_sizes(units, after)) >= target:
+                break
+        for group, alive in zip(units.components, after):   # a restored row also restored dead units' columns
+            group.zero_where_(~alive)
+        return after
+
+    def _adapt(self, units: UnitMap, died: bool, target: int) -> None:
+        """The controller: stop at the target; grow the strength while no unit dies."""
+        sizes = projected_sizes(units, self._alive)
+        self._quiet = 0 if died else self._quiet + 1
+        if not can_remove_one(units, sizes, target):
+            if self.strength > 0:
+                log.info("ISS: reached the target: %d LSTM parameters (target %d), sizes %s, at strength %.4g",
+                         projected_params(units, sizes), target, {n: s for n, s in sizes.items()}, self.strength)
+                self.resume_strength, self.strength = self.strength, 0.0
+            return
+        if self.strength == 0:
+            self.strength = self.resume_strength     # the target moved (a re-measured latency target)
+        if self._quiet >= self.config.adapt_every:
+            self.strength *= self.config.adapt_rate
+            self._quiet = 0
+
+    def _mark(self, handle: "Compression") -> tuple[float, int]:
+        with torch.no_grad():
+            groups = self.units(handle).components
+            norm = float(sum(torch.sqrt(group.squared_norms()).sum() for group in groups))
+        return norm, sum(surviving(groups))
+
+    def _warn_if_stuck(self, handle: "Compression") -> None:
+        """Warn when an epoch removed no unit and did not shrink the components' summed norm by 1% or more."""
+        mark = self._mark(handle)
+        if self._epoch_mark is not None and self.strength > 0 and 0 < mark[1] >= self._epoch_mark[1] \
+                and mark[0] >= 0.99 * self._epoch_mark[0]:
+            log.warning("ISS: nothing is being removed: epoch %d ended with %d live units, as many as before, and "
+                        "the components' summed norm did not shrink (%.4g -> %.4g). Strength %.3g is too weak for "
+                        "this optimiser and learning rate: raise it, use proximal=True (any optimiser), or give "
+                        "target_params", handle.epoch, mark[1], self._epoch_mark[0], mark[0], self.strength)
+        self._epoch_mark = mark
+
+    def params_for_latency(self, handle: "Compression") -> int:
+        """The parameter target of ``target_latency_us``: the engine's per-step latency of dense stacks at the sizes
+        the live units give, scaled linearly in parameters to the target."""
+        from ..runtime.latency import latency
+
+        units = self.units(handle)
+        sizes = projected_sizes(units, self._alive or alive_units(units))
+        measured = 0.0
+        for name, lstm in units.lstms.items():
+            dense = LSTM(lstm.input_size, sizes[name][0], proj_size=sizes[name][1], bidirectional=lstm.bidirectional)
+            measured += latency(dense, backends=("leanlstm",), seq_len=35, repeats=7)["backends"]["leanlstm"]["median"]
+        params = projected_params(units, sizes)
+        target = int(params * self.config.target_latency_us / measured)
+        log.info("ISS: %d LSTM parameters run %.2f us per step on the engine; target %.2f us: about %d parameters",
+                 params, measured, self.config.target_latency_us, target)
+        return target
 
     def _would_shrink(self, handle: "Compression") -> bool:
         units = self.units(handle)
@@ -666,7 +894,7 @@ class ISSMethod(Method):
     def _shrink(self, handle: "Compression") -> None:
         before = hidden_sizes(handle.lstms)
         handle.install(shrinkage(self.units(handle)))
-        self._units = None
+        self._units = self._alive = None
         log.info("ISS: hidden sizes %s -> %s", before, hidden_sizes(handle.lstms))
 
     def finish(self, handle: "Compression") -> None:
@@ -694,8 +922,14 @@ class ISSMethod(Method):
 
     def summarize(self, handle: "Compression") -> dict[str, Any]:
         first = self.log[0]["components"] if self.log else None
+        units = self.units(handle)
+        sizes = projected_sizes(units, alive_units(units))
         out = {"iss_hidden_sizes": hidden_sizes(handle.lstms), "iss_units_removed": self._removed(first, handle),
-               "iss_components": [dict(entry) for entry in self.log]}
+               "iss_components": [dict(entry) for entry in self.log], "iss_strength": self.strength,
+               "iss_live_sizes": [size for hidden, _ in sizes.values() for size in hidden],
+               "iss_projected_params": projected_params(units, sizes)}
+        if self.config.targeted:
+            out["iss_target_params"] = self.target_params
         if any(lstm.proj_size for lstm in handle.lstms.values()):
             out["iss_proj_sizes"] = [lstm.proj_size for lstm in handle.lstms.values()]
         return out
@@ -706,12 +940,18 @@ class ISSMethod(Method):
         return [b - a for b, a in zip(first, now)] if first is not None and len(first) == len(now) else []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"components": [dict(entry) for entry in self.log], "frozen": dict(self.frozen)}
+        return {"components": [dict(entry) for entry in self.log], "frozen": dict(self.frozen),
+                "strength": self.strength, "resume_strength": self.resume_strength,
+                "target_params": self.target_params, "quiet": self._quiet}
 
     def load_state_dict(self, state: dict[str, Any], handle: "Compression") -> None:
         self.log = [dict(entry) for entry in state.get("components", [])]
         self.frozen = dict(state.get("frozen", {}))
-        self._units = None
+        self.strength = state.get("strength", self.config.strength)
+        self.resume_strength = state.get("resume_strength", self.config.strength)
+        self.target_params = state.get("target_params", self.config.target_params)
+        self._quiet = state.get("quiet", 0)
+        self._units = self._alive = None
         if handle.finalized:
             shapes = {name: weight.shape for name, weight in self.units(handle).weights()}
             if {name: mask.shape for name, mask in self.frozen.items()} != shapes:

@@ -56,6 +56,8 @@ class Prune(MethodConfig):
     anneal_end: float = 0.75      # fraction at which the final density is reached
     prune_every: int = 10         # optimiser steps between pruning events (Zhu & Gupta's dt)
     total_steps: int = 0          # optimiser steps the schedule spans in a user loop (0: Trainer's phase length)
+    speed_check: bool = True      # time each pruned matrix against dense on the engine and warn when slower
+    keep_slow_dense: bool = False  # keep the matrices that would run slower than dense dense (not pruned)
 
     ranges = {"compression": COMPRESSION, "initial_density": Range(0, 1, low_open=True), "anneal_start": UNIT,
               "anneal_end": UNIT, "prune_every": Range(1, 10**9, integer=True), "total_steps": STEPS}
@@ -192,13 +194,14 @@ class GradualPruning:
 
 def convert_forms(handle: "Compression", build, keep) -> None:
     """Every matrix of the handle's LSTMs that ``keep(form)`` rejects becomes ``build(name, dense)``; all forms are
-    built before any is set, so a failure changes nothing."""
+    built before any is set, so a failure changes nothing. Matrices the speed guard keeps dense
+    (``handle.method.kept_dense``) stay as they are."""
     converted = []
     for lstm_name, lstm in handle.lstms.items():
         for index, layer in enumerate(lstm.layers):
             for matrix, form in layer.forms():
-                if not keep(form):
-                    name = qualified(lstm_name, f"layers.{index}.weight_{matrix}")
+                name = qualified(lstm_name, f"layers.{index}.weight_{matrix}")
+                if not keep(form) and name not in handle.method.kept_dense:
                     dense = form.materialize().detach().cpu().float()   # fitted on the CPU, as replace_forms does
                     converted.append((layer, matrix, build(name, dense)))
     for layer, matrix, form in converted:
@@ -229,6 +232,15 @@ class PruneMethod(Method):
     def check(self, handle: "Compression") -> None:
         for name, form in handle.forms():   # each matrix's budget, on its shape alone: fail now, not at the end
             final_entries(name, MaskedSparse(form.out_features, form.in_features), self.config.compression)
+
+    def planned_forms(self, handle: "Compression") -> list[tuple[str, WeightForm]]:
+        """Each matrix magnitude-pruned at once to its final entry count (what the schedule ends at)."""
+        planned = []
+        for name, form in handle.forms():
+            dense = form.materialize().detach().cpu().float()
+            entries = final_entries(name, MaskedSparse(*dense.shape), self.config.compression)
+            planned.append((name, MaskedSparse.from_dense(dense, density=entries / dense.numel())))
+        return planned
 
     def convert(self, handle: "Compression") -> None:
         density = self.config.initial_density

@@ -295,10 +295,11 @@ class LSTM(nn.Module):
 
     def replace_forms(self, form: str | type[WeightForm] | Callable[[torch.Tensor], WeightForm], *,
                       layers: Sequence[int] | None = None, matrices: Sequence[str] | None = None,
-                      **options: Any) -> "LSTM":
+                      speed_check: bool = True, **options: Any) -> "LSTM":
         """Swap weight forms in one call, fitting each new form to the current (trained) matrix. ``layers`` are
         flat indices into ``self.layers`` (``l * D + d``); ``matrices`` default to all of each layer's. Atomic:
-        if any matrix fails to convert, no matrix is changed.
+        if any matrix fails to convert, no matrix is changed. ``speed_check`` times every new form against a dense
+        matrix of its shape on the engine and logs a warning for each that runs slower (``runtime.speed_check``).
 
         >>> lstm = LSTM(16, 32, 2).replace_forms("lowrank", rank=4)
         >>> type(lstm.layers[1].weight_hh).__name__
@@ -323,6 +324,10 @@ class LSTM(nn.Module):
                 converted.append((layer, matrix, build(dense, **options)))
         for layer, matrix, new in converted:
             layer.set_form(matrix, new)
+        if speed_check:
+            from ..runtime.speed_check import check_forms   # the runtime imports nn: import here
+            names = {id(f): n for n, f in self.forms()}
+            check_forms([(names[id(new)], new) for _, _, new in converted])
         return self
 
     def stored_params(self) -> int:

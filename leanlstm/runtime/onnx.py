@@ -24,6 +24,14 @@ Graph signature (``T`` and ``B`` are symbolic: streaming with ``T = B = 1`` and 
   own layout ((T, B, F), (B, T, F), (B, F) after the last step, (T*B, F) after a ``view(-1, F)``), and the final
   state ``h_n``, ``c_n`` (or ``h_n_0``, ``c_n_0``, ...), shaped like the state inputs.
 
+Which structure to write (``structure``): a sparse or structured matrix is not always faster in ONNX Runtime
+than the fused dense LSTM operator (a layer pruned 3x runs its gather-based product, inside a ``Scan``, slower
+than the dense operator). ``export_onnx`` therefore measures by default (``structure="auto"``): for every layer
+with a non-dense matrix it times, in ONNX Runtime at batch 1, the layer with each subset of its non-dense
+matrices written through their structure and the rest dense (all dense: the fused operator), and writes the
+fastest; the choices are logged. ``"always"`` writes every form's structure (``to_onnx``'s default, what the
+backends time), ``"never"`` every matrix dense.
+
 Dropout is not exported (inference). Everything is float32.
 """
 from __future__ import annotations
@@ -31,6 +39,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+import copy
+import itertools
+import logging
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -43,12 +56,14 @@ from ..nn.gates import GATES, split_gates
 from .cells import ExportError, cell_part
 from .pipeline import Activation, Affine, Elementwise, LastStep, Pipeline, Recurrent, pipeline_of
 
-__all__ = ["ExportError", "GraphBuilder", "export_onnx", "onnx_gate_order", "to_onnx"]
+__all__ = ["ExportError", "GraphBuilder", "LayerChoice", "export_onnx", "layer_choices", "onnx_gate_order", "to_onnx"]
+log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 13                       # Split/Squeeze/ReduceSum with their sizes and axes as inputs
 ONNX_GATES = ("i", "o", "f", "g")    # the ONNX LSTM operator packs [i|o|f|c]; its c is our cell candidate g
 RECURRENCES = ("auto", "lstm", "scan")
+STRUCTURES = ("auto", "always", "never")
 ACTIVATION_OPS = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid", "softmax": "Softmax",
                   "log_softmax": "LogSoftmax"}
 ELEMENTWISE_OPS = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "rsub": "Sub", "rdiv": "Div"}
@@ -128,17 +143,6 @@ class GraphBuilder:
 
     def subgraph(self) -> "GraphBuilder":
         return GraphBuilder(parent=self)
-
-
-# --- gate layout ----------------------------------------------------------------------------------------
-def onnx_gate_order(packed: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """Reorder PyTorch's ``[i|f|g|o]`` gate blocks into the ONNX LSTM operator's ``[i|o|f|c]``.
-
-    >>> onnx_gate_order(torch.arange(8)).tolist()
-    [0, 1, 6, 7, 2, 3, 4, 5]
-    """
-    blocks = dict(zip(GATES, split_gates(packed, dim)))
-    return torch.cat([blocks[gate] for gate in ONNX_GATES], dim)
 
 
 # --- gate layout ----------------------------------------------------------------------------------------
@@ -278,14 +282,128 @@ def _main_output(g: "GraphBuilder", pipeline: Pipeline, x: str) -> onnx.ValueInf
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
 
 
+# --- which structure to write: measured in ONNX Runtime ---------------------------------------------------------
+@dataclass(frozen=True)
+class LayerChoice:
+    """What ``structure="auto"`` writes for one layer (all its directions), from ONNX Runtime timings."""
+
+    stack: str                     # the stack's stage name ("" for a bare LSTM)
+    start: int                     # flat index of the layer's first direction in ``stack.layers``
+    name: str                      # "rnn.layers.0"
+    structured: tuple[str, ...]    # matrices written through their structure; the others dense
+    us: float                      # median us per step of the chosen variant
+    dense_us: float                # ... with every matrix dense (the fused LSTM operator where it applies)
+    structure_us: float            # ... with every form's structure (``structure="always"``)
+    form: str                      # the forms, e.g. "pruned 3.0x"
+    compression: float             # dense bytes over stored bytes of the layer's matrices
+
+    @property
+    def slower(self) -> bool:
+        """Whether writing every form's structure runs slower than the dense layer."""
+        return self.structure_us > self.dense_us
+
+    def slow_down(self):
+        from .speed_check import SlowDown
+
+        return SlowDown(self.name, self.form, self.compression, self.structure_us, self.dense_us, "onnxruntime")
+
+
+def _layer_model(layers: list[nn.Module], dense: list[str]) -> nn.Module:
+    """A one-layer stack holding copies of ``layers`` (its directions), ``dense`` matrices made dense."""
+    from ..nn import LSTM
+
+    first = layers[0]
+    single = LSTM(first.input_size, first.hidden_size, 1, bidirectional=len(layers) == 2,
+                  proj_size=getattr(first, "proj_size", 0), cell=first.cell)
+    single.layers = nn.ModuleList(copy.deepcopy(layer) for layer in layers)
+    return single.replace_forms("dense", matrices=dense) if dense else single
+
+
+def _describe_layer(layers: list[nn.Module], matrices: list[str]) -> tuple[str, float]:
+    from .speed_check import describe
+
+    forms = [layer.form(m) for layer in layers for m in matrices]
+    kinds = sorted({describe(form) for form in forms if type(form).__name__ != "Dense"})
+    dense = sum(f.out_features * f.in_features * 4 for f in forms)
+    compression = dense / sum(f.nbytes() for f in forms)
+    return f"{' + '.join(kinds)} {'(' + ', '.join(f'weight_{m}' for m in matrices) + ')'}", compression
+
+
+def layer_choices(model: nn.Module | Pipeline, repeats: int = 7, seq_len: int = 35) -> list[LayerChoice]:
+    """For every layer with a non-dense matrix, the fastest way to write it in ONNX Runtime (batch 1, one thread):
+    each subset of its non-dense matrices through their structure, the rest dense, all timed in one interleaved
+    run (``runtime.latency.measure``).
+
+    >>> from leanlstm import LSTM
+    >>> layer_choices(LSTM(8, 16))      # nothing to choose for dense layers
+    []
+    """
+    from .latency import measure
+
+    pipeline, found = pipeline_of(model, ExportError), []
+    for stage in pipeline.stacks:
+        lstm, prefix = stage.module, f"{stage.name}." if stage.name else ""
+        D = lstm.num_directions
+        for start in range(0, len(lstm.layers), D):
+            layers = list(lstm.layers[start:start + D])
+            matrices = list(layers[0].matrices)
+            shaped = [m for m in matrices if any(type(layer.form(m)).__name__ != "Dense" for layer in layers)]
+            if not shaped:
+                continue
+            variants = [tuple(c) for n in range(len(shaped) + 1) for c in itertools.combinations(shaped, n)]
+            models = {"+".join(v) or "dense": _layer_model(layers, [m for m in matrices if m not in v])
+                      for v in variants}
+            timed = measure(models, ("onnxruntime-forms",), seq_len=seq_len, repeats=repeats, warmup=2)["models"]
+            us = {v: timed["+".join(v) or "dense"]["backends"]["onnxruntime-forms"]["median"] for v in variants}
+            best = min(variants, key=lambda v: (us[v], len(v)))
+            form, compression = _describe_layer(layers, shaped)
+            found.append(LayerChoice(stage.name, start, f"{prefix}layers.{start}", best, us[best], us[()],
+                                     us[variants[-1]], form, compression))
+    return found
+
+
+def with_structure(model: nn.Module | Pipeline, structure: str = "auto") -> Pipeline:
+    """The pipeline ``to_onnx`` writes for ``structure`` (see the module doc); the model is left as it is."""
+    if structure not in STRUCTURES:
+        raise ExportError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+    pipeline = pipeline_of(model, ExportError)
+    if structure == "always":
+        return pipeline
+    if structure == "never":
+        return pipeline.dense()
+    densify: dict[str, list[tuple[int, list[str]]]] = {}
+    for choice in layer_choices(pipeline):
+        lstm = next(s.module for s in pipeline.stacks if s.name == choice.stack)
+        layers = lstm.layers[choice.start:choice.start + lstm.num_directions]
+        dense = [m for m in layers[0].matrices if m not in choice.structured]
+        log.info("ONNX export: %s (%s %.1fx) written %s: %.2f us per step, dense %.2f, every structure %.2f",
+                 choice.name, choice.form, choice.compression,
+                 "with " + ", ".join(f"weight_{m}" for m in choice.structured) + " structured"
+                 if choice.structured else "dense", choice.us, choice.dense_us, choice.structure_us)
+        densify.setdefault(choice.stack, []).append((choice.start, dense))
+    stages = []
+    for stage in pipeline.stages:
+        if isinstance(stage, Recurrent) and densify.get(stage.name):
+            module = copy.deepcopy(stage.module)
+            for start, dense in densify[stage.name]:
+                if dense:
+                    flat = list(range(start, start + module.num_directions))
+                    module.replace_forms("dense", layers=flat, matrices=dense)
+            stage = replace(stage, module=module)
+        stages.append(stage)
+    return replace(pipeline, stages=stages)
+
+
 # --- whole models ---------------------------------------------------------------------------------------
 def to_onnx(model: nn.Module | Pipeline, *, opset: int = DEFAULT_OPSET, state_inputs: bool = True,
-            recurrence: str = "auto") -> onnx.ModelProto:
+            recurrence: str = "auto", structure: str = "always") -> onnx.ModelProto:
     """The checked ONNX model of any model ``runtime.compile`` runs (see the module doc for its signature).
 
     ``recurrence``: ``"auto"`` (ONNX LSTM operator for dense layers without projection, a ``Scan`` over the
     forms' products otherwise), ``"lstm"`` (operator only; structured forms and projections are an error) or
-    ``"scan"`` (always explicit). Without ``state_inputs`` the recurrence starts from zeros.
+    ``"scan"`` (always explicit). Without ``state_inputs`` the recurrence starts from zeros. ``structure``:
+    ``"always"`` writes every form's structure, ``"never"`` every matrix dense, ``"auto"`` per layer what ONNX
+    Runtime runs fastest (measured; ``layer_choices``).
 
     >>> from leanlstm import LSTM
     >>> proto = to_onnx(LSTM(8, 16, 2))
@@ -297,7 +415,7 @@ def to_onnx(model: nn.Module | Pipeline, *, opset: int = DEFAULT_OPSET, state_in
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise ExportError(f"opset {opset} is not available: leanlstm writes ONNX opsets {MIN_OPSET} to "
                           f"{onnx.defs.onnx_opset_version()} (the newest this onnx {onnx.__version__} knows)")
-    pipeline = pipeline_of(model, ExportError)
+    pipeline = with_structure(model, structure)
     _check_forms(pipeline, recurrence)
     several = len(pipeline.stacks) > 1
     states = {id(s): _StackState(s, f"{s.name}." if several else "") for s in pipeline.stacks}
@@ -324,10 +442,13 @@ def to_onnx(model: nn.Module | Pipeline, *, opset: int = DEFAULT_OPSET, state_in
 
 
 def export_onnx(model: nn.Module | Pipeline, path: str | Path, *, opset: int = DEFAULT_OPSET,
-                state_inputs: bool = True, recurrence: str = "auto", overwrite: bool = True) -> Path:
+                state_inputs: bool = True, recurrence: str = "auto", structure: str = "auto",
+                overwrite: bool = True) -> Path:
     """Write ``model`` (anything ``runtime.compile`` runs) to ``path`` as ONNX, atomically.
 
-    Options as in ``to_onnx``; ``overwrite=False`` refuses to replace an existing file.
+    Options as in ``to_onnx``, but ``structure`` defaults to ``"auto"``: each layer's forms are written through
+    their structure only where ONNX Runtime runs that faster than dense (measured, a second or so per layer).
+    ``overwrite=False`` refuses to replace an existing file.
 
     >>> import onnxruntime, tempfile, numpy as np
     >>> from leanlstm import LSTM
@@ -339,6 +460,7 @@ def export_onnx(model: nn.Module | Pipeline, path: str | Path, *, opset: int = D
     path = Path(path)
     if path.exists() and not overwrite:
         raise ExportError(f"{path} already exists; not overwriting it (pass overwrite=True, or --force)")
-    data = to_onnx(model, opset=opset, state_inputs=state_inputs, recurrence=recurrence).SerializeToString()
+    data = to_onnx(model, opset=opset, state_inputs=state_inputs, recurrence=recurrence,
+                   structure=structure).SerializeToString()
     atomic_write(path, lambda file: file.write(data))
     return path

@@ -28,6 +28,7 @@ from ..nn.forms import form_class
 from ..train import MAX_SEED, Range, check_memory, check_ranges
 from .backends import get_backend
 from .latency import latency
+from .speed_check import speed_checks_off
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,8 @@ def _measure_size(size: int, settings: ProfileSettings) -> dict[str, float]:
     model = LSTM(settings.input_size or size, size, settings.num_layers)
     if settings.form != "dense":
         try:
-            model.replace_forms(settings.form, **settings.form_options)
+            with speed_checks_off():                # a sweep measures the form itself; no per-matrix check
+                model.replace_forms(settings.form, **settings.form_options)
         except TypeError as error:                  # a missing or unknown option of the form's constructor
             raise ValueError(f"form {settings.form!r} with options {settings.form_options}: {error}; give its "
                              f"options with --form-option KEY=VALUE") from error

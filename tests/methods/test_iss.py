@@ -506,6 +506,114 @@ def test_iss_from_a_trained_baseline_and_from_the_cli(tmp_path, ptb_slice_dir):
     assert json.loads(result.stdout.strip().splitlines()[-1])["hidden_sizes"] == metrics["hidden_sizes"]  # one path
     saved = json.loads((tmp_path / "cli" / "metrics.json").read_text())
     assert saved["method_config"] == {"strength": 0.063, "threshold": 0.01, "eps": 1e-8, "group_rule": True,
-                                      "shrink_each_epoch": False}
+                                      "shrink_each_epoch": False, "proximal": False, "lr": 1e-3, "target_params": 0,
+                                      "target_latency_us": 0.0, "adapt_every": 20, "adapt_rate": 1.25}
     assert (tmp_path / "cli" / "components.png").is_file()
     assert "iss" in METHODS
+
+
+# --- steering: targets, the proximal step under Adam, nothing-removed warning, summary from a user loop ---------
+class Spotter(nn.Module):
+    """The user trial's keyword spotter, small: a 2-layer LSTM read at its last step by a classifier head."""
+
+    def __init__(self, inputs=8, hidden=32):
+        super().__init__()
+        self.rnn, self.fc = nn.LSTM(inputs, hidden, 2, batch_first=True), nn.Linear(hidden, 4)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0][:, -1])
+
+
+def _adam_loop(model, handle, steps, lr=1e-2, epoch_every=0):
+    torch.manual_seed(1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    x, y = torch.randn(16, 6, 8), torch.randint(0, 4, (16,))
+    for step in range(steps):
+        loss = nn.functional.cross_entropy(model(x), y) + handle.penalty()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        handle.after_step()
+        if epoch_every and (step + 1) % epoch_every == 0:
+            if handle.on_epoch_end().get("new_parameters"):
+                optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def test_iss_reaches_a_parameter_target_under_adam():
+    torch.manual_seed(0)
+    model = Spotter()
+    full = dense_lstm_params(8, [32, 32])                     # 13 824
+    target = full // 3
+    handle = compress_(model, ISS(strength=0.5, proximal=True, lr=1e-2, target_params=target, adapt_every=5))
+    _adam_loop(model, handle, steps=120)
+    summary = handle.summary()
+    assert summary["iss_strength"] == 0.0                     # the controller stopped at the target
+    assert target <= summary["iss_projected_params"] <= 1.03 * target   # measured: 4620 for 4608
+    handle.finalize()
+    stored = handle.summary()["lstms"]["rnn"]["stored_params"]
+    assert stored == summary["iss_projected_params"] and model.fc.in_features == model.rnn.hidden_sizes[-1]
+
+
+def test_a_strength_past_the_cliff_never_crosses_the_target():
+    # a proximal shrink of 10 per step zeroes every component at once; the cap gives units back
+    torch.manual_seed(0)
+    model = Spotter()
+    target = dense_lstm_params(8, [32, 32]) // 2
+    handle = compress_(model, ISS(strength=10.0, proximal=True, lr=1.0, target_params=target))
+    _adam_loop(model, handle, steps=1)
+    projected = handle.summary()["iss_projected_params"]
+    assert target <= projected < target + 4 * (8 + 32 + 32 + 32 + 2) * 2   # within two units of the target
+    assert handle.method.strength == 0.0
+
+
+def test_a_warning_when_nothing_is_removed(caplog):
+    torch.manual_seed(0)
+    model = Spotter()
+    handle = compress_(model, ISS(strength=1e-7))            # far too weak under Adam
+    with caplog.at_level("WARNING", logger="leanlstm.methods.iss"):
+        _adam_loop(model, handle, steps=10, epoch_every=5)
+    assert caplog.text.count("ISS: nothing is being removed") == 2
+    assert "epoch 1 ended with 64 live units" in caplog.text
+
+
+def test_no_warning_while_units_are_removed(caplog):
+    torch.manual_seed(0)
+    model = Spotter()
+    handle = compress_(model, ISS(strength=10.0, proximal=True, lr=0.03))    # a shrink of 0.3 per step
+    with caplog.at_level("WARNING", logger="leanlstm.methods.iss"):
+        _adam_loop(model, handle, steps=10, epoch_every=5)
+    assert 0 < sum(handle.summary()["iss_live_sizes"]) < 64
+    assert "nothing is being removed" not in caplog.text
+
+
+def test_summary_follows_a_user_loop_that_shrinks_in_place():
+    torch.manual_seed(0)
+    model = Spotter()
+    target = dense_lstm_params(8, [32, 32]) // 2
+    handle = compress_(model, ISS(strength=10.0, proximal=True, lr=1.0, target_params=target,
+                                  shrink_each_epoch=True))
+    _adam_loop(model, handle, steps=4, epoch_every=2)         # the first epoch end shrinks the model in place
+    summary = handle.summary()
+    sizes = model.rnn.hidden_sizes
+    assert sizes != [32, 32] and summary["iss_hidden_sizes"] == sizes == summary["iss_live_sizes"]
+    assert summary["iss_units_removed"] == [32 - sizes[0], 32 - sizes[1]]
+    assert summary["lstms"]["rnn"]["stored_params"] == dense_lstm_params(8, sizes) == summary["iss_projected_params"]
+
+
+def test_target_options_are_checked():
+    with pytest.raises(ValueError, match="target_latency_us must be 0 when target_params is given"):
+        ISS(target_params=1000, target_latency_us=5.0)
+    with pytest.raises(ValueError, match="strength must be > 0 with a target"):
+        ISS(strength=0.0, target_params=1000)
+    with pytest.raises(ValueError, match="adapt_rate"):
+        ISS(adapt_rate=0.5)
+
+
+def test_a_latency_target_becomes_a_parameter_target_from_engine_timings():
+    torch.manual_seed(0)
+    full = dense_lstm_params(8, [32, 32])
+    loose = compress_(Spotter(), ISS(strength=0.5, proximal=True, target_latency_us=1e6))
+    tight = compress_(Spotter(), ISS(strength=0.5, proximal=True, target_latency_us=1e-3))
+    assert loose.method.target_params > 100 * full         # a million us: far more than the model has
+    assert tight.method.target_params < full / 100          # a nanosecond a step: under 1% of it
+    assert loose.summary()["iss_target_params"] == loose.method.target_params

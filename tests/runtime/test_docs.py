@@ -6,7 +6,7 @@ import pytest
 
 MODULES = ["leanlstm.runtime.engine", "leanlstm.runtime.kernels", "leanlstm.runtime.latency",
            "leanlstm.runtime.pipeline", "leanlstm.runtime.cells", "leanlstm.runtime.onnx", "leanlstm.runtime.structured_ops",
-           "leanlstm.runtime.profile", "leanlstm.cli.profile"]
+           "leanlstm.runtime.profile", "leanlstm.runtime.speed_check", "leanlstm.cli.profile"]
 
 
 @pytest.mark.parametrize("name", MODULES)
