@@ -12,7 +12,12 @@ Adding a backend is one decorated function; nothing else changes.
 - ``torch-int8``: the same after ``torch.ao.quantization.quantize_dynamic`` (int8 weights of LSTMs and heads);
 - ``onnxruntime``: the equivalent dense model exported to ONNX (the fused ``LSTM`` operator where it applies);
 - ``onnxruntime-forms``: the model exported with its forms' structure (``runtime.onnx``), for comparison;
-- ``leanlstm-stream`` and ``onnxruntime-stream``: true streaming, one input at a time with the state carried
+- ``onnxruntime-int8``: the dense export after ONNX Runtime's ``quantize_dynamic`` (``runtime.onnx_int8``:
+  ``DynamicQuantizeLSTM`` with int8 weights, int8 ``MatMul`` heads, activations quantised per step);
+- ``leanlstm-int8`` and ``leanlstm-bf16``: the engine with int8 weights (per-row scales, the multiplied vectors
+  quantised per step, AVX-512 VNNI; ``runtime.int8``) or bfloat16 weights (AVX-512 BF16; ``runtime.bf16``) for
+  every form with an op in that precision, float32 for the others (``compile(model, precision=...)``);
+- ``leanlstm-stream``, ``leanlstm-int8-stream``, ``leanlstm-bf16-stream`` and ``onnxruntime-stream``: true streaming, one input at a time with the state carried
   between calls (``Engine.stream()``; one ``T = 1`` ONNX Runtime call per step with state inputs), as an
   application sees inputs that arrive one by one. Nothing is batched over time, so these are slower per
   step than the whole-sequence backends; a bidirectional model cannot stream.
@@ -61,6 +66,40 @@ def _leanlstm(model: nn.Module | Pipeline, inputs: np.ndarray, threads: int) -> 
 @backend("leanlstm-stream")
 def _leanlstm_stream(model: nn.Module | Pipeline, inputs: np.ndarray, threads: int) -> Runner:
     stream = compile_engine(model).stream()
+    steps = [x for x in inputs] if inputs.dtype != np.int64 else [int(token) for token in inputs]
+
+    def run():
+        stream.reset()
+        return [stream.step(x) for x in steps]
+    return run
+
+
+@backend("leanlstm-int8")
+def _leanlstm_int8(model: nn.Module | Pipeline, inputs: np.ndarray, threads: int) -> Runner:
+    engine = compile_engine(model, precision="int8")       # int8 weights, activations quantised per step
+    return lambda: engine.run(inputs)
+
+
+@backend("leanlstm-int8-stream")
+def _leanlstm_int8_stream(model: nn.Module | Pipeline, inputs: np.ndarray, threads: int) -> Runner:
+    stream = compile_engine(model, precision="int8").stream()
+    steps = [x for x in inputs] if inputs.dtype != np.int64 else [int(token) for token in inputs]
+
+    def run():
+        stream.reset()
+        return [stream.step(x) for x in steps]
+    return run
+
+
+@backend("leanlstm-bf16")
+def _leanlstm_bf16(model: nn.Module | Pipeline, inputs: np.ndarray, threads: int) -> Runner:
+    engine = compile_engine(model, precision="bfloat16")   # bfloat16 weights, inputs rounded per step
+    return lambda: engine.run(inputs)
+
+
+@backend("leanlstm-bf16-stream")
+def _leanlstm_bf16_stream(model: nn.Module | Pipeline, inputs: np.ndarray, threads: int) -> Runner:
+    stream = compile_engine(model, precision="bfloat16").stream()
     steps = [x for x in inputs] if inputs.dtype != np.int64 else [int(token) for token in inputs]
 
     def run():
@@ -227,3 +266,14 @@ def _onnxruntime_stream(model: nn.Module | Pipeline, inputs: np.ndarray, threads
             outputs.append(y)
         return outputs
     return run
+
+
+@backend("onnxruntime-int8")
+def _onnxruntime_int8(model: nn.Module | Pipeline, inputs: np.ndarray, threads: int) -> Runner:
+    # ONNX Runtime's quantize_dynamic of the dense export (runtime.onnx_int8): DynamicQuantizeLSTM, int8 heads
+    from .onnx_int8 import to_onnx_int8
+
+    pipeline = pipeline_of(model).dense()
+    session = _ort_session(to_onnx_int8(pipeline, state_inputs=False), threads)
+    feed = {session.get_inputs()[0].name: pipeline.batch_of_one(inputs)}
+    return lambda: session.run(None, feed)

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import numba
 import numpy as np
 
-from . import kernels
+from . import kernels, precision
 from .entry_points import specialise
 from .kernels import RuntimeOp
 
@@ -141,7 +141,14 @@ def bind(dispatcher: Any, *example: Any) -> Callable:
 
 
 def form_op(form: Any, name: str = "weight") -> RuntimeOp:
-    """The form's ``runtime_op()``, or, if it has none, its dense ``materialize()`` with a logged warning."""
+    """The form's ``runtime_op()``, or, if it has none, its dense ``materialize()`` with a logged warning. Under
+    a lower ``precision.precision(...)`` the form's op in it where one is registered, else its float32 op."""
+    wanted = precision.current_precision()
+    if wanted != "float32":
+        op = precision.op_in(wanted, form)
+        if op is not None:
+            return op
+        log.info("%s: weight form %s has no %s op; it runs in float32", name, type(form).__name__, wanted)
     try:
         op = form.runtime_op()
     except NotImplementedError:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import kernels
+from . import kernels, precision as precisions
 from .cells import CompiledLayer, EngineError, bind, cell_part, form_op
 from .pipeline import Activation, Affine, Elementwise, LastStep, Pipeline, Recurrent, Stage, pipeline_of
 
@@ -36,10 +36,14 @@ PART_NAMES = ("h", "c")
 
 
 # --- compiling a model -------------------------------------------------------------------------------------
-def compile(model: nn.Module | Pipeline) -> "Engine":  # noqa: A001 - the issue's name for it
+def compile(model: nn.Module | Pipeline, precision: str = "float32") -> "Engine":  # noqa: A001 - the issue's name
     """An inference engine for a model made of an optional ``nn.Embedding``, LSTM stacks (``torch.nn.LSTM``,
     ``leanlstm.LSTM``, any mix of weight forms, bidirectional, projected) and ``nn.Linear`` heads with the usual
     activations, per step or on the last step; a bare LSTM too. Anything else is an ``EngineError`` naming it.
+
+    ``precision="int8"`` stores the weights of every form with an int8 op, and the heads, as int8 with per-row
+    scales and quantises what they multiply at every step (``runtime.int8``); ``"bfloat16"`` stores them in
+    bfloat16 (``runtime.bf16``). Forms without an op in that precision keep float32; state and gates stay float32.
 
     >>> import leanlstm, numpy as np
     >>> engine = compile(leanlstm.LSTM(8, [16, 12]).replace_forms("lowrank", rank=4))
@@ -47,8 +51,10 @@ def compile(model: nn.Module | Pipeline) -> "Engine":  # noqa: A001 - the issue'
     >>> y.shape, [t.shape for t in h]
     ((5, 12), [(16,), (12,)])
     """
+    if precision not in precisions.PRECISIONS:
+        raise EngineError(f"precision must be one of {', '.join(precisions.PRECISIONS)}, got {precision!r}")
     pipeline = pipeline_of(model, EngineError)
-    with torch.no_grad():
+    with torch.no_grad(), precisions.precision(precision):
         source = _Tokens(pipeline.embedding, pipeline.input_layout) if pipeline.tokens else \
             _Vectors(pipeline.input_size, pipeline.input_layout)
         stages, layers = [], []
@@ -112,11 +118,17 @@ class _Affine:
     """An ``nn.Linear``: y = x @ W.T + b, through the panel kernels."""
 
     def __init__(self, linear: nn.Linear) -> None:
-        self.weight = kernels.pack_panels(linear.weight.detach().cpu().float().numpy())      # (out, in) as panels
+        weight = linear.weight.detach().cpu().float().numpy()
         bias = linear.bias.detach().cpu().numpy() if linear.bias is not None else np.zeros(linear.out_features)
         self.bias = _float32(bias)
-        self._affine = bind(kernels.affine, self.weight, self.bias,
-                            np.zeros((1, linear.in_features), np.float32))
+        low = precisions.head_op(weight)
+        if low is not None:             # the precision's own head product (int8, bf16)
+            self.weight, affine = low
+            self._affine = bind(affine, self.weight, self.bias, np.zeros((1, linear.in_features), np.float32))
+        else:
+            self.weight = kernels.pack_panels(weight)                             # (out, in) as panels
+            self._affine = bind(kernels.affine, self.weight, self.bias,
+                                np.zeros((1, linear.in_features), np.float32))
 
     def run(self, xs: np.ndarray, states: LayerStates) -> np.ndarray:
         return self._affine(self.weight, self.bias, xs if _exact(xs) else _float32(xs))   # the bound type only
@@ -125,7 +137,8 @@ class _Affine:
         return self.run(x.reshape(1, -1), states)[0]
 
     def nbytes(self) -> int:
-        return self.weight.nbytes + self.bias.nbytes
+        weights = self.weight if isinstance(self.weight, tuple) else (self.weight,)
+        return sum(w.nbytes for w in weights) + self.bias.nbytes
 
 
 class _Function:

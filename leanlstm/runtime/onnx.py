@@ -443,12 +443,13 @@ def to_onnx(model: nn.Module | Pipeline, *, opset: int = DEFAULT_OPSET, state_in
 
 def export_onnx(model: nn.Module | Pipeline, path: str | Path, *, opset: int = DEFAULT_OPSET,
                 state_inputs: bool = True, recurrence: str = "auto", structure: str = "auto",
-                overwrite: bool = True) -> Path:
+                overwrite: bool = True, precision: str = "float32") -> Path:
     """Write ``model`` (anything ``runtime.compile`` runs) to ``path`` as ONNX, atomically.
 
     Options as in ``to_onnx``, but ``structure`` defaults to ``"auto"``: each layer's forms are written through
     their structure only where ONNX Runtime runs that faster than dense (measured, a second or so per layer).
-    ``overwrite=False`` refuses to replace an existing file.
+    ``overwrite=False`` refuses to replace an existing file. ``precision="int8"`` writes ONNX Runtime's dynamic
+    int8 quantisation of the dense export (``runtime.onnx_int8``).
 
     >>> import onnxruntime, tempfile, numpy as np
     >>> from leanlstm import LSTM
@@ -458,6 +459,13 @@ def export_onnx(model: nn.Module | Pipeline, path: str | Path, *, opset: int = D
     ((5, 1, 16), (2, 1, 16))
     """
     path = Path(path)
+    if precision == "int8":                  # ONNX Runtime's quantize_dynamic of the dense export: runtime.onnx_int8
+        from .onnx_int8 import export_onnx_int8
+
+        return export_onnx_int8(model, path, opset=opset, state_inputs=state_inputs, recurrence=recurrence,
+                                structure=structure, overwrite=overwrite)
+    if precision != "float32":
+        raise ExportError(f"precision must be 'float32' or 'int8', got {precision!r}")
     if path.exists() and not overwrite:
         raise ExportError(f"{path} already exists; not overwriting it (pass overwrite=True, or --force)")
     data = to_onnx(model, opset=opset, state_inputs=state_inputs, recurrence=recurrence,

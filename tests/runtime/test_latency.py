@@ -16,7 +16,8 @@ from leanlstm.runtime.latency import medians, model_size, stack_and_model
 from leanlstm.tasks.lm import LMConfig, WordLM
 
 ALL = ("leanlstm", "torch", "torch-int8", "onnxruntime", "onnxruntime-forms", "leanlstm-stream",
-       "onnxruntime-stream")
+       "onnxruntime-stream", "leanlstm-int8", "leanlstm-int8-stream", "leanlstm-bf16", "leanlstm-bf16-stream",
+       "onnxruntime-int8")
 
 
 def test_latency_of_a_tiny_lstm_on_every_backend():

@@ -1,0 +1,316 @@
+"""int8 weights in the batch-1 engine: ``compile(model, precision="int8")``.
+
+Every matrix whose form has an int8 op (``precision.register_op("int8", ...)``) is stored as int8 with one float32 scale per output row
+(symmetric, ``scale = max |row| / 127``); the vector it multiplies is quantised at every call, per call and
+symmetric, to unsigned bytes around the zero point 128. The product then runs on AVX-512 VNNI: one ``vpdpbusd``
+multiplies 64 byte pairs and adds them, in groups of four, into 16 int32 lanes, 16x the work of one float32 FMA
+instruction, from a quarter of the bytes. The cell state, gates and nonlinearities stay float32.
+
+Layout: the int8 matrix is cut into panels of 64 output rows; inside a panel, for every group of four inputs, the
+64 rows' four bytes follow each other (256 bytes: four 64-byte vectors), so the kernel streams memory in order and
+broadcasts one 32-bit word of the input (its four bytes) against each vector. Inputs are padded to a multiple of 4,
+outputs to 64. A form without an int8 op keeps its float32 op (``compile`` logs which).
+
+The zero point: with ``q = round(x / s_x)`` in [-127, 127] and the input stored as ``q + 128`` (VNNI multiplies
+unsigned by signed bytes), ``sum (q + 128) w = sum q w + 128 sum w``; the second term is a per-row constant
+(``correction``) subtracted before scaling: ``out += s_w * s_x * (acc - correction)``.
+
+On a CPU without AVX-512 VNNI the same arithmetic runs in plain compiled loops (exact, slower).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from llvmlite import binding, ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ..nn.forms.dense import Dense
+from ..nn.forms.lowrank import LowRank
+from .kernels import JIT, RuntimeOp
+from .precision import register_head, register_op
+
+log = logging.getLogger(__name__)
+
+PANEL = 64                      # output rows per panel: four vectors of 16 int32 lanes
+QUAD = 4                        # inputs per VNNI group
+ZERO_POINT = 128
+VNNI = bool(binding.get_host_cpu_features().get("avx512vnni", False))
+_I32x16 = ir.VectorType(ir.IntType(32), 16)
+_I64 = ir.IntType(64)
+
+# --- packing ----------------------------------------------------------------------------------------------------
+def quantise_rows(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(q, scales)``: int8 ``q`` (out, in) and float32 per-row scales with ``weight ~ scales[:, None] * q``.
+
+    >>> q, s = quantise_rows(np.array([[0.5, -1.0], [0.0, 0.0]], np.float32))
+    >>> q.tolist(), s.tolist()
+    ([[64, -127], [0, 0]], [0.007874015718698502, 1.0])
+    """
+    weight = np.asarray(weight, np.float32)
+    largest = np.abs(weight).max(axis=1) if weight.size else np.zeros(weight.shape[0], np.float32)
+    scales = np.where(largest > 0, largest / 127.0, 1.0).astype(np.float32)     # an all-zero row: any scale
+    q = np.clip(np.rint(weight / scales[:, None]), -127, 127).astype(np.int8)
+    return q, scales
+
+
+def pack_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(panels, scales, corrections)`` of a float ``(out, in)`` matrix: int8 panels ``(P, ceil(in/4), 64, 4)``,
+    per-row scales and ``128 * row sums`` of the int8 rows, both padded to ``64 P`` rows."""
+    q, scales = quantise_rows(weight)
+    rows, cols = q.shape
+    count, quads = -(-rows // PANEL), -(-cols // QUAD)
+    padded = np.zeros((count * PANEL, quads * QUAD), np.int8)
+    padded[:rows, :cols] = q
+    panels = np.ascontiguousarray(padded.reshape(count, PANEL, quads, QUAD).transpose(0, 2, 1, 3))
+    full_scales = np.ones(count * PANEL, np.float32)
+    full_scales[:rows] = scales
+    corrections = ZERO_POINT * padded.astype(np.int32).sum(axis=1)
+    return panels, full_scales, corrections.astype(np.int32)
+
+
+# --- the VNNI panel block -------------------------------------------------------------------------------------
+def _vnni_block(rows: int):
+    """An intrinsic ``block(w, x, x_stride, quads, acc)`` on raw addresses: for ``r < rows``,
+    ``acc[r, 0:64] = sum_q dot4(x_word[r, q], w[q, 0:64, :])``; ``w`` is one panel's int8 bytes, ``x`` the quantised
+    inputs as 32-bit words (four unsigned bytes each, rows ``x_stride`` words apart), ``acc`` int32 (rows, 64).
+    Each 64-byte weight vector is loaded once for all ``rows`` inputs (the sequence product's reuse)."""
+    @intrinsic
+    def block(typingctx, w, x, x_stride, quads, acc):
+        signature = types.void(types.intp, types.intp, types.intp, types.intp, types.intp)
+
+        def codegen(context, builder, signature, args):
+            w, x, x_stride, quads, acc = args
+            w = builder.inttoptr(w, ir.IntType(8).as_pointer())
+            x = builder.inttoptr(x, ir.IntType(32).as_pointer())
+            acc = builder.inttoptr(acc, _I32x16.as_pointer())
+            dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32x16, [_I32x16] * 3),
+                                                 "llvm.x86.avx512.vpdpbusd.512")
+            sums = [[cgutils.alloca_once_value(builder, ir.Constant(_I32x16, None)) for _ in range(4)]
+                    for _ in range(rows)]
+            lanes = ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16)
+            with cgutils.for_range(builder, quads) as loop:
+                q = loop.index
+                base = builder.gep(w, [builder.mul(q, _I64(PANEL * QUAD))])
+                weights = [builder.load(builder.bitcast(builder.gep(base, [_I64(64 * v)]), _I32x16.as_pointer()),
+                                        align=1) for v in range(4)]
+                for r in range(rows):
+                    word = builder.load(builder.gep(x, [builder.add(builder.mul(_I64(r), x_stride), q)]))
+                    spread = builder.insert_element(ir.Constant(_I32x16, ir.Undefined), word, ir.IntType(32)(0))
+                    spread = builder.shuffle_vector(spread, ir.Constant(_I32x16, ir.Undefined), lanes)
+                    for v in range(4):
+                        total = builder.call(dot, [builder.load(sums[r][v]), spread, weights[v]])
+                        builder.store(total, sums[r][v])
+            for r in range(rows):
+                for v in range(4):
+                    builder.store(builder.load(sums[r][v]), builder.gep(acc, [_I64(4 * r + v)]), align=4)
+            return context.get_dummy_value()
+        return signature, codegen
+    return block
+
+
+_vnni_1 = _vnni_block(1)        # one step (the recurrent product)
+_vnni_4 = _vnni_block(4)        # four steps of a sequence: 16 accumulators, each weight vector loaded once
+
+
+@njit(inline="always", **JIT)
+def _portable_panel(panels, b, xq, quads, acc):
+    """The same block without VNNI: exact int32 arithmetic in plain loops."""
+    for r in range(PANEL):
+        acc[r] = 0
+    for q in range(quads):
+        for r in range(PANEL):
+            total = 0
+            for j in range(QUAD):
+                total += np.int32(xq[q * QUAD + j]) * np.int32(panels[b, q, r, j])
+            acc[r] += total
+
+
+@intrinsic
+def _bits(typingctx, value):
+    """The bits of a float32 as a uint32: a NaN/infinity test that fast-math code cannot fold away."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _from_bits(typingctx, value):
+    """The float32 with bits ``value``."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+_EXPONENT = np.uint32(0x7F800000)
+_QUIET_NAN = np.uint32(0x7FC00000)
+
+
+@njit(inline="always", **JIT)
+def _quantise_input(x, xq):
+    """Quantise ``x`` into the unsigned bytes ``xq`` (padding: the zero point). Returns the scale; 0 for a zero
+    ``x``; -1 when ``x`` holds NaN or infinity (``_poison`` then gives the float product's NaN). The test reads
+    the exponent bits: the kernels run under fast math, where a float NaN test may be optimised away."""
+    largest = np.float32(0.0)
+    for i in range(x.shape[0]):
+        value = np.float32(x[i])
+        if _bits(value) & _EXPONENT == _EXPONENT:
+            return np.float32(-1.0)
+        largest = max(largest, abs(value))
+    if largest == 0:
+        return np.float32(0.0)
+    scale = largest / np.float32(127.0)
+    inverse = np.float32(1.0) / scale
+    for i in range(x.shape[0]):
+        xq[i] = np.uint8(np.int32(np.rint(x[i] * inverse)) + 128)
+    for i in range(x.shape[0], xq.shape[0]):
+        xq[i] = 128
+    return scale
+
+
+@njit(inline="always", **JIT)
+def _poison(out):
+    """NaN into every output, as a float product with a NaN or infinite input gives."""
+    for r in range(out.shape[0]):
+        out[r] = _from_bits(_QUIET_NAN)
+
+
+def _make_gemv(vnni: bool):
+    @njit(**JIT)
+    def gemv(panels, scales, corrections, x, out, flip):
+        """``out += W @ x`` for ``pack_int8(W)``; ``flip`` walks the panels backwards."""
+        count, quads = panels.shape[0], panels.shape[1]
+        if x.shape[0] > quads * QUAD or out.shape[0] > count * PANEL:
+            raise ValueError("int8 gemv: x or out does not match the matrix")
+        xq = np.empty(quads * QUAD, np.uint8)
+        scale = _quantise_input(x, xq)
+        if scale == 0:
+            return                                          # a zero input adds nothing
+        if scale < 0:
+            _poison(out)
+            return
+        acc = np.empty(PANEL, np.int32)
+        m = out.shape[0]
+        for index in range(count):
+            b = count - 1 - index if flip else index
+            if vnni:
+                _vnni_1(panels.ctypes.data + b * quads * PANEL * QUAD, xq.ctypes.data, 0, quads, acc.ctypes.data)
+            else:
+                _portable_panel(panels, b, xq, quads, acc)
+            start = b * PANEL
+            for r in range(min(PANEL, m - start)):
+                row = start + r
+                out[row] += scales[row] * scale * np.float32(acc[r] - corrections[row])
+    return gemv
+
+
+int8_gemv = _make_gemv(VNNI)
+VNNI_ON = VNNI             # a compile-time constant of the kernels below
+
+
+# --- ops of the forms -------------------------------------------------------------------------------------------
+@njit(**JIT)
+def int8_matvec(arrays, x, out, flip):
+    panels, scales, corrections = arrays
+    int8_gemv(panels, scales, corrections, x, out, flip)
+
+
+@njit(**JIT)
+def int8_gemm(panels, scales, corrections, xs, out):
+    """``out += xs @ W.T`` for ``pack_int8(W)``, ``xs`` (T, in): every step quantised on its own (so ``run`` equals
+    stepping), four steps per block."""
+    count, quads = panels.shape[0], panels.shape[1]
+    steps, m = xs.shape[0], out.shape[1]
+    if xs.shape[1] > quads * QUAD or m > count * PANEL or out.shape[0] != steps:
+        raise ValueError("int8 gemm: xs or out does not match the matrix")
+    xq = np.empty((steps, quads * QUAD), np.uint8)
+    step_scales = np.empty(steps, np.float32)
+    for t in range(steps):
+        step_scales[t] = _quantise_input(xs[t], xq[t])
+    if not VNNI_ON or step_scales.min() < 0:
+        for t in range(steps):
+            int8_gemv(panels, scales, corrections, xs[t], out[t], False)
+        return
+    acc = np.empty((4, PANEL), np.int32)
+    for b in range(count):
+        start = b * PANEL
+        width = min(PANEL, m - start)
+        w = panels.ctypes.data + b * quads * PANEL * QUAD
+        for t in range(0, steps, 4):
+            block = min(4, steps - t)
+            if block == 4:
+                _vnni_4(w, xq[t:].ctypes.data, quads, quads, acc.ctypes.data)
+            else:
+                for i in range(block):
+                    _vnni_1(w, xq[t + i:].ctypes.data, 0, quads, acc[i:].ctypes.data)
+            for i in range(block):
+                for r in range(width):
+                    row = start + r
+                    out[t + i, row] += scales[row] * step_scales[t + i] * np.float32(acc[i, r] - corrections[row])
+
+
+@njit(**JIT)
+def int8_matmat(arrays, xs, out):
+    panels, scales, corrections = arrays
+    int8_gemm(panels, scales, corrections, xs, out)
+
+
+@njit(**JIT)
+def affine(weight, bias, xs):
+    """``xs @ W.T + bias`` for a (T, in) batch and ``weight = pack_int8(W)``: an ``nn.Linear`` head in int8."""
+    panels, scales, corrections = weight
+    out = np.empty((xs.shape[0], bias.shape[0]), np.float32)
+    for t in range(xs.shape[0]):
+        out[t] = bias
+    int8_gemm(panels, scales, corrections, xs, out)
+    return out
+
+
+def int8_dense_op(weight: np.ndarray) -> RuntimeOp:
+    """The int8 op of a dense ``(out, in)`` matrix.
+
+    >>> w = np.array([[1.0, -2.0], [0.5, 0.25]], np.float32); out = np.zeros(2, np.float32)
+    >>> op = int8_dense_op(w); op.matvec(op.arrays, np.array([1.0, 1.0], np.float32), out, False)
+    >>> np.round(out, 2).tolist()
+    [-1.0, 0.75]
+    """
+    return RuntimeOp(pack_int8(weight), int8_matvec, int8_matmat)
+
+
+@njit(**JIT)
+def int8_lowrank_matvec(arrays, x, out, flip):
+    left, left_scales, left_corr, right, right_scales, right_corr = arrays
+    thin = np.zeros(right_scales.shape[0], np.float32)[:left.shape[1] * QUAD]
+    int8_gemv(right, right_scales, right_corr, x, thin, flip)
+    int8_gemv(left, left_scales, left_corr, thin, out, flip)
+
+
+@njit(**JIT)
+def int8_lowrank_matmat(arrays, xs, out):
+    for t in range(xs.shape[0]):
+        int8_lowrank_matvec(arrays, xs[t], out[t], False)
+
+
+def int8_lowrank_op(left: np.ndarray, right: np.ndarray) -> RuntimeOp:
+    """The int8 op of ``left @ right``: two int8 products through the rank (the thin vector is re-quantised)."""
+    return RuntimeOp(pack_int8(left) + pack_int8(right), int8_lowrank_matvec, int8_lowrank_matmat)
+
+
+@register_head("int8")
+def _head(weight: np.ndarray):
+    return pack_int8(weight), affine
+
+
+@register_op("int8", Dense)
+def _dense(form: Dense) -> RuntimeOp:
+    return int8_dense_op(form.weight.detach().cpu().float().numpy())
+
+
+@register_op("int8", LowRank)
+def _lowrank(form: LowRank) -> RuntimeOp:
+    return int8_lowrank_op(form.left.detach().cpu().float().numpy(), form.right.detach().cpu().float().numpy())
+
+
+__all__ = ["VNNI", "affine", "int8_dense_op", "int8_gemm", "int8_gemv", "int8_lowrank_op", "pack_int8", "quantise_rows"]

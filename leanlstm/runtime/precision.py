@@ -1,0 +1,86 @@
+"""The precision the engine compiles weight products in, and the registry of low-precision ops per form type.
+
+``compile(model, precision=...)`` sets the precision for the duration of the compile; ``cells.form_op`` then asks
+this registry for the form's op in that precision (``register_op("int8", Dense)(build)``; ``build(form) ->
+RuntimeOp``) and keeps the form's float32 op where none is registered. A new precision or a new form's
+low-precision op is a new registration, nothing else edited.
+"""
+from __future__ import annotations
+
+import contextvars
+import importlib
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from .kernels import RuntimeOp
+
+PRECISIONS = ("float32", "int8", "bfloat16")
+BUILTIN = {"int8": "leanlstm.runtime.int8", "bfloat16": "leanlstm.runtime.bf16"}        # modules that register the built-in ops
+OPS: dict[str, dict[type, Callable[[Any], RuntimeOp]]] = {name: {} for name in PRECISIONS}
+_current: contextvars.ContextVar[str] = contextvars.ContextVar("leanlstm_engine_precision", default="float32")
+
+
+def check_precision(name: str) -> str:
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    return name
+
+
+@contextmanager
+def precision(name: str) -> Iterator[None]:
+    """Compile the engine's weight products in ``name`` inside the block (``compile`` uses it).
+
+    >>> with precision("int8"):
+    ...     current_precision()
+    'int8'
+    """
+    token = _current.set(check_precision(name))
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def current_precision() -> str:
+    return _current.get()
+
+
+def register_op(precision_name: str, form_type: type) -> Callable[[Callable[[Any], RuntimeOp]], Callable]:
+    """Register ``build(form) -> RuntimeOp``: the op of ``form_type`` (subclasses included) in ``precision_name``."""
+    def register(build: Callable[[Any], RuntimeOp]) -> Callable[[Any], RuntimeOp]:
+        OPS[check_precision(precision_name)][form_type] = build
+        return build
+    return register
+
+
+HEADS: dict[str, Callable[[Any], tuple[Any, Any]]] = {}     # precision -> pack(weight) -> (arrays, affine kernel)
+
+
+def register_head(precision_name: str) -> Callable[[Callable], Callable]:
+    """Register ``pack(weight (out, in) float32) -> (arrays, affine)`` for ``nn.Linear`` heads in a precision;
+    ``affine(arrays, bias, xs)`` is an njit kernel returning ``xs @ W.T + bias``."""
+    def register(pack: Callable) -> Callable:
+        HEADS[check_precision(precision_name)] = pack
+        return pack
+    return register
+
+
+def head_op(weight: Any) -> tuple[Any, Any] | None:
+    """The head's arrays and kernel in the current precision, or None (float32 panels)."""
+    name = current_precision()
+    if name in BUILTIN:
+        importlib.import_module(BUILTIN[name])
+    pack = HEADS.get(name)
+    return pack(weight) if pack is not None else None
+
+
+def op_in(precision_name: str, form: Any) -> RuntimeOp | None:
+    """``form``'s op in ``precision_name`` from the registry, or None when its type has none."""
+    if precision_name in BUILTIN:
+        importlib.import_module(BUILTIN[precision_name])        # registers the built-in forms' ops
+    table = OPS[check_precision(precision_name)]
+    for kind in type(form).__mro__:
+        if kind in table:
+            return table[kind](form)
+    return None

@@ -1,0 +1,121 @@
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import leanlstm
+from leanlstm.runtime import int8
+from leanlstm.runtime.engine import EngineError
+from leanlstm.runtime.engine import compile as compile_engine
+from leanlstm.runtime.latency import latency
+
+
+def _reference(weight: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The int8 product computed from its definition in float64: quantised rows times the quantised input."""
+    q, scales = int8.quantise_rows(weight)
+    scale = np.abs(x).max() / 127
+    xq = np.rint(x / scale)
+    return (q.astype(np.float64) @ xq) * scales.astype(np.float64) * scale
+
+
+@pytest.mark.parametrize("shape", [(2600, 650), (130, 33), (7, 5), (64, 4), (65, 3)])
+def test_the_product_is_the_quantised_arithmetic_exactly_and_close_to_float(shape):
+    rng = np.random.default_rng(sum(shape))
+    weight = rng.normal(size=shape).astype(np.float32)
+    x = rng.normal(size=shape[1]).astype(np.float32)
+    op = int8.int8_dense_op(weight)
+    out = np.zeros(shape[0], np.float32)
+    op.matvec(op.arrays, x, out, False)
+    np.testing.assert_allclose(out, _reference(weight, x), rtol=1e-5, atol=1e-4 * np.abs(out).max())
+    exact = weight.astype(np.float64) @ x
+    assert np.abs(out - exact).max() < 0.03 * np.abs(exact).max()       # 8 bits: about 1% of the largest output
+    flipped = np.zeros_like(out)
+    op.matvec(op.arrays, x, flipped, True)
+    np.testing.assert_array_equal(out, flipped)
+
+
+def test_vnni_and_portable_kernels_agree_bit_for_bit():
+    rng = np.random.default_rng(1)
+    weight, x = rng.normal(size=(300, 70)).astype(np.float32), rng.normal(size=70).astype(np.float32)
+    arrays = int8.pack_int8(weight)
+    fast, slow = np.zeros(300, np.float32), np.zeros(300, np.float32)
+    int8.int8_gemv(*arrays, x, fast, False)
+    int8._make_gemv(False)(*arrays, x, slow, False)
+    np.testing.assert_array_equal(fast, slow)
+
+
+def test_a_sequence_product_equals_stepping_and_zero_or_nan_inputs_behave():
+    rng = np.random.default_rng(2)
+    weight = rng.normal(size=(200, 48)).astype(np.float32)
+    xs = rng.normal(size=(11, 48)).astype(np.float32)
+    xs[3] = 0.0                                          # a zero step adds nothing (no division by zero)
+    op = int8.int8_dense_op(weight)
+    whole, stepped = np.zeros((11, 200), np.float32), np.zeros((11, 200), np.float32)
+    op.matmat(op.arrays, xs, whole)
+    for t in range(11):
+        op.matvec(op.arrays, xs[t], stepped[t], False)
+    np.testing.assert_array_equal(whole, stepped)
+    assert not whole[3].any()
+    xs[5, 0] = np.nan
+    broken = np.zeros((11, 200), np.float32)
+    op.matmat(op.arrays, xs, broken)
+    assert np.isnan(broken[5]).all() and np.isfinite(broken[4]).all()
+
+
+def _word_model() -> nn.Module:
+    class Words(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = nn.Embedding(50, 24)
+            self.rnn = leanlstm.LSTM(24, [40, 32])
+            self.decoder = nn.Linear(32, 50)
+
+        def forward(self, tokens):
+            return self.decoder(self.rnn(self.embedding(tokens))[0])
+
+    torch.manual_seed(0)
+    return Words().eval()
+
+
+def test_an_int8_engine_runs_whole_models_close_to_float32_and_streams_the_same():
+    model = _word_model()
+    tokens = np.arange(17, dtype=np.int64) % 50
+    full, _ = compile_engine(model).run(tokens)
+    engine = compile_engine(model, precision="int8")
+    quantised, _ = engine.run(tokens)
+    assert np.abs(quantised - full).max() < 0.02 * np.abs(full).max()
+    assert not np.array_equal(quantised, full)                          # it really ran in int8
+    stream = engine.stream()
+    stepped = np.stack([stream.step(int(t)) for t in tokens])
+    np.testing.assert_allclose(stepped, quantised, rtol=1e-6, atol=1e-6)
+    float_bytes, int8_bytes = compile_engine(model).nbytes(), engine.nbytes()
+    assert int8_bytes < 0.45 * float_bytes                               # weights a quarter, plus scales
+
+
+def test_low_rank_runs_in_int8_and_forms_without_an_int8_op_keep_float32(caplog):
+    torch.manual_seed(0)
+    lstm = leanlstm.LSTM(16, [32, 32]).replace_forms("lowrank", rank=8, speed_check=False).eval()
+    xs = np.random.default_rng(3).normal(size=(9, 16)).astype(np.float32)
+    full, _ = compile_engine(lstm).run(xs)
+    quantised, _ = compile_engine(lstm, precision="int8").run(xs)
+    assert 0 < np.abs(quantised - full).max() < 0.02 * np.abs(full).max()
+    kron = leanlstm.LSTM(16, [32, 32]).replace_forms("kronecker", speed_check=False).eval()
+    with caplog.at_level(logging.INFO, logger="leanlstm.runtime.cells"):
+        kept, _ = compile_engine(kron, precision="int8").run(xs)
+    np.testing.assert_array_equal(kept, compile_engine(kron).run(xs)[0])
+    assert "has no int8 op; it runs in float32" in caplog.text
+
+
+def test_an_unknown_precision_is_refused():
+    with pytest.raises(EngineError, match="precision must be one of"):
+        compile_engine(leanlstm.LSTM(4, 8), precision="int4")
+
+
+def test_int8_is_a_latency_backend_and_faster_than_float32_on_a_large_stack():
+    lstm = leanlstm.LSTM(650, [650, 650]).eval()
+    result = latency(lstm, backends=("leanlstm", "leanlstm-int8"), seq_len=35, repeats=7)
+    times = {name: stats["min"] for name, stats in result["backends"].items()}   # the least disturbed sample
+    # measured 3-5x on this machine kind, loaded or not; 1.5x leaves room for noise
+    assert times["leanlstm-int8"] * 1.5 < times["leanlstm"], times
