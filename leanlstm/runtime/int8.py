@@ -23,13 +23,14 @@ import logging
 
 import numpy as np
 from llvmlite import binding, ir
-from numba import njit, types
+from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..nn.forms.dense import Dense
 from ..nn.forms.lowrank import LowRank
-from .kernels import JIT, RuntimeOp
+from ..nn.forms.sparse import MaskedSparse
+from .kernels import JIT, RuntimeOp, _stack_f32, jagged_diagonals, sparse_op
 from .precision import register_head, register_op
 
 log = logging.getLogger(__name__)
@@ -298,6 +299,69 @@ def int8_lowrank_op(left: np.ndarray, right: np.ndarray) -> RuntimeOp:
     return RuntimeOp(pack_int8(left) + pack_int8(right), int8_lowrank_matvec, int8_lowrank_matmat)
 
 
+# --- sparse: jagged diagonals with int8 values ------------------------------------------------------------------
+# The float32 layout (``kernels.jagged_diagonals``: uint16 columns) with int8 values and one scale per row: 3 bytes
+# an entry instead of 6. The input stays float32 (the gather reads single floats, so there is no vector of bytes to
+# feed VNNI); the value is widened in the multiply and the row's scale applied once, at the end.
+@njit(**JIT)
+def int8_jds_matvec(arrays, x, out, flip):
+    perm, ptr, cols, vals, scales = arrays                 # scales in sorted row order
+    count = ptr.shape[0] - 1
+    filled = ptr[1] - ptr[0] if count else 0
+    acc = carray(_stack_f32(filled), filled)
+    acc[:] = 0.0
+    for d in range(0, count - count % 2, 2):
+        v0, c0 = vals[ptr[d]:ptr[d + 1]], cols[ptr[d]:ptr[d + 1]]
+        v1, c1 = vals[ptr[d + 1]:ptr[d + 2]], cols[ptr[d + 1]:ptr[d + 2]]
+        for r in range(v1.shape[0]):
+            acc[r] += np.float32(v0[r]) * x[c0[r]] + np.float32(v1[r]) * x[c1[r]]
+        for r in range(v1.shape[0], v0.shape[0]):
+            acc[r] += np.float32(v0[r]) * x[c0[r]]
+    if count % 2:
+        v, c = vals[ptr[count - 1]:ptr[count]], cols[ptr[count - 1]:ptr[count]]
+        for r in range(v.shape[0]):
+            acc[r] += np.float32(v[r]) * x[c[r]]
+    for r in range(filled):
+        out[perm[r]] += acc[r] * scales[r]
+
+
+@njit(**JIT)
+def int8_jds_matmat(arrays, xs, out):
+    perm, ptr, cols, vals, scales = arrays
+    steps, width = xs.shape[0], (xs.shape[0] + 7) // 8 * 8
+    by_input = np.zeros((xs.shape[1], width), np.float32)   # X^T: (in, T)
+    by_input[:, :steps] = xs.T
+    filled = ptr[1] - ptr[0] if ptr.shape[0] > 1 else 0
+    acc = np.zeros((filled, width), np.float32)
+    for d in range(ptr.shape[0] - 1):
+        v, c = vals[ptr[d]:ptr[d + 1]], cols[ptr[d]:ptr[d + 1]]
+        for r in range(v.shape[0]):
+            value, source = np.float32(v[r]), c[r]
+            for t in range(width):
+                acc[r, t] += value * by_input[source, t]
+    for r in range(filled):
+        row, scale = perm[r], scales[r]
+        for t in range(steps):
+            out[t, row] += acc[r, t] * scale
+
+
+def int8_sparse_op(weight: np.ndarray) -> RuntimeOp:
+    """The int8 op of a sparse matrix given densely (zeros are structural): int8 jagged diagonals, or the float32
+    entry list where rows hold about one entry (``kernels.sparse_op``: there the indices are most of the bytes).
+
+    >>> w = np.tile(np.array([[0, 2.0, 0], [3.0, 0, -4.0]], np.float32), (4, 1)); out = np.zeros(8, np.float32)
+    >>> op = int8_sparse_op(w); op.matvec(op.arrays, np.ones(3, np.float32), out, False)
+    >>> np.round(out[:2], 2).tolist()
+    [2.0, -1.0]
+    """
+    op = sparse_op(weight)
+    if len(op.arrays) != 4:                                  # an entry list: float32 as it is
+        return op
+    q, scales = quantise_rows(weight)
+    perm, ptr, cols, vals = jagged_diagonals(q.astype(np.float32))
+    return RuntimeOp((perm, ptr, cols, vals.astype(np.int8), scales[perm]), int8_jds_matvec, int8_jds_matmat)
+
+
 @register_head("int8")
 def _head(weight: np.ndarray):
     return pack_int8(weight), affine
@@ -306,6 +370,11 @@ def _head(weight: np.ndarray):
 @register_op("int8", Dense)
 def _dense(form: Dense) -> RuntimeOp:
     return int8_dense_op(form.weight.detach().cpu().float().numpy())
+
+
+@register_op("int8", MaskedSparse)
+def _sparse(form: MaskedSparse) -> RuntimeOp:
+    return int8_sparse_op(form.materialize().detach().cpu().float().numpy())
 
 
 @register_op("int8", LowRank)

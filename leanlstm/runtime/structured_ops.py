@@ -42,9 +42,11 @@ def matmat(arrays, xs, out):
 
 
 def child_op(form) -> RuntimeOp:
-    """A part's own op, or its dense ``materialize()`` when it has none."""
-    op = form.runtime_op()
-    return op if op is not None else dense_op(form.materialize().detach().cpu().numpy())
+    """A part's op in the precision being compiled (``cells.form_op``: a doped matrix's sparse part in int8 with its
+    structured part in whatever that has), or its dense ``materialize()`` when it has none."""
+    from .cells import form_op      # cells imports the kernels this module builds on
+
+    return form_op(form, type(form).__name__)
 
 
 def _composed(matvec_body: str, matmat_body: str, parts: dict[str, RuntimeOp], constants: dict[str, int]):

@@ -199,7 +199,8 @@ class DigitsStream:
     starts with ``pad`` seconds of silence, as if it had been listening before the speech began.
 
     The model steps in the leanlstm runtime (``backend="leanlstm"``: ``runtime.compile(model).stream()``, any
-    weight forms) or in PyTorch (``"torch"``). Either way the logits equal the model's on the whole utterance.
+    weight forms, in ``precision``) or in PyTorch (``"torch"``). In float32 either way the logits equal the model's
+    on the whole utterance.
 
     >>> stream = DigitsStream(DigitsCTC(DigitsConfig(hidden_sizes=[8])), backend="torch", pad=0.0)
     >>> digits = stream.push(np.zeros(2400, np.float32))   # 0.3 s: 30 frames of 10 ms, an LSTM step every 3
@@ -207,12 +208,13 @@ class DigitsStream:
     10
     """
 
-    def __init__(self, model: DigitsCTC, backend: str = "leanlstm", pad: float = PAD_SECONDS) -> None:
+    def __init__(self, model: DigitsCTC, backend: str = "leanlstm", pad: float = PAD_SECONDS,
+                 precision: str = "float32") -> None:
         self.model, self.backend, self.stack, self.pad = model.eval(), backend, model.config.stack, pad
         if backend == "leanlstm":
             from .. import runtime   # numba compiles the kernels on first use
 
-            self._engine = runtime.compile(model)
+            self._engine = runtime.compile(model, precision=precision)     # float32, int8 or bfloat16 weights
             self._engine.stream().step(np.zeros(model.lstm.input_size, np.float32))   # compile now, not mid-stream
         elif backend != "torch":
             raise ValueError(f"unknown streaming backend {backend!r}; choose leanlstm or torch")

@@ -119,3 +119,31 @@ def test_int8_is_a_latency_backend_and_faster_than_float32_on_a_large_stack():
     times = {name: stats["min"] for name, stats in result["backends"].items()}   # the least disturbed sample
     # measured 3-5x on this machine kind, loaded or not; 1.5x leaves room for noise
     assert times["leanlstm-int8"] * 1.5 < times["leanlstm"], times
+
+
+@pytest.mark.parametrize("form, options", [("sparse", {"density": 0.3}),
+                                           ("doped", {"structure": "lowrank", "structure_options": {"rank": 4},
+                                                      "density": 0.2})])
+def test_sparse_and_doped_forms_run_in_int8_close_to_float32(form, options):
+    torch.manual_seed(0)
+    lstm = leanlstm.LSTM(24, [48, 40]).replace_forms(form, speed_check=False, **options).eval()
+    xs = np.random.default_rng(4).normal(size=(13, 24)).astype(np.float32)
+    full, _ = compile_engine(lstm).run(xs)
+    engine = compile_engine(lstm, precision="int8")
+    quantised, _ = engine.run(xs)
+    assert 0 < np.abs(quantised - full).max() < 0.02 * np.abs(full).max()
+    stream = engine.stream()
+    np.testing.assert_allclose(np.stack([stream.step(x) for x in xs]), quantised, rtol=1e-5, atol=1e-6)
+    assert engine.nbytes() < 0.75 * compile_engine(lstm).nbytes()          # values a quarter; indices as they were
+
+
+def test_sparse_int8_values_follow_the_quantised_rows():
+    rng = np.random.default_rng(5)
+    weight = rng.normal(size=(90, 40)).astype(np.float32)
+    weight[rng.random(weight.shape) > 0.25] = 0
+    op = int8.int8_sparse_op(weight)
+    q, scales = int8.quantise_rows(weight)
+    x = rng.normal(size=40).astype(np.float32)
+    out = np.zeros(90, np.float32)
+    op.matvec(op.arrays, x, out, False)
+    np.testing.assert_allclose(out, (q.astype(np.float64) * scales[:, None]) @ x, rtol=1e-4, atol=1e-4)

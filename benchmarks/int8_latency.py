@@ -1,0 +1,89 @@
+"""Batch-1 latency of PTB ``medium-cpu``-shaped models in float32, int8 and bfloat16 against the int8 peers.
+
+    OPENBLAS_CORETYPE= python benchmarks/int8_latency.py --out results/int8-latency.json
+
+Models, each the LSTM stack alone and the whole word model (10,000-word embedding, stack, decoder): the dense 2x650
+stack, and the structures of the 20x compressed runs in BENCHMARKS.md (magnitude pruning: 3.23% of each matrix;
+doped KP share 0.75: (182x112) kron (15x6) plus 2.42% dense D; doped KP share 0.25: (653x94) kron (4x7) plus 0.81%).
+Latency depends on the structure, not on the trained values, so the models here have random weights of those
+structures. The dense model runs on every backend (leanlstm float32 / int8 / bf16, torch, torch-int8, ONNX Runtime
+float32 and int8); the compressed ones on the leanlstm engine in each precision. Every (model, part, backend) takes
+turns in one interleaved run; medians of ``--repeats`` samples, microseconds per time step, one thread.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from leanlstm.runtime.latency import measure
+from leanlstm.runtime.pipeline import pipeline_of
+from leanlstm.tasks.lm import LMConfig, WordLM
+
+PEERS = ("torch", "torch-int8", "onnxruntime", "onnxruntime-int8")
+OURS = ("leanlstm", "leanlstm-int8", "leanlstm-bf16")
+STRUCTURES = {
+    "dense": None,
+    "prune-20x": ("sparse", {"density": 0.0323}),
+    "doped-kp-20x-share0.75": ("doped", {"structure": "kronecker",
+                                         "structure_options": {"factor_shapes": ((182, 112), (15, 6))},
+                                         "density": 0.0242}),
+    "doped-kp-20x-share0.25": ("doped", {"structure": "kronecker",
+                                         "structure_options": {"factor_shapes": ((653, 94), (4, 7))},
+                                         "density": 0.0081}),
+}
+
+
+def model(structure) -> WordLM:
+    torch.manual_seed(0)
+    lm = WordLM(LMConfig(vocab_size=10000, embed_size=650, hidden_sizes=[650, 650])).eval()
+    if structure is not None:
+        form, options = structure
+        lm.lstm.replace_forms(form, speed_check=False, **options)
+    return lm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--seq-len", type=int, default=35)
+    options = parser.parse_args()
+    parts, backends = {}, {}
+    for label, structure in STRUCTURES.items():
+        pipeline = pipeline_of(model(structure))
+        names = OURS + PEERS if structure is None else OURS
+        parts[f"{label}/lstm"], parts[f"{label}/model"] = pipeline.recurrent_only(), pipeline
+        backends[f"{label}/lstm"] = backends[f"{label}/model"] = names
+    result = measure(parts, backends, seq_len=options.seq_len, repeats=options.repeats)
+    medians = {label: {name: stats["median"] for name, stats in measured["backends"].items()}
+               for label, measured in result["models"].items()}
+    rows = []
+    for part in ("lstm", "model"):
+        dense = medians[f"dense/{part}"]
+        peer_name = min(PEERS, key=lambda name: dense.get(name, float("inf")))
+        for label in STRUCTURES:
+            timed = medians[f"{label}/{part}"]
+            for name in OURS:
+                if name in timed:
+                    rows.append({"model": label, "part": part, "backend": name, "us_per_step": timed[name],
+                                 "vs_dense_float32": dense["leanlstm"] / timed[name],
+                                 "best_peer": peer_name, "best_peer_us": dense[peer_name],
+                                 "vs_best_peer_dense": dense[peer_name] / timed[name]})
+    report = {"command": "python benchmarks/int8_latency.py " + " ".join(f"--{k.replace('_', '-')} {v}"
+                                                                        for k, v in vars(options).items()),
+              "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"), "load_average": os.getloadavg(),
+              **{k: v for k, v in result.items() if k != "models"}, "medians": medians, "rows": rows,
+              "errors": {label: m["errors"] for label, m in result["models"].items() if m["errors"]}}
+    options.out.write_text(json.dumps(report, indent=2) + "\n")
+    for row in rows:
+        print(f"{row['model']:24s} {row['part']:5s} {row['backend']:14s} {row['us_per_step']:8.1f} us  "
+              f"{row['vs_dense_float32']:5.2f}x dense  {row['vs_best_peer_dense']:5.2f}x best peer "
+              f"({row['best_peer']} {row['best_peer_us']:.1f})")
+
+
+if __name__ == "__main__":
+    main()
