@@ -3,7 +3,8 @@
     OPENBLAS_CORETYPE= python benchmarks/int8_latency.py --out results/int8-latency.json
 
 Models, each the LSTM stack alone and the whole word model (10,000-word embedding, stack, decoder): the dense 2x650
-stack, and the structures of the 20x compressed runs in BENCHMARKS.md (magnitude pruning: 3.23% of each matrix;
+stack, the ISS result (a dense stack of sizes 227 and 445), and the structures of the 20x compressed runs in
+BENCHMARKS.md (magnitude pruning: 3.23% of each matrix;
 doped KP share 0.75: (182x112) kron (15x6) plus 2.42% dense D; doped KP share 0.25: (653x94) kron (4x7) plus 0.81%).
 Latency depends on the structure, not on the trained values, so the models here have random weights of those
 structures. The dense model runs on every backend (leanlstm float32 / int8 / bf16, torch, torch-int8, ONNX Runtime
@@ -27,6 +28,7 @@ PEERS = ("torch", "torch-int8", "onnxruntime", "onnxruntime-int8")
 OURS = ("leanlstm", "leanlstm-int8", "leanlstm-bf16")
 STRUCTURES = {
     "dense": None,
+    "iss-227-445": "shrunk",
     "prune-20x": ("sparse", {"density": 0.0323}),
     "doped-kp-20x-share0.75": ("doped", {"structure": "kronecker",
                                          "structure_options": {"factor_shapes": ((182, 112), (15, 6))},
@@ -39,8 +41,9 @@ STRUCTURES = {
 
 def model(structure) -> WordLM:
     torch.manual_seed(0)
-    lm = WordLM(LMConfig(vocab_size=10000, embed_size=650, hidden_sizes=[650, 650])).eval()
-    if structure is not None:
+    sizes = [227, 445] if structure == "shrunk" else [650, 650]        # ISS's medium-cpu result (row M2)
+    lm = WordLM(LMConfig(vocab_size=10000, embed_size=650, hidden_sizes=sizes)).eval()
+    if structure not in (None, "shrunk"):
         form, options = structure
         lm.lstm.replace_forms(form, speed_check=False, **options)
     return lm

@@ -1,9 +1,10 @@
 """int8 weights in the batch-1 engine: ``compile(model, precision="int8")``.
 
-Every matrix whose form has an int8 op (``precision.register_op("int8", ...)``) is stored as int8 with one float32 scale per output row
+Every matrix whose form has an int8 op (``precision.register_op("int8", ...)``: dense, low-rank, sparse, AntMan's
+group forms, and a doped matrix's parts that have one) is stored as int8 with one float32 scale per output row
 (symmetric, ``scale = max |row| / 127``); the vector it multiplies is quantised at every call, per call and
 symmetric, to unsigned bytes around the zero point 128. The product then runs on AVX-512 VNNI: one ``vpdpbusd``
-multiplies 64 byte pairs and adds them, in groups of four, into 16 int32 lanes, 16x the work of one float32 FMA
+multiplies 64 byte pairs and adds them, in groups of four, into 16 int32 lanes: 4x the multiply-adds of a float32 FMA
 instruction, from a quarter of the bytes. The cell state, gates and nonlinearities stay float32.
 
 Layout: the int8 matrix is cut into panels of 64 output rows; inside a panel, for every group of four inputs, the
@@ -27,6 +28,8 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ..nn.forms.antman import GroupDense, GroupLowRank
+from ..nn.forms.antman_kernels import _shuffle_add, _shuffle_add_rows
 from ..nn.forms.dense import Dense
 from ..nn.forms.lowrank import LowRank
 from ..nn.forms.sparse import MaskedSparse
@@ -362,6 +365,84 @@ def int8_sparse_op(weight: np.ndarray) -> RuntimeOp:
     return RuntimeOp((perm, ptr, cols, vals.astype(np.int8), scales[perm]), int8_jds_matvec, int8_jds_matmat)
 
 
+# --- AntMan's group forms: every block an int8 panel product ------------------------------------------------------
+def pack_int8_groups(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``blocks`` (g, out/g, in/g) as ``pack_int8`` of each block, stacked: panels, scales and corrections."""
+    packed = [pack_int8(block) for block in np.asarray(blocks, np.float32)]
+    return tuple(np.ascontiguousarray(np.stack([p[i] for p in packed])) for i in range(3))
+
+
+@njit(**JIT)
+def _int8_stage_vec(panels, scales, corrections, x, y, flip):
+    """``y += blockdiag(blocks) @ x`` for one step, every group's input slice quantised on its own."""
+    g = panels.shape[0]
+    width, rows = x.shape[0] // g, y.shape[0] // g
+    for index in range(g):
+        k = g - 1 - index if flip else index
+        int8_gemv(panels[k], scales[k], corrections[k], x[k * width:(k + 1) * width], y[k * rows:(k + 1) * rows],
+                  flip)
+
+
+@njit(**JIT)
+def _int8_stage_mat(panels, scales, corrections, xs, ys):
+    g = panels.shape[0]
+    width, rows = xs.shape[1] // g, ys.shape[1] // g
+    for k in range(g):
+        part = np.ascontiguousarray(xs[:, k * width:(k + 1) * width])
+        result = np.zeros((xs.shape[0], rows), np.float32)
+        int8_gemm(panels[k], scales[k], corrections[k], part, result)
+        ys[:, k * rows:(k + 1) * rows] += result
+
+
+@njit(**JIT)
+def int8_group_matvec(arrays, x, out, flip):
+    panels, scales, corrections, shuffle = arrays[0], arrays[1], arrays[2], arrays[3][0]
+    if shuffle:
+        y = np.zeros(out.shape[0], np.float32)
+        _int8_stage_vec(panels, scales, corrections, x, y, flip)
+        _shuffle_add(y, panels.shape[0], out)
+    else:
+        _int8_stage_vec(panels, scales, corrections, x, out, flip)
+
+
+@njit(**JIT)
+def int8_group_matmat(arrays, xs, out):
+    panels, scales, corrections, shuffle = arrays[0], arrays[1], arrays[2], arrays[3][0]
+    ys = np.zeros(out.shape, np.float32)
+    _int8_stage_mat(panels, scales, corrections, xs, ys)
+    if shuffle:
+        _shuffle_add_rows(ys, panels.shape[0], out)
+    else:
+        out += ys
+
+
+@njit(**JIT)
+def int8_group_lowrank_matvec(arrays, x, out, flip):
+    right, right_scales, right_corr, left, left_scales, left_corr, meta = arrays
+    g, shuffle, rank = right.shape[0], meta[0], meta[1]
+    z = np.zeros(2 * rank if shuffle else rank, np.float32)     # V_a x_a, group-contiguous (and shuffled)
+    _int8_stage_vec(right, right_scales, right_corr, x, z[:rank], flip)
+    if shuffle:                                                  # U_b reads a share of every V_a
+        _shuffle_add(z[:rank], g, z[rank:])
+        _int8_stage_vec(left, left_scales, left_corr, z[rank:], out, flip)
+    else:
+        _int8_stage_vec(left, left_scales, left_corr, z, out, flip)
+
+
+@njit(**JIT)
+def int8_group_lowrank_matmat(arrays, xs, out):
+    right, right_scales, right_corr, left, left_scales, left_corr, meta = arrays
+    g, shuffle, rank = right.shape[0], meta[0], meta[1]
+    z = np.zeros((xs.shape[0], rank), np.float32)                # (T, rank)
+    _int8_stage_mat(right, right_scales, right_corr, xs, z)
+    if shuffle:
+        mixed = np.zeros(z.shape, np.float32)
+        _shuffle_add_rows(z, g, mixed)
+        _int8_stage_mat(left, left_scales, left_corr, mixed, out)
+    else:
+        _int8_stage_mat(left, left_scales, left_corr, z, out)
+
+
 @register_head("int8")
 def _head(weight: np.ndarray):
     return pack_int8(weight), affine
@@ -375,6 +456,20 @@ def _dense(form: Dense) -> RuntimeOp:
 @register_op("int8", MaskedSparse)
 def _sparse(form: MaskedSparse) -> RuntimeOp:
     return int8_sparse_op(form.materialize().detach().cpu().float().numpy())
+
+
+@register_op("int8", GroupDense)
+def _group(form: GroupDense) -> RuntimeOp:
+    arrays = pack_int8_groups(form.blocks.detach().cpu().float().numpy())
+    return RuntimeOp(arrays + (np.array([int(form.shuffle)], np.int64),), int8_group_matvec, int8_group_matmat)
+
+
+@register_op("int8", GroupLowRank)
+def _group_lowrank(form: GroupLowRank) -> RuntimeOp:
+    right = pack_int8_groups(form.right.detach().cpu().float().numpy())     # (g, rank/g, in/g) blocks of V
+    left = pack_int8_groups(form.left.detach().cpu().float().numpy())       # (g, out/g, rank/g) blocks of U
+    meta = np.array([int(form.shuffle), form.rank], np.int64)
+    return RuntimeOp(right + left + (meta,), int8_group_lowrank_matvec, int8_group_lowrank_matmat)
 
 
 @register_op("int8", LowRank)

@@ -147,3 +147,19 @@ def test_sparse_int8_values_follow_the_quantised_rows():
     out = np.zeros(90, np.float32)
     op.matvec(op.arrays, x, out, False)
     np.testing.assert_allclose(out, (q.astype(np.float64) * scales[:, None]) @ x, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("groups", [0, 2])
+def test_antman_group_forms_run_in_int8_close_to_float32(groups):
+    from leanlstm.methods.antman import AntMan
+
+    torch.manual_seed(0)
+    lstm = leanlstm.LSTM(48, [96, 96]).eval()
+    leanlstm.compress_(lstm, AntMan(reduction=3, min_block_rank=2, groups=groups, speed_check=False))
+    xs = np.random.default_rng(6).normal(size=(9, 48)).astype(np.float32)
+    full, _ = compile_engine(lstm).run(xs)
+    engine = compile_engine(lstm, precision="int8")
+    quantised, _ = engine.run(xs)
+    assert 0 < np.abs(quantised - full).max() < 0.02 * np.abs(full).max()
+    stream = engine.stream()
+    np.testing.assert_allclose(np.stack([stream.step(x) for x in xs]), quantised, rtol=1e-5, atol=1e-6)
