@@ -23,6 +23,8 @@ denormals flushed the same way), so both paths give identical bits (``tests/runt
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from llvmlite import binding, ir
 from numba import njit, types
@@ -34,6 +36,7 @@ from ..nn.forms.lowrank import LowRank
 from .kernels import JIT, RuntimeOp
 from .precision import register_head, register_op
 
+log = logging.getLogger(__name__)
 PANEL = 64                      # output rows per panel: four vectors of 16 float32 lanes
 PAIR = 2                        # inputs per vdpbf16ps group
 BF16 = bool(binding.get_host_cpu_features().get("avx512bf16", False))
@@ -304,13 +307,27 @@ def bf16_lowrank_op(left: np.ndarray, right: np.ndarray) -> RuntimeOp:
     return RuntimeOp((pack_bf16(left), pack_bf16(right)), bf16_lowrank_matvec, bf16_lowrank_matmat)
 
 
+_warned = False
+
+
+def _check_cpu() -> None:
+    """Say once per process when bfloat16 runs without AVX-512 BF16: exact, but slower than float32."""
+    global _warned
+    if not BF16 and not _warned:
+        _warned = True
+        log.warning("this CPU has no AVX-512 BF16: bfloat16 products run in portable loops, exact but several times "
+                    "slower than float32 here; use precision='float32'")
+
+
 @register_head("bfloat16")
 def _head(weight: np.ndarray):
+    _check_cpu()
     return (pack_bf16(weight),), affine
 
 
 @register_op("bfloat16", Dense)
 def _dense(form: Dense) -> RuntimeOp:
+    _check_cpu()
     return bf16_dense_op(form.weight.detach().cpu().float().numpy())
 
 

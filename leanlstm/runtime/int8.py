@@ -443,13 +443,27 @@ def int8_group_lowrank_matmat(arrays, xs, out):
         _int8_stage_mat(left, left_scales, left_corr, z, out)
 
 
+_warned = False
+
+
+def _check_cpu() -> None:
+    """Say once per process when int8 runs without VNNI: correct, but slower than float32, not faster."""
+    global _warned
+    if not VNNI and not _warned:
+        _warned = True
+        log.warning("this CPU has no AVX-512 VNNI: int8 products run in portable loops, exact but several times "
+                    "slower than float32 here; use precision='float32' (or 'bfloat16' where the CPU has AVX-512 BF16)")
+
+
 @register_head("int8")
 def _head(weight: np.ndarray):
+    _check_cpu()
     return pack_int8(weight), affine
 
 
 @register_op("int8", Dense)
 def _dense(form: Dense) -> RuntimeOp:
+    _check_cpu()
     return int8_dense_op(form.weight.detach().cpu().float().numpy())
 
 

@@ -163,3 +163,11 @@ def test_antman_group_forms_run_in_int8_close_to_float32(groups):
     assert 0 < np.abs(quantised - full).max() < 0.02 * np.abs(full).max()
     stream = engine.stream()
     np.testing.assert_allclose(np.stack([stream.step(x) for x in xs]), quantised, rtol=1e-5, atol=1e-6)
+
+
+def test_a_cpu_without_vnni_is_told_what_int8_costs(monkeypatch, caplog):
+    monkeypatch.setattr(int8, "VNNI", False)
+    monkeypatch.setattr(int8, "_warned", False)
+    with caplog.at_level(logging.WARNING, logger="leanlstm.runtime.int8"):
+        compile_engine(leanlstm.LSTM(4, 8), precision="int8")
+    assert "no AVX-512 VNNI" in caplog.text and "slower than float32" in caplog.text
