@@ -145,10 +145,33 @@ def form_op(form: Any, name: str = "weight") -> RuntimeOp:
     a lower ``precision.precision(...)`` the form's op in it where one is registered, else its float32 op."""
     wanted = precision.current_precision()
     if wanted != "float32":
-        op = precision.op_in(wanted, form)
-        if op is not None:
-            return op
-        log.info("%s: weight form %s has no %s op; it runs in float32", name, type(form).__name__, wanted)
+        low = precision.op_in(wanted, form)
+        if low is None:
+            log.info("%s: weight form %s has no %s op; it runs in float32", name, type(form).__name__, wanted)
+        elif precision.current_choice() == "always":
+            return low
+        else:
+            return _faster(low, _float_op(form, name), form, name, wanted)
+    return _float_op(form, name)
+
+
+def _faster(low: RuntimeOp, full: RuntimeOp, form: Any, name: str, wanted: str) -> RuntimeOp:
+    """The faster of a form's low-precision and float32 ops, timed here: a small factor's int8 product can lose to
+    float32 (the per-call quantisation of its input costs more than its few multiply-adds), as AntMan's rank-10 ones
+    did (21.5 against 11.9 us per step for a 2x650 stack at 50x)."""
+    from .speed_check import batched_over_time, checks_enabled, time_ops   # it imports this module
+
+    if not checks_enabled():
+        return low
+    shape = (form.out_features, form.in_features)
+    low_us, full_us = time_ops([low, full], shape, batched_over_time(name))
+    if low_us <= full_us:
+        return low
+    log.info("%s: %s runs %.2f us against %.2f us in float32 per step; kept in float32", name, wanted, low_us, full_us)
+    return full
+
+
+def _float_op(form: Any, name: str) -> RuntimeOp:
     try:
         op = form.runtime_op()
     except NotImplementedError:

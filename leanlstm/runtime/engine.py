@@ -36,14 +36,17 @@ PART_NAMES = ("h", "c")
 
 
 # --- compiling a model -------------------------------------------------------------------------------------
-def compile(model: nn.Module | Pipeline, precision: str = "float32") -> "Engine":  # noqa: A001 - the issue's name
+def compile(model: nn.Module | Pipeline, precision: str = "float32",  # noqa: A001 - the issue's name
+            choose: str = "fastest") -> "Engine":
     """An inference engine for a model made of an optional ``nn.Embedding``, LSTM stacks (``torch.nn.LSTM``,
     ``leanlstm.LSTM``, any mix of weight forms, bidirectional, projected) and ``nn.Linear`` heads with the usual
     activations, per step or on the last step; a bare LSTM too. Anything else is an ``EngineError`` naming it.
 
     ``precision="int8"`` stores the weights of every form with an int8 op, and the heads, as int8 with per-row
     scales and quantises what they multiply at every step (``runtime.int8``); ``"bfloat16"`` stores them in
-    bfloat16 (``runtime.bf16``). Forms without an op in that precision keep float32; state and gates stay float32.
+    bfloat16 (``runtime.bf16``). Forms without an op in that precision keep float32, and so do matrices whose op in
+    it runs slower than their float32 one (timed while compiling, a few ms a matrix; ``choose="always"`` skips the
+    timing and takes the precision's op wherever there is one). State and gates stay float32.
 
     >>> import leanlstm, numpy as np
     >>> engine = compile(leanlstm.LSTM(8, [16, 12]).replace_forms("lowrank", rank=4))
@@ -53,8 +56,10 @@ def compile(model: nn.Module | Pipeline, precision: str = "float32") -> "Engine"
     """
     if precision not in precisions.PRECISIONS:
         raise EngineError(f"precision must be one of {', '.join(precisions.PRECISIONS)}, got {precision!r}")
+    if choose not in precisions.CHOICES:
+        raise EngineError(f"choose must be one of {', '.join(precisions.CHOICES)}, got {choose!r}")
     pipeline = pipeline_of(model, EngineError)
-    with torch.no_grad(), precisions.precision(precision):
+    with torch.no_grad(), precisions.precision(precision, choose):
         source = _Tokens(pipeline.embedding, pipeline.input_layout) if pipeline.tokens else \
             _Vectors(pipeline.input_size, pipeline.input_layout)
         stages, layers = [], []

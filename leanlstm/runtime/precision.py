@@ -18,7 +18,9 @@ from .kernels import RuntimeOp
 PRECISIONS = ("float32", "int8", "bfloat16")
 BUILTIN = {"int8": "leanlstm.runtime.int8", "bfloat16": "leanlstm.runtime.bf16"}        # modules that register the built-in ops
 OPS: dict[str, dict[type, Callable[[Any], RuntimeOp]]] = {name: {} for name in PRECISIONS}
+CHOICES = ("fastest", "always")     # per matrix: the faster of the precision's op and float32 (timed), or always it
 _current: contextvars.ContextVar[str] = contextvars.ContextVar("leanlstm_engine_precision", default="float32")
+_choice: contextvars.ContextVar[str] = contextvars.ContextVar("leanlstm_engine_choice", default="fastest")
 
 
 def check_precision(name: str) -> str:
@@ -28,22 +30,30 @@ def check_precision(name: str) -> str:
 
 
 @contextmanager
-def precision(name: str) -> Iterator[None]:
-    """Compile the engine's weight products in ``name`` inside the block (``compile`` uses it).
+def precision(name: str, choose: str = "fastest") -> Iterator[None]:
+    """Compile the engine's weight products in ``name`` inside the block (``compile`` uses it); ``choose="fastest"``
+    keeps a matrix in float32 where its op in ``name`` runs slower (timed when compiling), ``"always"`` never does.
 
     >>> with precision("int8"):
-    ...     current_precision()
-    'int8'
+    ...     current_precision(), current_choice()
+    ('int8', 'fastest')
     """
-    token = _current.set(check_precision(name))
+    if choose not in CHOICES:
+        raise ValueError(f"choose must be one of {', '.join(CHOICES)}, got {choose!r}")
+    tokens = _current.set(check_precision(name)), _choice.set(choose)
     try:
         yield
     finally:
-        _current.reset(token)
+        _current.reset(tokens[0])
+        _choice.reset(tokens[1])
 
 
 def current_precision() -> str:
     return _current.get()
+
+
+def current_choice() -> str:
+    return _choice.get()
 
 
 def register_op(precision_name: str, form_type: type) -> Callable[[Callable[[Any], RuntimeOp]], Callable]:

@@ -208,6 +208,18 @@ def time_form(form: WeightForm, batched: bool = False, repeats: int = 7) -> Timi
     return _TIMINGS[key]
 
 
+def time_ops(ops: list[kernels.RuntimeOp], shape: tuple[int, int], batched: bool = False, repeats: int = 5
+             ) -> list[float]:
+    """Median us per time step of each op's product of an ``(out, in)`` matrix, interleaved; e.g. a form's float32
+    op against its int8 op, to keep the faster (``runtime.precision``)."""
+    runs = []
+    for op in ops:
+        run, steps = _runner(op, shape, batched)
+        run, times = _calibrated(run, steps)
+        runs.append((run, times, steps))
+    return _interleaved(runs, repeats)
+
+
 # --- checking a model ------------------------------------------------------------------------------------------
 def batched_over_time(name: str) -> bool:
     """Whether the engine multiplies matrix ``name`` over the whole sequence at once: a layer's input matrix."""

@@ -1,4 +1,4 @@
-"""bfloat16 weights: ``compile(model, precision="bfloat16")`` (AVX-512 BF16 products, an exact portable fallback)."""
+"""bfloat16 weights: ``compile(model, precision="bfloat16", choose="always")`` (AVX-512 BF16 products, an exact portable fallback)."""
 import logging
 
 import numba
@@ -120,7 +120,7 @@ def test_compiled_lstm_is_close_to_float32_and_streams_the_same():
     lstm = leanlstm.LSTM(20, [33, 17]).replace_forms("lowrank", layers=[1], rank=5)
     xs = np.random.default_rng(0).standard_normal((13, 20)).astype(np.float32)
     want, want_state = compile(lstm).run(xs)
-    engine = compile(lstm, precision="bfloat16")
+    engine = compile(lstm, precision="bfloat16", choose="always")
     got, state = engine.run(xs)
     assert got.dtype == np.float32 and all(part.dtype == np.float32 for part in state[0] + state[1])
     assert 0 < np.abs(got - want).max() < 5e-3
@@ -136,7 +136,7 @@ def test_language_model_with_a_bf16_head():
     model = WordLM(LMConfig(vocab_size=40, embed_size=12, hidden_sizes=[16, 10])).eval()
     tokens = np.random.default_rng(0).integers(0, 40, 9)
     want, _ = compile(model).run(tokens)
-    engine = compile(model, precision="bfloat16")
+    engine = compile(model, precision="bfloat16", choose="always")
     logits, _ = engine.run(tokens)
     assert logits.shape == (9, 40)
     np.testing.assert_allclose(logits, want, atol=2e-3)
@@ -149,6 +149,6 @@ def test_forms_without_a_bf16_op_keep_float32(caplog):
     lstm = leanlstm.LSTM(8, [16]).replace_forms("kronecker")
     xs = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
     with caplog.at_level(logging.INFO, logger="leanlstm.runtime.cells"):
-        got, _ = compile(lstm, precision="bfloat16").run(xs)
+        got, _ = compile(lstm, precision="bfloat16", choose="always").run(xs)
     assert "no bfloat16 op" in caplog.text
     np.testing.assert_allclose(got, compile(lstm).run(xs)[0], atol=1e-6)

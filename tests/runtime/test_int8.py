@@ -83,7 +83,7 @@ def test_an_int8_engine_runs_whole_models_close_to_float32_and_streams_the_same(
     model = _word_model()
     tokens = np.arange(17, dtype=np.int64) % 50
     full, _ = compile_engine(model).run(tokens)
-    engine = compile_engine(model, precision="int8")
+    engine = compile_engine(model, precision="int8", choose="always")
     quantised, _ = engine.run(tokens)
     assert np.abs(quantised - full).max() < 0.02 * np.abs(full).max()
     assert not np.array_equal(quantised, full)                          # it really ran in int8
@@ -99,7 +99,7 @@ def test_low_rank_runs_in_int8_and_forms_without_an_int8_op_keep_float32(caplog)
     lstm = leanlstm.LSTM(16, [32, 32]).replace_forms("lowrank", rank=8, speed_check=False).eval()
     xs = np.random.default_rng(3).normal(size=(9, 16)).astype(np.float32)
     full, _ = compile_engine(lstm).run(xs)
-    quantised, _ = compile_engine(lstm, precision="int8").run(xs)
+    quantised, _ = compile_engine(lstm, precision="int8", choose="always").run(xs)
     assert 0 < np.abs(quantised - full).max() < 0.02 * np.abs(full).max()
     kron = leanlstm.LSTM(16, [32, 32]).replace_forms("kronecker", speed_check=False).eval()
     with caplog.at_level(logging.INFO, logger="leanlstm.runtime.cells"):
@@ -129,7 +129,7 @@ def test_sparse_and_doped_forms_run_in_int8_close_to_float32(form, options):
     lstm = leanlstm.LSTM(24, [48, 40]).replace_forms(form, speed_check=False, **options).eval()
     xs = np.random.default_rng(4).normal(size=(13, 24)).astype(np.float32)
     full, _ = compile_engine(lstm).run(xs)
-    engine = compile_engine(lstm, precision="int8")
+    engine = compile_engine(lstm, precision="int8", choose="always")
     quantised, _ = engine.run(xs)
     assert 0 < np.abs(quantised - full).max() < 0.02 * np.abs(full).max()
     stream = engine.stream()
@@ -158,7 +158,7 @@ def test_antman_group_forms_run_in_int8_close_to_float32(groups):
     leanlstm.compress_(lstm, AntMan(reduction=3, min_block_rank=2, groups=groups, speed_check=False))
     xs = np.random.default_rng(6).normal(size=(9, 48)).astype(np.float32)
     full, _ = compile_engine(lstm).run(xs)
-    engine = compile_engine(lstm, precision="int8")
+    engine = compile_engine(lstm, precision="int8", choose="always")
     quantised, _ = engine.run(xs)
     assert 0 < np.abs(quantised - full).max() < 0.02 * np.abs(full).max()
     stream = engine.stream()
@@ -171,3 +171,24 @@ def test_a_cpu_without_vnni_is_told_what_int8_costs(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="leanlstm.runtime.int8"):
         compile_engine(leanlstm.LSTM(4, 8), precision="int8")
     assert "no AVX-512 VNNI" in caplog.text and "slower than float32" in caplog.text
+
+
+@pytest.mark.parametrize("timings, kept", [([2.0, 1.0], "float32"), ([1.0, 2.0], "int8")])
+def test_each_matrix_keeps_the_faster_of_int8_and_float32(monkeypatch, caplog, timings, kept):
+    from leanlstm.runtime import speed_check
+
+    calls = []
+    monkeypatch.setattr(speed_check, "time_ops", lambda ops, shape, batched: calls.append(shape) or timings)
+    lstm = leanlstm.LSTM(16, 32).eval()
+    xs = np.random.default_rng(7).normal(size=(5, 16)).astype(np.float32)
+    with caplog.at_level(logging.INFO, logger="leanlstm.runtime.cells"):
+        got, _ = compile_engine(lstm, precision="int8").run(xs)
+    assert sorted(calls) == [(128, 16), (128, 32)]                       # both matrices timed
+    full, _ = compile_engine(lstm).run(xs)
+    if kept == "float32":
+        np.testing.assert_array_equal(got, full)
+        assert "kept in float32" in caplog.text
+    else:
+        assert 0 < np.abs(got - full).max() < 0.02 * np.abs(full).max()
+    with pytest.raises(EngineError, match="choose must be one of"):
+        compile_engine(lstm, precision="int8", choose="sometimes")
