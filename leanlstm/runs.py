@@ -40,11 +40,12 @@ class RunDirError(RuntimeError):
 
 # the command-line option of each RunConfig field (``--set KEY`` for the method's own options)
 OPTIONS = {"max_tokens": "--max-items", "verify_data": "--no-verify-data", "source": "--from",
-           "hidden_sizes": "--hidden-sizes", "dropout": "--dropout", "latency_repeats": "--latency-repeats",
+           "hidden_sizes": "--hidden-sizes", "dropout": "--dropout",
+           "dropout_mode": "--dropout-mode", "latency_repeats": "--latency-repeats",
            "distill_from": "--distill-from", "distill_weight": "--distill-weight",
            "distill_temperature": "--distill-temperature"}
 # what makes a run's model: a checkpoint written by a run that differs in these belongs to another run
-MODEL_FIELDS = ("task", "preset", "method", "hidden_sizes", "dropout", "source", "method_config")
+MODEL_FIELDS = ("task", "preset", "method", "hidden_sizes", "dropout", "dropout_mode", "source", "method_config")
 
 
 def option(name: str, prefix: str = "") -> str:
@@ -68,6 +69,7 @@ class RunConfig:
     latency_repeats: int = 20          # compressed runs: batch-1 latency samples at the end (0: don't measure)
     hidden_sizes: list[int] | None = None   # per-layer LSTM sizes instead of the preset's (e.g. ISS's found sizes)
     dropout: float | None = None            # dropout instead of the preset's (or the --from run's)
+    dropout_mode: str | None = None         # "standard" or "structured" instead of the preset's (or --from run's)
     vocab_size: int | None = None           # vocabulary cap instead of the preset's (the text task)
     distill_from: str | None = None         # run directory of a teacher to distil from, in every phase
     distill_weight: float = 0.5             # share of the teacher's soft targets in the training loss
@@ -123,6 +125,7 @@ class RunConfig:
         """The preset's model config with this run's options, checked; not yet fitted to the data."""
         task, config = self.task_type(), self.preset_config().model
         for option, change in (("--dropout", {"dropout": self.dropout}),
+                               ("--dropout-mode", {"dropout_mode": self.dropout_mode}),
                                ("--hidden-sizes", {"hidden_sizes": self.hidden_sizes}),
                                ("--vocab-size", {"vocab_size": self.vocab_size})):
             if None not in change.values():
@@ -467,6 +470,8 @@ def compress_run(run: RunConfig, out: str | Path, resume: bool = False, progress
         model = load_run(run.source)[1]
         if run.dropout is not None:
             task.set_dropout(model, run.dropout)
+        if run.dropout_mode is not None:
+            task.set_dropout_mode(model, run.dropout_mode)
         return model
 
     phases = [Phase("compress", run.train_config(), method.callbacks() + list(callbacks), method.prepare)]

@@ -27,6 +27,9 @@ from .options import make_tensorboard  # the command's own `options` is a local
 @click.option("--set", "settings", multiple=True, help="Method option KEY=VALUE (repeatable).")
 @click.option("--dropout", type=click.FloatRange(0.0, 1.0, max_open=True),
               help="Dropout rate instead of the preset's or the --from run's (ISS as published lowers it).")
+@click.option("--dropout-mode", type=click.Choice(["standard", "structured"]),
+              help="structured: one dropout mask per time step shared by the batch, and the products that read "
+                   "dropped units skip them (Sarma et al. 2021). Default: the preset's (standard).")
 @click.option("--epochs", type=int, help="Epochs of the compression phase (default: the preset's).")
 @click.option("--lr", type=float, help="Learning rate of the compression phase.")
 @click.option("--decay-after", type=click.IntRange(min=0), help="Compression-phase epochs at the full lr.")
@@ -49,10 +52,10 @@ from .options import make_tensorboard  # the command's own `options` is a local
 @options.precision
 @options.device
 @options.tensorboard
-def command(method_name, source, task, preset, out, strength, settings, dropout, epochs, lr, decay_after, lr_decay,
-            finetune_epochs, finetune_lr,
-            resume, data_dir, max_batches, max_tokens, no_verify_data, latency_repeats, no_progress, distill_from,
-            distill_weight, distill_temperature, precision, device, tensorboard):
+def command(method_name, source, task, preset, out, strength, settings, dropout, dropout_mode, epochs, lr,
+            decay_after, lr_decay, finetune_epochs, finetune_lr, resume, data_dir, max_batches, max_tokens,
+            no_verify_data, latency_repeats, no_progress, distill_from, distill_weight, distill_temperature,
+            precision, device, tensorboard):
     """Compress a model with a method, with checkpoints in OUT.
 
     \b
@@ -81,6 +84,7 @@ def command(method_name, source, task, preset, out, strength, settings, dropout,
     run = RunConfig(task=task, preset=preset, method=method_name, data_dir=data_dir, max_tokens=max_tokens,
                     verify_data=verify_data, overrides=overrides, method_config=config.to_dict(),
                     source=source, finetune_overrides=finetune, latency_repeats=latency_repeats, dropout=dropout,
+                    dropout_mode=dropout_mode,
                     distill_from=distill_from, distill_weight=distill_weight,
                     distill_temperature=distill_temperature,
                     command=shlex.join(["leanlstm"] + sys.argv[1:]))

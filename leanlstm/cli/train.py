@@ -31,6 +31,9 @@ def _sizes(text: str | None) -> list[int] | None:
               "else ~/.cache/leanlstm; missing files are downloaded there).")
 @click.option("--dropout", type=click.FloatRange(0.0, 1.0, max_open=True),
               help="Dropout rate instead of the preset's.")
+@click.option("--dropout-mode", type=click.Choice(["standard", "structured"]),
+              help="structured: one dropout mask per time step shared by the batch, and the products that read "
+                   "dropped units skip them (Sarma et al. 2021). Default: the preset's (standard).")
 @click.option("--epochs", type=int, help="Override the preset's number of epochs.")
 @click.option("--lr", type=float, help="Override the preset's learning rate.")
 @click.option("--clip", type=float, help="Override the preset's gradient-norm clip.")
@@ -50,9 +53,9 @@ def _sizes(text: str | None) -> list[int] | None:
 @options.precision
 @options.device
 @options.tensorboard
-def command(task, preset, out, resume, data_dir, dropout, epochs, lr, clip, seed, hidden_sizes, hidden_sizes_from,
-            vocab_size, max_batches, max_tokens, no_verify_data, no_progress, distill_from, distill_weight,
-            distill_temperature, precision, device, tensorboard):
+def command(task, preset, out, resume, data_dir, dropout, dropout_mode, epochs, lr, clip, seed, hidden_sizes,
+            hidden_sizes_from, vocab_size, max_batches, max_tokens, no_verify_data, no_progress, distill_from,
+            distill_weight, distill_temperature, precision, device, tensorboard):
     """Train a task's model from a preset.
 
     \b
@@ -69,6 +72,7 @@ def command(task, preset, out, resume, data_dir, dropout, epochs, lr, clip, seed
                                        device=device).items() if v is not None}
     run = RunConfig(task=task, preset=preset, data_dir=data_dir, max_tokens=max_tokens,
                     verify_data=not no_verify_data, overrides=overrides, hidden_sizes=sizes, dropout=dropout,
+                    dropout_mode=dropout_mode,
                     vocab_size=vocab_size, distill_from=distill_from, distill_weight=distill_weight,
                     distill_temperature=distill_temperature,
                     command=shlex.join(["leanlstm"] + sys.argv[1:]))

@@ -17,10 +17,11 @@ Adding a backend is one decorated function; nothing else changes.
 - ``leanlstm-int8`` and ``leanlstm-bf16``: the engine with int8 weights (per-row scales, the multiplied vectors
   quantised per step, AVX-512 VNNI; ``runtime.int8``) or bfloat16 weights (AVX-512 BF16; ``runtime.bf16``) for
   every form with an op in that precision, float32 for the others (``compile(model, precision=...)``);
-- ``leanlstm-stream``, ``leanlstm-int8-stream``, ``leanlstm-bf16-stream`` and ``onnxruntime-stream``: true streaming, one input at a time with the state carried
-  between calls (``Engine.stream()``; one ``T = 1`` ONNX Runtime call per step with state inputs), as an
-  application sees inputs that arrive one by one. Nothing is batched over time, so these are slower per
-  step than the whole-sequence backends; a bidirectional model cannot stream.
+- ``leanlstm-stream``, ``leanlstm-int8-stream``, ``leanlstm-bf16-stream`` and ``onnxruntime-stream``: true
+  streaming, one input at a time with the state carried between calls (``Engine.stream()``; one ``T = 1`` ONNX
+  Runtime call per step with state inputs), as an application sees inputs that arrive one by one. Nothing is
+  batched over time, so these are slower per step than the whole-sequence backends; a bidirectional model cannot
+  stream.
 """
 from __future__ import annotations
 

@@ -139,8 +139,8 @@ def _dp_block(rows: int):
             w = builder.inttoptr(w, ir.IntType(8).as_pointer())
             x = builder.inttoptr(x, ir.IntType(32).as_pointer())
             acc = builder.inttoptr(acc, _F32x16.as_pointer())
-            dot = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(_F32x16, [_F32x16, _OPERAND, _OPERAND]), "llvm.x86.avx512bf16.dpbf16ps.512")
+            signature_ = ir.FunctionType(_F32x16, [_F32x16, _OPERAND, _OPERAND])
+            dot = cgutils.get_or_insert_function(builder.module, signature_, "llvm.x86.avx512bf16.dpbf16ps.512")
             sums = [[cgutils.alloca_once_value(builder, ir.Constant(_F32x16, None)) for _ in range(4)]
                     for _ in range(rows)]
             lanes = ir.Constant(_I32x16, [0] * 16)

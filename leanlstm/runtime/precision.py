@@ -16,7 +16,8 @@ from typing import Any, Iterator
 from .kernels import RuntimeOp
 
 PRECISIONS = ("float32", "int8", "bfloat16")
-BUILTIN = {"int8": "leanlstm.runtime.int8", "bfloat16": "leanlstm.runtime.bf16"}        # modules that register the built-in ops
+# the modules that register the built-in ops of each precision
+BUILTIN = {"int8": "leanlstm.runtime.int8", "bfloat16": "leanlstm.runtime.bf16"}
 OPS: dict[str, dict[type, Callable[[Any], RuntimeOp]]] = {name: {} for name in PRECISIONS}
 CHOICES = ("fastest", "always")     # per matrix: the faster of the precision's op and float32 (timed), or always it
 _current: contextvars.ContextVar[str] = contextvars.ContextVar("leanlstm_engine_precision", default="float32")

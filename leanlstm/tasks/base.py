@@ -118,12 +118,19 @@ class Task:
 
     @classmethod
     def configure_model(cls, config: Any, *, hidden_sizes: list[int] | None = None,
-                        dropout: float | None = None, vocab_size: int | None = None) -> Any:
-        """``config`` with per-layer LSTM sizes and/or a dropout rate changed (fields ``hidden_sizes``, ``dropout``
-        of the model config; a task whose config has other names overrides this). ``vocab_size`` belongs to tasks
-        with a vocabulary to cap (the text task), which override this."""
+                        dropout: float | None = None, vocab_size: int | None = None,
+                        dropout_mode: str | None = None) -> Any:
+        """``config`` with per-layer LSTM sizes, a dropout rate and/or a dropout mode changed (fields
+        ``hidden_sizes``, ``dropout``, ``dropout_mode`` of the model config; a task whose config has other names
+        overrides this). ``vocab_size`` belongs to tasks with a vocabulary to cap (the text task), which override
+        this."""
         if vocab_size is not None:
             raise TaskError(f"task {cls.name!r} has no vocabulary size to set")
+        if dropout_mode is not None:
+            _require_field(cls, config, "dropout_mode")
+            if dropout_mode not in ("standard", "structured"):
+                raise TaskError(f"dropout mode must be standard or structured, got {dropout_mode!r}")
+            config = dataclasses.replace(config, dropout_mode=dropout_mode)
         if dropout is not None:
             _require_field(cls, config, "dropout")
             if not 0.0 <= dropout < 1.0:
@@ -177,6 +184,13 @@ class Task:
         if not hasattr(model, "set_dropout"):
             raise TaskError(f"task {cls.name!r}: a {type(model).__name__} cannot change its dropout rate")
         model.set_dropout(dropout)
+
+    @classmethod
+    def set_dropout_mode(cls, model: nn.Module, mode: str) -> None:
+        """Train ``model`` with ``standard`` or ``structured`` dropout from now on, recorded in checkpoints."""
+        if not hasattr(model, "set_dropout_mode"):
+            raise TaskError(f"task {cls.name!r}: a {type(model).__name__} has no structured dropout")
+        model.set_dropout_mode(mode)
 
     @classmethod
     def output_size(cls, model: nn.Module) -> int | None:

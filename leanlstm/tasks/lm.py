@@ -8,6 +8,9 @@ import torch
 from torch import nn
 
 from ..nn import LSTM
+from ..nn.structured_dropout import check_structured, draw_masks, structured_linear, structured_lstm
+
+DROPOUT_MODES = ("standard", "structured")
 
 
 @dataclass
@@ -19,6 +22,14 @@ class LMConfig:
     init_range: float = 0.1                                        # uniform(-r, r) for every parameter
     cell: str = "lstm"                                             # recurrent cell of every layer (nn.CELLS)
     cell_options: dict[str, Any] = field(default_factory=dict)     # its options, e.g. {"gate_hidden": 325}
+    dropout_mode: str = "standard"     # "structured": masks shared by the batch, new every step, products compacted
+    dropout_steps_per_mask: int = 1    # structured: consecutive steps sharing one mask (1: a new mask every step)
+
+    def __post_init__(self) -> None:
+        if self.dropout_mode not in DROPOUT_MODES:
+            raise ValueError(f"dropout_mode must be one of {', '.join(DROPOUT_MODES)}, got {self.dropout_mode!r}")
+        if self.dropout_steps_per_mask < 1:
+            raise ValueError(f"dropout_steps_per_mask must be at least 1, got {self.dropout_steps_per_mask}")
 
 
 class WordLM(nn.Module):
@@ -38,6 +49,8 @@ class WordLM(nn.Module):
             self.lstm = LSTM.from_config(lstm_config)
         self.dropout = nn.Dropout(config.dropout)
         self.decoder = nn.Linear(_layer_sizes(self.lstm)[-1], config.vocab_size)
+        if config.dropout_mode == "structured":
+            check_structured(self.lstm)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -52,18 +65,35 @@ class WordLM(nn.Module):
         return zeros, [z.clone() for z in zeros]
 
     def forward(self, tokens: torch.Tensor, state=None, targets: torch.Tensor | None = None):
-        embedded = self.dropout(self.embedding(tokens))            # (T, B, E)
         if state is None:
             state = self.init_state(tokens.shape[1])
-        h, c = _per_layer(state)
-        if isinstance(self.lstm, nn.LSTM):  # a plain torch.nn.LSTM (the baseline) wants stacked state
-            h, c = torch.cat(h), torch.cat(c)
-        output, state = self.lstm(embedded, (h, c))                # (T, B, H)
-        logits = self.decoder(self.dropout(output))                # (T, B, V)
+        if self._structured():
+            logits, state = self._forward_structured(tokens, state)
+        else:
+            embedded = self.dropout(self.embedding(tokens))        # (T, B, E)
+            h, c = _per_layer(state)
+            if isinstance(self.lstm, nn.LSTM):  # a plain torch.nn.LSTM (the baseline) wants stacked state
+                h, c = torch.cat(h), torch.cat(c)
+            output, state = self.lstm(embedded, (h, c))            # (T, B, H)
+            logits = self.decoder(self.dropout(output))            # (T, B, V)
         loss = None
         if targets is not None:
             loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         return logits, loss, _per_layer(state)
+
+    def _structured(self) -> bool:
+        return (self.training and self.config.dropout > 0 and self.config.dropout_mode == "structured"
+                and not isinstance(self.lstm, nn.LSTM))
+
+    def _forward_structured(self, tokens: torch.Tensor, state):
+        """Training forward with structured dropout (``leanlstm.nn.structured_dropout``): the embedding-output and
+        between-layer sites are compacted in each layer's input product, the last one in the decoder's."""
+        p, group = self.config.dropout, self.config.dropout_steps_per_mask
+        h, c = _per_layer(state)
+        output, h, c = structured_lstm(self.lstm, self.embedding(tokens), h, c, p, group)   # (T, B, H)
+        masks = draw_masks(output.shape[0], output.shape[-1], p, group)
+        logits = structured_linear(output, self.decoder.weight, masks, p, group)         # (T, B, V)
+        return logits + self.decoder.bias.to(logits.dtype), (h, c)
 
     def set_dropout(self, dropout: float) -> None:
         """Change the dropout rate everywhere it applies (e.g. a lower rate while a method shrinks the model,
@@ -73,6 +103,13 @@ class WordLM(nn.Module):
         self.config = replace(self.config, dropout=dropout)   # a copy: the config may be a preset's, shared
         self.dropout.p = dropout
         self.lstm.dropout = dropout   # between layers (torch.nn.LSTM and leanlstm.LSTM alike)
+
+    def set_dropout_mode(self, mode: str) -> None:
+        """``standard`` or ``structured`` dropout from now on (``LMConfig.dropout_mode``); kept in checkpoints."""
+        config = replace(self.config, dropout_mode=mode)         # __post_init__ checks the name
+        if mode == "structured":
+            check_structured(self.lstm)
+        self.config = config
 
     def model_config(self) -> dict[str, Any]:
         return {"kind": "word_lm", "lm": asdict(self.config), "lstm": self.lstm.config()}

@@ -108,9 +108,11 @@ class TextTask(LanguageModelTask):
 
     @classmethod
     def configure_model(cls, config: LMConfig, *, hidden_sizes: list[int] | None = None,
-                        dropout: float | None = None, vocab_size: int | None = None) -> LMConfig:
+                        dropout: float | None = None, vocab_size: int | None = None,
+                        dropout_mode: str | None = None) -> LMConfig:
         """As ``Task.configure_model``, and ``vocab_size``: the vocabulary cap (``<unk>`` included)."""
-        config = super().configure_model(config, hidden_sizes=hidden_sizes, dropout=dropout)
+        config = super().configure_model(config, hidden_sizes=hidden_sizes, dropout=dropout,
+                                          dropout_mode=dropout_mode)
         if vocab_size is not None:
             if vocab_size < 2:
                 raise TaskError(f"the vocabulary needs at least 2 words (<unk> and one more), got {vocab_size}")

@@ -1,0 +1,155 @@
+"""Structured dropout (issue 26): compacted products equal the dense masked ones, masks shared by the batch and
+new at every step, edge rates, autocast, compressed forms, and masks that a resumed run draws again."""
+import doctest
+from dataclasses import replace
+
+import pytest
+import torch
+
+import leanlstm.nn.structured_dropout as sd
+from leanlstm.checkpoint import load_checkpoint
+from leanlstm.nn import LSTM
+from leanlstm.nn.structured_dropout import draw_masks, lstm_with_input_gates, structured_linear, structured_lstm
+from leanlstm.runs import RunConfig, load_run, train_run
+from leanlstm.tasks.lm import LMConfig, WordLM
+from tests.test_train import StopAfter
+
+
+def dense_masked(x, weight, masks, p, steps_per_mask=1):
+    full = masks.repeat_interleave(steps_per_mask, 0)[:x.shape[0]].to(x.dtype)   # (T, in)
+    return (x * full.unsqueeze(1) / (1 - p)) @ weight.t()
+
+
+@pytest.mark.parametrize("dense_weight_grad_rows", [0, 10**6])    # dW compacted per mask / one dense GEMM
+@pytest.mark.parametrize("steps_per_mask", [1, 3])
+def test_compacted_products_and_gradients_equal_the_dense_masked_ones(steps_per_mask, dense_weight_grad_rows,
+                                                                      monkeypatch):
+    monkeypatch.setattr(sd, "DENSE_WEIGHT_GRAD_ROWS", dense_weight_grad_rows)
+    x = torch.randn(7, 4, 9, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+    masks = draw_masks(7, 9, 0.4, steps_per_mask)
+    assert masks.shape == (-(-7 // steps_per_mask), 9)
+    dy = torch.randn(7, 4, 5, dtype=torch.float64)
+    grads = []
+    for product in (structured_linear, dense_masked):
+        y = product(x, weight, masks, 0.4, steps_per_mask)
+        grads.append((y, *torch.autograd.grad(y, (x, weight), dy)))
+    for compact, dense in zip(*grads):
+        torch.testing.assert_close(compact, dense, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, w: structured_linear(a, w, masks, 0.4, steps_per_mask), (x, weight))
+
+
+def test_masks_are_shared_by_the_batch_and_new_at_every_step():
+    x = torch.randn(12, 6, 50, requires_grad=True)
+    y = structured_linear(x, torch.eye(50), draw_masks(12, 50, 0.5), 0.5)    # y_t = x_t * m_t / (1 - p)
+    dropped = y == 0
+    assert torch.equal(dropped, dropped[:, :1].expand_as(dropped))            # same units for every sequence
+    assert len({tuple(row) for row in dropped[:, 0].tolist()}) == 12           # a new pattern at every step
+    assert 0.3 < dropped.float().mean() < 0.7
+    torch.testing.assert_close(y[~dropped], 2 * x[~dropped])                   # kept units scaled by 1 / (1 - p)
+    y.sum().backward()
+    assert torch.equal(x.grad == 0, dropped)                                   # no gradient through dropped units
+
+
+def test_p_zero_is_no_mask_and_an_all_dropped_step_gives_zeros():
+    x, weight = torch.randn(5, 3, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    every = draw_masks(5, 8, 0.0)
+    assert every.all()
+    torch.testing.assert_close(structured_linear(x, weight, every, 0.0), x @ weight.t())
+    masks = every.clone()
+    masks[2] = False                                                           # step 2 drops every unit
+    y = structured_linear(x, weight, masks, 0.999)
+    assert torch.equal(y[2], torch.zeros(3, 4))
+    y.sum().backward()
+    assert torch.equal(x.grad[2], torch.zeros(3, 8))
+    torch.manual_seed(0)
+    assert (~draw_masks(200, 8, 0.999)).all(1).sum() > 150                     # p near 1: most steps drop all
+    with pytest.raises(ValueError, match=r"p in \[0, 1\)"):
+        draw_masks(5, 8, 1.0)
+
+
+def test_the_recurrence_from_precomputed_input_gates_is_the_lstm():
+    lstm = LSTM(6, [5, 7]).double()
+    x = torch.randn(9, 3, 6, dtype=torch.float64, requires_grad=True)
+    h0 = [torch.randn(1, 3, size, dtype=torch.float64) for size in (5, 7)]
+    c0 = [torch.randn(1, 3, size, dtype=torch.float64) for size in (5, 7)]
+    out, (h, c) = lstm(x, (h0, c0))
+    mine, h2, c2 = structured_lstm(lstm, x, h0, c0, 0.0)                        # p = 0: only the path differs
+    for a, b in zip([out, *h, *c], [mine, *h2, *c2]):
+        torch.testing.assert_close(a, b)
+    xg = torch.randn(4, 2, 12, dtype=torch.float64, requires_grad=True)
+    state = [torch.randn(2, 3, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    w_hh = torch.randn(12, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lstm_with_input_gates, (xg, *state, w_hh))
+
+
+def _models(**changes):
+    config = LMConfig(vocab_size=50, embed_size=16, hidden_sizes=[12, 12], dropout=0.5, **changes)
+    torch.manual_seed(0)
+    standard = WordLM(config)
+    torch.manual_seed(0)
+    return standard, WordLM(replace(config, dropout_mode="structured"))
+
+
+def test_word_lm_trains_with_structured_dropout_and_evaluates_as_standard():
+    standard, structured = _models()
+    tokens = torch.randint(0, 50, (10, 4))
+    _, loss, state = structured(tokens, None, tokens)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None and p.grad.abs().sum() > 0
+                                        for p in structured.parameters())
+    assert [tuple(t.shape) for t in state[0]] == [(1, 4, 12), (1, 4, 12)]
+    standard.eval(), structured.eval()
+    torch.testing.assert_close(standard(tokens)[0], structured(tokens)[0])     # eval: no dropout, same function
+    structured.train()
+    structured.set_dropout(0.0)                                                # no dropout: the standard path
+    standard.train()
+    standard.set_dropout(0.0)
+    torch.testing.assert_close(standard(tokens)[0], structured(tokens)[0])
+    with pytest.raises(ValueError, match="dropout_mode"):
+        LMConfig(dropout_mode="blocky")
+    assert WordLM.from_model_config(structured.model_config()).config.dropout_mode == "structured"
+    with pytest.raises(ValueError, match="unidirectional stacks of LSTM cells"):
+        WordLM(LMConfig(vocab_size=50, embed_size=16, hidden_sizes=[12, 12], dropout=0.5, cell="hlstm",
+                        cell_options={"gate_hidden": 4}, dropout_mode="structured"))
+
+
+def test_compressed_forms_and_bfloat16_autocast_train_through_the_structured_path():
+    _, model = _models()
+    model.lstm.replace_forms("lowrank", rank=3, speed_check=False)
+    tokens = torch.randint(0, 50, (8, 4))
+    torch.manual_seed(1)
+    _, full, _ = model(tokens, None, tokens)
+    full.backward()
+    form = model.lstm.layers[0].weight_ih
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in form.parameters())
+    model.zero_grad()
+    torch.manual_seed(1)                                                        # the same masks
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, half, _ = model(tokens, None, tokens)
+    assert logits.dtype == torch.bfloat16
+    half.backward()
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert abs(half.item() - full.item()) < 0.05 * full.item()
+
+
+def test_a_resumed_run_draws_the_same_masks(tmp_path, ptb_slice_dir):
+    def run():
+        return RunConfig(preset="tiny", data_dir=str(ptb_slice_dir), verify_data=False, dropout=0.5,
+                         dropout_mode="structured", overrides={"epochs": 3, "max_batches": 6})
+    straight = train_run(run(), tmp_path / "straight", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(run(), tmp_path / "resumed", progress=False, callbacks=[StopAfter(2)])
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["epoch"] == 1
+    resumed = train_run(run(), tmp_path / "resumed", resume=True, progress=False)
+    assert [h["train_ppl"] for h in resumed["history"]] == [h["train_ppl"] for h in straight["history"]]
+    assert resumed["test_ppl"] == straight["test_ppl"]
+    model = load_run(tmp_path / "resumed")[1]
+    assert model.config.dropout_mode == "structured"
+    other = train_run(replace(run(), dropout_mode="standard"), tmp_path / "standard", progress=False)
+    assert other["history"][0]["train_ppl"] != straight["history"][0]["train_ppl"]   # the mode really changed
+
+
+def test_docstring_examples():
+    result = doctest.testmod(sd, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
