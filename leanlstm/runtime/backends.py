@@ -58,55 +58,28 @@ def get_backend(name: str) -> Builder:
         raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(BACKENDS)}") from None
 
 
-@backend("leanlstm")
-def _leanlstm(model: nn.Module | Pipeline, inputs: np.ndarray, threads: int) -> Runner:
-    engine = compile_engine(model)
-    return lambda: engine.run(inputs)
+def _engine_backends(suffix: str, precision: str) -> None:
+    """Register ``leanlstm<suffix>`` (whole sequences) and ``leanlstm<suffix>-stream`` (one input per call) for the
+    engine compiled in ``precision``."""
+    @backend(f"leanlstm{suffix}")
+    def whole(model: nn.Module | Pipeline, inputs: np.ndarray, threads: int) -> Runner:
+        engine = compile_engine(model, precision=precision)
+        return lambda: engine.run(inputs)
+
+    @backend(f"leanlstm{suffix}-stream")
+    def streamed(model: nn.Module | Pipeline, inputs: np.ndarray, threads: int) -> Runner:
+        stream = compile_engine(model, precision=precision).stream()
+        steps = [x for x in inputs] if inputs.dtype != np.int64 else [int(token) for token in inputs]
+
+        def run():
+            stream.reset()
+            return [stream.step(x) for x in steps]
+        return run
 
 
-@backend("leanlstm-stream")
-def _leanlstm_stream(model: nn.Module | Pipeline, inputs: np.ndarray, threads: int) -> Runner:
-    stream = compile_engine(model).stream()
-    steps = [x for x in inputs] if inputs.dtype != np.int64 else [int(token) for token in inputs]
-
-    def run():
-        stream.reset()
-        return [stream.step(x) for x in steps]
-    return run
-
-
-@backend("leanlstm-int8")
-def _leanlstm_int8(model: nn.Module | Pipeline, inputs: np.ndarray, threads: int) -> Runner:
-    engine = compile_engine(model, precision="int8")       # int8 weights, activations quantised per step
-    return lambda: engine.run(inputs)
-
-
-@backend("leanlstm-int8-stream")
-def _leanlstm_int8_stream(model: nn.Module | Pipeline, inputs: np.ndarray, threads: int) -> Runner:
-    stream = compile_engine(model, precision="int8").stream()
-    steps = [x for x in inputs] if inputs.dtype != np.int64 else [int(token) for token in inputs]
-
-    def run():
-        stream.reset()
-        return [stream.step(x) for x in steps]
-    return run
-
-
-@backend("leanlstm-bf16")
-def _leanlstm_bf16(model: nn.Module | Pipeline, inputs: np.ndarray, threads: int) -> Runner:
-    engine = compile_engine(model, precision="bfloat16")   # bfloat16 weights, inputs rounded per step
-    return lambda: engine.run(inputs)
-
-
-@backend("leanlstm-bf16-stream")
-def _leanlstm_bf16_stream(model: nn.Module | Pipeline, inputs: np.ndarray, threads: int) -> Runner:
-    stream = compile_engine(model, precision="bfloat16").stream()
-    steps = [x for x in inputs] if inputs.dtype != np.int64 else [int(token) for token in inputs]
-
-    def run():
-        stream.reset()
-        return [stream.step(x) for x in steps]
-    return run
+# float32; int8 weights with activations quantised per step; bfloat16 weights with inputs rounded per step
+for _suffix, _precision in (("", "float32"), ("-int8", "int8"), ("-bf16", "bfloat16")):
+    _engine_backends(_suffix, _precision)
 
 
 # --- PyTorch ---------------------------------------------------------------------------------------------

@@ -28,11 +28,11 @@ import logging
 import numpy as np
 from llvmlite import binding, ir
 from numba import njit, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..nn.forms.dense import Dense
 from ..nn.forms.lowrank import LowRank
+from .dot_block import panel_dot_block
 from .kernels import JIT, RuntimeOp
 from .precision import register_head, register_op
 
@@ -43,7 +43,6 @@ BF16 = bool(binding.get_host_cpu_features().get("avx512bf16", False))
 EXACT = dict(JIT, fastmath=False)       # the portable loops: every float32 sum rounded in order, as the hardware does
 _F32x16 = ir.VectorType(ir.FloatType(), 16)
 _I32x16 = ir.VectorType(ir.IntType(32), 16)
-_I64 = ir.IntType(64)
 _SMALLEST = np.float32(np.finfo(np.float32).tiny)          # below it: a denormal, flushed to zero
 
 
@@ -63,6 +62,7 @@ class _BFloat(ir.Type):
 # The intrinsic's operands: <32 x bfloat> since LLVM 17/18; older LLVM (llvmlite < 0.45: LLVM 14/15) declares them
 # <16 x i32>. LLVM 22 also accepts <16 x i32> and <32 x i16> (upgraded on reading); all three give the same code.
 _OPERAND = ir.VectorType(_BFloat(), 32) if binding.llvm_version_info >= (20,) else _I32x16
+_DPBF16PS = "llvm.x86.avx512bf16.dpbf16ps.512"
 
 
 # --- rounding ---------------------------------------------------------------------------------------------------
@@ -125,49 +125,8 @@ def _round_input(x, bits):
 
 
 # --- the BF16 panel block ---------------------------------------------------------------------------------------
-def _dp_block(rows: int):
-    """An intrinsic ``block(w, x, x_stride, pairs, acc)`` on raw addresses: for ``r < rows``,
-    ``acc[r, 0:64] = sum_q dot2(x_word[r, q], w[q, 0:64, :])`` from zero; ``w`` is one panel's bfloat16 values,
-    ``x`` the rounded inputs as 32-bit words (two bfloat16 each, rows ``x_stride`` words apart), ``acc`` float32
-    (rows, 64). Each 64-byte weight vector is loaded once for all ``rows`` inputs (the sequence product's reuse)."""
-    @intrinsic
-    def block(typingctx, w, x, x_stride, pairs, acc):
-        signature = types.void(types.intp, types.intp, types.intp, types.intp, types.intp)
-
-        def codegen(context, builder, signature, args):
-            w, x, x_stride, pairs, acc = args
-            w = builder.inttoptr(w, ir.IntType(8).as_pointer())
-            x = builder.inttoptr(x, ir.IntType(32).as_pointer())
-            acc = builder.inttoptr(acc, _F32x16.as_pointer())
-            signature_ = ir.FunctionType(_F32x16, [_F32x16, _OPERAND, _OPERAND])
-            dot = cgutils.get_or_insert_function(builder.module, signature_, "llvm.x86.avx512bf16.dpbf16ps.512")
-            sums = [[cgutils.alloca_once_value(builder, ir.Constant(_F32x16, None)) for _ in range(4)]
-                    for _ in range(rows)]
-            lanes = ir.Constant(_I32x16, [0] * 16)
-            with cgutils.for_range(builder, pairs) as loop:
-                q = loop.index
-                base = builder.gep(w, [builder.mul(q, _I64(PANEL * PAIR * 2))])
-                weights = [builder.bitcast(builder.load(builder.bitcast(builder.gep(base, [_I64(64 * v)]),
-                                                                        _I32x16.as_pointer()), align=2), _OPERAND)
-                           for v in range(4)]
-                for r in range(rows):
-                    word = builder.load(builder.gep(x, [builder.add(builder.mul(_I64(r), x_stride), q)]), align=2)
-                    spread = builder.insert_element(ir.Constant(_I32x16, ir.Undefined), word, ir.IntType(32)(0))
-                    spread = builder.bitcast(builder.shuffle_vector(spread, ir.Constant(_I32x16, ir.Undefined), lanes),
-                                             _OPERAND)
-                    for v in range(4):
-                        total = builder.call(dot, [builder.load(sums[r][v]), spread, weights[v]])
-                        builder.store(total, sums[r][v])
-            for r in range(rows):
-                for v in range(4):
-                    builder.store(builder.load(sums[r][v]), builder.gep(acc, [_I64(4 * r + v)]), align=4)
-            return context.get_dummy_value()
-        return signature, codegen
-    return block
-
-
-_dp_1 = _dp_block(1)        # one step (the recurrent product)
-_dp_4 = _dp_block(4)        # four steps of a sequence: 16 accumulators, each weight vector loaded once
+_dp_1 = panel_dot_block(1, _DPBF16PS, _F32x16, _OPERAND)      # one step (the recurrent product)
+_dp_4 = panel_dot_block(4, _DPBF16PS, _F32x16, _OPERAND)      # four steps of a sequence: 16 accumulators
 
 
 @njit(inline="always", **EXACT)

@@ -25,7 +25,6 @@ import logging
 import numpy as np
 from llvmlite import binding, ir
 from numba import carray, njit, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..nn.forms.antman import GroupDense, GroupLowRank
@@ -33,6 +32,7 @@ from ..nn.forms.antman_kernels import _shuffle_add, _shuffle_add_rows
 from ..nn.forms.dense import Dense
 from ..nn.forms.lowrank import LowRank
 from ..nn.forms.sparse import MaskedSparse
+from .dot_block import panel_dot_block
 from .kernels import JIT, RuntimeOp, _stack_f32, jagged_diagonals, sparse_op
 from .precision import register_head, register_op
 
@@ -43,7 +43,6 @@ QUAD = 4                        # inputs per VNNI group
 ZERO_POINT = 128
 VNNI = bool(binding.get_host_cpu_features().get("avx512vnni", False))
 _I32x16 = ir.VectorType(ir.IntType(32), 16)
-_I64 = ir.IntType(64)
 
 # --- packing ----------------------------------------------------------------------------------------------------
 def quantise_rows(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -76,47 +75,9 @@ def pack_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 # --- the VNNI panel block -------------------------------------------------------------------------------------
-def _vnni_block(rows: int):
-    """An intrinsic ``block(w, x, x_stride, quads, acc)`` on raw addresses: for ``r < rows``,
-    ``acc[r, 0:64] = sum_q dot4(x_word[r, q], w[q, 0:64, :])``; ``w`` is one panel's int8 bytes, ``x`` the quantised
-    inputs as 32-bit words (four unsigned bytes each, rows ``x_stride`` words apart), ``acc`` int32 (rows, 64).
-    Each 64-byte weight vector is loaded once for all ``rows`` inputs (the sequence product's reuse)."""
-    @intrinsic
-    def block(typingctx, w, x, x_stride, quads, acc):
-        signature = types.void(types.intp, types.intp, types.intp, types.intp, types.intp)
-
-        def codegen(context, builder, signature, args):
-            w, x, x_stride, quads, acc = args
-            w = builder.inttoptr(w, ir.IntType(8).as_pointer())
-            x = builder.inttoptr(x, ir.IntType(32).as_pointer())
-            acc = builder.inttoptr(acc, _I32x16.as_pointer())
-            dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32x16, [_I32x16] * 3),
-                                                 "llvm.x86.avx512.vpdpbusd.512")
-            sums = [[cgutils.alloca_once_value(builder, ir.Constant(_I32x16, None)) for _ in range(4)]
-                    for _ in range(rows)]
-            lanes = ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16)
-            with cgutils.for_range(builder, quads) as loop:
-                q = loop.index
-                base = builder.gep(w, [builder.mul(q, _I64(PANEL * QUAD))])
-                weights = [builder.load(builder.bitcast(builder.gep(base, [_I64(64 * v)]), _I32x16.as_pointer()),
-                                        align=1) for v in range(4)]
-                for r in range(rows):
-                    word = builder.load(builder.gep(x, [builder.add(builder.mul(_I64(r), x_stride), q)]))
-                    spread = builder.insert_element(ir.Constant(_I32x16, ir.Undefined), word, ir.IntType(32)(0))
-                    spread = builder.shuffle_vector(spread, ir.Constant(_I32x16, ir.Undefined), lanes)
-                    for v in range(4):
-                        total = builder.call(dot, [builder.load(sums[r][v]), spread, weights[v]])
-                        builder.store(total, sums[r][v])
-            for r in range(rows):
-                for v in range(4):
-                    builder.store(builder.load(sums[r][v]), builder.gep(acc, [_I64(4 * r + v)]), align=4)
-            return context.get_dummy_value()
-        return signature, codegen
-    return block
-
-
-_vnni_1 = _vnni_block(1)        # one step (the recurrent product)
-_vnni_4 = _vnni_block(4)        # four steps of a sequence: 16 accumulators, each weight vector loaded once
+_VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"          # unsigned bytes (the input) times signed bytes (the weights)
+_vnni_1 = panel_dot_block(1, _VPDPBUSD, _I32x16, _I32x16)      # one step (the recurrent product)
+_vnni_4 = panel_dot_block(4, _VPDPBUSD, _I32x16, _I32x16)      # four steps of a sequence: 16 accumulators
 
 
 @njit(inline="always", **JIT)
