@@ -32,12 +32,11 @@ from numba.extending import intrinsic
 
 from ..nn.forms.dense import Dense
 from ..nn.forms.lowrank import LowRank
-from .dot_block import panel_dot_block
+from .dot_block import PANEL, panel_dot_block   # panels of 64 output rows: four vectors of 16 lanes
 from .kernels import JIT, RuntimeOp
 from .precision import register_head, register_op
 
 log = logging.getLogger(__name__)
-PANEL = 64                      # output rows per panel: four vectors of 16 float32 lanes
 PAIR = 2                        # inputs per vdpbf16ps group
 BF16 = bool(binding.get_host_cpu_features().get("avx512bf16", False))
 EXACT = dict(JIT, fastmath=False)       # the portable loops: every float32 sum rounded in order, as the hardware does

@@ -32,13 +32,12 @@ from ..nn.forms.antman_kernels import _shuffle_add, _shuffle_add_rows
 from ..nn.forms.dense import Dense
 from ..nn.forms.lowrank import LowRank
 from ..nn.forms.sparse import MaskedSparse
-from .dot_block import panel_dot_block
+from .dot_block import PANEL, panel_dot_block   # panels of 64 output rows: four vectors of 16 lanes
 from .kernels import JIT, RuntimeOp, _stack_f32, jagged_diagonals, sparse_op
 from .precision import register_head, register_op
 
 log = logging.getLogger(__name__)
 
-PANEL = 64                      # output rows per panel: four vectors of 16 int32 lanes
 QUAD = 4                        # inputs per VNNI group
 ZERO_POINT = 128
 VNNI = bool(binding.get_host_cpu_features().get("avx512vnni", False))

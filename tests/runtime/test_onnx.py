@@ -184,21 +184,8 @@ def test_the_lstm_operator_refuses_structured_forms():
         to_onnx(lstm, recurrence="lstm")
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train ~10x faster on one thread than on two when the cores are shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_cli_exports_a_trained_run_and_never_overwrites(tmp_path, ptb_slice_dir, one_thread):
-    runner, run_dir = CliRunner(), tmp_path / "run"
-    trained = runner.invoke(main, ["train", "--preset", "tiny", "--out", str(run_dir), "--data-dir",
-                                   str(ptb_slice_dir), "--max-tokens", "1000", "--epochs", "1",
-                                   "--max-batches", "3", "--no-verify-data", "--no-progress"])
-    assert trained.exit_code == 0, trained.output
+def test_cli_exports_a_trained_run_and_never_overwrites(tmp_path, tiny_trained_run):
+    runner, run_dir = CliRunner(), tiny_trained_run
     result = runner.invoke(main, ["export", str(run_dir), "--format", "onnx"])
     assert result.exit_code == 0, result.output
     path = run_dir / "model.onnx"

@@ -18,14 +18,6 @@ from leanlstm.runtime.onnx_int8 import (DEFAULT_WEIGHT_TYPE, compare, export_onn
 from leanlstm.tasks.lm import LMConfig, WordLM
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _ops(proto):
     return collections.Counter(node.op_type for node in proto.graph.node)
 
@@ -150,12 +142,8 @@ def test_backend_runs_through_latency():
         assert stats["samples"] == 3 and 0 < stats["min"] <= stats["median"]
 
 
-def test_cli_exports_int8(tmp_path, ptb_slice_dir, one_thread):
-    runner, run_dir = CliRunner(), tmp_path / "run"
-    trained = runner.invoke(main, ["train", "--preset", "tiny", "--out", str(run_dir), "--data-dir",
-                                   str(ptb_slice_dir), "--max-tokens", "1000", "--epochs", "1",
-                                   "--max-batches", "3", "--no-verify-data", "--no-progress"])
-    assert trained.exit_code == 0, trained.output
+def test_cli_exports_int8(tiny_trained_run):
+    runner, run_dir = CliRunner(), tiny_trained_run
     result = runner.invoke(main, ["export", str(run_dir), "--precision", "int8"])
     assert result.exit_code == 0, result.output
     assert "int8" in result.output and "smaller" in result.output
