@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 
 SEEDS = ("random", "magnitude")
 INITS = ("gradient", "zero")
+CRITERIA = ("gradient", "random")
 
 
 @dataclass
@@ -79,6 +80,7 @@ class GrowPrune(MethodConfig):
     grow_steps: int = 2           # growth steps
     grow_ratio: float = 0.5       # fraction of a matrix's dormant connections each growth step activates
     grow_every: int = 0           # optimiser steps before each growth step: its gradient window (0: from the phase)
+    grow_criterion: str = "gradient"  # which dormant connections grow: largest |dL/dW| (the paper's), or "random"
     grow_init: str = "gradient"   # grown weights: "gradient" (-lr * mean dL/dW over the window) or "zero"
     growth_lr: float = 0.0        # the lr of grow_init="gradient" (0: the Trainer phase's lr)
     prune_ratio: float = 0.2      # fraction of a matrix's active weights each pruning step removes
@@ -94,7 +96,7 @@ class GrowPrune(MethodConfig):
               "grow_steps": Range(0, 10**6, integer=True), "grow_every": STEPS, "prune_every": STEPS,
               "total_steps": STEPS, "growth_lr": Range(0, MAX_LR, note="0: the Trainer phase's lr"),
               "loss_tolerance": Range(0, 1e6, note="0: off")}
-    choices = {"seed_mask": SEEDS, "grow_init": INITS}
+    choices = {"seed_mask": SEEDS, "grow_init": INITS, "grow_criterion": CRITERIA}
 
 
 # --- the schedule: pure arithmetic on entry counts ---------------------------------------------------------
@@ -178,16 +180,20 @@ def make_plan(config: GrowPrune, counts: list[tuple[str, int, int, int]], total:
 
 # --- growth and pruning of one matrix -------------------------------------------------------------------------
 @torch.no_grad()
-def grow_(form: MaskedSparse, count: int, init: torch.Tensor | None = None) -> torch.Tensor:
-    """Activate the ``count`` dormant entries with the largest ``|form.dense_grad|``; they take their values
-    from ``init`` (same shape), else 0. Returns their flat indices.
+def grow_(form: MaskedSparse, count: int, init: torch.Tensor | None = None,
+          generator: torch.Generator | None = None) -> torch.Tensor:
+    """Activate the ``count`` dormant entries with the largest ``|form.dense_grad|`` (with a ``generator``: random
+    dormant entries instead, the ablation of the growth criterion); they take their values from ``init`` (same
+    shape), else 0. Returns their flat indices.
 
     >>> form = MaskedSparse.from_dense(torch.ones(2, 3), density=0.0)
     >>> form.dense_grad = torch.tensor([[0.1, -3.0, 0.2], [2.0, 0.0, -0.5]])
     >>> grow_(form, 2).tolist(), form.mask.int().tolist()
     ([1, 3], [[0, 1, 0], [1, 0, 0]])
     """
-    score = form.dense_grad.abs().masked_fill(form.mask, -1.0).flatten()      # active entries never chosen
+    score = (form.dense_grad.abs() if generator is None
+             else torch.rand(form.mask.shape, generator=generator).to(form.mask.device))
+    score = score.masked_fill(form.mask, -1.0).flatten()                        # active entries never chosen
     picked = score.topk(min(count, int((~form.mask).sum()))).indices
     mask = form.mask.flatten().clone()
     mask[picked] = True
@@ -305,12 +311,15 @@ class GrowPruneMethod(Method):
 
     def _grow(self, handle: "Compression", plan: Plan) -> None:
         lr = self._growth_lr() if self.config.grow_init == "gradient" else None
+        generator = None
+        if self.config.grow_criterion == "random":       # seeded by the step: a resumed run grows the same entries
+            generator = torch.Generator().manual_seed(self.config.generator_seed * 1_000_003 + handle.step)
         for name, form in handle.forms():
             if distributed.is_distributed():          # every process grows the same connections
                 dist.all_reduce(form.dense_grad)
                 form.dense_grad /= dist.get_world_size()
             init = None if lr is None else form.dense_grad * (-lr / plan.grow_every)
-            picked = grow_(form, grown(form.nnz(), form.mask.numel(), self.config.grow_ratio), init)
+            picked = grow_(form, grown(form.nnz(), form.mask.numel(), self.config.grow_ratio), init, generator)
             log.debug("GP step %d: %s grew %d connections to density %.4f", handle.step, name, len(picked),
                       form.density())
             form.dense_grad.zero_()

@@ -115,6 +115,34 @@ def test_growth_inside_the_method_follows_the_accumulated_gradient_of_an_lstm():
         assert form.dense_grad is None          # the only growth step is done: no more sums
 
 
+def test_random_growth_ablation_grows_as_many_dormant_entries_independent_of_the_gradient():
+    form = MaskedSparse.from_dense(torch.ones(20, 30))
+    form.set_mask(torch.rand(20, 30, generator=torch.Generator().manual_seed(0)) < 0.2)
+    form.dense_grad = torch.arange(600.0).view(20, 30)            # the gradient would pick the last dormant ones
+    before = form.mask.clone()
+    picked = grow_(form, 50, generator=torch.Generator().manual_seed(3))
+    assert len(picked) == 50 and not before.flatten()[picked].any()
+    assert int(form.mask.sum()) == int(before.sum()) + 50
+    by_gradient = form.dense_grad.masked_fill(before, -1).flatten().topk(50).indices
+    assert len(set(picked.tolist()) & set(by_gradient.tolist())) < 25
+    again = MaskedSparse.from_dense(torch.ones(20, 30))
+    again.set_mask(before)
+    again.dense_grad = form.dense_grad
+    assert torch.equal(grow_(again, 50, generator=torch.Generator().manual_seed(3)), picked)   # reproducible
+
+
+def test_gp_random_criterion_in_a_loop_reaches_the_target():
+    torch.manual_seed(0)
+    model = Classifier("lstm")
+    handle = compress_(model, GrowPrune(compression=2.0, seed_density=0.3, grow_steps=1, grow_ratio=0.25,
+                                        grow_every=2, prune_every=1, growth_lr=0.5, total_steps=40,
+                                        grow_criterion="random"))
+    train(model, handle, torch.optim.SGD(model.parameters(), lr=0.1), steps=40)
+    handle.finalize()
+    for name, form in handle.forms():
+        assert form.nnz() <= final_entries(name, form, 2.0), name
+
+
 # --- pruning -----------------------------------------------------------------------------------------------
 def test_pruning_removes_the_smallest_active_weights_and_keeps_masks_frozen_under_adam():
     model = Classifier("hlstm")
