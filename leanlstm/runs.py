@@ -95,7 +95,9 @@ class RunConfig:
         """Build every config of the run once, so that each checks its ranges, under its option's name."""
         _as_option(self.data_config, {"limit": "--max-items"})
         train = _as_option(self.train_config, {name: option(name) for name in self.overrides}, "the preset's ")
-        if train.epochs < 1:        # only fine-tuning may train no epoch (the method's final step alone)
+        if train.epochs < 1 and self._method_default("compress_epochs") != 0:
+            # only fine-tuning may train no epoch (the method's final step alone), or a method whose compression
+            # needs no training (post-training quantisation)
             Range(1, 10**6, integer=True).check(option("epochs") if "epochs" in self.overrides else "the preset's "
                                                 "epochs", train.epochs)
         _as_option(self.finetune_config, {name: option(name, "finetune") for name in self.finetune_overrides},
@@ -137,10 +139,16 @@ class RunConfig:
                     raise RunDirError(f"{option} for preset {self.preset!r} of task {self.task!r}: {error}") from None
         return config
 
+    def _method_default(self, name: str) -> Any:
+        """A default the run's method sets for its phases (``Method.compress_epochs`` ...), or None."""
+        return getattr(get_method(self.method), name, None) if self.method != "baseline" else None
+
     def train_config(self) -> TrainConfig:
         train = self.preset_config().train
+        epochs = self._method_default("compress_epochs")
+        overrides = ({"epochs": epochs} if epochs is not None else {}) | self.overrides
         try:
-            return replace(train, **self.overrides)
+            return replace(train, **overrides)
         except TypeError:
             unknown = sorted(set(self.overrides) - {f.name for f in fields(train)})
             raise RunDirError(f"task {self.task!r} has no training setting {', '.join(unknown)}") from None
@@ -148,7 +156,10 @@ class RunConfig:
     def finetune_config(self) -> TrainConfig:
         """Fine-tuning continues from the compression phase's last lr and decays every epoch by default."""
         train = self.train_config()
-        defaults = {"epochs": 3, "lr": train.lr_at(train.epochs), "decay_after": 1}
+        if train.epochs == 0:       # no compression training: fine-tuning starts at the lr training ended with
+            train = replace(self.preset_config().train, **{k: v for k, v in self.overrides.items() if k != "epochs"})
+        epochs = self._method_default("finetune_epochs")
+        defaults = {"epochs": 3 if epochs is None else epochs, "lr": train.lr_at(train.epochs), "decay_after": 1}
         try:
             return replace(train, **(defaults | self.finetune_overrides))
         except TypeError:
@@ -489,7 +500,7 @@ def compress_run(run: RunConfig, out: str | Path, resume: bool = False, progress
         start = load_run(run.source)[1] if run.source else task.build_model(config)
         extra["lstm_compression"] = lstm_numbers(start)["dense_lstm_params"] / lstm_numbers(model)["lstm_params"]
         if run.latency_repeats > 0:
-            extra |= compare_latency(model, start, repeats=run.latency_repeats)
+            extra |= compare_latency(model, start, backends=method.latency_backends, repeats=run.latency_repeats)
         return extra
 
     metrics = run_phases(run, out, make_model, phases, resume, progress, summary)
@@ -501,7 +512,8 @@ def compress_run(run: RunConfig, out: str | Path, resume: bool = False, progress
 def compare_latency(model: nn.Module, baseline: nn.Module, backends=("leanlstm", "onnxruntime"), repeats: int = 20,
                     threads: int = 1) -> dict[str, Any]:
     """Batch-1 latency per time step of the compressed model and its dense baseline, whole and LSTM stack only,
-    measured in one interleaved run, plus the stack speed-up of leanlstm over the baseline on each backend.
+    measured in one interleaved run, plus the stack speed-up of the compressed model on the first backend over the
+    baseline on each backend.
 
     Measured when training ends, on whatever else the machine is doing then (the load average is recorded);
     ``benchmarks/compression_results.py`` re-measures finished runs side by side on a quiet machine.
@@ -511,8 +523,9 @@ def compare_latency(model: nn.Module, baseline: nn.Module, backends=("leanlstm",
     result = stack_and_model({"compressed": model, "baseline": baseline}, backends, repeats=repeats, threads=threads)
     latency = {label: {part: medians(measured[part]) for part in ("lstm", "model")}
                for label, measured in result["models"].items()}
-    compressed = latency["compressed"]["lstm"].get("leanlstm")
-    speedup = {f"leanlstm_vs_baseline_{name}": latency["baseline"]["lstm"][name] / compressed
+    primary = backends[0]
+    compressed = latency["compressed"]["lstm"].get(primary)
+    speedup = {f"{primary}_vs_baseline_{name}": latency["baseline"]["lstm"][name] / compressed
                for name in backends if compressed and name in latency["baseline"]["lstm"]}
     errors = {label: measured["errors"] for label, measured in result["models"].items() if measured["errors"]}
     settings = {k: result[k] for k in ("seq_len", "repeats", "threads", "machine")}

@@ -6,14 +6,18 @@
     leanlstm.compress_(model, leanlstm.Structured("lowrank", compression=20))
     leanlstm.compress_(model, leanlstm.GrowPrune(compression=10, total_steps=N))
     leanlstm.compress_(model, leanlstm.AntMan(reduction=10))
+    leanlstm.compress_(model, leanlstm.Int8())
+    leanlstm.compress_(model, leanlstm.ADMM(compression=60, total_steps=N))
 """
-from . import antman, doping, growprune, iss, pruning  # noqa: F401  (register their methods)
+from . import admm, antman, doping, growprune, iss, pruning, quantize  # noqa: F401  (register their methods)
+from .admm import ADMM
 from .antman import AntMan
 from .base import METHODS, Method, MethodConfig, config_for, get_method, method_for
 from .doping import Doped, Structured
 from .growprune import GrowPrune
 from .iss import ISS
 from .pruning import Prune
+from .quantize import Int8
 
 __all__ = ["METHODS", "Method", "MethodConfig", "config_for", "get_method", "method_for", "ISS", "Prune", "Doped",
-           "Structured", "GrowPrune", "AntMan"]
+           "Structured", "GrowPrune", "AntMan", "Int8", "ADMM"]

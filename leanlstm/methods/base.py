@@ -88,7 +88,7 @@ class MethodConfig:
         check_ranges(self, self.ranges)
         for name, allowed in self.choices.items():
             if getattr(self, name) not in allowed:
-                raise ConfigError(name, getattr(self, name), f"be one of {', '.join(allowed)}")
+                raise ConfigError(name, getattr(self, name), f"be one of {', '.join(map(str, allowed))}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "MethodConfig":
@@ -175,6 +175,10 @@ class Method:
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig] | Preset] = MethodConfig
     has_finetune: ClassVar[bool] = True   # whether a run fine-tunes after finish() (the CLI's second phase)
+    compress_epochs: ClassVar[int | None] = None   # a run's compression-phase epochs unless --epochs (None: preset's)
+    finetune_epochs: ClassVar[int] = 3             # a run's fine-tuning epochs unless --finetune-epochs
+    # backends a run times the result and its dense start on, the first giving the speed-ups
+    latency_backends: ClassVar[tuple[str, ...]] = ("leanlstm", "onnxruntime")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

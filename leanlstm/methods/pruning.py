@@ -8,7 +8,9 @@ So 20x is not 5% density but
 
     nnz = floor((out * in * 4 / 20 - (out + 1) * 4) / (4 + 2))   (2600x650: 54 599 entries, 3.23%)
 
-``finalize()`` sets every matrix to its final density (should the schedule have stopped early); fine-tuning then
+With ``value_bits=8`` the budget counts int8 values (1 byte, plus a float32 scale per row): the matrices keep as
+many entries as fit once quantised (``compress --method int8`` afterwards), the baseline of ADMM's joint pruning
+and quantisation at equal bytes. ``finalize()`` sets every matrix to its final density (should the schedule have stopped early); fine-tuning then
 trains the surviving weights with the mask fixed. ``nn.Linear`` heads are not pruned: the method compresses the
 recurrent stack, where the latency is. ``GradualPruning`` and the budget arithmetic are shared with the doping
 methods, whose sparse part is pruned alike.
@@ -30,7 +32,7 @@ from torch import nn
 from ..nn import LSTM  # noqa: F401  (the docstring examples)
 from ..nn.forms import Doped as DopedForm
 from ..nn.forms import MaskedSparse, WeightForm
-from ..nn.forms.base import FLOAT_BYTES
+from ..nn.forms.base import FLOAT_BYTES, VALUE_BITS
 from ..nn.forms.sparse import csr_nbytes
 from ..train import ConfigError, Range
 from .base import COMPRESSION, STEPS, UNIT, Method, MethodConfig, named_forms, qualified
@@ -56,11 +58,13 @@ class Prune(MethodConfig):
     anneal_end: float = 0.75      # fraction at which the final density is reached
     prune_every: int = 10         # optimiser steps between pruning events (Zhu & Gupta's dt)
     total_steps: int = 0          # optimiser steps the schedule spans in a user loop (0: Trainer's phase length)
+    value_bits: int = 32          # the value width the budget counts (8: sized for int8 values, to quantise after)
     speed_check: bool = True      # time each pruned matrix against dense on the engine and warn when slower
     keep_slow_dense: bool = False  # keep the matrices that would run slower than dense dense (not pruned)
 
     ranges = {"compression": COMPRESSION, "initial_density": Range(0, 1, low_open=True), "anneal_start": UNIT,
               "anneal_end": UNIT, "prune_every": Range(1, 10**9, integer=True), "total_steps": STEPS}
+    choices = {"value_bits": VALUE_BITS}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -83,18 +87,21 @@ def byte_budget(form: WeightForm, compression: float) -> float:
     return form.out_features * form.in_features * FLOAT_BYTES / compression
 
 
-def csr_entries_within(rows: int, cols: int, nbytes: float) -> int:
-    """The most entries a ``rows x cols`` CSR matrix can hold in ``nbytes`` (exactly as ``csr_nbytes`` counts),
-    capped at ``rows * cols``; -1 if even an empty one (its row pointers) does not fit.
+def csr_entries_within(rows: int, cols: int, nbytes: float, value_bits: int = 32) -> int:
+    """The most entries a ``rows x cols`` CSR matrix with values of ``value_bits`` can hold in ``nbytes`` (exactly
+    as ``csr_nbytes`` counts: int8 values cost 1 byte and their row scales 4), capped at ``rows * cols``; -1 if
+    even an empty one (its row pointers and scales) does not fit.
 
-    >>> csr_entries_within(2600, 650, 2600 * 650 * 4 / 20)
-    54599
+    >>> csr_entries_within(2600, 650, 2600 * 650 * 4 / 20), csr_entries_within(2600, 650, 2600 * 650 * 4 / 20, 8)
+    (54599, 105732)
     """
-    empty = csr_nbytes(rows, cols, 0)
+    empty = csr_nbytes(rows, cols, 0, value_bits)
     if nbytes < empty:
         return -1
-    per_entry = csr_nbytes(rows, cols, 1) - empty
-    return min(math.floor((nbytes - empty) / per_entry), rows * cols)
+    entries = min(math.floor((nbytes - empty) * 8 / (csr_nbytes(rows, cols, 8, value_bits) - empty)), rows * cols)
+    while entries > 0 and csr_nbytes(rows, cols, entries, value_bits) > nbytes:   # a sub-byte width's rounding
+        entries -= 1
+    return entries
 
 
 def sparse_part(form: WeightForm) -> MaskedSparse | None:
@@ -106,16 +113,19 @@ def sparse_part(form: WeightForm) -> MaskedSparse | None:
     return None
 
 
-def final_entries(name: str, form: WeightForm, compression: float) -> int:
-    """Entries the sparse part of ``form`` may keep so that the whole form meets ``compression``."""
+def final_entries(name: str, form: WeightForm, compression: float, value_bits: int | None = None) -> int:
+    """Entries the sparse part of ``form`` may keep so that the whole form meets ``compression``, its values
+    counted at ``value_bits`` (default: the width they have now)."""
     sparse = sparse_part(form)
     fixed = form.nbytes() - sparse.nbytes()                 # a doped form's structured part
-    entries = csr_entries_within(form.out_features, form.in_features, byte_budget(form, compression) - fixed)
+    bits = sparse.value_bits if value_bits is None else value_bits
+    entries = csr_entries_within(form.out_features, form.in_features, byte_budget(form, compression) - fixed, bits)
     if entries < 0:
         raise ValueError(f"{name} ({form.out_features}x{form.in_features}) cannot reach {compression}x: its "
                          f"budget is {byte_budget(form, compression):.0f} bytes but the structured part "
-                         f"({fixed} B) and the sparse part's row pointers "
-                         f"({csr_nbytes(form.out_features, form.in_features, 0)} B) already exceed it; "
+                         f"({fixed} B) and the sparse part's row pointers (and scales) "
+                         f"({csr_nbytes(form.out_features, form.in_features, 0, bits)} B) already "
+                         f"exceed it; "
                          f"lower the compression or give the structure a smaller share")
     return entries
 
@@ -157,11 +167,11 @@ class GradualPruning:
     """
 
     def __init__(self, compression: float, initial_density: float = 1.0, start: float = 0.0,
-                 end: float = 0.75, every: int = 1) -> None:
+                 end: float = 0.75, every: int = 1, value_bits: int | None = None) -> None:
         if not 0.0 <= start <= end <= 1.0:
             raise ValueError(f"the schedule needs 0 <= start <= end <= 1, got start={start}, end={end}")
         self.compression, self.initial_density = compression, initial_density
-        self.start, self.end, self.every = start, end, every
+        self.start, self.end, self.every, self.value_bits = start, end, every, value_bits
 
     def targets(self, source: Forms, step: int, total: int) -> dict[str, int]:
         """Entries each sparse part should keep after ``step`` of ``total``."""
@@ -172,7 +182,7 @@ class GradualPruning:
             if sparse is None:
                 continue
             numel = sparse.mask.numel()
-            final = 1.0 - final_entries(name, form, self.compression) / numel
+            final = 1.0 - final_entries(name, form, self.compression, self.value_bits) / numel
             initial = min(1.0 - self.initial_density, final)
             sparsity = gradual_sparsity(step, final, initial, begin, end, self.every)
             out[name] = round((1.0 - sparsity) * numel)
@@ -227,18 +237,20 @@ class PruneMethod(Method):
     def __init__(self, config: Prune | None = None) -> None:
         super().__init__(config)
         c = self.config
-        self.pruner = GradualPruning(c.compression, c.initial_density, c.anneal_start, c.anneal_end, c.prune_every)
+        self.pruner = GradualPruning(c.compression, c.initial_density, c.anneal_start, c.anneal_end, c.prune_every,
+                                     c.value_bits)
 
     def check(self, handle: "Compression") -> None:
         for name, form in handle.forms():   # each matrix's budget, on its shape alone: fail now, not at the end
-            final_entries(name, MaskedSparse(form.out_features, form.in_features), self.config.compression)
+            final_entries(name, MaskedSparse(form.out_features, form.in_features), self.config.compression,
+                          self.config.value_bits)
 
     def planned_forms(self, handle: "Compression") -> list[tuple[str, WeightForm]]:
         """Each matrix magnitude-pruned at once to its final entry count (what the schedule ends at)."""
         planned = []
         for name, form in handle.forms():
             dense = form.materialize().detach().cpu().float()
-            entries = final_entries(name, MaskedSparse(*dense.shape), self.config.compression)
+            entries = final_entries(name, MaskedSparse(*dense.shape), self.config.compression, self.config.value_bits)
             planned.append((name, MaskedSparse.from_dense(dense, density=entries / dense.numel())))
         return planned
 
@@ -255,4 +267,7 @@ class PruneMethod(Method):
         self.pruner.prune_to_final(handle.forms())  # should the schedule have stopped early
 
     def summarize(self, handle: "Compression") -> dict[str, Any]:
-        return sparsity_summary(handle.forms(), self.config.compression)
+        summary = sparsity_summary(handle.forms(), self.config.compression)
+        if self.config.value_bits != 32:        # sized for narrower values than it holds yet: say what they give
+            summary["budget_value_bits"] = self.config.value_bits
+        return summary

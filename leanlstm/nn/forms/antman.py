@@ -39,7 +39,7 @@ import math
 import torch
 from torch import nn
 
-from .base import FLOAT_BYTES, WeightForm, uniform_
+from .base import WeightForm, uniform_
 
 
 def _check_groups(out_features: int, in_features: int, groups: int) -> int:
@@ -116,7 +116,7 @@ class GroupDense(WeightForm):
         return self.blocks.numel()
 
     def nbytes(self) -> int:
-        return self.blocks.numel() * FLOAT_BYTES
+        return self.values_nbytes(self.blocks)
 
     def onnx_matvec(self, graph, x: str) -> str:
         g = self.groups
@@ -199,7 +199,7 @@ class GroupLowRank(WeightForm):
         return self.left.numel() + self.right.numel()
 
     def nbytes(self) -> int:
-        return (self.left.numel() + self.right.numel()) * FLOAT_BYTES
+        return self.values_nbytes(self.left) + self.values_nbytes(self.right)
 
     def onnx_matvec(self, graph, x: str) -> str:
         g, width = self.groups, self.rank // self.groups

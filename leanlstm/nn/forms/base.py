@@ -4,7 +4,8 @@ A weight form is an ``nn.Module`` standing for an ``(out_features, in_features)`
 - ``materialize()`` the dense ``W`` differentiably, so training reuses PyTorch's fused LSTM kernel and the
   gradient flows back into the form's own parameters;
 - ``matvec(x)`` compute ``x @ W.T`` using its structure (the reference for the fast runtime);
-- report what it honestly stores: ``nbytes()`` (values plus sparse index overhead) and ``stored_params()``;
+- report what it honestly stores: ``nbytes()`` (values at their width, per-row scales of quantised values, sparse
+  index overhead) and ``stored_params()``;
 - be built from a dense matrix (``from_dense``) and rebuilt empty from ``options()`` when loading a checkpoint.
 
 Subclasses register themselves by ``name``; adding a form is one new file, never an edit of a switch.
@@ -20,6 +21,8 @@ from torch import nn
 FORMS: dict[str, type["WeightForm"]] = {}
 
 FLOAT_BYTES = 4  # float32 storage of every value
+SCALE_BYTES = 4  # one float32 scale per row of quantised values
+VALUE_BITS = (8, 32)   # value widths: float32, or int8 with a scale per row (``leanlstm.nn.quant``)
 
 
 class WeightForm(nn.Module):
@@ -29,6 +32,9 @@ class WeightForm(nn.Module):
     # ONNX export: whether x @ W.T for a whole sequence at once (before the recurrence) beats one step at a
     # time; False for products that gain nothing from batching and would hold a large intermediate.
     onnx_batch_over_time: ClassVar[bool] = True
+    # Width of the stored values: 32 (float32), or 8 once quantised (``leanlstm.nn.quant.quantise_``: the values
+    # lie on a per-row int8 grid). ``nbytes()`` counts values at this width plus one float32 scale per row.
+    value_bits: int = 32
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -64,8 +70,39 @@ class WeightForm(nn.Module):
         raise NotImplementedError
 
     def nbytes(self) -> int:
-        """Bytes this form stores at inference time: float32 values plus any index overhead."""
+        """Bytes this form stores at inference time: its values at ``value_bits`` (``values_nbytes``) plus any
+        index overhead."""
         raise NotImplementedError
+
+    def value_tensors(self) -> list[tuple[nn.Parameter, torch.Tensor | None]]:
+        """The stored value tensors of this form itself (not of child forms), each with the mask of its entries
+        that are stored (None: all). Quantisation gives each row of a tensor's last dimension its own scale: the
+        rows the int8 engine scales (a matrix's output rows, each factor's rows, each block's rows)."""
+        return [(p, None) for p in self.parameters(recurse=False) if p.ndim >= 2]
+
+    def values_nbytes(self, tensor: torch.Tensor, count: int | None = None) -> int:
+        """Bytes of ``count`` (default: all) stored values of ``tensor`` at this form's value width, plus one
+        float32 scale per row of its last dimension when quantised.
+
+        >>> from leanlstm.nn.forms import Dense
+        >>> form = Dense(4, 8); form.values_nbytes(form.weight)
+        128
+        >>> form.set_value_bits(8); form.values_nbytes(form.weight)
+        48
+        """
+        count = tensor.numel() if count is None else count
+        if self.value_bits >= 32:
+            return count * FLOAT_BYTES
+        rows = tensor.numel() // tensor.shape[-1] if tensor.numel() else 0
+        return math.ceil(count * self.value_bits / 8) + rows * SCALE_BYTES
+
+    def set_value_bits(self, bits: int) -> None:
+        """Record the width of the stored values, for this form and its child forms (a doped form's parts)."""
+        if bits not in VALUE_BITS:
+            raise ValueError(f"value_bits must be one of {VALUE_BITS}, got {bits}")
+        for module in self.modules():
+            if isinstance(module, WeightForm):
+                module.value_bits = int(bits)
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, **options: Any) -> "WeightForm":
@@ -97,7 +134,7 @@ class WeightForm(nn.Module):
 
     # --- shared behaviour ----------------------------------------------------------------------------
     def stored_params(self) -> int:
-        """Float32-equivalent parameter count: ``nbytes / 4`` rounded up (index overhead included)."""
+        """Float32-equivalent parameter count: ``nbytes / 4`` rounded up (index and scale overhead included)."""
         return math.ceil(self.nbytes() / FLOAT_BYTES)
 
     def compression(self) -> float:
@@ -105,12 +142,14 @@ class WeightForm(nn.Module):
         return self.out_features * self.in_features * FLOAT_BYTES / self.nbytes()
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "out_features": self.out_features, "in_features": self.in_features,
-                "options": self.options()}
+        config = {"name": self.name, "out_features": self.out_features, "in_features": self.in_features,
+                  "options": self.options()}
+        return config | ({"value_bits": self.value_bits} if self.value_bits != 32 else {})
 
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.options().items())
-        return f"{self.out_features}x{self.in_features}" + (f", {opts}" if opts else "")
+        bits = f", int{self.value_bits}" if self.value_bits != 32 else ""
+        return f"{self.out_features}x{self.in_features}" + (f", {opts}" if opts else "") + bits
 
 
 def form_class(name: str) -> type[WeightForm]:
@@ -123,7 +162,10 @@ def form_class(name: str) -> type[WeightForm]:
 def build_form(config: dict[str, Any]) -> WeightForm:
     """Rebuild an (uninitialised) form from ``WeightForm.config()``, e.g. before loading a state dict."""
     cls = form_class(config["name"])
-    return cls(config["out_features"], config["in_features"], **config.get("options", {}))
+    form = cls(config["out_features"], config["in_features"], **config.get("options", {}))
+    if config.get("value_bits", 32) != 32:
+        form.set_value_bits(config["value_bits"])
+    return form
 
 
 def uniform_(tensor: torch.Tensor, variance: float) -> torch.Tensor:

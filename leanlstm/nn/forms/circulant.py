@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import FLOAT_BYTES, WeightForm, uniform_
+from .base import WeightForm, uniform_
 
 
 def circulant_index(block_size: int) -> torch.Tensor:
@@ -61,7 +61,7 @@ class BlockCirculant(WeightForm):
         return y.reshape(*x.shape[:-1], rows * b)[..., : self.out_features]
 
     def nbytes(self) -> int:
-        return self.vectors.numel() * FLOAT_BYTES
+        return self.values_nbytes(self.vectors)
 
     def onnx_matvec(self, graph, x: str) -> str:
         # y_p[i] = sum_{q,k} c_pq[k] x_q[(i - k) mod b]: gather the shifted inputs, then one MatMul against

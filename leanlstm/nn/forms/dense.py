@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import FLOAT_BYTES, WeightForm, uniform_
+from .base import WeightForm, uniform_
 
 
 class Dense(WeightForm):
@@ -27,7 +27,7 @@ class Dense(WeightForm):
         return x @ self.weight.T
 
     def nbytes(self) -> int:
-        return self.weight.numel() * FLOAT_BYTES
+        return self.values_nbytes(self.weight)
 
     def onnx_matvec(self, graph, x: str) -> str:
         return graph.node("MatMul", [x, graph.weight("weight_t", self.weight.T)])   # (N, in) @ (in, out)

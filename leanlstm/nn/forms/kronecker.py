@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .base import FLOAT_BYTES, WeightForm, uniform_
+from .base import WeightForm, uniform_
 
 
 def balanced_split(size: int, max_padding: float = 0.05) -> tuple[int, int]:
@@ -73,7 +73,7 @@ class Kronecker(WeightForm):
         return y.reshape(*x.shape[:-1], m1 * m2)[..., : self.out_features]
 
     def nbytes(self) -> int:
-        return (self.a.numel() + self.b.numel()) * FLOAT_BYTES
+        return self.values_nbytes(self.a) + self.values_nbytes(self.b)
 
     def onnx_matvec(self, graph, x: str) -> str:
         (m1, n1), (m2, n2) = self.factor_shapes

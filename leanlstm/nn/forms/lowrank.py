@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from .base import FLOAT_BYTES, WeightForm, uniform_
+from .base import WeightForm, uniform_
 
 
 class LowRank(WeightForm):
@@ -34,7 +34,7 @@ class LowRank(WeightForm):
         return (x @ self.right.T) @ self.left.T  # two thin products: (.., rank) then (.., out)
 
     def nbytes(self) -> int:
-        return (self.left.numel() + self.right.numel()) * FLOAT_BYTES
+        return self.values_nbytes(self.left) + self.values_nbytes(self.right)
 
     def onnx_matvec(self, graph, x: str) -> str:
         thin = graph.node("MatMul", [x, graph.weight("right_t", self.right.T)])         # (N, rank)

@@ -12,7 +12,7 @@ import warnings
 import torch
 from torch import nn
 
-from .base import FLOAT_BYTES, WeightForm, uniform_
+from .base import FLOAT_BYTES, SCALE_BYTES, WeightForm, uniform_
 
 
 def magnitude_mask(weight: torch.Tensor, density: float) -> torch.Tensor:
@@ -26,10 +26,17 @@ def magnitude_mask(weight: torch.Tensor, density: float) -> torch.Tensor:
     return mask.reshape(weight.shape)
 
 
-def csr_nbytes(rows: int, cols: int, nnz: int) -> int:
-    """Bytes of a float32 CSR matrix: values, column indices (uint16 where they fit) and row pointers."""
+def csr_nbytes(rows: int, cols: int, nnz: int, value_bits: int = 32) -> int:
+    """Bytes of a CSR matrix: values at ``value_bits`` (int8 values add one float32 scale per row), column indices
+    (uint16 where they fit) and row pointers.
+
+    >>> csr_nbytes(2600, 650, 54599), csr_nbytes(2600, 650, 54599, value_bits=8)
+    (337998, 184601)
+    """
     index_bytes = 2 if cols <= 2**16 else 4
-    return nnz * (FLOAT_BYTES + index_bytes) + (rows + 1) * 4
+    if value_bits >= 32:
+        return nnz * (FLOAT_BYTES + index_bytes) + (rows + 1) * 4
+    return math.ceil(nnz * value_bits / 8) + nnz * index_bytes + (rows + 1) * 4 + rows * SCALE_BYTES
 
 
 def csr_arrays(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -194,7 +201,10 @@ class MaskedSparse(WeightForm):
         return self.nnz() / self.mask.numel()
 
     def nbytes(self) -> int:
-        return csr_nbytes(self.out_features, self.in_features, self.nnz())
+        return csr_nbytes(self.out_features, self.in_features, self.nnz(), self.value_bits)
+
+    def value_tensors(self) -> list[tuple[nn.Parameter, torch.Tensor | None]]:
+        return [(self.weight, self.mask)]              # only the kept entries are stored (and set a row's scale)
 
     def set_mask(self, mask: torch.Tensor) -> None:
         """Replace the mask (same shape); masked-out weights are zeroed so they stay exactly zero."""

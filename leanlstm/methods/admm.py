@@ -1,0 +1,212 @@
+"""ADMM joint pruning and int8 quantisation (ADMM-NN: Ren et al., ASPLOS 2019; the ADMM pruning of Zhang et al.,
+ECCV 2018): ``leanlstm.ADMM``, method ``admm``.
+
+Training minimises ``loss(W)`` subject to ``W`` in ``S``: at most ``k`` non-zero entries per matrix (``k`` from
+the byte budget, counted as int8 CSR: 1-byte values, 2-byte column indices, 4-byte row pointers and a 4-byte scale
+per row), each on its row's int8 grid. ADMM splits it with an auxiliary ``Z`` and a scaled dual ``U`` per matrix:
+
+    W-step   ordinary training of  loss(W) + rho/2 ||W - Z + U||^2       (``penalty``, every step)
+    Z-step   Z = proj_S(W + U): keep the k largest magnitudes, snap them to the int8 grid of their rows
+    U-step   U = U + W - Z                                                 (both every ``update_every`` steps)
+
+and ``rho`` grows by ``rho_growth`` at each Z/U update (up to ``rho_max``), pulling ``W`` onto ``S``. At
+``finalize()`` the hard constraint is applied, ``W = proj_S(W)`` with its mask, and fine-tuning is the papers'
+masked retraining: the mask stays fixed and the values stay on the int8 grid (float latent weights with a
+straight-through update, ``leanlstm.nn.quant.Latent``), so the result runs in the int8 engine exactly as trained.
+
+From the papers: the splitting, the Euclidean projections (top-k magnitude for sparsity, nearest level for
+quantisation), the growing rho, masked retraining. Chosen here: one joint projection onto sparse-and-quantised
+(ADMM-NN prunes first and quantises after; with 255 levels per row the joint step costs nothing and keeps one
+phase), int8 levels per row (the engine's), the default numbers, and budgets per matrix rather than per network.
+``quantise=False`` gives ADMM pruning alone (float32 values).
+
+    handle = leanlstm.compress_(model, leanlstm.ADMM(compression=60, total_steps=len(loader) * epochs))
+    ...  loss = loss + handle.penalty(); loss.backward(); optimizer.step(); handle.after_step()
+    handle.finalize()        # then fine-tune (masked retraining), still calling handle.after_step()
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..nn.forms import MaskedSparse
+from ..nn.quant import BITS, CLIPS, Latent, quantise_tensor
+from ..train import Range
+from .base import COMPRESSION, STEPS, Method, MethodConfig
+from .pruning import convert_forms, final_entries, schedule_length, sparsity_summary
+
+if TYPE_CHECKING:
+    from ..compress import Compression
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ADMM(MethodConfig):
+    """ADMM pruning of every LSTM matrix to ``compression`` (bytes against dense float32), with int8 values.
+
+    >>> ADMM().compression, ADMM(quantise=False).rho
+    (60.0, 0.001)
+    """
+
+    compression: float = 60.0     # dense float32 bytes over stored bytes (int8 CSR with scales when quantise)
+    quantise: bool = True         # values on the per-row int8 grid (False: ADMM pruning with float32 values)
+    rho: float = 1e-3             # initial penalty weight
+    rho_growth: float = 1.3       # rho is multiplied by this at every Z/U update ...
+    rho_max: float = 1.0          # ... up to this
+    updates: int = 12             # Z/U updates over the compression phase (when update_every is 0)
+    update_every: int = 0         # optimiser steps between Z/U updates (0: the phase's steps / updates)
+    clip: str = "max"             # each row's int8 scale in the projection: its max, or least squared error
+    total_steps: int = 0          # optimiser steps of the compression phase in a user loop (0: Trainer's)
+    speed_check: bool = True      # time each sparse matrix against dense on the engine and warn when slower
+    keep_slow_dense: bool = False  # keep the matrices that would run slower than dense dense (not pruned)
+
+    ranges = {"compression": COMPRESSION, "rho": Range(0, 1e6, low_open=True), "rho_growth": Range(1, 100),
+              "rho_max": Range(0, 1e9, low_open=True), "updates": Range(1, 10**6, integer=True),
+              "update_every": STEPS, "total_steps": STEPS}
+    choices = {"clip": CLIPS}
+
+
+def top_mask(values: torch.Tensor, entries: int) -> torch.Tensor:
+    """The mask of the ``entries`` largest magnitudes of ``values``."""
+    mask = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+    if entries > 0:
+        mask[values.detach().abs().flatten().topk(entries).indices] = True
+    return mask.view_as(values)
+
+
+def project(values: torch.Tensor, entries: int, quantise: bool = True, clip: str = "max") -> torch.Tensor:
+    """The projection onto ``S``: the ``entries`` largest magnitudes of ``values``, snapped to their rows' int8 grid
+    when ``quantise``; zeros elsewhere.
+
+    >>> project(torch.tensor([[0.5, -2.0, 0.1], [1.0, 0.2, -3.0]]), 3, quantise=False).tolist()
+    [[0.0, -2.0, 0.0], [1.0, 0.0, -3.0]]
+    """
+    mask = top_mask(values, entries)
+    return quantise_tensor(values, mask, clip) if quantise else values.detach() * mask
+
+
+class ADMMMethod(Method):
+    """ADMM training towards sparse int8 matrices, then masked retraining on the int8 grid."""
+
+    name = "admm"
+    Config = ADMM
+
+    def __init__(self, config: ADMM | None = None) -> None:
+        super().__init__(config)
+        self.rho = self.config.rho
+        self.z: dict[str, torch.Tensor] = {}
+        self.u: dict[str, torch.Tensor] = {}
+        self.latent: Latent | None = None
+        self._saved: dict[str, Any] | None = None
+        if self.config.quantise:
+            self.latency_backends = ("leanlstm-int8", "leanlstm", "torch-int8", "onnxruntime", "onnxruntime-int8")
+
+    def _entries(self, name: str, form: MaskedSparse) -> int:
+        shape_only = MaskedSparse(form.out_features, form.in_features)
+        if self.config.quantise:
+            shape_only.set_value_bits(BITS)
+        return final_entries(name, shape_only, self.config.compression)
+
+    def check(self, handle: "Compression") -> None:
+        for name, form in handle.forms():      # every budget on its shape alone: fail now, not at the end
+            self._entries(name, form)
+
+    def convert(self, handle: "Compression") -> None:
+        convert_forms(handle, lambda name, dense: MaskedSparse.from_dense(dense),
+                      keep=lambda form: isinstance(form, MaskedSparse))
+
+    def start(self, handle: "Compression") -> None:
+        if self._saved is not None:
+            self._load(handle, self._saved)
+            self._saved = None
+        if not handle.finalized and not self.z:
+            for name, form in handle.forms():
+                self.z[name] = self._project(name, form, form.materialize())
+                self.u[name] = torch.zeros_like(form.weight, requires_grad=False)
+        if handle.finalized and self.config.quantise and self.latent is None:
+            self.latent = Latent([(name, form.weight, form.mask) for name, form in handle.forms()])
+
+    def _project(self, name: str, form: MaskedSparse, values: torch.Tensor) -> torch.Tensor:
+        return project(values.detach(), self._entries(name, form), self.config.quantise, self.config.clip)
+
+    def _update_every(self, handle: "Compression") -> int:
+        if self.config.update_every:
+            return self.config.update_every
+        return max(1, schedule_length(handle, "ADMM") // self.config.updates)
+
+    # --- every step ---------------------------------------------------------------------------------------------
+    def penalty(self, handle: "Compression") -> torch.Tensor | None:
+        if handle.finalized:
+            return None
+        total = None
+        for name, form in handle.forms():
+            z, u = self.z[name].to(form.weight.device), self.u[name].to(form.weight.device)
+            term = (form.materialize() - z + u).square().sum()
+            total = term if total is None else total + term
+        return None if total is None else self.rho / 2 * total
+
+    @torch.no_grad()
+    def after_step(self, handle: "Compression") -> None:
+        for _, form in handle.forms():          # masked-out weights stay exactly zero whatever the optimiser
+            form.weight.mul_(form.mask)
+        if handle.finalized:
+            if self.latent is not None:
+                self.latent.update()
+            return
+        if handle.step % self._update_every(handle) == 0 and handle.step <= schedule_length(handle, "ADMM"):
+            self._admm_update(handle)
+
+    @torch.no_grad()
+    def _admm_update(self, handle: "Compression") -> None:
+        gaps = []
+        for name, form in handle.forms():
+            w = form.materialize().detach()
+            u = self.u[name].to(w.device)
+            z = self._project(name, form, w + u)
+            u += w - z
+            self.z[name], self.u[name] = z, u
+            gaps.append(float((w - z).norm() / w.norm().clamp_min(1e-12)))
+        self.rho = min(self.rho * self.config.rho_growth, self.config.rho_max)
+        log.info("ADMM step %d: rho %.3g, ||W - Z|| / ||W|| median %.4f", handle.step, self.rho,
+                 sorted(gaps)[len(gaps) // 2])
+
+    def finish(self, handle: "Compression") -> None:
+        """The hard constraint: each matrix is its projection, with the mask of its kept entries."""
+        with torch.no_grad():
+            for name, form in handle.forms():
+                w = form.materialize().detach()
+                mask = top_mask(w, self._entries(name, form))
+                values = quantise_tensor(w, mask, self.config.clip) if self.config.quantise else w * mask
+                form.set_mask(mask)
+                form.weight.copy_(values)
+                if self.config.quantise:
+                    form.set_value_bits(BITS)
+        self.z, self.u = {}, {}
+
+    def summarize(self, handle: "Compression") -> dict[str, Any]:
+        out = sparsity_summary(handle.forms(), self.config.compression) | {"final_rho": self.rho}
+        if self.config.quantise:
+            out["value_bits"] = BITS
+        return out
+
+    # --- checkpoints --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"rho": self.rho, "z": {k: v.cpu() for k, v in self.z.items()},
+                "u": {k: v.cpu() for k, v in self.u.items()},
+                "latent": self.latent.state_dict() if self.latent is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any], handle: "Compression") -> None:
+        self._saved = state
+
+    def _load(self, handle: "Compression", state: dict[str, Any]) -> None:
+        self.rho = state["rho"]
+        devices = {name: form.weight.device for name, form in handle.forms()}
+        self.z = {k: v.to(devices[k]) for k, v in state["z"].items()}
+        self.u = {k: v.to(devices[k]) for k, v in state["u"].items()}
+        if state.get("latent") is not None:
+            self.latent = Latent([(name, form.weight, form.mask) for name, form in handle.forms()])
+            self.latent.load_state_dict(state["latent"])
