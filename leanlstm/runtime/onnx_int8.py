@@ -67,10 +67,12 @@ PRECISIONS = ("float32", "int8")
 
 @contextmanager
 def _quiet_quantizer() -> Iterator[None]:
-    """Hide ``quantize_dynamic``'s advice to run its pre-processing (shape inference and graph optimisation
-    ONNX Runtime does on load anyway), which it logs on the root logger at every call."""
+    """Hide what ``quantize_dynamic`` logs on the root logger at every call: its advice to run its pre-processing
+    (shape inference and graph optimisation ONNX Runtime does on load anyway) and a line per float tensor it leaves
+    float ("Quantization parameters for tensor ... not specified": dozens per LSTM export)."""
     def drop(record: logging.LogRecord) -> bool:
-        return "pre-processing" not in record.getMessage()
+        message = record.getMessage()
+        return "pre-processing" not in message and "Quantization parameters for tensor" not in message
 
     root = logging.getLogger()
     root.addFilter(drop)
