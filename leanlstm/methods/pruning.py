@@ -31,7 +31,7 @@ from torch import nn
 
 from ..nn import LSTM  # noqa: F401  (the docstring examples)
 from ..nn.forms import Doped as DopedForm
-from ..nn.forms import MaskedSparse, WeightForm
+from ..nn.forms import BlockSparse, MaskedSparse, WeightForm
 from ..nn.forms.base import FLOAT_BYTES, VALUE_BITS
 from ..nn.forms.sparse import csr_nbytes
 from ..train import ConfigError, Range
@@ -59,6 +59,7 @@ class Prune(MethodConfig):
     prune_every: int = 10         # optimiser steps between pruning events (Zhu & Gupta's dt)
     total_steps: int = 0          # optimiser steps the schedule spans in a user loop (0: Trainer's phase length)
     value_bits: int = 32          # the value width the budget counts (8: sized for int8 values, to quantise after)
+    block: str = ""               # "16x4": prune whole blocks of 16 rows x 4 inputs (one VNNI instruction each)
     speed_check: bool = True      # time each pruned matrix against dense on the engine and warn when slower
     keep_slow_dense: bool = False  # keep the matrices that would run slower than dense dense (not pruned)
 
@@ -69,6 +70,18 @@ class Prune(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_anneal(self)
+        parse_block(self.block)
+
+    def sparse_form(self, rows: int, cols: int) -> MaskedSparse:
+        """An empty matrix of the form this config prunes into (unstructured, or block-sparse)."""
+        block = parse_block(self.block)
+        return MaskedSparse(rows, cols) if block is None else BlockSparse(rows, cols, *block)
+
+    def sparse_from_dense(self, dense: torch.Tensor, density: float) -> MaskedSparse:
+        block = parse_block(self.block)
+        if block is None:
+            return MaskedSparse.from_dense(dense, density=density)
+        return BlockSparse.from_dense(dense, density=density, block_rows=block[0], block_cols=block[1])
 
 
 def check_anneal(config: Any) -> None:
@@ -119,7 +132,11 @@ def final_entries(name: str, form: WeightForm, compression: float, value_bits: i
     sparse = sparse_part(form)
     fixed = form.nbytes() - sparse.nbytes()                 # a doped form's structured part
     bits = sparse.value_bits if value_bits is None else value_bits
-    entries = csr_entries_within(form.out_features, form.in_features, byte_budget(form, compression) - fixed, bits)
+    budget = byte_budget(form, compression) - fixed
+    if isinstance(sparse, BlockSparse):                     # whole blocks, one index a block
+        entries = sparse.entries_within(budget, bits)
+    else:
+        entries = csr_entries_within(form.out_features, form.in_features, budget, bits)
     if entries < 0:
         raise ValueError(f"{name} ({form.out_features}x{form.in_features}) cannot reach {compression}x: its "
                          f"budget is {byte_budget(form, compression):.0f} bytes but the structured part "
@@ -182,7 +199,7 @@ class GradualPruning:
             if sparse is None:
                 continue
             numel = sparse.mask.numel()
-            final = 1.0 - final_entries(name, form, self.compression, self.value_bits) / numel
+            final = max(0.0, 1.0 - final_entries(name, form, self.compression, self.value_bits) / numel)
             initial = min(1.0 - self.initial_density, final)
             sparsity = gradual_sparsity(step, final, initial, begin, end, self.every)
             out[name] = round((1.0 - sparsity) * numel)
@@ -195,11 +212,34 @@ class GradualPruning:
         for name, keep in self.targets(forms.items(), step, total).items():
             sparse = sparse_part(forms[name])
             if keep < sparse.nnz():
-                sparse.prune_to(keep / sparse.mask.numel())
+                keep_entries(sparse, keep)
 
     def prune_to_final(self, source: Forms) -> None:
         """Every sparse part at its final density (the schedule's value at the last step)."""
         self.prune(source, 1, 1)
+
+
+def keep_entries(sparse: MaskedSparse, count: int) -> None:
+    """Keep the ``count`` largest-magnitude entries of a sparse matrix (of a block-sparse one, the blocks of largest
+    norm that ``count`` entries fill)."""
+    if isinstance(sparse, BlockSparse):
+        sparse.keep_blocks(min(count // sparse.block_size, sparse.nblocks()))
+    else:
+        sparse.prune_to(count / sparse.mask.numel())
+
+
+def parse_block(text: str) -> tuple[int, int] | None:
+    """``"16x4"`` -> ``(16, 4)``; ``""`` -> None (unstructured).
+
+    >>> parse_block("16x4"), parse_block("")
+    ((16, 4), None)
+    """
+    if not text:
+        return None
+    rows, sep, cols = text.partition("x")
+    if not sep or not rows.isdigit() or not cols.isdigit() or int(rows) < 1 or int(cols) < 1:
+        raise ConfigError("block", text, "be ROWSxCOLS with positive whole numbers, e.g. 16x4, or empty")
+    return int(rows), int(cols)
 
 
 def convert_forms(handle: "Compression", build, keep) -> None:
@@ -242,7 +282,7 @@ class PruneMethod(Method):
 
     def check(self, handle: "Compression") -> None:
         for name, form in handle.forms():   # each matrix's budget, on its shape alone: fail now, not at the end
-            final_entries(name, MaskedSparse(form.out_features, form.in_features), self.config.compression,
+            final_entries(name, self.config.sparse_form(form.out_features, form.in_features), self.config.compression,
                           self.config.value_bits)
 
     def planned_forms(self, handle: "Compression") -> list[tuple[str, WeightForm]]:
@@ -250,14 +290,18 @@ class PruneMethod(Method):
         planned = []
         for name, form in handle.forms():
             dense = form.materialize().detach().cpu().float()
-            entries = final_entries(name, MaskedSparse(*dense.shape), self.config.compression, self.config.value_bits)
-            planned.append((name, MaskedSparse.from_dense(dense, density=entries / dense.numel())))
+            entries = final_entries(name, self.config.sparse_form(*dense.shape), self.config.compression,
+                                    self.config.value_bits)
+            sparse = self.config.sparse_from_dense(dense, 1.0)
+            keep_entries(sparse, entries)
+            planned.append((name, sparse))
         return planned
 
     def convert(self, handle: "Compression") -> None:
         density = self.config.initial_density
-        convert_forms(handle, lambda name, dense: MaskedSparse.from_dense(dense, density=density),
-                      keep=lambda form: isinstance(form, MaskedSparse))
+        kind = type(self.config.sparse_form(1, 1))
+        convert_forms(handle, lambda name, dense: self.config.sparse_from_dense(dense, density),
+                      keep=lambda form: type(form) is kind)
 
     def after_step(self, handle: "Compression") -> None:
         if not handle.finalized:

@@ -452,3 +452,5 @@ def _lowrank(form: LowRank) -> RuntimeOp:
 
 
 __all__ = ["VNNI", "affine", "int8_dense_op", "int8_gemm", "int8_gemv", "int8_lowrank_op", "pack_int8", "quantise_rows"]
+
+from . import blocksparse_ops  # noqa: E402,F401  (registers BlockSparse's int8 op, which needs the kernels above)

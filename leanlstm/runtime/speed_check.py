@@ -174,7 +174,7 @@ def _interleaved(runs: list[tuple[Any, int, int]], repeats: int) -> list[float]:
 
 
 def _key(form: WeightForm, batched: bool) -> tuple:
-    sparse = form if form.name == "sparse" else getattr(form, "sparse", None)
+    sparse = form if hasattr(form, "nnz") else getattr(form, "sparse", None)       # a sparse form or a doped D
     entries = sparse.nnz() if sparse is not None else None
     options = json.dumps(form.options(), sort_keys=True, default=str)
     return type(form).__name__, form.out_features, form.in_features, options, entries, batched

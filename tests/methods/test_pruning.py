@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from leanlstm import LSTM
 from leanlstm.compress import compress_
@@ -86,3 +87,28 @@ def test_prune_run_on_a_ptb_slice_ends_at_the_target_density(tmp_path, ptb_slice
                                          for m in ("ih", "hh")}
     assert 10.0 <= metrics["lstm_weight_compression"] < 10.0 * 1.005
     assert json.loads((tmp_path / "prune" / "metrics.json").read_text())["method"] == "prune"
+
+
+def test_block_pruning_keeps_whole_vnni_blocks_and_meets_the_int8_budget():
+    from leanlstm.methods import Int8
+    from leanlstm.nn.forms import BlockSparse
+
+    model = nn.Sequential(nn.LSTM(64, 128))
+    handle = compress_(model, Prune(compression=12, block="16x4", value_bits=8, total_steps=20, prune_every=5,
+                                    speed_check=False))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(20):
+        out = model(torch.randn(5, 2, 64))[0].sum()
+        optimizer.zero_grad()
+        out.backward()
+        optimizer.step()
+        handle.after_step()
+    handle.finalize()
+    for _, form in handle.forms():
+        assert isinstance(form, BlockSparse)
+        blocks = form.mask.view(form.out_features // 16, 16, form.in_features // 4, 4)
+        assert bool((blocks.all(3).all(1) | ~blocks.any(3).any(1)).all())      # every block all in or all out
+    compress_(model, Int8())
+    assert 12 <= weight_compression(model) < 12.5
+    with pytest.raises(ValueError, match="block must be ROWSxCOLS"):
+        Prune(block="16")

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from leanlstm.nn.forms import (FORMS, BlockCirculant, Dense, Doped, GroupDense, GroupLowRank, Hybrid, Kronecker,
+from leanlstm.nn.forms import (FORMS, BlockCirculant, BlockSparse, Dense, Doped, GroupDense, GroupLowRank, Hybrid, Kronecker,
                                LowRank, MaskedSparse, build_form, kron_factor_shapes)
 from leanlstm.nn.gates import gate_rows, split_gates
 
@@ -23,6 +23,7 @@ def _forms(shape):
     yield Doped.from_dense(weight, "circulant", {"block_size": 3}, density=0.3)
     yield GroupDense.from_dense(weight, groups=math.gcd(*shape))
     yield GroupLowRank.from_dense(weight, groups=1, rank=1)
+    yield BlockSparse.from_dense(weight, density=0.5, block_rows=4, block_cols=2)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -37,7 +38,7 @@ def test_every_registered_form_is_tested():
     # forms defined by other test modules register too; only the package's own must be listed here
     package_forms = {name for name, cls in FORMS.items() if cls.__module__.startswith("leanlstm.")}
     assert package_forms == {"dense", "sparse", "kronecker", "lowrank", "doped", "hybrid", "circulant",
-                             "group", "grouplowrank"}
+                             "group", "grouplowrank", "blocksparse"}
     assert {form.name for form in _forms((8, 4))} == package_forms      # and the tests here build each one
 
 

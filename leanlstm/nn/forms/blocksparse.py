@@ -14,29 +14,23 @@ last block row or column is partial and counts as a block (it is stored padded t
     indices  nblocks block-column indices (uint16 while there are at most 65536 block columns, else int32)
     pointers (ceil(out / block_rows) + 1) int32 block-row pointers
 
-State dicts are ``MaskedSparse``'s (CSR of the kept entries, or the dense weight and mask); loading checks that the
-mask is made of whole blocks.
+State dicts hold the same block CSR (``block_values`` (nblocks, block_rows, block_cols) float32, ``block_columns``,
+``block_pointers``) whenever it is smaller than the dense weight and its mask, so a saved matrix weighs what
+``nbytes()`` says of float32 values. Loading takes that, ``MaskedSparse``'s CSR or the dense layout, and checks that
+the mask is made of whole blocks.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+from torch import nn
 
 from .base import FLOAT_BYTES, SCALE_BYTES
 from .sparse import MaskedSparse
 
+BLOCK_KEYS = ("block_values", "block_columns", "block_pointers")   # state dict keys of the block CSR
 POINTER_BYTES = 4
-
-
-class _ShapeOrForm:
-    """A method called on the class with a matrix's shape, or on a form for its own shape (one name for both)."""
-
-    def __init__(self, on_shape, on_form) -> None:
-        self.on_shape, self.on_form, self.__doc__ = on_shape, on_form, on_shape.__doc__
-
-    def __get__(self, form, owner=None):
-        return self.on_shape if form is None else self.on_form.__get__(form, owner)
 
 
 def block_grid(rows: int, cols: int, block_rows: int, block_cols: int) -> tuple[int, int]:
@@ -62,6 +56,25 @@ def block_nbytes(rows: int, cols: int, nblocks: int, value_bits: int = 32, block
     if value_bits >= 32:
         return values * FLOAT_BYTES + fixed
     return math.ceil(values * value_bits / 8) + rows * SCALE_BYTES + fixed
+
+
+def block_entries_within(rows: int, cols: int, nbytes: float, value_bits: int = 32, block_rows: int = 16,
+                         block_cols: int = 4) -> int:
+    """The most entries, in whole blocks (``blocks * block_rows * block_cols``), that a ``rows x cols`` block-sparse
+    matrix stores within ``nbytes`` (as ``block_nbytes`` counts), at most every block; -1 if even an empty one (its
+    pointers, and int8 scales) does not fit. On a form: ``form.entries_within(nbytes, value_bits=None)``.
+
+    >>> block_entries_within(2600, 650, 2600 * 650 * 4 / 20, 8)     # 20x smaller than dense float32: 18.8% kept
+    316992
+    >>> BlockSparse(2600, 650).entries_within(338000, 8)
+    316992
+    """
+    empty = block_nbytes(rows, cols, 0, value_bits, block_rows, block_cols)
+    if nbytes < empty:
+        return -1
+    per_block = block_nbytes(rows, cols, 1, value_bits, block_rows, block_cols) - empty      # whole bytes
+    blocks = min(int((nbytes - empty) // per_block), math.prod(block_grid(rows, cols, block_rows, block_cols)))
+    return blocks * block_rows * block_cols
 
 
 def block_norms(weight: torch.Tensor, block_rows: int, block_cols: int) -> torch.Tensor:
@@ -184,31 +197,12 @@ class BlockSparse(MaskedSparse):
         return block_nbytes(self.out_features, self.in_features, self.nblocks(), self.value_bits, self.block_rows,
                             self.block_cols)
 
-    def _entries_within_shape(rows: int, cols: int, nbytes: float, value_bits: int = 32, block_rows: int = 16,
-                              block_cols: int = 4) -> int:
-        """The most entries, in whole blocks (``blocks * block_rows * block_cols``), that a ``rows x cols``
-        block-sparse matrix stores within ``nbytes`` (as ``block_nbytes`` counts), at most every block; -1 if even
-        an empty one (its pointers, and int8 scales) does not fit. Called on a form: ``form.entries_within(nbytes,
-        value_bits=None)`` for its own shape, blocks and (by default) value width.
-
-        >>> BlockSparse.entries_within(2600, 650, 2600 * 650 * 4 / 20, 8)
-        316992
-        >>> BlockSparse(2600, 650).entries_within(2600 * 650 * 4 / 20, 8)
-        316992
-        """
-        empty = block_nbytes(rows, cols, 0, value_bits, block_rows, block_cols)
-        if nbytes < empty:
-            return -1
-        per_block = block_nbytes(rows, cols, 1, value_bits, block_rows, block_cols) - empty   # whole bytes
-        blocks = min(int((nbytes - empty) // per_block), math.prod(block_grid(rows, cols, block_rows, block_cols)))
-        return blocks * block_rows * block_cols
-
-    def _entries_within_form(self, nbytes: float, value_bits: int | None = None) -> int:
+    def entries_within(self, nbytes: float, value_bits: int | None = None) -> int:
+        """The most entries (whole blocks) this matrix can keep in ``nbytes`` at ``value_bits`` (default: its own
+        width); ``block_entries_within`` answers for any shape."""
         bits = self.value_bits if value_bits is None else value_bits
-        return BlockSparse._entries_within_shape(self.out_features, self.in_features, nbytes, bits, self.block_rows,
-                                                 self.block_cols)
-
-    entries_within = _ShapeOrForm(_entries_within_shape, _entries_within_form)
+        return block_entries_within(self.out_features, self.in_features, nbytes, bits, self.block_rows,
+                                    self.block_cols)
 
     # --- building and loading ---------------------------------------------------------------------------------
     def options(self) -> dict[str, int]:
@@ -223,8 +217,63 @@ class BlockSparse(MaskedSparse):
         form.prune_to(density)
         return form
 
+    # --- state dicts: the block CSR (see the module doc) ------------------------------------------------------
+    def block_arrays(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(values, columns, pointers)`` of the kept blocks by block row: float32 values ``(nblocks, block_rows,
+        block_cols)`` (partial edge blocks zero-padded), block-column indices (uint16 where they fit, else int32)
+        and int32 block-row pointers, as ``nbytes()`` counts them."""
+        (grid_rows, grid_cols), (br, bc) = self.grid(), (self.block_rows, self.block_cols)
+        padded = self.weight.detach().new_zeros(grid_rows * br, grid_cols * bc)
+        padded[:self.out_features, :self.in_features] = self.materialize().detach()
+        kept = self.block_mask()
+        rows, cols = kept.nonzero(as_tuple=True)                               # row-major
+        values = padded.reshape(grid_rows, br, grid_cols, bc).transpose(1, 2)[rows, cols]
+        pointers = torch.zeros(grid_rows + 1, dtype=torch.int32)
+        pointers[1:] = kept.sum(1).cumsum(0)
+        index = torch.uint16 if grid_cols <= 2**16 else torch.int32
+        return values.to(torch.float32).cpu(), cols.to(index).cpu(), pointers
+
+    def _dense_from_blocks(self, values: torch.Tensor, columns: torch.Tensor, pointers: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dense ``(weight, mask)`` of ``block_arrays``' output; ValueError when they do not fit this form."""
+        (grid_rows, grid_cols), (br, bc) = self.grid(), (self.block_rows, self.block_cols)
+        counts = pointers.to(torch.long).diff()
+        cols = columns.to(torch.long)
+        if (len(pointers) != grid_rows + 1 or counts.lt(0).any() or tuple(values.shape[1:]) != (br, bc)
+                or not int(counts.sum()) == len(values) == len(cols) or (len(cols) and int(cols.max()) >= grid_cols)):
+            raise ValueError(f"block arrays ({len(pointers) - 1} block rows, {len(values)} blocks of "
+                             f"{tuple(values.shape[1:])}) do not describe a {self.out_features}x{self.in_features} "
+                             f"matrix of {br}x{bc} blocks")
+        rows = torch.repeat_interleave(torch.arange(grid_rows), counts)
+        padded = torch.zeros(grid_rows, br, grid_cols, bc, dtype=values.dtype)
+        padded.transpose(1, 2)[rows, cols] = values
+        kept = torch.zeros(grid_rows, grid_cols, dtype=torch.bool)
+        kept[rows, cols] = True
+        weight = padded.reshape(grid_rows * br, grid_cols * bc)[:self.out_features, :self.in_features]
+        return weight.contiguous(), expand_blocks(kept, self.out_features, self.in_features, br, bc)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        dense = self.mask.numel() * (FLOAT_BYTES + 1)                      # float32 weight + bool mask
+        saved = block_nbytes(self.out_features, self.in_features, self.nblocks(), 32, self.block_rows,
+                             self.block_cols)
+        if keep_vars or saved >= dense:                  # keep_vars asks for the live parameters themselves
+            return nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
+        for key, array in zip(BLOCK_KEYS, self.block_arrays()):
+            destination[prefix + key] = array
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        if prefix + BLOCK_KEYS[0] in state_dict:
+            arrays = [state_dict.pop(prefix + key, None) for key in BLOCK_KEYS]
+            if any(array is None for array in arrays):
+                missing_keys.extend(prefix + key for key, array in zip(BLOCK_KEYS, arrays) if array is None)
+                return
+            try:
+                weight, mask = self._dense_from_blocks(*arrays)
+            except ValueError as error:
+                error_msgs.append(f"{prefix}block_*: {error}")
+                return
+            state_dict[prefix + "weight"], state_dict[prefix + "mask"] = weight.to(self.weight.dtype), mask
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if not self._is_blocked(self.mask):
