@@ -6,6 +6,8 @@ Models, each the LSTM stack alone and the whole word model (10,000-word embeddin
 stack, the ISS result (a dense stack of sizes 227 and 445), and the structures of the 20x compressed runs in
 BENCHMARKS.md (magnitude pruning: 3.23% of each matrix;
 doped KP share 0.75: (182x112) kron (15x6) plus 2.42% dense D; doped KP share 0.25: (653x94) kron (4x7) plus 0.81%).
+The ``-int8-bytes`` structures keep what fits a byte budget once values are int8 (1 byte, a float32 scale per row,
+indices counted): unstructured at 60x (ADMM's target) and 16x4 blocks (``BlockSparse``) at 20x, 40x and 60x.
 Latency depends on the structure, not on the trained values, so the models here have random weights of those
 structures. The dense model runs on every backend (leanlstm float32 / int8 / bf16, torch, torch-int8, ONNX Runtime
 float32 and int8); the compressed ones on the leanlstm engine in each precision. Every (model, part, backend) takes
@@ -26,6 +28,17 @@ from leanlstm.tasks.lm import LMConfig, WordLM
 
 PEERS = ("torch", "torch-int8", "onnxruntime", "onnxruntime-int8")
 OURS = ("leanlstm", "leanlstm-int8", "leanlstm-bf16")
+def int8_density(kind: str, compression: float) -> float:
+    """The density a 2600x650 matrix keeps at ``compression`` x fewer bytes than dense float32 with int8 values
+    (indices, pointers and row scales counted): unstructured CSR, or 16x4 blocks."""
+    from leanlstm.methods.pruning import csr_entries_within
+    from leanlstm.nn.forms.blocksparse import block_entries_within
+
+    budget = 2600 * 650 * 4 / compression
+    within = block_entries_within if kind == "blocksparse" else csr_entries_within
+    return within(2600, 650, budget, 8) / (2600 * 650)
+
+
 STRUCTURES = {
     "dense": None,
     "iss-227-445": "shrunk",
@@ -36,7 +49,17 @@ STRUCTURES = {
     "doped-kp-20x-share0.25": ("doped", {"structure": "kronecker",
                                          "structure_options": {"factor_shapes": ((653, 94), (4, 7))},
                                          "density": 0.0081}),
+    # the same byte budgets once values are int8: 60x is ADMM's target; blocks of 16 rows x 4 inputs (BlockSparse)
+    "prune-60x-int8-bytes": ("sparse", {"density": int8_density("sparse", 60)}),
+    "blocks-20x-int8-bytes": ("blocksparse", {"density": int8_density("blocksparse", 20)}),
+    "blocks-40x-int8-bytes": ("blocksparse", {"density": int8_density("blocksparse", 40)}),
+    "blocks-60x-int8-bytes": ("blocksparse", {"density": int8_density("blocksparse", 60)}),
 }
+
+
+def density_of(structure) -> float | None:
+    """The density of a sparse structure's (sparse part's) matrices; None for dense and shrunk stacks."""
+    return structure[1].get("density") if isinstance(structure, tuple) else None
 
 
 def model(structure) -> WordLM:
@@ -54,9 +77,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--seq-len", type=int, default=35)
+    parser.add_argument("--structures", default=",".join(STRUCTURES),
+                        help="comma-separated subset of: " + ", ".join(STRUCTURES) + " (dense is always timed)")
     options = parser.parse_args()
+    chosen = ["dense"] + [name for name in options.structures.split(",") if name != "dense"]
+    unknown = sorted(set(chosen) - set(STRUCTURES))
+    if unknown:
+        parser.error(f"unknown structures {', '.join(unknown)}; known: {', '.join(STRUCTURES)}")
     parts, backends = {}, {}
-    for label, structure in STRUCTURES.items():
+    for label, structure in ((name, STRUCTURES[name]) for name in chosen):
         pipeline = pipeline_of(model(structure))
         names = OURS + PEERS if structure is None else OURS
         parts[f"{label}/lstm"], parts[f"{label}/model"] = pipeline.recurrent_only(), pipeline
@@ -68,11 +97,12 @@ def main() -> None:
     for part in ("lstm", "model"):
         dense = medians[f"dense/{part}"]
         peer_name = min(PEERS, key=lambda name: dense.get(name, float("inf")))
-        for label in STRUCTURES:
+        for label in chosen:
             timed = medians[f"{label}/{part}"]
             for name in OURS:
                 if name in timed:
                     rows.append({"model": label, "part": part, "backend": name, "us_per_step": timed[name],
+                                 "density": density_of(STRUCTURES[label]),
                                  "vs_dense_float32": dense["leanlstm"] / timed[name],
                                  "best_peer": peer_name, "best_peer_us": dense[peer_name],
                                  "vs_best_peer_dense": dense[peer_name] / timed[name]})
