@@ -73,7 +73,7 @@ def attach(model: nn.Module, method: Method, filter_fn: FilterFn | None = None,
     if not (state or {}).get("finalized"):
         plan_speed(handle, state)
         method.convert(handle)
-    for name, lstm in lstms.items():
+    for name, lstm in handle.lstms.items():      # as convert left them (a method may have installed new ones)
         if name and model.get_submodule(name) is not lstm:
             replace_module(model, name, lstm)
     method.start(handle)

@@ -122,7 +122,8 @@ def test_fuzz_train(ptb_slice_dir):
     assert _peak_kib() - before < MEMORY_BOUND_KIB
 
 
-def test_fuzz_compress(ptb_slice_dir):
+def test_fuzz_compress(ptb_slice_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                  # a drawn relative path (a profile folder) lands here
     before = _peak_kib()
 
     @fuzz(25)
@@ -170,9 +171,10 @@ def test_fuzz_profile():
 
 
 @pytest.mark.parametrize("name", LIBRARY_METHODS)
-def test_fuzz_method_configs(name):
+def test_fuzz_method_configs(name, tmp_path, monkeypatch):
     """Every method's config from the command line's text, then used in a user's own loop: a config is refused
     with a ValueError naming the option, or it compresses a small LSTM through its whole life."""
+    monkeypatch.chdir(tmp_path)                  # a drawn relative path (a profile folder) lands here
     method = get_method(name)
 
     @fuzz(25)

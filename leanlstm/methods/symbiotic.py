@@ -1,0 +1,835 @@
+"""Hardware-guided symbiotic training (Yin, Chen, Li, Che, Zhang & Jha, *Hardware-Guided Symbiotic Training for
+Compact, Accurate, yet Execution-Efficient LSTM*, arXiv 1901.10997): compress every LSTM to a per-step latency
+budget measured on the user's own machine and backend: ``leanlstm.Symbiotic``, method ``symbiotic``.
+
+    handle = leanlstm.compress_(model, leanlstm.Symbiotic(latency_budget_us=40, backend="leanlstm", total_steps=N))
+    ...  loss.backward(); optimizer.step(); handle.after_step()
+    handle.finalize()                    # measures the result on the backend: within the budget, or loudly not
+    handle.summary()["symbiotic_measured_us"]
+
+``leanlstm compress --method symbiotic --set backend=onnxruntime --set latency_budget_us=40 ...`` does the same in a
+run. What happens, in order:
+
+1. **Profile** (``check``, before anything changes): a per-layer latency table for the model's shapes on
+   ``backend`` (``runtime.profile.LayerProfile``, cached in ``profile_dir`` per machine and backend version; a
+   profile from elsewhere is re-measured, never reused): for every layer a few widths at and below its own, and
+   at the widths it ends on, each matrix alone sparse at each of ``densities``.
+2. **Widths, snapped to latency valleys.** Each layer starts at the fastest profiled width at or above what
+   accuracy needs (``LatencyTable.fastest_at_or_above``): ``hidden_sizes`` if given (e.g. what an ISS run found),
+   else the width it has. A larger width is taken only when it runs faster by more than ``tolerance``.
+3. **Sparsity only where the hardware rewards it.** Each matrix may be sparse only at the profiled densities at
+   which making it sparse runs its layer faster than dense on ``backend`` (``LayerTable.faster_densities``,
+   sparse and dense timed in the same interleaved run, faster in the median and in the fastest sample); where
+   dense is as fast, it stays dense and the log says so with the numbers. On backends that run every form as its
+   dense matrix (``runtime.profile.FORMS_RUN_DENSE``: torch, ONNX Runtime) sparsity is not even profiled. Where
+   sparse is faster, the matrix starts at the highest such density (smaller *and* faster: the symbiosis).
+4. **Down to the budget.** When the latency model (``runtime.latency_model``) predicts more than ``budget x (1 -
+   margin)``, every layer's need is scaled by one common factor, the largest that fits (bisected), each snapped
+   to the fastest width of its ladder at or above it (``LatencyTable.snapped_sizes``: every smaller width on that
+   ladder runs faster than every larger one), so no layer becomes a bottleneck. If even the smallest widths do not
+   fit, matrices go to lower faster densities, the step saving the most latency per parameter first. Then the
+   widths just above the chosen ones are profiled too and layers step back up while the budget allows, the one
+   furthest below its need first. A budget below the fastest model the profile allows is refused, naming how
+   fast that is.
+5. **Grow and prune** (``methods.growprune``'s ``grow_`` and ``prune_``): layers whose width changed are rebuilt
+   at ``convert`` keeping their largest-norm units (ISS's components: a unit's rows and the columns reading it),
+   and the modules reading them lose the same columns; every sparse matrix starts from its largest weights at
+   ``seed_density`` (never above its target), grows the dormant connections with the largest accumulated
+   gradient, then is magnitude-pruned to its planned density, where pruning stops (the profile says what more
+   sparsity would buy, and the budget is met). Dense matrices just train.
+6. **Measure** (``finalize()``): the compressed stacks are timed on ``backend``; the summary reports the measured
+   latency against the budget, and a result over budget is logged as a warning with the numbers.
+
+From the paper: latency hysteresis (a larger layer can run faster than a smaller one) measured on the target
+hardware and guiding training; widths at latency valleys, "the fastest size at or above" rather than "smaller is
+better"; sparsity only where it buys execution speed on that hardware (its introduction notes that extreme weight
+sparsity buys little on GPUs); grow-and-prune training (NeST's gradient growth and magnitude pruning, as in
+``methods.growprune``). The stored copies of the paper this was written from hold its abstract and introduction,
+not its algorithm: the rest is chosen here. The table's key (cell, input, hidden, which matrix is sparse at which
+density) and its measurement in interleaved runs; the additive stack model with its overhead term; widths decided
+once, before training; the unit choice by ISS component norm; one common width factor, then greedy density steps
+and a balanced climb back; the sweep (the current width, what accuracy needs rounded up to multiples of 8-64,
+``profile_sizes`` widths spaced geometrically below it, ``REFINE`` more where the widths end); the margin; the budget
+as the LSTM stacks' latency (embeddings and heads are not counted: the method does not change them, as with ISS's
+``target_latency_us``); and every default number.
+
+Not done: adding units (a layer never grows past its trained width, though the paper's valleys can lie above it),
+and changing widths while training. A model whose width changes is rebuilt in place (the same LSTM objects), so
+build the optimiser after ``compress_``; an LSTM whose output nothing in the model reads (a bare LSTM) loses the
+removed top-layer channels from its output, as with ISS. The handle's state holds the design, so a resumed run
+continues with the same widths and densities even if a re-profile would now choose others.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import math
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .. import distributed
+from ..graph import trace
+from ..nn import LSTM, Dense
+from ..nn.forms import MaskedSparse
+from ..runtime.backends import get_backend
+from ..runtime.latency import measure
+from ..runtime.latency_model import LatencyModel, LayerSpec
+from ..runtime.profile import (LatencyTable, LayerProfile, LayerSettings, layer_cell, layer_key, layer_model,
+                               runs_forms_dense)
+from ..train import MAX_LR, ConfigError, Range
+from .base import STEPS, UNIT, Method, MethodConfig, qualified
+from .growprune import INITS, Plan as Schedule, grow_, grown, prune_, prune_events, pruned_keep
+from .iss import find_readers, input_columns, input_width, layer_components, narrowed, output_channels, shrunk_lstm
+from .pruning import weight_compression
+
+if TYPE_CHECKING:
+    from ..compress import Compression
+
+log = logging.getLogger(__name__)
+
+ROUND_TO = (8, 16, 32, 64)      # what accuracy needs, rounded up to these: the vector widths where valleys sit
+REFINE = 4                      # widths profiled between a layer's chosen width and the next larger one
+
+
+@dataclass
+class Symbiotic(MethodConfig):
+    """Compress every LSTM to ``latency_budget_us`` per step on ``backend``, guided by a measured profile.
+
+    >>> config = Symbiotic(latency_budget_us=40, backend="onnxruntime")
+    >>> config.densities, Symbiotic.from_strings({"hidden_sizes": "43,93"}).hidden_sizes
+    ([0.1, 0.2, 0.35, 0.5], [43, 93])
+    """
+
+    latency_budget_us: float = 0.0  # per-step latency (us, batch 1) the compressed LSTM stacks must meet; required
+    backend: str = "leanlstm"       # the inference backend the budget holds on (leanlstm.runtime.backends)
+    hidden_sizes: list = field(default_factory=list)  # what accuracy needs per layer, every stack in order ([]: as now)
+    min_hidden: int = 8             # the smallest width the budget may shrink a layer to (what it needs, if smaller)
+    sparsity: bool = True           # sparse matrices where the profile says sparse runs faster than dense
+    densities: list = field(default_factory=lambda: [0.1, 0.2, 0.35, 0.5])  # densities profiled for each matrix
+    tolerance: float = 0.02         # a larger width or a sparse form must be faster by this fraction to be chosen
+    margin: float = 0.1             # plan for budget x (1 - margin): room for the final measurement's noise
+    profile_dir: str = ""           # profile cache ("": $LEANLSTM_CACHE/profiles, else ~/.cache/leanlstm/profiles)
+    profile_sizes: int = 8          # widths profiled at and below what each layer needs
+    profile_repeats: int = 7        # timed sequences per profiled layer
+    seq_len: int = 35               # steps per timed sequence (profile and final measurement)
+    threads: int = 1                # threads every measurement pins
+    measure_repeats: int = 15       # timed sequences of the final measurement
+    seed_density: float = 0.2       # sparse matrices start from their largest weights at this density (<= target)
+    grow_steps: int = 2             # growth steps (methods.growprune)
+    grow_ratio: float = 0.5         # fraction of a matrix's dormant connections each growth step activates
+    grow_every: int = 0             # optimiser steps per growth window (0: from the phase)
+    grow_init: str = "gradient"     # grown weights: "gradient" (-lr * mean dL/dW over the window) or "zero"
+    growth_lr: float = 0.0          # the lr of grow_init="gradient" (0: the Trainer phase's lr)
+    prune_ratio: float = 0.2        # fraction of a matrix's active weights each pruning step removes
+    prune_every: int = 0            # optimiser steps of retraining before each pruning step (0: from the phase)
+    total_steps: int = 0            # optimiser steps of the phase in a user loop (needed only for the 0 = auto fields)
+    speed_check: bool = False       # also time each sparse matrix alone on the leanlstm engine at finalize (the
+                                    # handle's guard; warns only): the profile already decided, layer by layer
+
+    ranges = {"latency_budget_us": Range(0, 1e9, note="required: > 0"), "min_hidden": Range(1, 10**6, integer=True),
+              "tolerance": Range(0, 1, high_open=True), "margin": Range(0, 1, high_open=True),
+              "profile_sizes": Range(1, 1000, integer=True), "profile_repeats": Range(1, 10**5, integer=True),
+              "seq_len": Range(1, 10**5, integer=True), "threads": Range(1, 1024, integer=True),
+              "measure_repeats": Range(1, 10**5, integer=True), "seed_density": Range(0, 1, low_open=True),
+              "grow_steps": Range(0, 10**6, integer=True), "grow_ratio": UNIT,
+              "prune_ratio": Range(0, 1, low_open=True, high_open=True), "grow_every": STEPS, "prune_every": STEPS,
+              "total_steps": STEPS, "growth_lr": Range(0, MAX_LR, note="0: the Trainer phase's lr")}
+    choices = {"grow_init": INITS}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        get_backend(self.backend)            # an unknown backend is refused now, naming the known ones
+        for size in self.hidden_sizes:
+            Range(1, 10**6, integer=True).check("every entry of hidden_sizes", size)
+        self.densities = [float(d) for d in self.densities]
+        for density in self.densities:
+            Range(0, 1, low_open=True, high_open=True).check("every entry of densities", density)
+        if self.sparsity and not self.densities:
+            raise ConfigError("densities", self.densities, "list at least one density when sparsity is on")
+
+
+# --- the design: widths and densities the profile and the budget choose --------------------------------------
+@dataclass
+class Level:
+    """One layer of one stack (all its directions), as the planner sees it."""
+
+    lstm: str                  # the stack's name in the model ("" for a bare LSTM)
+    layer: int                 # its index in the stack
+    cell: str                  # the LayerKey cell
+    matrices: tuple[str, ...]
+    directions: int
+    stack_input: int           # the stack's input width (what layer 0 reads)
+    proj: int                  # the projection size (fixed), or 0
+    current: int               # the width it has
+    need: int                  # what accuracy needs
+    lowest: int                # the smallest width the budget may give it
+
+
+class Choice(NamedTuple):
+    widths: tuple[int, ...]            # per level
+    densities: tuple[float, ...]       # per (level, matrix) slot; 1.0: dense
+
+
+@dataclass
+class Design:
+    """What the planner chose: widths per stack, a target density per sparse matrix, and the numbers behind it."""
+
+    widths: dict[str, list[int]]
+    densities: dict[str, float]        # qualified matrix name -> target density (sparse matrices only)
+    entries: dict[str, int]            # ... -> its entries at the designed width (rows x columns)
+    refused: dict[str, str]            # matrices kept dense because the profile says dense is faster: why
+    predicted_us: float
+    fastest_us: float
+    budget_us: float
+    backend: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Design":
+        return cls(**values)
+
+
+def sweep_sizes(lowest: int, need: int, current: int, count: int) -> list[int]:
+    """Widths to profile for one layer: its current width; what accuracy needs, also rounded up to multiples of 8,
+    16, 32 and 64 (where valleys sit) within the current width; ``count`` widths from ``need`` down to ``lowest``,
+    spaced geometrically (multiples of 8 from 32 up).
+
+    >>> sweep_sizes(8, 100, 128, 4)
+    [8, 19, 40, 100, 104, 112, 128]
+    """
+    above = {need, current} | {-(-need // m) * m for m in ROUND_TO}
+    sizes = {s for s in above if need <= s <= current} | {lowest}
+    if count > 1 and lowest < need:
+        ratio = (lowest / need) ** (1 / (count - 1))
+        for k in range(1, count):
+            width = need * ratio ** k
+            width = round(width / 8) * 8 if width >= 32 else round(width)
+            sizes.add(min(max(width, lowest), need))
+    return sorted(sizes)
+
+
+@functools.lru_cache(maxsize=None)
+def matrix_entries(cell: str, input_size: int, hidden_size: int) -> dict[str, int]:
+    """Entries of each matrix of one layer of this shape (built on the meta device: no memory, no time)."""
+    with torch.device("meta"):
+        layer = layer_model(layer_key(cell, input_size, hidden_size)).layers[0]
+    return {matrix: form.out_features * form.in_features for matrix, form in layer.forms()}
+
+
+class Planner:
+    """Chooses widths and densities for ``levels`` from a latency model (which measures what it lacks)."""
+
+    def __init__(self, levels: list[Level], model: LatencyModel, config: Symbiotic) -> None:
+        self.levels, self.model, self.config = levels, model, config
+        self.slots = [(i, matrix) for i, level in enumerate(levels) for matrix in level.matrices]
+        self.reference: list[int] = []     # per level: the input width its widths were swept at
+        self.top: list[int] = []           # per level: its snapped width, the most the budget lets it keep
+        self._predicted: dict[Choice, float] = {}
+
+    # --- shapes, latency, parameters ----------------------------------------------------------------------
+    def input_size(self, i: int, widths: tuple[int, ...]) -> int:
+        level = self.levels[i]
+        if level.layer == 0:
+            return level.stack_input
+        before = self.levels[i - 1]
+        return before.directions * (before.proj or widths[i - 1])
+
+    def predict(self, choice: Choice) -> float:
+        if choice not in self._predicted:
+            stacks: dict[str, list[LayerSpec]] = {}
+            for i, level in enumerate(self.levels):
+                sparse = tuple((m, d) for (j, m), d in zip(self.slots, choice.densities) if j == i and d < 1.0)
+                spec = LayerSpec(level.cell, self.input_size(i, choice.widths), choice.widths[i], sparse)
+                stacks.setdefault(level.lstm, []).extend([spec] * level.directions)
+            self._predicted[choice] = sum(self.model.stack_us(specs) for specs in stacks.values())
+        return self._predicted[choice]
+
+    def params(self, choice: Choice) -> float:
+        total = 0.0
+        for (i, matrix), density in zip(self.slots, choice.densities):
+            level = self.levels[i]
+            entries = matrix_entries(level.cell, self.input_size(i, choice.widths), choice.widths[i])[matrix]
+            total += level.directions * entries * density
+        return total
+
+    def options(self, i: int, matrix: str, widths: tuple[int, ...]) -> list[float]:
+        """Densities at which ``matrix`` of level ``i`` runs faster sparse (highest first); [] where dense is."""
+        if not self.config.sparsity or runs_forms_dense(self.config.backend):
+            return []
+        level, inputs = self.levels[i], self.input_size(i, widths)
+        keys = [layer_key(level.cell, inputs, widths[i])] + [
+            layer_key(level.cell, inputs, widths[i], matrix, d) for d in self.config.densities]
+        return self.model.table(keys).faster_densities(level.cell, inputs, widths[i], matrix, self.config.tolerance)
+
+    def sweep(self, i: int, sizes: list[int] = ()) -> LatencyTable:
+        """Level ``i``'s widths profiled at its reference input (``sizes`` measured first if new), within its range."""
+        level, inputs = self.levels[i], self.reference[i]
+        table = self.model.table([layer_key(level.cell, inputs, s) for s in sizes])
+        rows = table.sweep(level.cell, inputs).rows
+        return LatencyTable({s: row for s, row in rows.items() if level.lowest <= s <= level.current})
+
+    def ladder(self, i: int) -> list[int]:
+        """The widths level ``i`` may take, smallest first: every profiled width snapped up, up to its top."""
+        return [s for s in self.sweep(i).snapped_sizes(self.config.tolerance) if s <= self.top[i]]
+
+    # --- step 2 and 3: snapped widths, the first densities -----------------------------------------------------
+    def start(self) -> Choice:
+        widths: list[int] = []
+        for i, level in enumerate(self.levels):
+            self.reference.append(self.input_size(i, tuple(widths)))
+            sweep = self.sweep(i, sweep_sizes(level.lowest, level.need, level.current, self.config.profile_sizes))
+            width = sweep.fastest_at_or_above(level.need, self.config.tolerance)
+            self.top.append(width)
+            widths.append(width)
+            if width != level.need:
+                log.info("symbiotic: %s layer %d: %d units run %.2f us, %d (what it needs) %.2f us on %s: %d it is",
+                         level.lstm or "LSTM", level.layer, width, sweep.latency(width), level.need,
+                         sweep.latency(level.need), self.config.backend, width)
+        return self.refit(Choice(tuple(widths), (1.0,) * len(self.slots)), range(len(self.levels)))
+
+    def refit(self, choice: Choice, levels: Iterable[int]) -> Choice:
+        """Densities of ``levels``' matrices valid at their (new) shapes: kept where still faster, else the highest
+        faster density, else dense."""
+        levels = set(levels)
+        densities = list(choice.densities)
+        for index, (i, matrix) in enumerate(self.slots):
+            if i in levels:
+                options = self.options(i, matrix, choice.widths)
+                if densities[index] not in options:
+                    densities[index] = options[0] if options else 1.0
+        return choice._replace(densities=tuple(densities))
+
+    def resized(self, choice: Choice, i: int, width: int) -> Choice:
+        """``choice`` with level ``i`` at ``width``, its matrices and the next layer's (its input) refitted."""
+        widths = choice.widths[:i] + (width,) + choice.widths[i + 1:]
+        follows = [i + 1] if i + 1 < len(self.levels) and self.levels[i + 1].layer > 0 else []
+        return self.refit(choice._replace(widths=widths), [i] + follows)
+
+    def with_density(self, choice: Choice, index: int, density: float) -> Choice:
+        densities = list(choice.densities)
+        densities[index] = density
+        return choice._replace(densities=tuple(densities))
+
+    # --- step 4: down to the budget, then back up as far as it allows -------------------------------------------
+    def scaled(self, factor: float) -> Choice:
+        """Every layer at the fastest width of its ladder at or above ``factor`` x what it needs (the smallest such
+        ladder width: each runs faster than every larger one), every matrix refitted."""
+        widths = []
+        for i, level in enumerate(self.levels):
+            wanted = max(level.lowest, math.ceil(factor * level.need - 1e-9))
+            ladder = self.ladder(i)
+            widths.append(next((s for s in ladder if s >= wanted), ladder[-1]))
+        return self.refit(Choice(tuple(widths), (1.0,) * len(self.slots)), range(len(self.levels)))
+
+    def scale(self, target: float, steps: int = 10) -> Choice:
+        """The largest common factor of what the layers need whose snapped widths fit ``target`` (bisected on a
+        log scale): every layer gives up the same share, none becomes a bottleneck. If even the smallest widths do
+        not fit, those."""
+        low, high = min(level.lowest / level.need for level in self.levels), 1.0
+        best = self.scaled(low)
+        if self.predict(best) > target:
+            return best
+        for _ in range(steps):
+            middle = math.sqrt(low * high)
+            choice = self.scaled(middle)
+            if self.predict(choice) <= target:
+                low, best = middle, choice
+            else:
+                high = middle
+        return best
+
+    def downs(self, choice: Choice) -> Iterator[Choice]:
+        """Every single step down: a layer to its next smaller ladder width, a matrix to its next lower density."""
+        for i in range(len(self.levels)):
+            smaller = [s for s in self.ladder(i) if s < choice.widths[i]]
+            if smaller:
+                yield self.resized(choice, i, smaller[-1])
+        for index, (i, matrix) in enumerate(self.slots):
+            lower = [d for d in self.options(i, matrix, choice.widths) if d < choice.densities[index]]
+            if lower:
+                yield self.with_density(choice, index, lower[0])
+
+    def ups(self, choice: Choice) -> Iterator[tuple[tuple[float, float], Choice]]:
+        """Every single step up with its priority: a layer to its next larger ladder width (up to its top), the
+        layer furthest below what it needs first; then a sparse matrix to its next higher faster density (sparse
+        stays sparse where it is faster), the one giving back the most parameters first."""
+        for i, level in enumerate(self.levels):
+            larger = [s for s in self.ladder(i) if s > choice.widths[i]]
+            if larger:
+                yield (0, choice.widths[i] / level.need), self.resized(choice, i, larger[0])
+        for index, (i, matrix) in enumerate(self.slots):
+            higher = [d for d in self.options(i, matrix, choice.widths) if d > choice.densities[index]]
+            if higher and choice.densities[index] < 1.0:
+                move = self.with_density(choice, index, higher[-1])
+                yield (1, -self.params(move)), move
+
+    def descend(self, choice: Choice, target: float) -> Choice:
+        """Greedy: while over ``target``, take the step down that saves the most latency per parameter removed."""
+        while self.predict(choice) > target:
+            best, best_score = None, 0.0
+            for move in self.downs(choice):
+                gain = self.predict(choice) - self.predict(move)
+                score = gain / max(self.params(choice) - self.params(move), 1.0)
+                if gain > 0 and score > best_score:
+                    best, best_score = move, score
+            if best is None:
+                break
+            choice = best
+        return choice
+
+    def refine(self, choice: Choice) -> None:
+        """Profile ``REFINE`` more widths between each layer's width and the next larger on its ladder: the
+        sweep is coarse, and the last step down may have gone further than the budget needs."""
+        for i, width in enumerate(choice.widths):
+            larger = [s for s in self.ladder(i) if s > width]
+            if larger:
+                self.sweep(i, between(width, larger[0], REFINE))
+
+    def ascend(self, choice: Choice, target: float) -> Choice:
+        """While some step up still fits ``target``, take the first by priority (``ups``). Ends: widths only
+        grow, and between width steps densities only rise."""
+        while True:
+            fitting = [(priority, move) for priority, move in self.ups(choice) if self.predict(move) <= target]
+            if not fitting:
+                return choice
+            choice = min(fitting, key=lambda pair: pair[0])[1]
+
+    def fastest(self) -> Choice:
+        """Every layer at the smallest width of its ladder, every matrix at its fastest faster density."""
+        choice = Choice(tuple(self.ladder(i)[0] for i in range(len(self.levels))), (1.0,) * len(self.slots))
+        densities = []
+        for i, matrix in self.slots:
+            level, inputs = self.levels[i], self.input_size(i, choice.widths)
+            options = self.options(i, matrix, choice.widths)
+            table = self.model.table([])
+            densities.append(min(options, default=1.0, key=lambda d: table.latency(
+                layer_key(level.cell, inputs, choice.widths[i], matrix, d))))
+        return choice._replace(densities=tuple(densities))
+
+
+def between(low: int, high: int, count: int) -> list[int]:
+    """Up to ``count`` widths strictly between ``low`` and ``high``, evenly spread; multiples of 8 where any lie
+    between (the vector widths).
+
+    >>> between(64, 96, 4), between(10, 13, 4)
+    ([72, 80, 88], [11, 12])
+    """
+    inside = [s for s in range(low + 1, high) if s % 8 == 0] or list(range(low + 1, high))
+    if len(inside) <= count:
+        return inside
+    return sorted({inside[round(k * (len(inside) - 1) / (count - 1))] for k in range(count)})
+
+
+def levels_of(lstms: dict[str, LSTM], config: Symbiotic) -> list[Level]:
+    """The planner's view of the stacks, with what accuracy needs checked against what each layer has."""
+    levels = []
+    for name, lstm in lstms.items():
+        for index in range(lstm.num_layers):
+            layer = lstm.layer(index, 0)
+            levels.append(Level(name, index, layer_cell(layer), tuple(layer.matrices), lstm.num_directions,
+                                lstm.input_size, lstm.proj_size, layer.hidden_size, layer.hidden_size, 0))
+    needs = list(config.hidden_sizes) or [level.current for level in levels]
+    if len(needs) != len(levels):
+        raise ValueError(f"hidden_sizes lists {len(needs)} sizes, but the model's LSTMs have {len(levels)} layers "
+                         f"({[level.current for level in levels]}): give one size per layer, every stack in order")
+    for number, (level, need) in enumerate(zip(levels, needs)):
+        if need > level.current:
+            raise ValueError(f"hidden_sizes[{number}] = {need} is above the {level.current} units layer {level.layer} "
+                             f"of {level.lstm or 'the LSTM'!r} has: symbiotic keeps a layer's trained units and adds "
+                             f"none; give at most {level.current}")
+        if need <= level.proj:
+            raise ValueError(f"hidden_sizes[{number}] = {need} must exceed the stack's proj_size {level.proj}")
+        level.need = need
+        level.lowest = min(need, max(config.min_hidden, level.proj + 1))
+    return levels
+
+
+def design(lstms: dict[str, LSTM], config: Symbiotic, model: LatencyModel) -> Design:
+    """Widths and densities for ``lstms`` within the budget (steps 2-4 of the module doc); a budget below the
+    fastest model the profile allows is refused, saying how fast that is."""
+    levels = levels_of(lstms, config)
+    planner = Planner(levels, model, config)
+    budget = config.latency_budget_us
+    target = budget * (1 - config.margin)
+    choice = planner.start()
+    if planner.predict(choice) > target:
+        choice = planner.descend(planner.scale(target), target)   # every layer alike, then lower densities
+    if planner.predict(choice) > target:
+        fastest = planner.fastest()
+        if planner.predict(fastest) > budget:
+            raise ValueError(_too_fast(planner, fastest, config))
+        choice = min(choice, fastest, key=planner.predict)
+    if planner.predict(choice) <= target:
+        planner.refine(choice)
+        choice = planner.ascend(choice, target)
+    else:
+        log.warning("symbiotic: the plan runs %.2f us per step, within the budget of %.2f us but not its %.0f%% "
+                    "margin: the final measurement may land above it", planner.predict(choice), budget,
+                    100 * config.margin)
+    return _design(planner, choice, config)
+
+
+def _too_fast(planner: Planner, fastest: Choice, config: Symbiotic) -> str:
+    sparse = sorted({d for d in fastest.densities if d < 1.0})
+    return (f"latency_budget_us = {config.latency_budget_us:g} is below the fastest model symbiotic can build here: "
+            f"{planner.predict(fastest):.2f} us per step on {config.backend} (widths {list(fastest.widths)}"
+            f"{f', sparse matrices down to density {sparse[0]:g}' if sparse else ', every matrix dense'}). Give a "
+            f"budget of at least that, a lower min_hidden ({config.min_hidden}), or lower densities")
+
+
+def _design(planner: Planner, choice: Choice, config: Symbiotic) -> Design:
+    widths: dict[str, list[int]] = {}
+    densities, entries, refused = {}, {}, {}
+    table = planner.model.table([])
+    for i, level in enumerate(planner.levels):
+        widths.setdefault(level.lstm, []).append(choice.widths[i])
+        inputs = planner.input_size(i, choice.widths)
+        dense_us = table.latency(layer_key(level.cell, inputs, choice.widths[i]))
+        for (j, matrix), density in zip(planner.slots, choice.densities):
+            if j != i:
+                continue
+            names = [qualified(level.lstm, f"layers.{level.layer * level.directions + d}.weight_{matrix}")
+                     for d in range(level.directions)]
+            for name in names:
+                if density < 1.0:
+                    densities[name] = density
+                    entries[name] = matrix_entries(level.cell, inputs, choice.widths[i])[matrix]
+                elif config.sparsity and runs_forms_dense(config.backend):
+                    refused[name] = (f"{config.backend} runs every form as the dense matrix it materialises: "
+                                     f"sparse cannot be faster there (not profiled)")
+                elif config.sparsity:
+                    planner.options(i, matrix, choice.widths)          # measures the densities if not yet
+                    best = min(table.latency(layer_key(level.cell, inputs, choice.widths[i], matrix, d))
+                               for d in config.densities)
+                    refused[name] = (f"dense runs its layer in {dense_us:.2f} us, sparse at best {best:.2f} us "
+                                     f"(densities {config.densities}) on {config.backend}")
+    return Design(widths, densities, entries, refused, planner.predict(choice), planner.predict(planner.fastest()),
+                  config.latency_budget_us, config.backend)
+
+
+# --- rebuilding at the designed widths --------------------------------------------------------------------------
+def kept_units(name: str, lstm: LSTM, widths: list[int], readers: list) -> dict[tuple[int, str], torch.Tensor]:
+    """Per cell layer and group, the units to keep: the ``widths[l]`` hidden units with the largest ISS component
+    norms (their rows, and the columns of whatever reads them), every unit of the other groups."""
+    keep = {}
+    with torch.no_grad():
+        for group in layer_components(name, lstm, readers):
+            if group.group == "hidden":
+                width = widths[group.layer // lstm.num_directions]
+                keep[(group.layer, group.group)] = group.squared_norms().topk(width).indices.sort().values.cpu()
+            else:
+                keep[(group.layer, group.group)] = torch.arange(group.size)
+    return keep
+
+
+def every_unit(lstm: LSTM) -> dict[tuple[int, str], torch.Tensor]:
+    return {(flat, group.name): torch.arange(group.size)
+            for flat, layer in enumerate(lstm.layers) for group in layer.groups()}
+
+
+def resized_modules(handle: "Compression", widths: dict[str, list[int]], readers: dict[str, list[str]]
+                    ) -> dict[str, nn.Module]:
+    """The modules replacing the stacks whose widths change and the modules reading them, by name."""
+    changed = [name for name, lstm in handle.lstms.items() if list(lstm.hidden_sizes) != widths[name]]
+    keep, inputs = {}, {}
+    for name in changed:
+        lstm = handle.lstms[name]
+        columns = [r for reader in readers[name] for r in input_columns(reader, handle.module(reader))]
+        keep[name] = kept_units(name, lstm, widths[name], columns)
+        for reader in readers[name]:
+            inputs[reader] = output_channels(lstm, keep[name], lstm.num_layers - 1)
+    new = {}
+    for name in set(changed) | (set(inputs) & set(handle.lstms)):
+        lstm = handle.lstms[name]
+        new[name] = shrunk_lstm(lstm, keep.get(name) or every_unit(lstm), inputs.get(name))
+    for reader, columns in inputs.items():
+        present = handle.module(reader)
+        if reader not in handle.lstms and len(columns) < input_width(present):
+            new[reader] = narrowed(present, columns)
+    return new
+
+
+def transplant_(lstm: LSTM, new: LSTM) -> None:
+    """Give ``lstm`` the layers and sizes of ``new``, in place: the model and the handle keep the same object."""
+    lstm.layers = new.layers
+    lstm.hidden_sizes = list(new.hidden_sizes)
+    lstm.input_size = new.input_size
+
+
+def default_profile_root() -> Path:
+    """``$LEANLSTM_CACHE/profiles``, else ``$XDG_CACHE_HOME/leanlstm/profiles``, else ``~/.cache/leanlstm/profiles``."""
+    if os.environ.get("LEANLSTM_CACHE"):
+        return Path(os.environ["LEANLSTM_CACHE"]).expanduser() / "profiles"
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "leanlstm" / "profiles"
+
+
+def schedule_for(config: Symbiotic, counts: list[tuple[str, int, int, int]], total: int) -> Schedule:
+    """Grow-and-prune's schedule for the sparse matrices ``(name, entries now, numel, target entries)`` over a phase
+    of ``total`` steps (0: unknown), as ``growprune.make_plan`` fits it; nothing to schedule without sparse ones."""
+    if not counts:
+        return Schedule(1, 1, 0, 0)
+    c = config
+    events = max(prune_events(active, numel, target, c) for _, active, numel, target in counts)
+    auto = [name for name, value, used in (("grow_every", c.grow_every, c.grow_steps > 0),
+                                           ("prune_every", c.prune_every, events > 0)) if used and not value]
+    if auto and not total:
+        raise ValueError(f"Symbiotic fits {' and '.join(auto)} = 0 to the phase, but does not know its length: pass "
+                         f"total_steps=N (leanlstm.Trainer sets it from its epochs) or give {' and '.join(auto)}")
+    grow_every = c.grow_every or (total // (4 * c.grow_steps) if c.grow_steps else 1)
+    prune_every = c.prune_every or (total // (2 * events) if events else 1)
+    schedule = Schedule(grow_every, prune_every, c.grow_steps, events)
+    if not (grow_every and prune_every) or (total and schedule.pruning_end > total):
+        raise ValueError(f"Symbiotic cannot reach its planned densities in {total} optimiser steps: {c.grow_steps} "
+                         f"growth steps x {grow_every} steps, then {events} pruning steps (prune_ratio "
+                         f"{c.prune_ratio}) x {prune_every} steps; lower grow_every / prune_every, raise prune_ratio, "
+                         f"lower grow_steps / grow_ratio, or train longer")
+    return schedule
+
+
+# --- the method -----------------------------------------------------------------------------------------------
+class SymbioticMethod(Method):
+    """Profile, design widths and densities for the budget, grow and prune to them, measure the result.
+
+    ``profile``: the latency source to plan with instead of the one opened from ``profile_dir``: a
+    ``runtime.profile.LayerProfile``, or anything with its ``ensure(keys) -> LayerTable`` (tests inject tables).
+    """
+
+    name = "symbiotic"
+    Config = Symbiotic
+
+    def __init__(self, config: Symbiotic | None = None, profile: Any = None) -> None:
+        super().__init__(config)
+        self.profile = profile
+        self.design: Design | None = None
+        self.readers: dict[str, list[str]] = {}
+        self.pending: dict[str, nn.Module] = {}     # the resized modules check built, for convert to put in place
+        self.schedule: Schedule | None = None
+        self.lr: float | None = None
+        self.measured: dict[str, Any] | None = None
+        self.handle: "Compression | None" = None
+        # a run times the result first on the backend it was designed for, beside the usual two
+        self.latency_backends = tuple(dict.fromkeys((self.config.backend, "leanlstm", "onnxruntime")))
+
+    def source(self) -> Any:
+        if self.profile is None:
+            c = self.config
+            root = Path(c.profile_dir).expanduser() if c.profile_dir else default_profile_root()
+            folder = root / f"{c.backend}-seq{c.seq_len}-repeats{c.profile_repeats}-threads{c.threads}"
+            self.profile = LayerProfile(folder, LayerSettings(c.backend, c.seq_len, c.profile_repeats, c.threads))
+        return self.profile
+
+    # --- before anything changes: the profile and the design ------------------------------------------------
+    def check(self, handle: "Compression") -> None:
+        c = self.config
+        if c.latency_budget_us <= 0:
+            raise ValueError(f"Symbiotic needs latency_budget_us=N: the per-step latency (us, batch 1) the LSTM "
+                             f"stacks must meet on {c.backend}; leanlstm.runtime.latency(model) measures them now")
+        for name, form in handle.forms():
+            if form.name not in ("dense", "sparse"):
+                raise ValueError(f"symbiotic plans dense and pruned matrices; {name} is a {form.name} form")
+        self.design = design(handle.lstms, c, LatencyModel(self.source()))
+        self._log_design()
+        changed = [name for name, lstm in handle.lstms.items() if list(lstm.hidden_sizes) != self.design.widths[name]]
+        self.pending = {}
+        if changed:           # built now (non-dense forms refused by name), put in place by convert
+            self.readers = self._readers(handle)
+            self.pending = resized_modules(handle, self.design.widths, self.readers)
+        if handle.total_steps:
+            self.schedule = schedule_for(c, self._counts(handle, planned=True), handle.total_steps)
+
+    def _readers(self, handle: "Compression") -> dict[str, list[str]]:
+        graph = trace(handle.model) if any(handle.lstms) else None
+        try:
+            return {name: find_readers(handle.model, name, lstm, handle.module, graph, tuple(handle.lstms))
+                    for name, lstm in handle.lstms.items()}
+        except ValueError as error:
+            raise ValueError(f"symbiotic narrows layers as ISS removes units, and cannot here: {error}. Give "
+                             f"hidden_sizes equal to the current widths and a budget they meet, or read the LSTM "
+                             f"output through an nn.Linear") from error
+
+    def _log_design(self) -> None:
+        d = self.design
+        log.info("symbiotic on %s: widths %s, %d sparse matrices %s; predicted %.2f us per step for a budget of "
+                 "%.2f us (fastest possible %.2f us)", d.backend, d.widths, len(d.densities), d.densities,
+                 d.predicted_us, d.budget_us, d.fastest_us)
+        for name, why in d.refused.items():
+            log.info("symbiotic: %s stays dense: %s", name, why)
+
+    def _counts(self, handle: "Compression", planned: bool = False) -> list[tuple[str, int, int, int]]:
+        """``(name, entries now or at the seed, numel, target entries)`` of every matrix the design makes sparse."""
+        counts, present = [], {} if planned else dict(handle.forms())
+        for name, target in self.design.densities.items():
+            form, numel = present.get(name), self.design.entries[name]
+            seed = round(min(self.config.seed_density, target) * numel)
+            counts.append((name, form.nnz() if isinstance(form, MaskedSparse) else seed, numel,
+                           max(1, round(target * numel))))
+        return counts
+
+    # --- convert: the designed widths and forms ---------------------------------------------------------------
+    def convert(self, handle: "Compression") -> None:
+        new, self.pending = self.pending, {}
+        for name, module in new.items():
+            if name in handle.lstms:
+                transplant_(handle.lstms[name], module)
+            else:
+                handle.install({name: module})
+        if new:
+            log.info("symbiotic: hidden sizes now %s",
+                     {name or "(model)": lstm.hidden_sizes for name, lstm in handle.lstms.items()})
+        self._set_forms(handle)
+
+    def _set_forms(self, handle: "Compression") -> None:
+        """Sparse matrices become MaskedSparse at their seed (largest weights), the others Dense; all are built
+        before any is set, so a failure changes nothing."""
+        changes = []
+        for lstm_name, lstm in handle.lstms.items():
+            for index, layer in enumerate(lstm.layers):
+                for matrix, form in layer.forms():
+                    target = self.design.densities.get(qualified(lstm_name, f"layers.{index}.weight_{matrix}"))
+                    if isinstance(form, Dense if target is None else MaskedSparse):
+                        continue                                    # already in its form (a restored model)
+                    dense = form.materialize().detach().cpu().float()
+                    changes.append((layer, matrix, Dense.from_dense(dense) if target is None else
+                                    MaskedSparse.from_dense(dense, density=min(self.config.seed_density, target))))
+        for layer, matrix, form in changes:
+            layer.set_form(matrix, form)
+
+    def _sparse(self, handle: "Compression") -> list[tuple[str, MaskedSparse]]:
+        return [(name, form) for name, form in handle.forms() if isinstance(form, MaskedSparse)]
+
+    def start(self, handle: "Compression") -> None:
+        self.handle = handle
+        growing = not handle.finalized and self.config.grow_steps > 0 and (
+            self.schedule is None or handle.step < self.schedule.growth_end)
+        for _, form in self._sparse(handle):
+            if growing and form.dense_grad is None:
+                form.track_gradient()
+            elif not growing:
+                form.track_gradient(False)
+
+    def on_train_begin(self, handle: "Compression", lr: float) -> None:
+        if handle.finalized:
+            return
+        self.lr = lr
+        self._schedule(handle)       # a schedule the phase cannot hold fails here, before the first step
+
+    def _schedule(self, handle: "Compression") -> Schedule:
+        if self.schedule is None:
+            self.schedule = schedule_for(self.config, self._counts(handle), handle.total_steps)
+            log.info("symbiotic grow-and-prune schedule: %s", self.schedule)
+        return self.schedule
+
+    # --- every step: grow-and-prune to the designed densities ---------------------------------------------------
+    def after_step(self, handle: "Compression") -> None:
+        with torch.no_grad():        # masked-out weights stay exactly zero whatever the optimiser
+            for _, form in self._sparse(handle):
+                form.weight.mul_(form.mask)
+        if handle.finalized or not self.design.densities:
+            return
+        schedule = self._schedule(handle)
+        if self.config.grow_init == "gradient" and handle.step <= schedule.growth_end:
+            self._growth_lr()        # no lr known: refused at the first step, not at the first growth
+        if schedule.growing(handle.step):
+            self._grow(handle, schedule)
+        elif schedule.pruning(handle.step):
+            self._prune(handle, to_target=False)
+
+    def _grow(self, handle: "Compression", schedule: Schedule) -> None:
+        lr = self._growth_lr() if self.config.grow_init == "gradient" else None
+        for name, form in self._sparse(handle):
+            if distributed.is_distributed():          # every process grows the same connections
+                dist.all_reduce(form.dense_grad)
+                form.dense_grad /= dist.get_world_size()
+            init = None if lr is None else form.dense_grad * (-lr / schedule.grow_every)
+            grow_(form, grown(form.nnz(), form.mask.numel(), self.config.grow_ratio), init)
+            form.dense_grad.zero_()
+            log.debug("symbiotic step %d: %s grew to density %.4f", handle.step, name, form.density())
+        if handle.step >= schedule.growth_end:
+            for _, form in self._sparse(handle):
+                form.track_gradient(False)
+
+    def _growth_lr(self) -> float:
+        lr = self.config.growth_lr or self.lr
+        if not lr:
+            raise ValueError("Symbiotic(grow_init='gradient') starts a grown weight at -lr x its mean gradient but "
+                             "knows no lr: pass growth_lr=<your optimiser's lr>, or grow_init='zero' "
+                             "(leanlstm.Trainer passes its lr)")
+        return lr
+
+    def _prune(self, handle: "Compression", to_target: bool) -> None:
+        """One pruning step of every sparse matrix above its designed density (``to_target``: straight to it)."""
+        for name, form in self._sparse(handle):
+            target = max(1, round(self.design.densities[name] * form.mask.numel()))
+            if form.nnz() > target:
+                prune_(form, target if to_target else pruned_keep(form.nnz(), target, self.config.prune_ratio))
+
+    # --- the end: the measured latency against the budget ------------------------------------------------------
+    def finish(self, handle: "Compression") -> None:
+        self._prune(handle, to_target=True)          # a schedule cut short: every matrix at its density now
+        self.measured = self._measure(handle)
+        m = self.measured
+        if m["within_budget"]:
+            log.info("symbiotic: measured %.2f us per step on %s, within the budget of %.2f us (predicted %.2f us)",
+                     m["measured_us"], m["backend"], m["budget_us"], m["predicted_us"])
+        else:
+            log.warning("symbiotic: %s", m["warning"])
+
+    def _measure(self, handle: "Compression") -> dict[str, Any]:
+        c, d = self.config, self.design
+        stacks = {name or "(model)": copy.deepcopy(lstm).cpu().eval() for name, lstm in handle.lstms.items()}
+        result = measure(stacks, backends=(c.backend,), seq_len=c.seq_len, repeats=c.measure_repeats,
+                         threads=c.threads)["models"]
+        failed = {label: r["errors"].get(c.backend) for label, r in result.items() if c.backend not in r["backends"]}
+        per_stack = {label: r["backends"][c.backend]["median"] for label, r in result.items() if label not in failed}
+        total = sum(per_stack.values())
+        out = {"backend": c.backend, "budget_us": d.budget_us, "predicted_us": d.predicted_us,
+               "measured_us": total, "per_stack_us": per_stack, "within_budget": not failed and total <= d.budget_us,
+               "warning": None}
+        if failed:
+            out["warning"] = f"could not measure {sorted(failed)} on {c.backend} ({failed}): the budget is unchecked"
+        elif total > d.budget_us:
+            out["warning"] = (f"OVER THE LATENCY BUDGET: the compressed LSTM stacks measure {total:.2f} us per step "
+                              f"on {c.backend} (batch 1, {c.seq_len}-step sequences, {c.threads} thread(s)), "
+                              f"{100 * (total / d.budget_us - 1):.0f}% above the budget of {d.budget_us:.2f} us; the "
+                              f"profile predicted {d.predicted_us:.2f} us. A busy machine reads slow: measure again "
+                              f"when it is idle, or compress again with a lower budget or a larger margin")
+        return out
+
+    def summarize(self, handle: "Compression") -> dict[str, Any]:
+        d, m = self.design, self.measured or {}
+        out = {"symbiotic_backend": d.backend, "symbiotic_budget_us": d.budget_us,
+               "symbiotic_predicted_us": d.predicted_us, "symbiotic_fastest_us": d.fastest_us,
+               "symbiotic_widths": d.widths, "symbiotic_densities": d.densities,
+               "symbiotic_kept_dense": sorted(d.refused), "lstm_weight_compression": weight_compression(handle.forms()),
+               "sparse_density": {name: form.density() for name, form in self._sparse(handle)},
+               "symbiotic_schedule": asdict(self.schedule) if self.schedule else None}
+        if m:
+            out |= {"symbiotic_measured_us": m["measured_us"], "symbiotic_within_budget": m["within_budget"],
+                    "symbiotic_warning": m["warning"]}
+        return out
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        forms = self._sparse(self.handle) if self.handle is not None else []
+        sums = {name: form.dense_grad.detach().clone() for name, form in forms if form.dense_grad is not None}
+        return {"design": self.design.to_dict() if self.design else None,
+                "schedule": asdict(self.schedule) if self.schedule else None, "lr": self.lr,
+                "measured": self.measured, "dense_grad": sums}
+
+    def load_state_dict(self, state: dict[str, Any], handle: "Compression") -> None:
+        self.design = Design.from_dict(state["design"]) if state["design"] else self.design
+        self.schedule = Schedule(**state["schedule"]) if state["schedule"] else None
+        self.lr, self.measured = state["lr"], state["measured"]
+        forms = dict(handle.forms())
+        for name, total in state["dense_grad"].items():    # an unfinished growth window's sums
+            forms[name].dense_grad = total.to(forms[name].weight).clone()
