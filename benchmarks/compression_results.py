@@ -39,9 +39,17 @@ def summary(run_dir: Path) -> dict:
     return out
 
 
-def ours(measured: dict, part: str) -> float | None:
-    """leanlstm's median for ``part`` ("lstm" or "model") of one model; None where the engine failed."""
-    return measured[part].get("leanlstm")
+def ours(measured: dict, part: str, backend: str) -> float | None:
+    """``backend``'s median for ``part`` ("lstm" or "model") of one model; None where it failed."""
+    return measured[part].get(backend)
+
+
+def origin(run_dir: Path) -> Path | None:
+    """The run a chain of compressions started from (an int8 run from a pruned run from the baseline)."""
+    source = summary(run_dir).get("source")
+    while source and (Path(source) / "metrics.json").is_file() and summary(Path(source)).get("source"):
+        source = summary(Path(source))["source"]
+    return Path(source) if source else None
 
 
 def main() -> None:
@@ -53,13 +61,17 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="PNG of test perplexity against LSTM compression per method")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--backends", nargs="+", default=["leanlstm", "onnxruntime"])
+    parser.add_argument("--ours", default="leanlstm", help="the backend the compressed models are judged on, e.g. "
+                        "leanlstm-int8; the others' dense times are the peers")
     parser.add_argument("--note", default="")
     args = parser.parse_args()
+    if args.ours not in args.backends:
+        args.backends = [args.ours, *args.backends]
 
     summaries = {run_dir: summary(run_dir) for run_dir in [args.baseline, *args.runs, *args.control]}
     for run_dir in args.runs:        # ratios, ppl changes and the run's own compression factor share one baseline
-        source = summaries[run_dir].get("source")
-        if source and Path(source).resolve() != args.baseline.resolve():
+        source = origin(run_dir)
+        if source and source.resolve() != args.baseline.resolve():
             raise SystemExit(f"{run_dir} was compressed from {source}, not from --baseline {args.baseline}")
     dirs = {"baseline": args.baseline, **{str(d): d for d in [*args.runs, *args.control]}}
     models = {label: load_run(d)[1] for label, d in dirs.items()}
@@ -78,22 +90,29 @@ def main() -> None:
         result["test_ppl_change_percent"] = 100 * result["test_ppl_change"] / base["test_ppl"]
         result["latency_us_per_step"] = own = latency[str(run_dir)]
         result["baseline_latency_us_per_step"] = latency["baseline"]
-        stack, model = ours(own, "lstm"), ours(own, "model")
+        stack, model = ours(own, "lstm", args.ours), ours(own, "model", args.ours)
         dense_ort_model = latency["baseline"]["model"].get("onnxruntime")
         if dense_ort and stack:
             result["lstm_speedup_vs_dense_onnxruntime"] = dense_ort / stack
         if dense_ort_model and model:
             result["model_speedup_vs_dense_onnxruntime"] = dense_ort_model / model
-        dense_ours = ours(latency["baseline"], "lstm")
+        dense_ours = ours(latency["baseline"], "lstm", args.ours)
         if dense_ours and stack:
-            result["lstm_speedup_vs_dense_leanlstm"] = dense_ours / stack
+            result[f"lstm_speedup_vs_dense_{args.ours}"] = dense_ours / stack
+        peers = {name: t for name, t in latency["baseline"]["lstm"].items() if not name.startswith("leanlstm")}
+        if peers and stack:      # the best peer: the fastest other backend running the dense baseline
+            best = min(peers, key=peers.get)
+            result |= {"best_peer": best, "lstm_speedup_vs_best_dense_peer": peers[best] / stack}
+            model_peers = {name: t for name, t in latency["baseline"]["model"].items() if name in peers}
+            if model and best in model_peers:
+                result["model_speedup_vs_best_dense_peer"] = model_peers[best] / model
         errors = timing["models"][str(run_dir)]["errors"]
         return result | ({"latency_errors": errors} if errors else {})
 
     report = {
         "command": command_line(),
         "machine": machine() | timing["machine"] | {"busy_before": busy_before, "busy_after": busy_after},
-        "latency_settings": {k: timing[k] for k in ("unit", "batch", "seq_len", "repeats", "threads")},
+        "latency_settings": {k: timing[k] for k in ("unit", "batch", "seq_len", "repeats", "threads")} | {"ours": args.ours},
         "note": args.note,
         "baseline": base,
         "runs": [entry(d, "result") for d in args.runs] + [entry(d, "control") for d in args.control],
@@ -105,13 +124,14 @@ def main() -> None:
     width = max(len(r["run"]) for r in report["runs"]) + 2
     print(f"{'run':<{width}}{'sizes':>12}{'compr':>8}{'test':>8}{'d%':>7}{'stack us':>10}{'vs ORT':>8}{'model us':>10}")
     nan = float("nan")
+    base_stack, base_model = (ours(latency["baseline"], part, args.ours) or nan for part in ("lstm", "model"))
     print(f"{'baseline':<{width}}{str(base['hidden_sizes']):>12}{1:>8.2f}{base['test_ppl']:>8.2f}{0:>7.1f}"
-          f"{ours(latency['baseline'], 'lstm') or nan:>10.1f}{'':>8}{ours(latency['baseline'], 'model') or nan:>10.1f}")
+          f"{base_stack:>10.1f}{'':>8}{base_model:>10.1f}")
     for r in report["runs"]:
         own = r["latency_us_per_step"]
         print(f"{r['run']:<{width}}{str(r['hidden_sizes']):>12}{r['lstm_compression']:>8.2f}{r['test_ppl']:>8.2f}"
-              f"{r['test_ppl_change_percent']:>7.1f}{ours(own, 'lstm') or nan:>10.1f}"
-              f"{r.get('lstm_speedup_vs_dense_onnxruntime', nan):>8.2f}{ours(own, 'model') or nan:>10.1f}")
+              f"{r['test_ppl_change_percent']:>7.1f}{ours(own, 'lstm', args.ours) or nan:>10.1f}"
+              f"{r.get('lstm_speedup_vs_dense_onnxruntime', nan):>8.2f}{ours(own, 'model', args.ours) or nan:>10.1f}")
     print(f"dense baseline stack on ONNX Runtime: {dense_ort or nan:.1f} us/step; whole model "
           f"{latency['baseline']['model'].get('onnxruntime', nan):.1f}")
 
