@@ -112,7 +112,8 @@ def main() -> None:
     report = {
         "command": command_line(),
         "machine": machine() | timing["machine"] | {"busy_before": busy_before, "busy_after": busy_after},
-        "latency_settings": {k: timing[k] for k in ("unit", "batch", "seq_len", "repeats", "threads")} | {"ours": args.ours},
+        "latency_settings": {k: timing[k] for k in ("unit", "batch", "seq_len", "repeats", "threads")}
+                            | {"ours": args.ours},
         "note": args.note,
         "baseline": base,
         "runs": [entry(d, "result") for d in args.runs] + [entry(d, "control") for d in args.control],
