@@ -216,6 +216,30 @@ def prune_(form: MaskedSparse, keep: int) -> None:
     form.set_mask(mask.view_as(form.mask))
 
 
+def track_growth(forms: list[MaskedSparse], growing: bool) -> None:
+    """Sum each form's dense gradient while growth is ahead (kept where a sum is under way), else drop the sums."""
+    for form in forms:
+        if growing and form.dense_grad is None:
+            form.track_gradient()
+        elif not growing:
+            form.track_gradient(False)
+
+
+def grow_all(forms: list[tuple[str, MaskedSparse]], ratio: float, lr: float | None, window: int,
+             generator: torch.Generator | None = None) -> None:
+    """One growth step of every matrix: the window's gradient sums (averaged over processes), ``grown`` of each
+    matrix's dormant connections activated (``grow_``; a grown weight starts at ``-lr x`` its mean gradient, or 0
+    without ``lr``), the sums reset for the next window."""
+    for name, form in forms:
+        if distributed.is_distributed():          # every process grows the same connections
+            dist.all_reduce(form.dense_grad)
+            form.dense_grad /= dist.get_world_size()
+        init = None if lr is None else form.dense_grad * (-lr / window)
+        picked = grow_(form, grown(form.nnz(), form.mask.numel(), ratio), init, generator)
+        log.debug("%s grew %d connections to density %.4f", name, len(picked), form.density())
+        form.dense_grad.zero_()
+
+
 def seed_mask(shape: torch.Size, density: float, generator: torch.Generator) -> torch.Tensor:
     """A random mask with exactly ``round(density * numel)`` entries.
 
@@ -276,11 +300,7 @@ class GrowPruneMethod(Method):
         self.handle = handle
         growing = not handle.finalized and self.config.grow_steps > 0 and (
             self.plan is None or handle.step < self.plan.growth_end)
-        for _, form in handle.forms():
-            if growing and form.dense_grad is None:
-                form.track_gradient()
-            elif not growing:
-                form.track_gradient(False)
+        track_growth([form for _, form in handle.forms()], growing)
 
     def on_train_begin(self, handle: "Compression", lr: float) -> None:
         if handle.finalized:
@@ -314,18 +334,9 @@ class GrowPruneMethod(Method):
         generator = None
         if self.config.grow_criterion == "random":       # seeded by the step: a resumed run grows the same entries
             generator = torch.Generator().manual_seed(self.config.generator_seed * 1_000_003 + handle.step)
-        for name, form in handle.forms():
-            if distributed.is_distributed():          # every process grows the same connections
-                dist.all_reduce(form.dense_grad)
-                form.dense_grad /= dist.get_world_size()
-            init = None if lr is None else form.dense_grad * (-lr / plan.grow_every)
-            picked = grow_(form, grown(form.nnz(), form.mask.numel(), self.config.grow_ratio), init, generator)
-            log.debug("GP step %d: %s grew %d connections to density %.4f", handle.step, name, len(picked),
-                      form.density())
-            form.dense_grad.zero_()
+        grow_all(handle.forms(), self.config.grow_ratio, lr, plan.grow_every, generator)
         if handle.step >= plan.growth_end:
-            for _, form in handle.forms():
-                form.track_gradient(False)
+            track_growth([form for _, form in handle.forms()], False)
 
     def _growth_lr(self) -> float:
         lr = self.config.growth_lr or self.lr

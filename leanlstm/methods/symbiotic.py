@@ -72,10 +72,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from .. import distributed
 from ..graph import trace
 from ..nn import LSTM, Dense
 from ..nn.forms import MaskedSparse
@@ -86,7 +84,7 @@ from ..runtime.profile import (LatencyTable, LayerProfile, LayerSettings, layer_
                                runs_forms_dense)
 from ..train import MAX_LR, ConfigError, Range
 from .base import STEPS, UNIT, Method, MethodConfig, qualified
-from .growprune import INITS, Plan as Schedule, grow_, grown, prune_, prune_events, pruned_keep
+from .growprune import INITS, Plan as Schedule, grow_all, prune_, prune_events, pruned_keep, track_growth
 from .iss import find_readers, input_columns, input_width, layer_components, narrowed, output_channels, shrunk_lstm
 from .pruning import weight_compression
 
@@ -711,11 +709,7 @@ class SymbioticMethod(Method):
         self.handle = handle
         growing = not handle.finalized and self.config.grow_steps > 0 and (
             self.schedule is None or handle.step < self.schedule.growth_end)
-        for _, form in self._sparse(handle):
-            if growing and form.dense_grad is None:
-                form.track_gradient()
-            elif not growing:
-                form.track_gradient(False)
+        track_growth([form for _, form in self._sparse(handle)], growing)
 
     def on_train_begin(self, handle: "Compression", lr: float) -> None:
         if handle.finalized:
@@ -746,17 +740,9 @@ class SymbioticMethod(Method):
 
     def _grow(self, handle: "Compression", schedule: Schedule) -> None:
         lr = self._growth_lr() if self.config.grow_init == "gradient" else None
-        for name, form in self._sparse(handle):
-            if distributed.is_distributed():          # every process grows the same connections
-                dist.all_reduce(form.dense_grad)
-                form.dense_grad /= dist.get_world_size()
-            init = None if lr is None else form.dense_grad * (-lr / schedule.grow_every)
-            grow_(form, grown(form.nnz(), form.mask.numel(), self.config.grow_ratio), init)
-            form.dense_grad.zero_()
-            log.debug("symbiotic step %d: %s grew to density %.4f", handle.step, name, form.density())
+        grow_all(self._sparse(handle), self.config.grow_ratio, lr, schedule.grow_every)
         if handle.step >= schedule.growth_end:
-            for _, form in self._sparse(handle):
-                form.track_gradient(False)
+            track_growth([form for _, form in self._sparse(handle)], False)
 
     def _growth_lr(self) -> float:
         lr = self.config.growth_lr or self.lr
