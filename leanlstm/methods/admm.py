@@ -9,7 +9,10 @@ per row), each on its row's int8 grid. ADMM splits it with an auxiliary ``Z`` an
     Z-step   Z = proj_S(W + U): keep the k largest magnitudes, snap them to the int8 grid of their rows
     U-step   U = U + W - Z                                                 (both every ``update_every`` steps)
 
-and ``rho`` grows by ``rho_growth`` at each Z/U update (up to ``rho_max``), pulling ``W`` onto ``S``. At
+and ``rho`` grows by ``rho_growth`` at each Z/U update (up to ``rho_max``), pulling ``W`` onto ``S``. With
+``anneal_end > 0`` the sparsity set itself tightens over the phase (progressive ADMM, Ye et al. 2018): ``k`` falls
+from dense to its final value on the cubic schedule of gradual pruning, reaching it at that fraction of the phase,
+so that ``W`` never has to travel from a dense solution to a 3%-dense one in a single projection. At
 ``finalize()`` the hard constraint is applied, ``W = proj_S(W)`` with its mask, and fine-tuning is the papers'
 masked retraining: the mask stays fixed and the values stay on the int8 grid (float latent weights with a
 straight-through update, ``leanlstm.nn.quant.Latent``), so the result runs in the int8 engine exactly as trained.
@@ -35,8 +38,9 @@ import torch
 from ..nn.forms import MaskedSparse
 from ..nn.quant import BITS, CLIPS, Latent, quantise_tensor
 from ..train import Range
-from .base import COMPRESSION, STEPS, Method, MethodConfig
+from .base import COMPRESSION, STEPS, UNIT, Method, MethodConfig
 from .pruning import convert_forms, final_entries, schedule_length, sparsity_summary
+from .schedules import gradual_sparsity, phase_steps
 
 if TYPE_CHECKING:
     from ..compress import Compression
@@ -59,6 +63,7 @@ class ADMM(MethodConfig):
     rho_max: float = 1.0          # ... up to this
     updates: int = 12             # Z/U updates over the compression phase (when update_every is 0)
     update_every: int = 0         # optimiser steps between Z/U updates (0: the phase's steps / updates)
+    anneal_end: float = 0.0       # fraction of the phase at which Z reaches the final sparsity (0: from the start)
     clip: str = "max"             # each row's int8 scale in the projection: its max, or least squared error
     total_steps: int = 0          # optimiser steps of the compression phase in a user loop (0: Trainer's)
     speed_check: bool = True      # time each sparse matrix against dense on the engine and warn when slower
@@ -66,7 +71,7 @@ class ADMM(MethodConfig):
 
     ranges = {"compression": COMPRESSION, "rho": Range(0, 1e6, low_open=True), "rho_growth": Range(1, 100),
               "rho_max": Range(0, 1e9, low_open=True), "updates": Range(1, 10**6, integer=True),
-              "update_every": STEPS, "total_steps": STEPS}
+              "update_every": STEPS, "total_steps": STEPS, "anneal_end": UNIT}
     choices = {"clip": CLIPS}
 
 
@@ -125,13 +130,24 @@ class ADMMMethod(Method):
             self._saved = None
         if not handle.finalized and not self.z:
             for name, form in handle.forms():
-                self.z[name] = self._project(name, form, form.materialize())
+                entries = self._scheduled_entries(name, form, handle)
+                self.z[name] = self._project(name, form, form.materialize(), entries)
                 self.u[name] = torch.zeros_like(form.weight, requires_grad=False)
         if handle.finalized and self.config.quantise and self.latent is None:
             self.latent = Latent([(name, form.weight, form.mask) for name, form in handle.forms()])
 
-    def _project(self, name: str, form: MaskedSparse, values: torch.Tensor) -> torch.Tensor:
-        return project(values.detach(), self._entries(name, form), self.config.quantise, self.config.clip)
+    def _scheduled_entries(self, name: str, form: MaskedSparse, handle: "Compression") -> int:
+        """The projection's entry count at the handle's step: the final count, or with ``anneal_end`` the
+        gradual-pruning schedule from dense down to it."""
+        final, numel = self._entries(name, form), form.weight.numel()
+        if self.config.anneal_end == 0.0:
+            return final
+        end = phase_steps(self.config.anneal_end, schedule_length(handle, "ADMM"))
+        sparsity = gradual_sparsity(handle.step, 1.0 - final / numel, 0.0, 0, end)
+        return max(final, round((1.0 - sparsity) * numel))
+
+    def _project(self, name: str, form: MaskedSparse, values: torch.Tensor, entries: int) -> torch.Tensor:
+        return project(values.detach(), entries, self.config.quantise, self.config.clip)
 
     def _update_every(self, handle: "Compression") -> int:
         if self.config.update_every:
@@ -166,7 +182,7 @@ class ADMMMethod(Method):
         for name, form in handle.forms():
             w = form.materialize().detach()
             u = self.u[name].to(w.device)
-            z = self._project(name, form, w + u)
+            z = self._project(name, form, w + u, self._scheduled_entries(name, form, handle))
             u += w - z
             self.z[name], self.u[name] = z, u
             gaps.append(float((w - z).norm() / w.norm().clamp_min(1e-12)))

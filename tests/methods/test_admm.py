@@ -78,6 +78,24 @@ def test_penalty_and_z_u_updates_follow_the_admm_equations():
     assert method.rho == pytest.approx(0.02)
 
 
+def test_progressive_target_tightens_z_on_the_gradual_pruning_schedule():
+    torch.manual_seed(0)
+    model = Classifier()
+    handle = compress_(model, ADMM(compression=8, anneal_end=0.5, update_every=5, total_steps=40, quantise=False,
+                                   speed_check=False))             # float values: no entry rounds to zero
+    method = handle.method
+    name, form = next(iter(handle.forms()))
+    final = final_entries(name, form, 8)
+    counts = [int((method.z[name] != 0).sum())]                       # Z at step 0: the whole matrix
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for start in range(0, 40, 5):
+        train(model, handle, optimizer, 5, start=start)
+        counts.append(int((method.z[name] != 0).sum()))
+    assert counts[0] == form.weight.numel()
+    assert counts == sorted(counts, reverse=True) and len(set(counts[:5])) == 5   # falls at every update ...
+    assert counts[4:] == [final] * 5                                   # ... and holds the final count from step 20
+
+
 def _int8_shape(form):
     shape = MaskedSparse(form.out_features, form.in_features)
     shape.set_value_bits(8)
