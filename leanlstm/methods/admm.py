@@ -142,6 +142,8 @@ class ADMMMethod(Method):
         final, numel = self._entries(name, form), form.weight.numel()
         if self.config.anneal_end == 0.0:
             return final
+        if handle.step == 0:              # dense at the start, whatever the length (a Trainer sets it after attach)
+            return numel
         end = phase_steps(self.config.anneal_end, schedule_length(handle, "ADMM"))
         sparsity = gradual_sparsity(handle.step, 1.0 - final / numel, 0.0, 0, end)
         return max(final, round((1.0 - sparsity) * numel))
