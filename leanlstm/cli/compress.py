@@ -9,6 +9,7 @@ import click
 
 from .. import methods
 from ..files import check_writable
+from ..budget_search import DEFAULT_METHODS, BudgetSearch, search
 from ..methods.base import parse_settings
 from ..runs import RunConfig, compress_run, read_config
 from ..train import ConfigError
@@ -17,7 +18,8 @@ from .options import make_tensorboard  # the command's own `options` is a local
 
 
 @click.command("compress")
-@click.option("--method", "method_name", required=True, help="Compression method (see `leanlstm methods`).")
+@click.option("--method", "method_name",
+              help="Compression method (see `leanlstm methods`); without it, --latency-budget-us searches them all.")
 @click.option("--from", "source", type=click.Path(exists=True, file_okay=False),
               help="Trained run directory to start from; without it the model is trained from scratch.")
 @click.option("--task", help="Task (default: the --from run's, else ptb).")
@@ -48,23 +50,51 @@ from .options import make_tensorboard  # the command's own `options` is a local
 @click.option("--latency-repeats", type=click.IntRange(min=0), default=20, show_default=True,
               help="Batch-1 latency samples of the result and its dense baseline at the end (0: skip).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--latency-budget-us", type=click.FloatRange(0, min_open=True),
+              help="Per-step latency (us, batch 1) of the LSTM stacks to compress to. With --method: that method's "
+                   "own budget (symbiotic, ISS). Without: size every applicable method to it, train each on a short "
+                   "schedule, measure them, and pick the most accurate within it (needs --from).")
+@click.option("--backend", help="Search: the backend the budget holds on (default leanlstm).")
+@click.option("--methods", "method_names", help="Search: comma-separated candidates (default: "
+              + ",".join(DEFAULT_METHODS) + ").")
 @options.distillation
 @options.precision
 @options.device
 @options.tensorboard
 def command(method_name, source, task, preset, out, strength, settings, dropout, dropout_mode, epochs, lr,
             decay_after, lr_decay, finetune_epochs, finetune_lr, resume, data_dir, max_batches, max_tokens,
-            no_verify_data, latency_repeats, no_progress, distill_from, distill_weight, distill_temperature,
-            precision, device, tensorboard):
+            no_verify_data, latency_repeats, no_progress, latency_budget_us, backend, method_names, distill_from,
+            distill_weight, distill_temperature, precision, device, tensorboard):
     """Compress a model with a method, with checkpoints in OUT.
 
     \b
     Example:  leanlstm compress --method iss --from runs/ptb-small --strength 0.002 --out runs/ptb-small-iss
     """
     check_writable(out, "--out")
+    if method_name is None:
+        if latency_budget_us is None:
+            raise click.UsageError("give --method NAME (see `leanlstm methods`), or --latency-budget-us N with --from "
+                                   "RUN to try every applicable method and keep the most accurate within the budget")
+        given = [name for name, value in (("--set", settings), ("--strength", strength), ("--task", task),
+                                          ("--preset", preset), ("--distill-from", distill_from),
+                                          ("--dropout", dropout), ("--dropout-mode", dropout_mode))
+                 if value]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} configure one method's run; the search sizes and trains each "
+                                   f"method itself from the --from run: give --method to use them")
+        _search(source, out, latency_budget_us, backend, method_names, epochs, finetune_epochs, latency_repeats,
+                resume, no_progress, dict(lr=lr, decay_after=decay_after, lr_decay=lr_decay, max_batches=max_batches,
+                                          precision=precision, device=device),
+                dict(data_dir=data_dir, max_tokens=max_tokens, verify_data=None if not no_verify_data else False))
+        return
+    if backend or method_names:
+        raise click.UsageError("--backend and --methods belong to the search (no --method); a method's own backend "
+                               "is a --set option (e.g. --set backend=onnxruntime)")
     method = methods.get_method(method_name)
     try:
         options = parse_settings(settings) | ({"strength": strength} if strength is not None else {})
+        if latency_budget_us is not None:
+            options |= {_budget_field(method, method_name): str(latency_budget_us)}
         config = method.Config.from_strings(options)
     except ValueError as error:     # ConfigError included: it names the method's option
         named = isinstance(error, ConfigError) and error.name.endswith("strength")
@@ -99,6 +129,39 @@ def command(method_name, source, task, preset, out, strength, settings, dropout,
         keys = ("hidden_sizes", "lstm_params", "lstm_compression", f"val_{metric}", f"test_{metric}",
                 "train_minutes", "lstm_speedup")
         click.echo(json.dumps({k: metrics[k] for k in keys if k in metrics}))
+
+
+def _budget_field(method, name: str) -> str:
+    """The config field a method takes a latency budget in."""
+    names = set(method.Config().to_dict())
+    for field_name in ("latency_budget_us", "target_latency_us"):
+        if field_name in names:
+            return field_name
+    raise click.BadParameter(f"method {name} takes no latency budget; omit --method to search every method for the "
+                             f"most accurate model within the budget", param_hint="--latency-budget-us")
+
+
+def _search(source, out, budget, backend, method_names, epochs, finetune_epochs, repeats, resume, no_progress,
+            training, data) -> None:
+    if not source:
+        raise click.UsageError("the search compresses a trained model: give --from RUN")
+    values = {"latency_budget_us": budget, "backend": backend or "leanlstm"}
+    if method_names:
+        values["methods"] = [name.strip() for name in method_names.split(",") if name.strip()]
+    values |= {k: v for k, v in (("epochs", epochs), ("finetune_epochs", finetune_epochs)) if v is not None}
+    values["repeats"] = repeats
+    try:
+        config = BudgetSearch(**values)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from error
+    origin = read_config(source)
+    options = {"overrides": {k: v for k, v in training.items() if v is not None},
+               "data_dir": data["data_dir"] or origin.data_dir, "max_tokens": data["max_tokens"],
+               "verify_data": origin.verify_data and data["verify_data"] is not False}
+    state = search(source, out, config, resume=resume, progress=not no_progress, run_options=options)
+    click.echo(json.dumps({k: state[k] for k in ("picked", "picked_run", "dense_stack_us")}
+                          | {"front": [{k: row[k] for k in row if k not in ("settings", "run")} for row in
+                                       state["front"]]}))
 
 
 @click.command("methods")
