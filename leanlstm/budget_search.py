@@ -139,10 +139,11 @@ def size_method(name: str, model: nn.Module, config: BudgetSearch) -> dict[str, 
         return row | {"settings": {"target_latency_us": config.latency_budget_us}, "how": "its own budget"}
     knob = next((k for k in KNOBS if k in names), None)
     if knob is None:
-        us = _structure_us(name, {}, model, backend, config)
-        fits = isinstance(us, float) and us <= config.latency_budget_us * (1 - config.margin)
+        us, aim = _structure_us(name, {}, model, backend, config), config.latency_budget_us * (1 - config.margin)
+        fits = isinstance(us, float) and us <= aim
         return row | {"settings": {} if fits else None, "how": "as it is", "structure_us": us,
-                      "note": "" if fits else f"runs {_us(us)} per step, over the budget"}
+                      "note": "" if fits else f"runs {_us(us)} per step on {backend}, over the budget less its "
+                                              f"margin ({aim:.2f} us)"}
     return _ladder(row, name, knob, model, config)
 
 
