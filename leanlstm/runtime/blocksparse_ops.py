@@ -26,7 +26,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..nn.forms.blocksparse import BlockSparse
-from .int8 import VNNI, ZERO_POINT, _check_cpu, _poison, _quantise_input, quantise_rows
+from .int8 import (VNNI, ZERO_POINT, _check_cpu, _poison, _quantise_input, _splat, emit_scaled_add,
+                   quantise_rows, whole_vectors)
 from .kernels import JIT, RuntimeOp, _scratch, _stack_f32
 from .precision import register_op
 
@@ -36,7 +37,6 @@ TILE_VALUES = TILE_ROWS * TILE_COLS       # 64: bytes of an int8 tile, one zmm v
 STEPS = 4                       # time steps per pass of the sequence products
 _VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"        # unsigned bytes (the input) times signed bytes (the weights)
 _I32x16 = ir.VectorType(ir.IntType(32), 16)
-_F32x16 = ir.VectorType(ir.FloatType(), 16)
 _I64 = ir.IntType(64)
 
 
@@ -227,17 +227,6 @@ def _emit_tile_sums(builder, w, cols, first, last, x, x_stride, steps: int, inde
     return [builder.load(total) for total in sums]
 
 
-def _splat(builder, value, vector):
-    spread = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.IntType(32)(0))
-    return builder.shuffle_vector(spread, ir.Constant(vector, ir.Undefined), ir.Constant(_I32x16, [0] * 16))
-
-
-def _opaque(builder, vector):
-    """``vector`` through an empty inline-asm statement: fast-math may not reorder a product across it, so
-    ``(scales * scale) * sum`` rounds as the scalar loops compute it (left to right), whatever the context."""
-    return builder.asm(ir.FunctionType(vector.type, [vector.type]), "", "=v,0", [vector], False)
-
-
 def _tile_row_dot(steps: int, index_bits: int):
     """An intrinsic ``dot(w, cols, first, last, x, x_stride, acc)`` on raw addresses storing ``_emit_tile_sums``
     in ``acc`` (steps, 16) int32: for a tile row not 16 rows high (the last one), or an ``out`` with gaps."""
@@ -258,9 +247,9 @@ def _tile_row_dot(steps: int, index_bits: int):
 def _tile_row_scaled(steps: int, index_bits: int):
     """An intrinsic ``dot(w, cols, first, last, x, x_stride, out, out_stride, scales, corrections, step_scales)``
     on raw addresses: for ``s < steps``, ``out[s * out_stride + 0:16] += scales[0:16] * step_scales[s] *
-    float(sums[s] - corrections[0:16])`` (``_add_scaled``'s arithmetic, in the same order) with ``_emit_tile_sums``
-    left in registers. The scalar loop of ``_add_scaled`` after each tile row cost about 15 ns, more than the row's
-    tiles at 5% density (a 2600x650 matvec ran 4.9 us with it, 2.5 us with this)."""
+    float(sums[s] - corrections[0:16])`` (``int8.emit_scaled_add``) with ``_emit_tile_sums`` left in registers.
+    The scalar loop of ``_add_scaled`` after each tile row cost about 15 ns, more than the row's tiles at 5%
+    density (a 2600x650 matvec ran 4.9 us with it, 2.5 us with this)."""
     @intrinsic
     def dot(typingctx, w, cols, first, last, x, x_stride, out, out_stride, scales, corrections, step_scales):
         signature = types.void(*([types.intp] * 11))
@@ -268,16 +257,13 @@ def _tile_row_scaled(steps: int, index_bits: int):
         def codegen(context, builder, signature, args):
             w, cols, first, last, x, x_stride, out, out_stride, scales, corrections, step_scales = args
             out = builder.inttoptr(out, ir.FloatType().as_pointer())
-            scales = builder.load(builder.inttoptr(scales, _F32x16.as_pointer()), align=4)
-            corrections = builder.load(builder.inttoptr(corrections, _I32x16.as_pointer()), align=4)
+            scales = builder.inttoptr(scales, ir.FloatType().as_pointer())
+            corrections = builder.inttoptr(corrections, ir.IntType(32).as_pointer())
             step_scales = builder.inttoptr(step_scales, ir.FloatType().as_pointer())
             sums = _emit_tile_sums(builder, w, cols, first, last, x, x_stride, steps, index_bits)
             for s, total in enumerate(sums):
-                factor = _opaque(builder, builder.fmul(scales, _splat(
-                    builder, builder.load(builder.gep(step_scales, [_I64(s)])), _F32x16)))
-                value = builder.fmul(factor, builder.sitofp(builder.sub(total, corrections), _F32x16))
-                target = builder.bitcast(builder.gep(out, [builder.mul(_I64(s), out_stride)]), _F32x16.as_pointer())
-                builder.store(builder.fadd(builder.load(target, align=4), value), target, align=4)
+                emit_scaled_add(builder, total, builder.gep(out, [builder.mul(_I64(s), out_stride)]), scales,
+                                corrections, builder.load(builder.gep(step_scales, [_I64(s)])))
             return context.get_dummy_value()
         return signature, codegen
     return dot
@@ -366,7 +352,7 @@ def _make_gemv(vnni: bool):
             return
         acc = np.empty(TILE_ROWS, np.int32)
         step_scale = np.full(1, scale, np.float32)
-        whole = _whole_tile_rows(out, rows) if vnni else 0
+        whole = whole_vectors(out, rows, TILE_ROWS) if vnni else 0
         for index in range(grid):
             b = grid - 1 - index if flip else index
             if ptr[b] == ptr[b + 1]:
@@ -381,13 +367,6 @@ def _make_gemv(vnni: bool):
                 _portable_row(values, cols, ptr[b], ptr[b + 1], xq, acc)
             _add_scaled(out, b * TILE_ROWS, rows, acc, scales, scale, corrections)
     return gemv
-
-
-@njit(inline="always", **JIT)
-def _whole_tile_rows(out, rows):
-    """Tile rows whose 16 outputs the scaled intrinsics may add into ``out`` directly: all whole ones when its
-    rows are contiguous float32, else none."""
-    return rows // TILE_ROWS if out.strides[out.ndim - 1] == 4 else 0
 
 
 int8_blocksparse_gemv = _make_gemv(VNNI)
@@ -419,7 +398,7 @@ def _make_gemm(vnni: bool):
                 int8_blocksparse_gemv(values, cols, ptr, scales, corrections, shape, xs[t], out[t], False)
             return
         acc = np.empty((STEPS, TILE_ROWS), np.int32)
-        whole = _whole_tile_rows(out, rows) if out.strides[0] % 4 == 0 else 0
+        whole = whole_vectors(out, rows, TILE_ROWS) if out.strides[0] % 4 == 0 else 0
         row_stride = out.strides[0] // 4
         for b in range(grid):
             if ptr[b] == ptr[b + 1]:

@@ -79,6 +79,67 @@ _vnni_1 = panel_dot_block(1, _VPDPBUSD, _I32x16, _I32x16)      # one step (the r
 _vnni_4 = panel_dot_block(4, _VPDPBUSD, _I32x16, _I32x16)      # four steps of a sequence: 16 accumulators
 
 
+_F32x16 = ir.VectorType(ir.FloatType(), 16)
+_I64 = ir.IntType(64)
+
+
+def _opaque(builder, vector):
+    """``vector`` through an empty inline-asm statement: fast-math may not reorder a product across it, so
+    ``(scales * scale) * sum`` rounds as the scalar loops compute it (left to right), whatever the context."""
+    return builder.asm(ir.FunctionType(vector.type, [vector.type]), "", "=v,0", [vector], False)
+
+
+def _splat(builder, value, vector_type):
+    spread = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.IntType(32)(0))
+    return builder.shuffle_vector(spread, ir.Constant(vector_type, ir.Undefined), ir.Constant(_I32x16, [0] * 16))
+
+
+def emit_scaled_add(builder, total, out, scales, corrections, scale) -> None:
+    """The IR of ``out[0:16] += (scales[0:16] * scale) * float(total - corrections[0:16])`` for an int32 sum
+    vector ``total``, float32 / int32 pointers ``out``, ``scales``, ``corrections`` and a float32 ``scale``: the
+    scalar epilogue's arithmetic in the same order, in vector registers. After every panel or tile row the scalar
+    loop cost 13-17% of a dense int8 product (2600x650: 22.7 us with it, 19.6 without any) and more than the tiles
+    of a 5%-dense block-sparse one."""
+    vector = _F32x16.as_pointer()
+    factor = _opaque(builder, builder.fmul(builder.load(builder.bitcast(scales, vector), align=4),
+                                           _splat(builder, scale, _F32x16)))
+    difference = builder.sub(total, builder.load(builder.bitcast(corrections, _I32x16.as_pointer()), align=4))
+    target = builder.bitcast(out, vector)
+    value = builder.fmul(factor, builder.sitofp(difference, _F32x16))
+    builder.store(builder.fadd(builder.load(target, align=4), value), target, align=4)
+
+
+def _scaled_add(vectors: int):
+    """An intrinsic ``add(acc, out, scales, corrections, scale)`` on raw addresses: ``emit_scaled_add`` for
+    ``vectors`` x 16 rows, the sums read from ``acc`` (int32) and the input scale from the float32 at
+    ``scale``."""
+    @intrinsic
+    def add(typingctx, acc, out, scales, corrections, scale):
+        signature = types.void(*([types.intp] * 5))
+
+        def codegen(context, builder, signature, args):
+            acc, out, scales, corrections, scale = (builder.inttoptr(a, ir.IntType(8).as_pointer()) for a in args)
+            scale = builder.load(builder.bitcast(scale, ir.FloatType().as_pointer()))
+            for v in range(vectors):
+                at = _I64(64 * v)
+                total = builder.load(builder.bitcast(builder.gep(acc, [at]), _I32x16.as_pointer()), align=4)
+                emit_scaled_add(builder, total, builder.gep(out, [at]), builder.gep(scales, [at]),
+                                builder.gep(corrections, [at]), scale)
+            return context.get_dummy_value()
+        return signature, codegen
+    return add
+
+
+_scaled_add_panel = _scaled_add(PANEL // 16)
+
+
+@njit(inline="always", **JIT)
+def whole_vectors(out, rows, size):
+    """Groups of ``size`` rows the vector epilogue may add into ``out`` directly: all whole ones when its float32
+    values are contiguous, else none."""
+    return rows // size if out.strides[out.ndim - 1] == 4 else 0
+
+
 @njit(inline="always", **JIT)
 def _portable_panel(panels, b, xq, quads, acc):
     """The same block without VNNI: exact int32 arithmetic in plain loops."""
@@ -156,7 +217,9 @@ def _make_gemv(vnni: bool):
             _poison(out)
             return
         acc = np.empty(PANEL, np.int32)
+        step_scale = np.full(1, scale, np.float32)
         m = out.shape[0]
+        whole = whole_vectors(out, m, PANEL) if vnni else 0
         for index in range(count):
             b = count - 1 - index if flip else index
             if vnni:
@@ -164,6 +227,10 @@ def _make_gemv(vnni: bool):
             else:
                 _portable_panel(panels, b, xq, quads, acc)
             start = b * PANEL
+            if b < whole:
+                _scaled_add_panel(acc.ctypes.data, out.ctypes.data + start * 4, scales.ctypes.data + start * 4,
+                                  corrections.ctypes.data + start * 4, step_scale.ctypes.data)
+                continue
             for r in range(min(PANEL, m - start)):
                 row = start + r
                 out[row] += scales[row] * scale * np.float32(acc[r] - corrections[row])
@@ -198,6 +265,7 @@ def int8_gemm(panels, scales, corrections, xs, out):
             int8_gemv(panels, scales, corrections, xs[t], out[t], False)
         return
     acc = np.empty((4, PANEL), np.int32)
+    whole = whole_vectors(out, m, PANEL) if out.strides[0] % 4 == 0 else 0
     for b in range(count):
         start = b * PANEL
         width = min(PANEL, m - start)
@@ -210,6 +278,11 @@ def int8_gemm(panels, scales, corrections, xs, out):
                 for i in range(block):
                     _vnni_1(w, xq[t + i:].ctypes.data, 0, quads, acc[i:].ctypes.data)
             for i in range(block):
+                if b < whole:
+                    _scaled_add_panel(acc[i:].ctypes.data, out.ctypes.data + (t + i) * out.strides[0] + start * 4,
+                                      scales.ctypes.data + start * 4, corrections.ctypes.data + start * 4,
+                                      step_scales.ctypes.data + (t + i) * 4)
+                    continue
                 for r in range(width):
                     row = start + r
                     out[t + i, row] += scales[row] * step_scales[t + i] * np.float32(acc[i, r] - corrections[row])
