@@ -152,21 +152,21 @@ def test_vnni_and_portable_kernels_agree_bit_for_bit(shape):
         np.testing.assert_array_equal(fast, slow)
 
 
-def test_int8_outputs_with_gaps_between_rows_equal_contiguous_ones():
+def test_outputs_with_gaps_between_rows_equal_contiguous_ones():
     """Whole tile rows are added straight into ``out`` when its floats are contiguous; a strided ``out`` (a column
     of a wider array) takes the path through the accumulator, with the same result."""
     form = _form((200, 48))
-    op = bs.int8_blocksparse_op(_dense(form))
     x, xs = _inputs(48)
-    out, strided = np.zeros(200, np.float32), np.zeros((200, 2), np.float32)
-    op.matvec(op.arrays, x, out, False)
-    op.matvec(op.arrays, x, strided[:, 0], False)
-    np.testing.assert_array_equal(strided[:, 0], out)
-    outs, wide = np.zeros((11, 200), np.float32), np.zeros((11, 400), np.float32)
-    op.matmat(op.arrays, xs, outs)
-    op.matmat(op.arrays, xs, wide[:, ::2])
-    np.testing.assert_array_equal(wide[:, ::2], outs)
-    assert not wide[:, 1::2].any()
+    for op in (form.runtime_op(), bs.int8_blocksparse_op(_dense(form))):
+        out, strided = np.zeros(200, np.float32), np.zeros((200, 2), np.float32)
+        op.matvec(op.arrays, x, out, False)
+        op.matvec(op.arrays, x, strided[:, 0], False)
+        np.testing.assert_array_equal(strided[:, 0], out)
+        outs, wide = np.zeros((11, 200), np.float32), np.zeros((11, 400), np.float32)
+        op.matmat(op.arrays, xs, outs)
+        op.matmat(op.arrays, xs, wide[:, ::2])
+        np.testing.assert_array_equal(wide[:, ::2], outs)
+        assert not wide[:, 1::2].any()
 
 
 def test_int8_sequence_equals_stepping_and_zero_or_nan_inputs_behave():
