@@ -40,6 +40,19 @@ run. What happens, in order:
 6. **Measure** (``finalize()``): the compressed stacks are timed on ``backend``; the summary reports the measured
    latency against the budget, and a result over budget is logged as a warning with the numbers.
 
+``sizing="size"`` replaces steps 2-4 by the "smaller is better" baseline, for ablations (same profile, budget,
+margin, grow-and-prune and final measurement): it assumes latency falls with size. Its estimate of a design
+(``Planner.assumed``) is the latency model's for the layers dense at its widths, times the share of their weights
+kept: sparsity is expected to save in proportion to the weights it removes, whatever the profile says. Widths are
+what accuracy needs times one common factor, rounded up to an integer: never snapped to a valley, never stepped up
+to a larger, faster width. Every matrix is sparse at one density of ``densities``, also where dense runs faster
+and on backends that run sparse matrices dense (with ``sparsity=False``: every matrix dense). For each density the
+largest factor the estimate fits within ``budget x (1 - margin)`` is bisected (assuming the estimate monotone, as
+size is); of those designs the one keeping the most weights is taken, the densest on ties. The latency model's own
+prediction of that design (``predicted_us``; the estimate is ``assumed_us``) may lie over the budget: the design
+is kept and trained all the same, the log warns, and the final measurement reports it. Nothing is refused for
+being too fast: with no factor fitting, the smallest widths at the lowest density are taken.
+
 From the paper: latency hysteresis (a larger layer can run faster than a smaller one) measured on the target
 hardware and guiding training; widths at latency valleys, "the fastest size at or above" rather than "smaller is
 better"; sparsity only where it buys execution speed on that hardware (its introduction notes that extreme weight
@@ -95,6 +108,7 @@ log = logging.getLogger(__name__)
 
 ROUND_TO = (8, 16, 32, 64)      # what accuracy needs, rounded up to these: the vector widths where valleys sit
 REFINE = 4                      # widths profiled between a layer's chosen width and the next larger one
+SIZINGS = ("hardware", "size")  # how widths and densities are chosen: guided by the profile, or by size alone
 
 
 @dataclass
@@ -131,6 +145,7 @@ class Symbiotic(MethodConfig):
     total_steps: int = 0            # optimiser steps of the phase in a user loop (needed only for the 0 = auto fields)
     speed_check: bool = False       # also time each sparse matrix alone on the leanlstm engine at finalize (the
                                     # handle's guard; warns only): the profile already decided, layer by layer
+    sizing: str = "hardware"        # "hardware": steps 2-4 of the module doc; "size": the "smaller is better" baseline
 
     ranges = {"latency_budget_us": Range(0, 1e9, note="required: > 0"), "min_hidden": Range(1, 10**6, integer=True),
               "tolerance": Range(0, 1, high_open=True), "margin": Range(0, 1, high_open=True),
@@ -140,7 +155,7 @@ class Symbiotic(MethodConfig):
               "grow_steps": Range(0, 10**6, integer=True), "grow_ratio": UNIT,
               "prune_ratio": Range(0, 1, low_open=True, high_open=True), "grow_every": STEPS, "prune_every": STEPS,
               "total_steps": STEPS, "growth_lr": Range(0, MAX_LR, note="0: the Trainer phase's lr")}
-    choices = {"grow_init": INITS}
+    choices = {"grow_init": INITS, "sizing": SIZINGS}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -184,10 +199,12 @@ class Design:
     densities: dict[str, float]        # qualified matrix name -> target density (sparse matrices only)
     entries: dict[str, int]            # ... -> its entries at the designed width (rows x columns)
     refused: dict[str, str]            # matrices kept dense because the profile says dense is faster: why
-    predicted_us: float
+    predicted_us: float                # by the latency model (the profile), whatever the sizing
     fastest_us: float
     budget_us: float
     backend: str
+    sizing: str = "hardware"
+    assumed_us: float | None = None    # sizing "size": what its own estimate (``Planner.assumed``) expected
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -319,32 +336,51 @@ class Planner:
         return choice._replace(densities=tuple(densities))
 
     # --- step 4: down to the budget, then back up as far as it allows -------------------------------------------
+    def wanted(self, i: int, factor: float) -> int:
+        """Level ``i``'s width at ``factor`` x what it needs, rounded up, not below its lowest."""
+        return max(self.levels[i].lowest, math.ceil(factor * self.levels[i].need - 1e-9))
+
     def scaled(self, factor: float) -> Choice:
         """Every layer at the fastest width of its ladder at or above ``factor`` x what it needs (the smallest such
         ladder width: each runs faster than every larger one), every matrix refitted."""
         widths = []
-        for i, level in enumerate(self.levels):
-            wanted = max(level.lowest, math.ceil(factor * level.need - 1e-9))
+        for i in range(len(self.levels)):
             ladder = self.ladder(i)
-            widths.append(next((s for s in ladder if s >= wanted), ladder[-1]))
+            widths.append(next((s for s in ladder if s >= self.wanted(i, factor)), ladder[-1]))
         return self.refit(Choice(tuple(widths), (1.0,) * len(self.slots)), range(len(self.levels)))
 
-    def scale(self, target: float, steps: int = 10) -> Choice:
+    def lowest_factor(self) -> float:
+        """The smallest share of what it needs any layer may keep."""
+        return min(level.lowest / level.need for level in self.levels)
+
+    def scale(self, target: float, steps: int = 10, build: Any = None, cost: Any = None) -> Choice:
         """The largest common factor of what the layers need whose snapped widths fit ``target`` (bisected on a
         log scale): every layer gives up the same share, none becomes a bottleneck. If even the smallest widths do
-        not fit, those."""
-        low, high = min(level.lowest / level.need for level in self.levels), 1.0
-        best = self.scaled(low)
-        if self.predict(best) > target:
+        not fit, those. ``build(factor)`` and ``cost(choice)`` replace ``scaled`` and ``predict`` if given."""
+        build, cost = build or self.scaled, cost or self.predict
+        low, high = self.lowest_factor(), 1.0
+        best = build(low)
+        if cost(best) > target:
             return best
         for _ in range(steps):
             middle = math.sqrt(low * high)
-            choice = self.scaled(middle)
-            if self.predict(choice) <= target:
+            choice = build(middle)
+            if cost(choice) <= target:
                 low, best = middle, choice
             else:
                 high = middle
         return best
+
+    # --- sizing "size": the "smaller is better" baseline ----------------------------------------------------------
+    def sized(self, factor: float, density: float = 1.0) -> Choice:
+        """Every layer at ``factor`` x what it needs, rounded up (no snapping), every matrix at ``density``."""
+        return Choice(tuple(self.wanted(i, factor) for i in range(len(self.levels))), (density,) * len(self.slots))
+
+    def assumed(self, choice: Choice) -> float:
+        """Latency as "smaller is better" sees it: the model's latency of the layers dense at these widths, times
+        the share of their weights ``choice`` keeps (sparsity assumed to save in proportion to size)."""
+        dense = choice._replace(densities=(1.0,) * len(self.slots))
+        return self.predict(dense) * self.params(choice) / self.params(dense)
 
     def downs(self, choice: Choice) -> Iterator[Choice]:
         """Every single step down: a layer to its next smaller ladder width, a matrix to its next lower density."""
@@ -428,6 +464,21 @@ def between(low: int, high: int, count: int) -> list[int]:
     return sorted({inside[round(k * (len(inside) - 1) / (count - 1))] for k in range(count)})
 
 
+def size_only(planner: Planner, target: float) -> Choice:
+    """The "smaller is better" design (sizing "size"): for each density of the ladder (with sparsity off: dense),
+    every matrix at it and the largest common factor of what the layers need whose unsnapped widths
+    ``Planner.assumed`` expects within ``target``; of these, the one keeping the most weights (the densest on ties).
+    If none fits, the fastest by that estimate (over the budget: the log and the final measurement say so)."""
+    config, candidates = planner.config, []
+    for density in sorted(config.densities, reverse=True) if config.sparsity else [1.0]:
+        build = functools.partial(planner.sized, density=density)
+        full = build(1.0)
+        candidates.append(full if planner.assumed(full) <= target else
+                          planner.scale(target, build=build, cost=planner.assumed))
+    fitting = [choice for choice in candidates if planner.assumed(choice) <= target]
+    return max(fitting, key=planner.params) if fitting else min(candidates, key=planner.assumed)
+
+
 def levels_of(lstms: dict[str, LSTM], config: Symbiotic) -> list[Level]:
     """The planner's view of the stacks, with what accuracy needs checked against what each layer has."""
     levels = []
@@ -459,6 +510,15 @@ def design(lstms: dict[str, LSTM], config: Symbiotic, model: LatencyModel) -> De
     planner = Planner(levels, model, config)
     budget = config.latency_budget_us
     target = budget * (1 - config.margin)
+    if config.sizing == "size":
+        choice = size_only(planner, target)
+        if planner.predict(choice) > budget:
+            log.warning("symbiotic (sizing size): widths %s, every matrix at density %g: expected %.2f us per step "
+                        "by size, but the latency model predicts %.2f us, over the budget of %.2f us; kept as the "
+                        "baseline (the final measurement reports it)", list(choice.widths), min(choice.densities),
+                        planner.assumed(choice), planner.predict(choice), budget)
+        smallest = planner.sized(planner.lowest_factor(), min(config.densities) if config.sparsity else 1.0)
+        return _design(planner, choice, config, planner.predict(smallest))
     choice = planner.start()
     if planner.predict(choice) > target:
         choice = planner.descend(planner.scale(target), target)   # every layer alike, then lower densities
@@ -474,7 +534,7 @@ def design(lstms: dict[str, LSTM], config: Symbiotic, model: LatencyModel) -> De
         log.warning("symbiotic: the plan runs %.2f us per step, within the budget of %.2f us but not its %.0f%% "
                     "margin: the final measurement may land above it", planner.predict(choice), budget,
                     100 * config.margin)
-    return _design(planner, choice, config)
+    return _design(planner, choice, config, planner.predict(planner.fastest()))
 
 
 def _too_fast(planner: Planner, fastest: Choice, config: Symbiotic) -> str:
@@ -485,7 +545,7 @@ def _too_fast(planner: Planner, fastest: Choice, config: Symbiotic) -> str:
             f"budget of at least that, a lower min_hidden ({config.min_hidden}), or lower densities")
 
 
-def _design(planner: Planner, choice: Choice, config: Symbiotic) -> Design:
+def _design(planner: Planner, choice: Choice, config: Symbiotic, fastest_us: float) -> Design:
     widths: dict[str, list[int]] = {}
     densities, entries, refused = {}, {}, {}
     table = planner.model.table([])
@@ -511,8 +571,8 @@ def _design(planner: Planner, choice: Choice, config: Symbiotic) -> Design:
                                for d in config.densities)
                     refused[name] = (f"dense runs its layer in {dense_us:.2f} us, sparse at best {best:.2f} us "
                                      f"(densities {config.densities}) on {config.backend}")
-    return Design(widths, densities, entries, refused, planner.predict(choice), planner.predict(planner.fastest()),
-                  config.latency_budget_us, config.backend)
+    return Design(widths, densities, entries, refused, planner.predict(choice), fastest_us, config.latency_budget_us,
+                  config.backend, config.sizing, planner.assumed(choice) if config.sizing == "size" else None)
 
 
 # --- rebuilding at the designed widths --------------------------------------------------------------------------
@@ -657,9 +717,10 @@ class SymbioticMethod(Method):
 
     def _log_design(self) -> None:
         d = self.design
-        log.info("symbiotic on %s: widths %s, %d sparse matrices %s; predicted %.2f us per step for a budget of "
-                 "%.2f us (fastest possible %.2f us)", d.backend, d.widths, len(d.densities), d.densities,
-                 d.predicted_us, d.budget_us, d.fastest_us)
+        log.info("symbiotic on %s (sizing %s): widths %s, %d sparse matrices %s; predicted %.2f us per step%s for "
+                 "a budget of %.2f us (fastest possible %.2f us)", d.backend, d.sizing, d.widths, len(d.densities),
+                 d.densities, d.predicted_us, "" if d.assumed_us is None else f" ({d.assumed_us:.2f} us by size)",
+                 d.budget_us, d.fastest_us)
         for name, why in d.refused.items():
             log.info("symbiotic: %s stays dense: %s", name, why)
 
@@ -793,8 +854,9 @@ class SymbioticMethod(Method):
 
     def summarize(self, handle: "Compression") -> dict[str, Any]:
         d, m = self.design, self.measured or {}
-        out = {"symbiotic_backend": d.backend, "symbiotic_budget_us": d.budget_us,
-               "symbiotic_predicted_us": d.predicted_us, "symbiotic_fastest_us": d.fastest_us,
+        out = {"symbiotic_backend": d.backend, "symbiotic_sizing": d.sizing, "symbiotic_budget_us": d.budget_us,
+               "symbiotic_predicted_us": d.predicted_us, "symbiotic_assumed_us": d.assumed_us,
+               "symbiotic_fastest_us": d.fastest_us,
                "symbiotic_widths": d.widths, "symbiotic_densities": d.densities,
                "symbiotic_kept_dense": sorted(d.refused), "lstm_weight_compression": weight_compression(handle.forms()),
                "sparse_density": {name: form.density() for name, form in self._sparse(handle)},

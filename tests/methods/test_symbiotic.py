@@ -1,6 +1,7 @@
 """Hardware-guided symbiotic training (Yin et al.): widths snapped to latency valleys and shrunk to the budget,
 sparsity only where the profile says sparse runs faster, grow-and-prune to the designed densities, exact resume,
-the final model measured within the budget (and loudly when not), bad input, and the CLI.
+the final model measured within the budget (and loudly when not), the "smaller is better" baseline (sizing
+"size"), bad input, and the CLI.
 
 Most tests plan with a synthetic profile (``Synthetic``: latency by formula), so that what is chosen does not depend
 on a busy machine's timings; one test and the CLI profile and measure for real."""
@@ -141,6 +142,58 @@ def test_density_choice_refuses_sparsity_where_dense_is_faster():
                    LatencyModel(dense_backend))
     assert found.densities == {} and all("not profiled" in why for why in found.refused.values())
     assert all(key.is_dense for key in dense_backend.table.rows)
+
+
+# --- sizing "size": the "smaller is better" baseline --------------------------------------------------------------
+def test_hardware_sizing_takes_the_valley_and_size_sizing_the_smaller_slower_width():
+    options = dict(latency_budget_us=100.0, hidden_sizes=[13, 13], sparsity=False)
+    hardware = design({"rnn": Classifier().rnn}, Symbiotic(**options), LatencyModel(Synthetic()))
+    size = design({"rnn": Classifier().rnn}, Symbiotic(sizing="size", **options), LatencyModel(Synthetic()))
+    assert hardware.widths == {"rnn": [16, 16]} and size.widths == {"rnn": [13, 13]}   # 13 runs 30% slower than 16
+    assert hardware.predicted_us < size.predicted_us and (hardware.sizing, size.sizing) == ("hardware", "size")
+    assert size.assumed_us == pytest.approx(size.predicted_us)      # dense: size's estimate is the model's
+
+
+def test_size_sizing_scales_every_layer_alike_without_snapping_to_the_budget():
+    options = dict(latency_budget_us=2.8, sparsity=False)              # planned for 2.52 us: 2 x 32 units run 2.44
+    size = design({"rnn": Classifier().rnn}, Symbiotic(sizing="size", **options), LatencyModel(Synthetic()))
+    assert size.widths == {"rnn": [27, 27]} and size.densities == {} and size.predicted_us <= 2.8 * 0.9
+    hardware = design({"rnn": Classifier().rnn}, Symbiotic(**options), LatencyModel(Synthetic()))
+    assert hardware.widths == {"rnn": [32, 32]}                  # the valley: more units, no slower
+    assert hardware.predicted_us <= 2.8 * 0.9 and hardware.predicted_us == pytest.approx(size.predicted_us, rel=0.01)
+
+
+def test_size_sizing_makes_every_matrix_sparse_even_where_dense_runs_faster():
+    model = Classifier()
+    handle = symbiotic(model, Synthetic(sparse_wins=False), sizing="size", total_steps=40)
+    found = handle.method.design
+    assert found.refused == {} and sorted(found.densities) == sorted(forms(model))
+    assert len(set(found.densities.values())) == 1 and set(forms(model).values()) == {"MaskedSparse"}
+    assert found.assumed_us < found.predicted_us       # sparse assumed to save by size; here it costs
+    dense_backend = design({"rnn": Classifier().rnn}, Symbiotic(latency_budget_us=100, backend="onnxruntime",
+                                                                sizing="size"), LatencyModel(Synthetic()))
+    assert len(dense_backend.densities) == 4 and dense_backend.refused == {}
+
+
+def test_a_size_design_over_the_budget_by_the_model_is_kept_and_reported(caplog):
+    model = Classifier()
+    with caplog.at_level(logging.WARNING):
+        handle = symbiotic(model, Synthetic(sparse_wins=False), sizing="size", latency_budget_us=2.0, total_steps=40)
+    found = handle.method.design
+    assert found.assumed_us <= 2.0 * 0.9 < 2.0 < found.predicted_us           # fits by size, not by the model
+    assert "over the budget of 2.00 us" in caplog.text and model.rnn.hidden_sizes == found.widths["rnn"]
+    summary = handle.summary()
+    assert summary["symbiotic_sizing"] == "size" and summary["symbiotic_assumed_us"] == found.assumed_us
+    tiny = design({"rnn": Classifier().rnn}, Symbiotic(latency_budget_us=0.05, sizing="size"),
+                  LatencyModel(Synthetic()))           # a budget nothing meets: the smallest, not a refusal
+    assert tiny.widths == {"rnn": [8, 8]} and set(tiny.densities.values()) == {0.1}
+
+
+def test_an_unknown_sizing_is_refused_naming_the_choices():
+    with pytest.raises(ConfigError, match="sizing must be one of hardware, size, got 'speed'"):
+        Symbiotic(latency_budget_us=10, sizing="speed")
+    with pytest.raises(ConfigError, match="sizing must be one of hardware, size"):
+        Symbiotic.from_strings({"sizing": "smaller"})
 
 
 def test_grow_and_prune_reach_the_designed_density_and_dense_matrices_just_train():
