@@ -113,8 +113,11 @@ class LatencyModel:
     def stack_us(self, specs: Sequence[LayerSpec]) -> float:
         """The predicted latency of one stack of ``specs`` (one per layer and direction)."""
         table = self.table(list(OVERHEAD_KEYS) + [key for spec in specs for key in spec.keys()])
-        overhead = self._overhead(table)
-        return overhead + sum(self._layer_us(table, spec) - overhead for spec in specs)
+        layers = [self._layer_us(table, spec) for spec in specs]
+        # a run's fixed cost cannot exceed what any layer costs as a stack of its own: rows profiled while the
+        # machine was busier can say otherwise, and the sum would then fall below the slowest layer, or below 0
+        overhead = min(self._overhead(table), *layers)
+        return overhead + sum(us - overhead for us in layers)
 
     def overhead_us(self) -> float:
         """A run's fixed cost per step: twice the smallest layer's latency less that of two such layers stacked
@@ -136,7 +139,7 @@ class LatencyModel:
     @staticmethod
     def _layer_us(table: LayerTable, spec: LayerSpec) -> float:
         dense_key, *sparse_keys = spec.keys()
-        return table.estimate(dense_key) - sum(table.saving(key) for key in sparse_keys)
+        return max(0.0, table.estimate(dense_key) - sum(table.saving(key) for key in sparse_keys))
 
     def predict(self, lstm: nn.Module) -> float:
         """The predicted latency of one ``leanlstm.LSTM`` or ``torch.nn.LSTM`` stack."""

@@ -556,10 +556,12 @@ class LayerTable:
 
     def saving(self, key: LayerKey) -> float:
         """What making ``key.matrices`` sparse at ``key.density`` saves against the dense layer, us per step: the
-        difference within the run that timed both where there was one, else between estimates."""
+        share saved within the run that timed both, where there was one, times the dense layer's estimate; else
+        the difference of the estimates. A share, not a difference: a run timed while the machine was busier reads
+        both slower, and its difference would then exceed what the layer costs in a quieter row."""
         row = self.rows.get(key)
-        if row is not None and "dense_median" in row:
-            return row["dense_median"] - row["median"]
+        if row is not None and "dense_median" in row and row["dense_median"] > 0:
+            return (1.0 - row["median"] / row["dense_median"]) * self.estimate(key.dense)
         return self.estimate(key.dense) - self.estimate(key)
 
     def sweep(self, cell: str, input_size: int, matrices: str = "all", density: float = 1.0) -> LatencyTable:

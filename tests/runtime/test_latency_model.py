@@ -38,6 +38,19 @@ def test_sparse_matrices_save_what_each_saves_alone():
     assert model.predict(halfway) == pytest.approx(1.1)                # 0.25 -> dense, interpolated
 
 
+def test_rows_profiled_under_different_load_never_predict_below_a_layer():
+    """A sparse row timed while the machine was twice as busy saves its share, not its (doubled) difference; an
+    overhead read from busy rows is capped by what a layer costs alone."""
+    rows = {ONE: {"median": 3.0}, TWO: {"median": 1.0},                 # busy overhead: 2 x 3 - 1 = 5
+            LayerKey("lstm", 8, 16): {"median": 1.2}, LayerKey("lstm", 16, 16): {"median": 1.2},
+            LayerKey("lstm", 8, 16, "ih", 0.25): {"median": 1.6, "dense_median": 2.4}}   # a run twice as busy
+    model = LatencyModel(LayerTable(rows, {"backend": "leanlstm"}))
+    spec = LayerSpec("lstm", 8, 16, (("ih", 0.25),))
+    assert model.layer_us(spec) == pytest.approx(1.2 * 1.6 / 2.4)       # a third saved, of the quiet 1.2
+    assert model.predict(leanlstm.LSTM(8, [16, 16])) == pytest.approx(1.2 + 1.2 - 1.2)   # overhead capped at 1.2
+    assert model.predict(leanlstm.LSTM(8, [16, 16])) >= 1.2
+
+
 def test_forms_and_sizes_the_model_cannot_price_are_refused():
     model = LatencyModel(synthetic_table())
     with pytest.raises(KeyError, match="hidden size outside the profiled ones"):
