@@ -20,6 +20,14 @@ def test_set_dropout_applies_everywhere_and_is_recorded():
             model.set_dropout(bad)
 
 
+def test_the_hlstm_small_preset_matches_the_small_lstms_parameters():
+    from leanlstm.runs import lstm_numbers
+    from leanlstm.tasks.ptb import PRESETS
+
+    count = {name: lstm_numbers(WordLM(PRESETS[name].model))["lstm_params"] for name in ("small", "hlstm-small")}
+    assert abs(count["hlstm-small"] / count["small"] - 1) < 0.005
+
+
 def test_the_cell_comes_from_the_config_and_survives_the_round_trip():
     from leanlstm.tasks.ptb import PRESETS
 
