@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from .base import FLOAT_BYTES, SCALE_BYTES
 from .sparse import MaskedSparse
@@ -233,8 +232,8 @@ class BlockSparse(MaskedSparse):
         index = torch.uint16 if grid_cols <= 2**16 else torch.int32
         return values.to(torch.float32).cpu(), cols.to(index).cpu(), pointers
 
-    def _dense_from_blocks(self, values: torch.Tensor, columns: torch.Tensor, pointers: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    def dense_from_layout(self, values: torch.Tensor, columns: torch.Tensor, pointers: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """The dense ``(weight, mask)`` of ``block_arrays``' output; ValueError when they do not fit this form."""
         (grid_rows, grid_cols), (br, bc) = self.grid(), (self.block_rows, self.block_cols)
         counts = pointers.to(torch.long).diff()
@@ -252,28 +251,17 @@ class BlockSparse(MaskedSparse):
         weight = padded.reshape(grid_rows * br, grid_cols * bc)[:self.out_features, :self.in_features]
         return weight.contiguous(), expand_blocks(kept, self.out_features, self.in_features, br, bc)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        dense = self.mask.numel() * (FLOAT_BYTES + 1)                      # float32 weight + bool mask
-        saved = block_nbytes(self.out_features, self.in_features, self.nblocks(), 32, self.block_rows,
-                             self.block_cols)
-        if keep_vars or saved >= dense:                  # keep_vars asks for the live parameters themselves
-            return nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
-        for key, array in zip(BLOCK_KEYS, self.block_arrays()):
-            destination[prefix + key] = array
+    # --- state dicts: the block CSR arrays (``MaskedSparse`` saves and loads them through these) ---------------
+    layout_keys = BLOCK_KEYS
+
+    def layout_nbytes(self) -> float:
+        return block_nbytes(self.out_features, self.in_features, self.nblocks(), 32, self.block_rows, self.block_cols)
+
+    def layout_arrays(self) -> tuple[torch.Tensor, ...]:
+        return self.block_arrays()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        if prefix + BLOCK_KEYS[0] in state_dict:
-            arrays = [state_dict.pop(prefix + key, None) for key in BLOCK_KEYS]
-            if any(array is None for array in arrays):
-                missing_keys.extend(prefix + key for key, array in zip(BLOCK_KEYS, arrays) if array is None)
-                return
-            try:
-                weight, mask = self._dense_from_blocks(*arrays)
-            except ValueError as error:
-                error_msgs.append(f"{prefix}block_*: {error}")
-                return
-            state_dict[prefix + "weight"], state_dict[prefix + "mask"] = weight.to(self.weight.dtype), mask
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if not self._is_blocked(self.mask):

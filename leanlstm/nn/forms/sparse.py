@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -218,28 +219,40 @@ class MaskedSparse(WeightForm):
         """Keep the largest-magnitude entries of the current (masked) matrix at ``density``."""
         self.set_mask(magnitude_mask(self.materialize(), density))
 
-    # --- state dicts: the inference CSR arrays (see the module doc) -------------------------------------------
-    def _saves_csr(self) -> bool:
-        dense = self.mask.numel() * (FLOAT_BYTES + 1)                      # float32 weight + bool mask
-        return self.nbytes() < dense
+    # --- state dicts: a compact layout of the kept entries (CSR here; see the module doc) ---------------------
+    layout_keys: ClassVar[tuple[str, ...]] = CSR_KEYS     # what a saved matrix holds instead of weight and mask
+
+    def layout_nbytes(self) -> float:
+        """Bytes the saved layout takes (against the dense weight and mask it replaces)."""
+        return self.nbytes()
+
+    def layout_arrays(self) -> tuple[torch.Tensor, ...]:
+        """The arrays of ``layout_keys``."""
+        return csr_arrays(self.weight, self.mask)
+
+    def dense_from_layout(self, *arrays: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weight, mask)`` of ``layout_arrays()``' output; ValueError when they do not fit this form."""
+        return dense_from_csr(*arrays, tuple(self.shape))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if keep_vars or not self._saves_csr():       # keep_vars asks for the live parameters themselves
-            return super()._save_to_state_dict(destination, prefix, keep_vars)
-        for key, array in zip(CSR_KEYS, csr_arrays(self.weight, self.mask)):
+        dense = self.mask.numel() * (FLOAT_BYTES + 1)                      # float32 weight + bool mask
+        if keep_vars or self.layout_nbytes() >= dense:   # keep_vars asks for the live parameters themselves
+            return nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
+        for key, array in zip(self.layout_keys, self.layout_arrays()):
             destination[prefix + key] = array
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        if prefix + CSR_KEYS[0] in state_dict:
-            arrays = [state_dict.pop(prefix + key, None) for key in CSR_KEYS]
+        keys = self.layout_keys
+        if prefix + keys[0] in state_dict:
+            arrays = [state_dict.pop(prefix + key, None) for key in keys]
             if any(array is None for array in arrays):
-                missing_keys.extend(prefix + key for key, array in zip(CSR_KEYS, arrays) if array is None)
+                missing_keys.extend(prefix + key for key, array in zip(keys, arrays) if array is None)
                 return
             try:
-                weight, mask = dense_from_csr(*arrays, tuple(self.shape))
+                weight, mask = self.dense_from_layout(*arrays)
             except ValueError as error:
-                error_msgs.append(f"{prefix}csr_*: {error}")
+                error_msgs.append(f"{prefix}{keys[0].split('_')[0]}_*: {error}")
                 return
             state_dict[prefix + "weight"], state_dict[prefix + "mask"] = weight.to(self.weight.dtype), mask
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
