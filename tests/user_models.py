@@ -54,3 +54,23 @@ class Tagger(nn.Module):
     def forward(self, x):
         out, _ = self.lstm(x)
         return self.tags(self.dropout(out))
+
+
+# --- a user's training loop with a compression handle -------------------------------------------------------------
+def random_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The data of optimiser step ``step`` for a (B, T, 6) -> 3-class model: the same whoever asks, interrupted
+    or not."""
+    generator = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(4, 5, 6, generator=generator), torch.randint(0, 3, (4,), generator=generator)
+
+
+def train_steps(model, handle, optimizer, steps: int, start: int = 0, batch=random_batch) -> None:
+    """Steps ``start..start+steps`` of the loop ``compress_``'s docs show: the handle's penalty in the loss,
+    ``after_step()`` after each optimiser step."""
+    for step in range(start, start + steps):
+        x, y = batch(step)
+        loss = F.cross_entropy(model(x), y) + handle.penalty()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        handle.after_step()

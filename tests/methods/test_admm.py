@@ -8,7 +8,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from torch import nn
-from torch.nn import functional as F
 
 from leanlstm.cli import main
 from leanlstm.compress import compress_
@@ -17,6 +16,7 @@ from leanlstm.methods.admm import project
 from leanlstm.methods.pruning import final_entries, weight_compression
 from leanlstm.nn.forms import MaskedSparse
 from leanlstm.nn.quant import quantise_tensor, row_scales
+from tests.user_models import train_steps
 
 
 class Classifier(nn.Module):
@@ -36,13 +36,7 @@ def batch(step):
 
 
 def train(model, handle, optimizer, steps, start=0):
-    for step in range(start, start + steps):
-        x, y = batch(step)
-        loss = F.cross_entropy(model(x), y) + handle.penalty()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        handle.after_step()
+    train_steps(model, handle, optimizer, steps, start, batch=batch)
 
 
 def test_projection_keeps_the_largest_magnitudes_on_their_rows_int8_grid():

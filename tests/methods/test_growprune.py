@@ -21,7 +21,7 @@ from leanlstm.methods.pruning import final_entries, weight_compression
 from leanlstm.nn.forms import MaskedSparse
 from leanlstm.runs import RunConfig, compress_run
 from leanlstm.train import Callback
-from tests.user_models import Tagger
+from tests.user_models import Tagger, random_batch as batch, train_steps as train
 
 
 class Classifier(nn.Module):
@@ -37,20 +37,8 @@ class Classifier(nn.Module):
         return self.head(self.rnn(x)[0][:, -1])
 
 
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The data of optimiser step ``step``: the same whoever asks, interrupted or not."""
-    generator = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(4, 5, 6, generator=generator), torch.randint(0, 3, (4,), generator=generator)
 
 
-def train(model, handle, optimizer, steps, start=0):
-    for step in range(start, start + steps):
-        x, y = batch(step)
-        loss = F.cross_entropy(model(x), y) + handle.penalty()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        handle.after_step()
 
 
 def masks(model):

@@ -13,7 +13,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from torch import nn
-from torch.nn import functional as F
 
 import leanlstm
 from leanlstm.cli import main
@@ -25,6 +24,7 @@ from leanlstm.runtime.latency import latency
 from leanlstm.runtime.latency_model import LatencyModel
 from leanlstm.runtime.profile import LayerTable, split_cell
 from leanlstm.train import ConfigError
+from tests.user_models import random_batch as batch, train_steps as train
 
 
 class Classifier(nn.Module):
@@ -69,19 +69,8 @@ def symbiotic(model, source=None, **options):
     return attach(model, SymbioticMethod(config, profile=source or Synthetic()))
 
 
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(4, 5, 6, generator=generator), torch.randint(0, 3, (4,), generator=generator)
 
 
-def train(model, handle, optimizer, steps, start=0):
-    for step in range(start, start + steps):
-        x, y = batch(step)
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        handle.after_step()
 
 
 def forms(model):
