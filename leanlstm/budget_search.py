@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 SEARCH = "search.json"
 DEFAULT_METHODS = ("int8", "prune", "doped-kp", "iss", "symbiotic")
 KNOBS = ("compression", "reduction")        # a method's strength, larger = smaller and (usually) faster
+BUDGETS = ("latency_budget_us", "target_latency_us")   # a method's own latency budget (ISS's: the engine's)
 LADDER = (1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 
 
@@ -85,6 +86,17 @@ class BudgetSearch:
         if not self.ladder or any(value <= 1 for value in self.ladder):
             raise ConfigError("ladder", self.ladder, "hold strengths above 1")
         self.ladder = sorted(self.ladder)
+
+
+def budget_field(method_type: Any) -> str | None:
+    """The config field in which a method takes a latency budget of its own, or None.
+
+    >>> from leanlstm.methods import get_method
+    >>> budget_field(get_method("symbiotic")), budget_field(get_method("iss")), budget_field(get_method("prune"))
+    ('latency_budget_us', 'target_latency_us', None)
+    """
+    names = {f.name for f in fields(method_type.Config())}
+    return next((name for name in BUDGETS if name in names), None)
 
 
 # --- where each method runs ---------------------------------------------------------------------------------------
@@ -127,16 +139,13 @@ def size_method(name: str, model: nn.Module, config: BudgetSearch) -> dict[str, 
     names = {f.name for f in fields(defaults)}
     backend = candidate_backend(method_type(defaults), config.backend)
     row = {"method": name, "backend": backend, "settings": None, "structure_us": None, "note": ""}
-    if "latency_budget_us" in names:
-        settings = {"latency_budget_us": config.latency_budget_us}
-        if "backend" in names:
-            settings["backend"] = config.backend
-        return row | {"settings": settings, "how": "its own budget"}
-    if "target_latency_us" in names:
-        if config.backend != "leanlstm":
+    own = budget_field(method_type)
+    if own is not None:
+        if "backend" not in names and config.backend != "leanlstm":
             return row | {"how": "its own budget", "note": f"its latency target is the leanlstm engine's, not "
                                                            f"{config.backend}'s"}
-        return row | {"settings": {"target_latency_us": config.latency_budget_us}, "how": "its own budget"}
+        settings = {own: config.latency_budget_us} | ({"backend": config.backend} if "backend" in names else {})
+        return row | {"settings": settings, "how": "its own budget"}
     knob = next((k for k in KNOBS if k in names), None)
     if knob is None:
         us, aim = _structure_us(name, {}, model, backend, config), config.latency_budget_us * (1 - config.margin)

@@ -9,7 +9,7 @@ import click
 
 from .. import methods
 from ..files import check_writable
-from ..budget_search import DEFAULT_METHODS, BudgetSearch, search
+from ..budget_search import DEFAULT_METHODS, BudgetSearch, budget_field, search
 from ..methods.base import parse_settings
 from ..runs import RunConfig, compress_run, read_config
 from ..train import ConfigError
@@ -85,7 +85,7 @@ def command(method_name, source, task, preset, out, strength, settings, dropout,
         _search(source, out, latency_budget_us, backend, method_names, epochs, finetune_epochs, latency_repeats,
                 resume, no_progress, dict(lr=lr, decay_after=decay_after, lr_decay=lr_decay, max_batches=max_batches,
                                           precision=precision, device=device),
-                dict(data_dir=data_dir, max_tokens=max_tokens, verify_data=None if not no_verify_data else False))
+                data_dir, max_tokens, no_verify_data)
         return
     if backend or method_names:
         raise click.UsageError("--backend and --methods belong to the search (no --method); a method's own backend "
@@ -133,16 +133,15 @@ def command(method_name, source, task, preset, out, strength, settings, dropout,
 
 def _budget_field(method, name: str) -> str:
     """The config field a method takes a latency budget in."""
-    names = set(method.Config().to_dict())
-    for field_name in ("latency_budget_us", "target_latency_us"):
-        if field_name in names:
-            return field_name
-    raise click.BadParameter(f"method {name} takes no latency budget; omit --method to search every method for the "
-                             f"most accurate model within the budget", param_hint="--latency-budget-us")
+    field_name = budget_field(method)
+    if field_name is None:
+        raise click.BadParameter(f"method {name} takes no latency budget; omit --method to search every method for "
+                                 f"the most accurate model within the budget", param_hint="--latency-budget-us")
+    return field_name
 
 
 def _search(source, out, budget, backend, method_names, epochs, finetune_epochs, repeats, resume, no_progress,
-            training, data) -> None:
+            training, data_dir, max_tokens, no_verify_data) -> None:
     if not source:
         raise click.UsageError("the search compresses a trained model: give --from RUN")
     values = {"latency_budget_us": budget, "backend": backend or "leanlstm"}
@@ -156,8 +155,8 @@ def _search(source, out, budget, backend, method_names, epochs, finetune_epochs,
         raise click.BadParameter(str(error)) from error
     origin = read_config(source)
     options = {"overrides": {k: v for k, v in training.items() if v is not None},
-               "data_dir": data["data_dir"] or origin.data_dir, "max_tokens": data["max_tokens"],
-               "verify_data": origin.verify_data and data["verify_data"] is not False}
+               "data_dir": data_dir or origin.data_dir, "max_tokens": max_tokens,
+               "verify_data": origin.verify_data and not no_verify_data}
     state = search(source, out, config, resume=resume, progress=not no_progress, run_options=options)
     click.echo(json.dumps({k: state[k] for k in ("picked", "picked_run", "dense_stack_us")}
                           | {"front": [{k: row[k] for k in row if k not in ("settings", "run")} for row in
