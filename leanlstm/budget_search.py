@@ -210,12 +210,12 @@ def search(source: str | Path, out: str | Path, config: BudgetSearch, resume: bo
     saved = read_json(out / SEARCH, "delete it and search again") if resume and (out / SEARCH).is_file() else None
     if saved is None and out.exists() and any(out.iterdir()):
         raise RunDirError(f"{out} is not empty: give a new --out, or --resume to continue the search in it")
-    if saved is not None and saved["config"] != _plain(config):
+    if saved is not None and saved["config"] != asdict(config):
         raise RunDirError(f"{out} holds a search with other settings ({saved['config']}); give a new --out, or the "
                          f"same options as before with --resume")
     out.mkdir(parents=True, exist_ok=True)
     sizing = saved["sizing"] if saved else _size_all(model, config)
-    state = {"config": _plain(config), "source": str(source), "task": origin.task, "sizing": sizing}
+    state = {"config": asdict(config), "source": str(source), "task": origin.task, "sizing": sizing}
     write_json(out / SEARCH, state)
     for row in sizing:
         if row["settings"] is not None:
@@ -299,7 +299,3 @@ def _report(state: dict[str, Any], task: Any) -> None:
             log.info("  %-10s left out: %s", row["method"], row["note"])
     if state["picked"] is None:
         log.warning("search: no trained candidate measured within the budget of %.2f us per step", budget)
-
-
-def _plain(config: BudgetSearch) -> dict[str, Any]:
-    return asdict(config)
