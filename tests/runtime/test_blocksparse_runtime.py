@@ -10,6 +10,7 @@ from leanlstm.runtime import int8
 from leanlstm.runtime.cells import form_op
 from leanlstm.runtime.engine import compile as compile_engine
 from leanlstm.runtime.precision import op_in, precision
+from tests.runtime.op_checks import assert_strided_outputs_equal
 
 SHAPES = [(2600, 650), (64, 32), (37, 13), (5, 3), (16, 4), (130, 66)]   # rows not of 16, columns not of 4 too
 ATOL = 2e-5
@@ -158,15 +159,7 @@ def test_outputs_with_gaps_between_rows_equal_contiguous_ones():
     form = _form((200, 48))
     x, xs = _inputs(48)
     for op in (form.runtime_op(), bs.int8_blocksparse_op(_dense(form))):
-        out, strided = np.zeros(200, np.float32), np.zeros((200, 2), np.float32)
-        op.matvec(op.arrays, x, out, False)
-        op.matvec(op.arrays, x, strided[:, 0], False)
-        np.testing.assert_array_equal(strided[:, 0], out)
-        outs, wide = np.zeros((11, 200), np.float32), np.zeros((11, 400), np.float32)
-        op.matmat(op.arrays, xs, outs)
-        op.matmat(op.arrays, xs, wide[:, ::2])
-        np.testing.assert_array_equal(wide[:, ::2], outs)
-        assert not wide[:, 1::2].any()
+        assert_strided_outputs_equal(op, 200, x, xs)
 
 
 def test_int8_sequence_equals_stepping_and_zero_or_nan_inputs_behave():

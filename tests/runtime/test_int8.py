@@ -10,6 +10,7 @@ from leanlstm.runtime import int8
 from leanlstm.runtime.engine import EngineError
 from leanlstm.runtime.engine import compile as compile_engine
 from leanlstm.runtime.latency import latency
+from tests.runtime.op_checks import assert_strided_outputs_equal
 
 
 def _reference(weight: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -52,15 +53,7 @@ def test_outputs_with_gaps_between_rows_equal_contiguous_ones():
     rng = np.random.default_rng(3)
     weight = rng.normal(size=(200, 48)).astype(np.float32)
     x, xs = rng.normal(size=48).astype(np.float32), rng.normal(size=(11, 48)).astype(np.float32)
-    op = int8.int8_dense_op(weight)
-    out, strided = np.zeros(200, np.float32), np.zeros((200, 2), np.float32)
-    op.matvec(op.arrays, x, out, False)
-    op.matvec(op.arrays, x, strided[:, 0], False)
-    np.testing.assert_array_equal(strided[:, 0], out)
-    outs, wide = np.zeros((11, 200), np.float32), np.zeros((11, 400), np.float32)
-    op.matmat(op.arrays, xs, outs)
-    op.matmat(op.arrays, xs, wide[:, ::2])
-    np.testing.assert_array_equal(wide[:, ::2], outs)
+    assert_strided_outputs_equal(int8.int8_dense_op(weight), 200, x, xs)
 
 
 def test_a_sequence_product_equals_stepping_and_zero_or_nan_inputs_behave():
