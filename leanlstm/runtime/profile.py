@@ -41,7 +41,7 @@ from ..nn.cells import RecurrentLayer
 from ..nn.forms import form_class
 from ..train import MAX_SEED, Range, check_memory, check_ranges
 from .backends import get_backend
-from .latency import latency, machine_info, measure
+from .latency import latency, load_now, machine_info, measure
 from .speed_check import speed_checks_off
 
 log = logging.getLogger(__name__)
@@ -624,6 +624,17 @@ def _interpolate(points: dict[tuple[int, int], float], key: LayerKey) -> float:
     return v0 if i1 == i0 else v0 + (v1 - v0) * (key.input_size - i0) / (i1 - i0)
 
 
+def warn_if_busy(rows: int) -> None:
+    """Warn when other processes compete for the CPU: a profile measured on a busy machine reads slow and
+    scatters, and on torch eager (load 3-5 on 2 cores) the valleys it found were not valleys on the quiet machine."""
+    runnable = load_now()["runnable"]
+    if runnable is not None and runnable > 1:
+        log.warning("profiling %d layer rows while %d other processes are runnable: the rows will read slow and "
+                    "scatter, and valleys found now may not be valleys on a quiet machine; profile with the machine "
+                    "otherwise idle (the cache keeps the rows: delete its folder to measure again)", rows,
+                    runnable - 1)
+
+
 class LayerProfile:
     """A layer table in a folder that measures what it is asked for: ``ensure(keys)`` measures the keys it does
     not hold yet (rows written as each interleaved run ends) and returns the table. Opening a folder measured with
@@ -649,6 +660,8 @@ class LayerProfile:
         missing = sorted(set(keys) - set(self.table.rows))
         for key in missing:
             _check_key(key, self.settings)
+        if missing:
+            warn_if_busy(len(missing))
         for chunk in _chunks([key for key in missing if key.is_dense]):
             self._run(chunk)
         sparse = [key for key in missing if not key.is_dense]

@@ -1,6 +1,7 @@
 """Hardware profiles: sweeps and per-layer tables write rows as they go, resume, refuse numbers from another machine,
 and answer a training method's queries (valleys, snapping, where sparse beats dense)."""
 import csv
+import importlib
 import json
 
 import pytest
@@ -160,6 +161,19 @@ def test_layer_profile_measures_on_demand_and_an_interrupted_one_resumes(tmp_pat
     assert (tmp_path / "latency.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="other settings.*repeats=2 there, 3 now"):
         LayerProfile(tmp_path, LayerSettings(seq_len=4, repeats=3))
+
+
+def test_profiling_on_a_busy_machine_warns(tmp_path, caplog, monkeypatch):
+    profile = importlib.import_module("leanlstm.runtime.profile")   # the package's `profile` is a function
+    monkeypatch.setattr(profile, "load_now", lambda: {"load_average": [3.0, 3.0, 3.0], "runnable": 4})
+    with caplog.at_level("WARNING"):
+        LayerProfile(tmp_path, LayerSettings(seq_len=4, repeats=2)).ensure([LayerKey("lstm", 4, 8)])
+    assert "while 3 other processes are runnable" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(profile, "load_now", lambda: {"load_average": [3.0, 3.0, 3.0], "runnable": 1})
+    with caplog.at_level("WARNING"):
+        LayerProfile(tmp_path, LayerSettings(seq_len=4, repeats=2)).ensure([LayerKey("lstm", 4, 12)])
+    assert "runnable" not in caplog.text
 
 
 def fake_another_machine(folder):
