@@ -26,7 +26,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..nn.forms.blocksparse import BlockSparse
-from .int8 import (VNNI, ZERO_POINT, _check_cpu, _poison, _quantise_input, _splat, emit_scaled_add,
+from .int8 import (VNNI, ZERO_POINT, _check_cpu, _poison, _quantise_input, _splat, emit_scaled_add, packed_rows,
                    quantise_rows, whole_vectors)
 from .kernels import JIT, RuntimeOp, _scratch, _stack_f32
 from .precision import register_op
@@ -368,7 +368,7 @@ def _make_gemv(vnni: bool):
             return
         acc = np.empty(TILE_ROWS, np.int32)
         step_scale = np.full(1, scale, np.float32)
-        whole = whole_vectors(out, rows, TILE_ROWS) if vnni else 0
+        whole = whole_vectors(out, rows, TILE_ROWS) if vnni and packed_rows(scales, corrections) else 0
         for index in range(grid):
             b = grid - 1 - index if flip else index
             if ptr[b] == ptr[b + 1]:
@@ -414,7 +414,8 @@ def _make_gemm(vnni: bool):
                 int8_blocksparse_gemv(values, cols, ptr, scales, corrections, shape, xs[t], out[t], False)
             return
         acc = np.empty((STEPS, TILE_ROWS), np.int32)
-        whole = whole_vectors(out, rows, TILE_ROWS) if out.strides[0] % 4 == 0 else 0
+        packed = out.strides[0] % 4 == 0 and packed_rows(scales, corrections)
+        whole = whole_vectors(out, rows, TILE_ROWS) if packed else 0
         row_stride = out.strides[0] // 4
         for b in range(grid):
             if ptr[b] == ptr[b + 1]:

@@ -141,6 +141,13 @@ def whole_vectors(out, rows, size):
 
 
 @njit(inline="always", **JIT)
+def packed_rows(scales, corrections):
+    """Whether the per-row scales and corrections lie contiguously, as the vector epilogue reads them (16 at a
+    time from raw addresses); the packing functions make them so."""
+    return scales.strides[0] == 4 and corrections.strides[0] == 4
+
+
+@njit(inline="always", **JIT)
 def _portable_panel(panels, b, xq, quads, acc):
     """The same block without VNNI: exact int32 arithmetic in plain loops."""
     for r in range(PANEL):
@@ -219,7 +226,7 @@ def _make_gemv(vnni: bool):
         acc = np.empty(PANEL, np.int32)
         step_scale = np.full(1, scale, np.float32)
         m = out.shape[0]
-        whole = whole_vectors(out, m, PANEL) if vnni else 0
+        whole = whole_vectors(out, m, PANEL) if vnni and packed_rows(scales, corrections) else 0
         for index in range(count):
             b = count - 1 - index if flip else index
             if vnni:
@@ -265,7 +272,7 @@ def int8_gemm(panels, scales, corrections, xs, out):
             int8_gemv(panels, scales, corrections, xs[t], out[t], False)
         return
     acc = np.empty((4, PANEL), np.int32)
-    whole = whole_vectors(out, m, PANEL) if out.strides[0] % 4 == 0 else 0
+    whole = whole_vectors(out, m, PANEL) if out.strides[0] % 4 == 0 and packed_rows(scales, corrections) else 0
     for b in range(count):
         start = b * PANEL
         width = min(PANEL, m - start)
