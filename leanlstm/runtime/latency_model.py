@@ -13,10 +13,10 @@ so the machine's drift between runs cancels); the savings of a layer's matrices 
 
 Measured here (leanlstm engine, 35-step sequences, one thread, a loaded 2-core machine): the overhead is small,
 about 0.06 us per step against 0.19 us for the 1 -> 1 layer itself (subtracting the whole small layer per extra
-layer under-predicted a 3-layer stack of small layers by 31%). On eight stacks from 2 x 32 to 2 x 200, pruned and
-H-LSTM included, the median error was 3-6% and the worst 8-11%: about the run-to-run noise of the measurements;
-on ONNX Runtime (overhead 0.21 us) 1.4% and 2.8% on four stacks (``prediction_error`` checks any list of stacks
-against direct measurement).
+layer under-predicted a 3-layer stack of small layers by 31%). On seven stacks from 2 x 128 to 2 x 650, pruned
+and H-LSTM included, measured on a quiet machine, the median error was 6% and the worst 12% on the engine, 10% and
+15% on ONNX Runtime, every dense stack under-predicted (BENCHMARKS.md; ``prediction_error`` checks any list of
+stacks against direct measurement).
 
 With a ``LayerProfile`` as its source, the model measures every key it needs exactly once (rows written to the
 profile's folder); with a fixed ``LayerTable`` it interpolates between profiled keys (``LayerTable.estimate``) and
