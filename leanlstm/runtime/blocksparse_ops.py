@@ -96,7 +96,6 @@ def _f32_tile_row(steps: int, index_bits: int):
             out = builder.inttoptr(out, ir.FloatType().as_pointer())
             sums = [[cgutils.alloca_once_value(builder, ir.Constant(vector, None)) for _ in range(split)]
                     for _ in range(steps)]
-            zeros = ir.Constant(_I32x16, [0] * 16)
             with cgutils.for_range(builder, builder.sub(last, first)) as loop:
                 k = builder.add(first, loop.index)
                 tile = builder.gep(w, [builder.mul(k, _I64(TILE_VALUES))])
@@ -108,10 +107,8 @@ def _f32_tile_row(steps: int, index_bits: int):
                     row = builder.add(builder.mul(_I64(s), x_stride), base)
                     for j in range(TILE_COLS):
                         value = builder.load(builder.gep(x, [builder.add(row, _I64(j))]), align=4)
-                        spread = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.IntType(32)(0))
-                        spread = builder.shuffle_vector(spread, ir.Constant(vector, ir.Undefined), zeros)
                         chain = sums[s][j % split]
-                        product = builder.fmul(weights[j], spread, flags=("fast",))
+                        product = builder.fmul(weights[j], _splat(builder, value, vector), flags=("fast",))
                         builder.store(builder.fadd(builder.load(chain), product, flags=("fast",)), chain)
             for s in range(steps):
                 total = builder.load(sums[s][0])
@@ -197,7 +194,7 @@ def blocksparse_matmat(arrays, xs, out):
     xp = np.zeros((-(-steps // STEPS) * STEPS, words), np.float32)       # whole passes, whole tile columns
     xp[:steps, :width] = xs
     acc = carray(_stack_f32(STEPS * TILE_ROWS), (STEPS, TILE_ROWS))
-    whole = whole_vectors(out, rows, TILE_ROWS) if out.strides[0] % 4 == 0 else 0
+    whole = whole_vectors(out, rows, TILE_ROWS)
     for b in range(grid):
         if ptr[b] != ptr[b + 1]:
             for t in range(0, steps, STEPS):
@@ -414,8 +411,7 @@ def _make_gemm(vnni: bool):
                 int8_blocksparse_gemv(values, cols, ptr, scales, corrections, shape, xs[t], out[t], False)
             return
         acc = np.empty((STEPS, TILE_ROWS), np.int32)
-        packed = out.strides[0] % 4 == 0 and packed_rows(scales, corrections)
-        whole = whole_vectors(out, rows, TILE_ROWS) if packed else 0
+        whole = whole_vectors(out, rows, TILE_ROWS) if packed_rows(scales, corrections) else 0
         row_stride = out.strides[0] // 4
         for b in range(grid):
             if ptr[b] == ptr[b + 1]:

@@ -135,9 +135,9 @@ _scaled_add_panel = _scaled_add(PANEL // 16)
 
 @njit(inline="always", **JIT)
 def whole_vectors(out, rows, size):
-    """Groups of ``size`` rows the vector epilogue may add into ``out`` directly: all whole ones when its float32
-    values are contiguous, else none."""
-    return rows // size if out.strides[out.ndim - 1] == 4 else 0
+    """Groups of ``size`` rows the vector epilogue may add into ``out`` (1-D, or one row per step) directly: all
+    whole ones when its float32 values are contiguous and its rows a whole number of floats apart, else none."""
+    return rows // size if out.strides[out.ndim - 1] == 4 and out.strides[0] % 4 == 0 else 0
 
 
 @njit(inline="always", **JIT)
@@ -272,7 +272,7 @@ def int8_gemm(panels, scales, corrections, xs, out):
             int8_gemv(panels, scales, corrections, xs[t], out[t], False)
         return
     acc = np.empty((4, PANEL), np.int32)
-    whole = whole_vectors(out, m, PANEL) if out.strides[0] % 4 == 0 and packed_rows(scales, corrections) else 0
+    whole = whole_vectors(out, m, PANEL) if packed_rows(scales, corrections) else 0
     for b in range(count):
         start = b * PANEL
         width = min(PANEL, m - start)
