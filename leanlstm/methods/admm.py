@@ -39,8 +39,7 @@ from ..nn.forms import MaskedSparse
 from ..nn.quant import BITS, CLIPS, Latent, quantise_tensor
 from ..train import Range
 from .base import COMPRESSION, STEPS, UNIT, Method, MethodConfig
-from .pruning import convert_forms, final_entries, schedule_length, sparsity_summary
-from .schedules import gradual_sparsity, phase_steps
+from .pruning import GradualPruning, convert_forms, final_entries, schedule_length, sparsity_summary
 
 if TYPE_CHECKING:
     from ..compress import Compression
@@ -107,7 +106,10 @@ class ADMMMethod(Method):
         self.u: dict[str, torch.Tensor] = {}
         self.latent: Latent | None = None
         self._saved: dict[str, Any] | None = None
-        if self.config.quantise:
+        c = self.config
+        # the projection's entry counts: gradual pruning's schedule (final from the start when anneal_end is 0)
+        self.schedule = GradualPruning(c.compression, end=c.anneal_end, value_bits=BITS if c.quantise else None)
+        if c.quantise:
             self.latency_backends = ("leanlstm-int8", "leanlstm", "torch-int8", "onnxruntime", "onnxruntime-int8")
 
     def _entries(self, name: str, form: MaskedSparse) -> int:
@@ -129,26 +131,21 @@ class ADMMMethod(Method):
             self._load(handle, self._saved)
             self._saved = None
         if not handle.finalized and not self.z:
+            entries = self._targets(handle)
             for name, form in handle.forms():
-                entries = self._scheduled_entries(name, form, handle)
-                self.z[name] = self._project(name, form, form.materialize(), entries)
+                self.z[name] = self._project(form.materialize(), entries[name])
                 self.u[name] = torch.zeros_like(form.weight, requires_grad=False)
         if handle.finalized and self.config.quantise and self.latent is None:
             self.latent = Latent([(name, form.weight, form.mask) for name, form in handle.forms()])
 
-    def _scheduled_entries(self, name: str, form: MaskedSparse, handle: "Compression") -> int:
-        """The projection's entry count at the handle's step: the final count, or with ``anneal_end`` the
-        gradual-pruning schedule from dense down to it."""
-        final, numel = self._entries(name, form), form.weight.numel()
-        if self.config.anneal_end == 0.0:
-            return final
-        if handle.step == 0:              # dense at the start, whatever the length (a Trainer sets it after attach)
-            return numel
-        end = phase_steps(self.config.anneal_end, schedule_length(handle, "ADMM"))
-        sparsity = gradual_sparsity(handle.step, 1.0 - final / numel, 0.0, 0, end)
-        return max(final, round((1.0 - sparsity) * numel))
+    def _targets(self, handle: "Compression") -> dict[str, int]:
+        """Entries each matrix's projection keeps at the handle's step: the final count from the start, or with
+        ``anneal_end`` the gradual-pruning schedule from dense down to it."""
+        # at step 0 the schedule's value does not depend on its length, which a Trainer sets only after attach
+        total = schedule_length(handle, "ADMM") if handle.step else 1
+        return self.schedule.targets(handle.forms(), handle.step, total)
 
-    def _project(self, name: str, form: MaskedSparse, values: torch.Tensor, entries: int) -> torch.Tensor:
+    def _project(self, values: torch.Tensor, entries: int) -> torch.Tensor:
         return project(values.detach(), entries, self.config.quantise, self.config.clip)
 
     def _update_every(self, handle: "Compression") -> int:
@@ -181,10 +178,11 @@ class ADMMMethod(Method):
     @torch.no_grad()
     def _admm_update(self, handle: "Compression") -> None:
         gaps = []
+        entries = self._targets(handle)
         for name, form in handle.forms():
             w = form.materialize().detach()
             u = self.u[name].to(w.device)
-            z = self._project(name, form, w + u, self._scheduled_entries(name, form, handle))
+            z = self._project(w + u, entries[name])
             u += w - z
             self.z[name], self.u[name] = z, u
             gaps.append(float((w - z).norm() / w.norm().clamp_min(1e-12)))
