@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .graph import FilterFn, find_lstms, replace_module
+from .graph import FilterFn, find_lstms, head_forms, replace_module
 from .methods import Doped, ISS, Prune, Structured
 from .methods.base import Method, MethodConfig, method_for, qualified
-from .nn import LSTM, WeightForm
+from .nn import LSTM, FormLinear, WeightForm
 from .train import Callback
 
 log = logging.getLogger(__name__)
@@ -194,6 +194,11 @@ class Compression:
         """``("rnn.layers.0.weight_ih", form), ...`` for every matrix of every compressed LSTM."""
         return [(qualified(name, matrix), form) for name, lstm in self.lstms.items()
                 for matrix, form in lstm.forms()]
+
+    def head_forms(self) -> list[tuple[str, WeightForm]]:
+        """``("decoder.weight", form), ...`` for every ``FormLinear`` head of the model (a method that compresses
+        heads, e.g. ``Prune(heads=4)``, makes them)."""
+        return list(head_forms(self.model))
 
     def install(self, modules: dict[str, nn.Module]) -> None:
         """Put ``modules`` in place of the named submodules (``""``: the model itself, for a bare LSTM) and
@@ -441,7 +446,8 @@ def _restored_modules(model: nn.Module, config: dict[str, Any]) -> dict[str, nn.
     return {name: _build(entry, present) for name, present, entry in plan}
 
 
-_COMPATIBLE = {"leanlstm.LSTM": (nn.LSTM, LSTM), "torch.nn.LSTM": (nn.LSTM,), "torch.nn.Linear": (nn.Linear,)}
+_COMPATIBLE = {"leanlstm.LSTM": (nn.LSTM, LSTM), "torch.nn.LSTM": (nn.LSTM,), "torch.nn.Linear": (nn.Linear,),
+               "leanlstm.FormLinear": (nn.Linear, FormLinear)}
 
 
 def _outer(module: nn.Module, prefix: str):
@@ -461,6 +467,8 @@ def _describe(module: nn.Module) -> dict[str, Any] | None:
                 "num_layers": module.num_layers, "bias": module.bias, "batch_first": module.batch_first,
                 "dropout": float(module.dropout), "bidirectional": module.bidirectional,
                 "proj_size": module.proj_size}
+    if isinstance(module, FormLinear):
+        return {"type": "leanlstm.FormLinear", "config": copy.deepcopy(module.config())}
     if isinstance(module, nn.Linear):
         return {"type": "torch.nn.Linear", "in_features": module.in_features, "out_features": module.out_features,
                 "bias": module.bias is not None}
@@ -476,6 +484,8 @@ def _build(entry: dict[str, Any], like: nn.Module) -> nn.Module:
         new = LSTM.from_config(entry["config"]).to(**where)
     elif entry["type"] == "torch.nn.LSTM":
         new = nn.LSTM(**arguments, **where)
+    elif entry["type"] == "leanlstm.FormLinear":
+        new = FormLinear.from_config(entry["config"]).to(**where)
     else:
         new = nn.Linear(**arguments, **where)
     return new.train(like.training)

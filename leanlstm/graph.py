@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from .nn import LSTM, WeightForm
+from .nn import LSTM, FormLinear, WeightForm
 
 RECURRENT_TYPES: tuple[type[nn.Module], ...] = (nn.LSTM, LSTM)
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, FormLinear)   # a head: x @ W.T + b, W dense or a form
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -71,6 +72,23 @@ def lstm_forms(model: nn.Module, filter_fn: FilterFn | None = None) -> Iterator[
                 yield (f"{name}.{form_name}" if name else form_name), form
 
 
+def find_heads(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(qualified_name, module)`` of every ``nn.Linear`` or ``FormLinear`` outside the recurrent stacks: the heads
+    and decoders a method may compress beside the LSTMs.
+
+    >>> [name for name, _ in find_heads(nn.ModuleDict({"rnn": LSTM(3, 4), "fc": nn.Linear(4, 2)}))]
+    ['fc']
+    """
+    return [(name, module) for name, module in _outer_modules(model, "") if isinstance(module, LINEAR_TYPES)]
+
+
+def head_forms(model: nn.Module) -> Iterator[tuple[str, WeightForm]]:
+    """``(qualified_name, form)`` of the weight of every ``FormLinear`` head (``"decoder.weight"``)."""
+    for name, module in find_heads(model):
+        if isinstance(module, FormLinear):
+            yield (f"{name}.weight" if name else "weight"), module.form
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` where the submodule ``name`` is, in place."""
     if not name:
@@ -84,10 +102,10 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 # --- the forward graph -----------------------------------------------------------------------------------------
 class _Tracer(fx.Tracer):
-    """Recurrent stacks and every ``torch.nn`` module are leaves (single ``call_module`` nodes)."""
+    """Recurrent stacks, heads and every ``torch.nn`` module are leaves (single ``call_module`` nodes)."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, RECURRENT_TYPES) or super().is_leaf_module(module, qualified_name)
+        return isinstance(module, RECURRENT_TYPES + LINEAR_TYPES) or super().is_leaf_module(module, qualified_name)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:

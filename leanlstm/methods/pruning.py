@@ -11,9 +11,11 @@ So 20x is not 5% density but
 With ``value_bits=8`` the budget counts int8 values (1 byte, plus a float32 scale per row): the matrices keep as
 many entries as fit once quantised (``compress --method int8`` afterwards), the baseline of ADMM's joint pruning
 and quantisation at equal bytes. ``finalize()`` sets every matrix to its final density (should the schedule have stopped early); fine-tuning then
-trains the surviving weights with the mask fixed. ``nn.Linear`` heads are not pruned: the method compresses the
-recurrent stack, where the latency is. ``GradualPruning`` and the budget arithmetic are shared with the doping
-methods, whose sparse part is pruned alike.
+trains the surviving weights with the mask fixed. ``nn.Linear`` heads stay dense unless ``heads`` gives them a
+compression of their own: then each becomes a ``FormLinear`` pruned alike, on the same schedule, to that many times
+fewer bytes (a language model's decoder is as large as its whole LSTM stack and, once the stack is compressed, most
+of the per-step latency). ``GradualPruning`` and the budget arithmetic are shared with the doping methods, whose
+sparse part is pruned alike.
 
     handle = leanlstm.compress_(model, leanlstm.Prune(compression=20, total_steps=len(loader) * epochs))
     ...  loss.backward(); optimizer.step(); handle.after_step()      # masks follow the schedule
@@ -31,6 +33,8 @@ from torch import nn
 
 from ..nn import LSTM  # noqa: F401  (the docstring examples)
 from ..nn.forms import Doped as DopedForm
+from ..graph import find_heads
+from ..nn import FormLinear
 from ..nn.forms import BlockSparse, MaskedSparse, WeightForm
 from ..nn.forms.base import FLOAT_BYTES, VALUE_BITS
 from ..nn.forms.sparse import csr_nbytes
@@ -62,15 +66,19 @@ class Prune(MethodConfig):
     block: str = ""               # "16x4": prune whole blocks of 16 rows x 4 inputs (one VNNI instruction each)
     speed_check: bool = True      # time each pruned matrix against dense on the engine and warn when slower
     keep_slow_dense: bool = False  # keep the matrices that would run slower than dense dense (not pruned)
+    heads: float = 0.0            # the nn.Linear heads' own compression (honest bytes, as the LSTM's); 0: stay dense
 
     ranges = {"compression": COMPRESSION, "initial_density": Range(0, 1, low_open=True), "anneal_start": UNIT,
-              "anneal_end": UNIT, "prune_every": Range(1, 10**9, integer=True), "total_steps": STEPS}
+              "anneal_end": UNIT, "prune_every": Range(1, 10**9, integer=True), "total_steps": STEPS,
+              "heads": Range(0, 1e6)}
     choices = {"value_bits": VALUE_BITS}
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_anneal(self)
         parse_block(self.block)
+        if 0 < self.heads < 1:
+            raise ConfigError("heads", self.heads, "be 0 (the heads stay dense) or a compression of at least 1")
 
     def sparse_form(self, rows: int, cols: int) -> MaskedSparse:
         """An empty matrix of the form this config prunes into (unstructured, or block-sparse)."""
@@ -258,6 +266,36 @@ def convert_forms(handle: "Compression", build, keep) -> None:
         layer.set_form(matrix, form)
 
 
+def heads_to_convert(handle: "Compression", method: str) -> list[tuple[str, nn.Module]]:
+    """The model's heads (``graph.find_heads``) for a method that compresses them; refuses a head whose weight is
+    shared with another module (a decoder tied to the embedding), which compressing would silently untie."""
+    heads = find_heads(handle.model)
+    if not heads:
+        raise ValueError(f"{method} was asked to compress the model's heads, but {type(handle.model).__name__} has "
+                         f"no nn.Linear outside its LSTMs; leave heads=0")
+    for name, head in heads:
+        if isinstance(head, nn.Linear):
+            owners = [other for other, p in handle.model.named_parameters(remove_duplicate=False)
+                      if p is head.weight and other != qualified(name, "weight")]
+            if owners:
+                raise ValueError(f"{name}.weight is shared with {', '.join(owners)} (tied weights): {method} cannot "
+                                 f"compress one without the other; untie them or leave heads=0")
+    return heads
+
+
+def convert_heads(handle: "Compression", heads: list[tuple[str, nn.Module]], build, keep) -> None:
+    """Every head whose weight ``keep(form)`` rejects becomes a ``FormLinear`` of ``build(name, dense)`` (its bias
+    kept), all built before any is installed."""
+    new = {}
+    for name, head in heads:
+        if isinstance(head, FormLinear) and keep(head.form):
+            continue
+        dense = head.weight.detach().cpu().float()
+        new[name] = FormLinear.from_linear(head.to_linear() if isinstance(head, FormLinear) else head,
+                                           build(qualified(name, "weight"), dense))
+    handle.install(new)
+
+
 def schedule_length(handle: "Compression", method: str) -> int:
     """The steps a pruning schedule spans: the config's ``total_steps``, else what ``Trainer`` set."""
     total = handle.total_steps
@@ -279,19 +317,30 @@ class PruneMethod(Method):
         c = self.config
         self.pruner = GradualPruning(c.compression, c.initial_density, c.anneal_start, c.anneal_end, c.prune_every,
                                      c.value_bits)
+        self.head_pruner = GradualPruning(c.heads, c.initial_density, c.anneal_start, c.anneal_end, c.prune_every,
+                                          c.value_bits) if c.heads else None
+
+    def _budgets(self, handle: "Compression") -> list[tuple[str, nn.Module, float]]:
+        """Every matrix this method prunes (a form, or a head not converted yet) with its compression: the LSTMs'
+        and, with ``heads``, the heads'."""
+        found = [(name, form, self.config.compression) for name, form in handle.forms()]
+        if self.head_pruner is not None:
+            found += [(qualified(name, "weight"), head, self.config.heads) for name, head in find_heads(handle.model)]
+        return found
 
     def check(self, handle: "Compression") -> None:
-        for name, form in handle.forms():   # each matrix's budget, on its shape alone: fail now, not at the end
-            final_entries(name, self.config.sparse_form(form.out_features, form.in_features), self.config.compression,
+        if self.head_pruner is not None:
+            heads_to_convert(handle, "Prune")
+        for name, matrix, compression in self._budgets(handle):  # each budget on its shape alone: fail now
+            final_entries(name, self.config.sparse_form(matrix.out_features, matrix.in_features), compression,
                           self.config.value_bits)
 
     def planned_forms(self, handle: "Compression") -> list[tuple[str, WeightForm]]:
         """Each matrix magnitude-pruned at once to its final entry count (what the schedule ends at)."""
         planned = []
-        for name, form in handle.forms():
-            dense = form.materialize().detach().cpu().float()
-            entries = final_entries(name, self.config.sparse_form(*dense.shape), self.config.compression,
-                                    self.config.value_bits)
+        for name, matrix, compression in self._budgets(handle):
+            dense = (matrix.materialize() if isinstance(matrix, WeightForm) else matrix.weight).detach().cpu().float()
+            entries = final_entries(name, self.config.sparse_form(*dense.shape), compression, self.config.value_bits)
             sparse = self.config.sparse_from_dense(dense, 1.0)
             keep_entries(sparse, entries)
             planned.append((name, sparse))
@@ -300,18 +349,33 @@ class PruneMethod(Method):
     def convert(self, handle: "Compression") -> None:
         density = self.config.initial_density
         kind = type(self.config.sparse_form(1, 1))
-        convert_forms(handle, lambda name, dense: self.config.sparse_from_dense(dense, density),
-                      keep=lambda form: type(form) is kind)
+
+        def build(name: str, dense: torch.Tensor) -> MaskedSparse:
+            return self.config.sparse_from_dense(dense, density)
+
+        convert_forms(handle, build, keep=lambda form: type(form) is kind)
+        if self.head_pruner is not None:
+            convert_heads(handle, heads_to_convert(handle, "Prune"), build, keep=lambda form: type(form) is kind)
 
     def after_step(self, handle: "Compression") -> None:
         if not handle.finalized:
-            self.pruner.prune(handle.forms(), handle.step, schedule_length(handle, "Prune"))
+            total = schedule_length(handle, "Prune")
+            self.pruner.prune(handle.forms(), handle.step, total)
+            if self.head_pruner is not None:
+                self.head_pruner.prune(handle.head_forms(), handle.step, total)
 
     def finish(self, handle: "Compression") -> None:
         self.pruner.prune_to_final(handle.forms())  # should the schedule have stopped early
+        if self.head_pruner is not None:
+            self.head_pruner.prune_to_final(handle.head_forms())
 
     def summarize(self, handle: "Compression") -> dict[str, Any]:
         summary = sparsity_summary(handle.forms(), self.config.compression)
         if self.config.value_bits != 32:        # sized for narrower values than it holds yet: say what they give
             summary["budget_value_bits"] = self.config.value_bits
+        if self.head_pruner is not None:
+            heads = handle.head_forms()
+            summary |= {"target_head_compression": self.config.heads, "head_compression": weight_compression(heads),
+                        "head_density": {name: sparse_part(form).density() for name, form in heads
+                                         if sparse_part(form) is not None}}
         return summary

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..graph import lstm_forms
+from ..graph import head_forms, lstm_forms
 from .forms.base import WeightForm
 
 BITS = 8
@@ -87,7 +87,8 @@ def quantised_parameters(module: nn.Module, heads: bool = True,
                          forms: Iterable[tuple[str, WeightForm]] | None = None
                          ) -> list[tuple[str, nn.Parameter, torch.Tensor | None]]:
     """``(name, parameter, mask)`` of every value tensor of every LSTM matrix in ``module`` (or of ``forms``, e.g. a
-    compression handle's) and, with ``heads``, of every ``nn.Linear`` (the heads the engine runs in int8).
+    compression handle's) and, with ``heads``, of every ``nn.Linear`` and ``FormLinear`` head (the engine runs them in
+    int8).
 
     >>> from leanlstm.nn import LSTM
     >>> [name for name, _, _ in quantised_parameters(nn.Sequential(LSTM(4, 8), nn.Linear(8, 2)))]
@@ -101,6 +102,8 @@ def quantised_parameters(module: nn.Module, heads: bool = True,
     if heads:
         found += [(f"{name}.weight", child.weight, None) for name, child in module.named_modules()
                   if isinstance(child, nn.Linear)]
+        found += [(f"{name}:{_param_name(form, parameter)}", parameter, mask) for name, form in head_forms(module)
+                  for leaf in leaf_forms(form) for parameter, mask in leaf.value_tensors()]
     return found
 
 
@@ -122,7 +125,7 @@ def quantise_(module: nn.Module, clip: str = "max", heads: bool = True,
     found = quantised_parameters(module, heads, forms)
     for _, parameter, mask in found:
         parameter.copy_(quantise_tensor(parameter, mask, clip).to(parameter.dtype))
-    for _, form in forms:
+    for _, form in forms + (list(head_forms(module)) if heads else []):
         form.set_value_bits(BITS)
     return len(found)
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..nn import LSTM
+from ..nn import LSTM, FormLinear
 from .engine import compile as compile_engine
 from .pipeline import Activation, Affine, Elementwise, LastStep, Pipeline, Recurrent, pipeline_of
 
@@ -104,7 +104,8 @@ class DenseTorch(nn.Module):
         if isinstance(stage, Recurrent):
             modules = torch_stack(stage.module)
         elif isinstance(stage, Affine):
-            modules = [copy.deepcopy(stage.module)]
+            head = stage.module
+            modules = [head.to_linear() if isinstance(head, FormLinear) else copy.deepcopy(head)]
         else:
             self._plan.append(("function", _torch_function(stage)))
             return

@@ -1,11 +1,11 @@
 """``compile(model) -> Engine``: batch-1 inference of a whole model in compiled code.
 
-The model is read as a pipeline (``runtime.pipeline``): an optional embedding, LSTM stacks, ``nn.Linear`` heads and
-activations, per step or on the last step, whatever the attributes are called. Each cell layer is compiled by
-its cell's registered ``compile_layer`` (``runtime.cells``), which asks every weight form for its
-``runtime_op()`` (arrays + Numba kernels, see ``kernels``): a sparse matrix runs as sparse, a Kronecker one
-through its factors, a low-rank one as two thin products; a form without an op runs as its dense
-``materialize()`` (with a warning). Per layer and direction, ``run`` makes one call into compiled code that
+The model is read as a pipeline (``runtime.pipeline``): an optional embedding, LSTM stacks, ``nn.Linear`` heads (or
+``FormLinear`` ones, multiplied through their weight form's op) and activations, per step or on the last step,
+whatever the attributes are called. Each cell layer is compiled by its cell's registered ``compile_layer``
+(``runtime.cells``), which asks every weight form for its ``runtime_op()`` (arrays + Numba kernels, see
+``kernels``): a sparse matrix runs as sparse, a Kronecker one through its factors, a low-rank one as two thin
+products; a form without an op runs as its dense ``materialize()`` (with a warning). Per layer and direction, ``run`` makes one call into compiled code that
 batches the input products of the whole sequence and loops over time; ``step`` advances one time step.
 Inference semantics: dropout is off. Everything is float32 NumPy.
 
@@ -25,7 +25,9 @@ import torch
 from torch import nn
 
 from . import kernels, precision as precisions
+from ..nn import FormLinear
 from .cells import CompiledLayer, EngineError, bind, cell_part, form_op
+from .entry_points import specialise
 from .pipeline import Activation, Affine, Elementwise, LastStep, Pipeline, Recurrent, Stage, pipeline_of
 
 __all__ = ["Engine", "EngineError", "Stream", "compile", "form_op"]
@@ -74,7 +76,7 @@ def _compile_stage(stage: Stage, first: int) -> Any:
     if isinstance(stage, Recurrent):
         return _Stack(stage, first)
     if isinstance(stage, Affine):
-        return _Affine(stage.module)
+        return _FormAffine(stage) if isinstance(stage.module, FormLinear) else _Affine(stage.module)
     if isinstance(stage, Activation):
         return _Function(ACTIVATIONS[stage.kind])
     if isinstance(stage, Elementwise):
@@ -144,6 +146,29 @@ class _Affine:
     def nbytes(self) -> int:
         weights = self.weight if isinstance(self.weight, tuple) else (self.weight,)
         return sum(w.nbytes for w in weights) + self.bias.nbytes
+
+
+class _FormAffine:
+    """A ``FormLinear``: y = x @ W.T + b through the weight form's op (sparse, block-sparse, low-rank, ...), in the
+    compile's precision where the form has an op in it."""
+
+    def __init__(self, stage: Affine) -> None:
+        head = stage.module
+        self.op = form_op(head.form, f"{stage.name}.weight" if stage.name else "weight")
+        bias = head.bias.detach().cpu().float().numpy() if head.bias is not None else np.zeros(head.out_features)
+        self.bias = _float32(bias)
+        self._call, self._args = specialise(kernels.form_affine, (self.op.matvec, self.op.matmat, self.op.arrays,
+                                                                  self.bias), np.zeros((1, head.in_features),
+                                                                                       np.float32))
+
+    def run(self, xs: np.ndarray, states: LayerStates) -> np.ndarray:
+        return self._call(*self._args, xs if _exact(xs) else _float32(xs))
+
+    def step(self, x: np.ndarray, states: LayerStates) -> np.ndarray:
+        return self.run(x.reshape(1, -1), states)[0]
+
+    def nbytes(self) -> int:
+        return self.op.nbytes() + self.bias.nbytes
 
 
 class _Function:

@@ -776,6 +776,13 @@ def layer_step(ih_matvec, ih_arrays, hh_matvec, hh_arrays, hr_matvec, hr_arrays,
         hr_matvec(hr_arrays, cell_out, h, False)
 
 
+@njit(fastmath=True, error_model="numpy", nogil=True)
+def form_affine(matvec, matmat, arrays, bias, xs):
+    """``xs @ W.T + bias`` for a (T, in) batch and ``W`` a weight form's op: a ``FormLinear`` head or decoder
+    (run through ``entry_points.specialise``, like the layer loops)."""
+    return input_products(matvec, matmat, arrays, bias, xs)
+
+
 @njit(**JIT)
 def affine(weight, bias, xs):
     """``xs @ weight.T + bias`` for a (T, in) batch: an ``nn.Linear`` head or decoder."""

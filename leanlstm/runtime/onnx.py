@@ -1,7 +1,7 @@
 """Export a model to ONNX (any model ``runtime.compile`` runs), keeping each weight form's real structure.
 
 The model is read as a pipeline (``runtime.pipeline``: embedding, LSTM stacks, ``nn.Linear`` heads, activations,
-last step); each cell layer is written by its cell's registered ``onnx_layer`` (``runtime.cells``). For the LSTM
+last step); a ``FormLinear`` head is written through its form's ``onnx_matvec``, like the LSTM matrices; each cell layer is written by its cell's registered ``onnx_layer`` (``runtime.cells``). For the LSTM
 cell, per layer, the exporter picks how the recurrence is written (``recurrence="auto"``):
 
 - **dense, no projection**: one ONNX ``LSTM`` node (``direction="bidirectional"`` for both directions), the fused
@@ -52,6 +52,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from ..files import atomic_write
+from ..nn import FormLinear, WeightForm
 from ..nn.gates import GATES, split_gates
 from .cells import ExportError, cell_part
 from .pipeline import Activation, Affine, Elementwise, LastStep, Pipeline, Recurrent, pipeline_of
@@ -229,6 +230,9 @@ def _check_forms(pipeline: Pipeline, recurrence: str) -> None:
         for start in range(0, len(lstm.layers), D):
             layers, names = list(lstm.layers[start:start + D]), [f"{prefix}layers.{start + d}" for d in range(D)]
             missing += cell_part(layers[0], "onnx_check", names[0], ExportError)(layers, names, recurrence)
+    missing += [f"{stage.name}.weight ({type(stage.module.form).__name__})" for stage in pipeline.stages
+                if isinstance(stage, Affine) and isinstance(stage.module, FormLinear)
+                and type(stage.module.form).onnx_matvec is WeightForm.onnx_matvec]
     if missing:
         raise ExportError(f"cannot export to ONNX: {', '.join(missing)} has no ONNX product. Give the form "
                           f"an onnx_matvec(graph, x) method (see leanlstm.runtime.onnx.GraphBuilder), or "
@@ -252,8 +256,11 @@ def _source(g: "GraphBuilder", pipeline: Pipeline) -> tuple[onnx.ValueInfoProto,
 def _stage(g: "GraphBuilder", stage, x: str) -> str:
     if isinstance(stage, Affine):
         with g.scope(stage.name):
-            y = g.node("MatMul", [x, g.weight("weight_t", stage.module.weight.T)])
-            return g.node("Add", [y, g.weight("bias", stage.module.bias)]) if stage.module.bias is not None else y
+            head = stage.module
+            if isinstance(head, FormLinear):
+                return _form_affine(g, head, x)
+            y = g.node("MatMul", [x, g.weight("weight_t", head.weight.T)])
+            return g.node("Add", [y, g.weight("bias", head.bias)]) if head.bias is not None else y
     if isinstance(stage, Activation):
         axis = {"axis": -1} if stage.kind in ("softmax", "log_softmax") else {}
         return g.node(ACTIVATION_OPS[stage.kind], [x], **axis)
@@ -264,6 +271,15 @@ def _stage(g: "GraphBuilder", stage, x: str) -> str:
     if isinstance(stage, LastStep):
         return g.node("Gather", [x, g.weight("last_step", np.array(-1, np.int64), np.int64)], axis=0)  # (B, F)
     raise ExportError(f"{stage.name}: no ONNX writer for {type(stage).__name__}")
+
+
+def _form_affine(g: "GraphBuilder", head: FormLinear, x: str) -> str:
+    """A ``FormLinear`` through its form's own product: x (..., in) flattened to (N, in), multiplied, reshaped back."""
+    leading = g.node("Slice", [g.node("Shape", [x]), g.ints([0]), g.ints([-1])])            # (T, B) or (B,)
+    flat = g.node("Reshape", [x, g.ints([-1, head.in_features])])
+    y = head.form.onnx_matvec(g, flat)                                                   # (N, out)
+    y = g.node("Add", [y, g.weight("bias", head.bias)]) if head.bias is not None else y
+    return g.node("Reshape", [y, g.node("Concat", [leading, g.ints([head.out_features])], axis=0)])
 
 
 def _main_output(g: "GraphBuilder", pipeline: Pipeline, x: str) -> onnx.ValueInfoProto:

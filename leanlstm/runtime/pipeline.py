@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from ..graph import RECURRENT_TYPES, GraphError, trace
-from ..nn import LSTM
+from ..graph import LINEAR_TYPES, RECURRENT_TYPES, GraphError, trace
+from ..nn import LSTM, FormLinear
 
 ErrorType = type[Exception]
 
@@ -50,7 +50,7 @@ class Recurrent(Stage):
 
 @dataclass(frozen=True)
 class Affine(Stage):
-    module: nn.Linear
+    module: nn.Linear | FormLinear      # a FormLinear multiplies through its weight form's structure
 
 
 @dataclass(frozen=True)
@@ -118,10 +118,9 @@ class Pipeline:
         return Pipeline(None, stacks[0].module.input_size, list(stacks), ("T", "B", "F"), ("T", "B", "F"))
 
     def dense(self) -> "Pipeline":
-        """A copy whose ``leanlstm.LSTM`` stacks have every matrix dense (materialised), for dense baselines."""
-        stages = [replace(s, module=copy.deepcopy(s.module).replace_forms("dense")) if isinstance(s, Recurrent)
-                  else s for s in self.stages]
-        return replace(self, stages=stages)
+        """A copy whose ``leanlstm.LSTM`` stacks and ``FormLinear`` heads have every matrix dense (materialised), for
+        dense baselines."""
+        return replace(self, stages=[_dense_stage(s) for s in self.stages])
 
     def batch_of_one(self, inputs: np.ndarray) -> np.ndarray:
         """One sequence ``(T, ...)`` laid out as the model's input, with a batch axis of one."""
@@ -158,9 +157,17 @@ def _describe(stage: Stage) -> str:
     return "last step"
 
 
+def _dense_stage(stage: Stage) -> Stage:
+    if isinstance(stage, Recurrent):
+        return replace(stage, module=copy.deepcopy(stage.module).replace_forms("dense"))
+    if isinstance(stage, Affine) and isinstance(stage.module, FormLinear):
+        return replace(stage, module=stage.module.to_linear())
+    return stage
+
+
 # --- reading a model --------------------------------------------------------------------------------------------
-SUPPORTED = ("an optional nn.Embedding, LSTM stacks (torch.nn.LSTM, leanlstm.LSTM), nn.Linear heads, and between "
-             "them Dropout, ReLU, Tanh, Sigmoid, (Log)Softmax over the channels, per-channel constants "
+SUPPORTED = ("an optional nn.Embedding, LSTM stacks (torch.nn.LSTM, leanlstm.LSTM), nn.Linear (or FormLinear) heads, "
+             "and between them Dropout, ReLU, Tanh, Sigmoid, (Log)Softmax over the channels, per-channel constants "
              "(x - mean) / std, views and transposes of the batch and time axes, and out[:, -1] or h_n[-1] for the "
              "last step")
 
@@ -219,7 +226,7 @@ _ACTIVATION_FUNCTIONS = {torch.relu: "relu", nn.functional.relu: "relu", torch.t
                          torch.log_softmax: "log_softmax", nn.functional.log_softmax: "log_softmax"}
 _ACTIVATION_METHODS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid", "softmax": "softmax",
                        "log_softmax": "log_softmax"}
-_RUNNABLE = (nn.Embedding, nn.Linear, *RECURRENT_TYPES, *_IDENTITY_MODULES, *_ACTIVATION_MODULES)
+_RUNNABLE = (nn.Embedding, *LINEAR_TYPES, *RECURRENT_TYPES, *_IDENTITY_MODULES, *_ACTIVATION_MODULES)
 _IDENTITY_FUNCTIONS = {nn.functional.dropout}
 _IDENTITY_METHODS = {"contiguous", "float", "clone", "detach"}
 _BINARY = {operator.add: "add", operator.sub: "sub", operator.mul: "mul", operator.truediv: "div",
@@ -300,8 +307,8 @@ class _Reader:
         self._need_tensor(node)
         if isinstance(module, RECURRENT_TYPES):
             return self._recurrent(node, name, module)
-        if isinstance(module, nn.Linear):
-            self._fit(module.in_features, node, f"{name} (nn.Linear) takes {module.in_features} inputs")
+        if isinstance(module, LINEAR_TYPES):
+            self._fit(module.in_features, node, f"{name} ({type(module).__name__}) takes {module.in_features} inputs")
             self.stages.append(Affine(name, module))
             self.width = module.out_features
         elif isinstance(module, _IDENTITY_MODULES):

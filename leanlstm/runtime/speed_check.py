@@ -222,8 +222,9 @@ def time_ops(ops: list[kernels.RuntimeOp], shape: tuple[int, int], batched: bool
 
 # --- checking a model ------------------------------------------------------------------------------------------
 def batched_over_time(name: str) -> bool:
-    """Whether the engine multiplies matrix ``name`` over the whole sequence at once: a layer's input matrix."""
-    return name.endswith("weight_ih")
+    """Whether the engine multiplies matrix ``name`` over the whole sequence at once: a layer's input matrix, or
+    a head's (``"decoder.weight"``: a ``FormLinear``)."""
+    return name.endswith("weight_ih") or name == "weight" or name.endswith(".weight")
 
 
 def check_forms(forms: Iterable[tuple[str, WeightForm]], backend: str = "leanlstm", warn: bool = True,

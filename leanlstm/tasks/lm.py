@@ -60,7 +60,7 @@ class WordLM(nn.Module):
             nn.init.uniform_(parameter, -r, r)
 
     def init_state(self, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        weight = self.decoder.weight  # follows device and dtype
+        weight = self.embedding.weight  # follows device and dtype (the decoder may be a FormLinear)
         zeros = [weight.new_zeros(1, batch_size, size) for size in _layer_sizes(self.lstm)]
         return zeros, [z.clone() for z in zeros]
 

@@ -112,3 +112,46 @@ def test_block_pruning_keeps_whole_vnni_blocks_and_meets_the_int8_budget():
     assert 12 <= weight_compression(model) < 12.5
     with pytest.raises(ValueError, match="block must be ROWSxCOLS"):
         Prune(block="16")
+
+
+def test_heads_are_pruned_to_their_own_budget_and_restored_from_the_structure():
+    from leanlstm.compress import compressed_config, restore_
+    from leanlstm.nn import FormLinear
+    from tests.user_models import KeywordSpotter
+
+    torch.manual_seed(0)
+    model = KeywordSpotter(features=32, hidden=32, keywords=48)
+    handle = compress_(model, Prune(compression=5, heads=3, total_steps=12, prune_every=4, speed_check=False))
+    assert isinstance(model.fc, FormLinear) and isinstance(model.fc.form, MaskedSparse)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(12):
+        loss = model(torch.randn(3, 5, 32)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        handle.after_step()
+    handle.finalize()
+    summary = handle.summary()
+    assert 3 <= summary["head_compression"] < 3.1 and 5 <= summary["lstm_weight_compression"] < 5.2
+    assert summary["head_density"]["fc.weight"] == model.fc.form.density()
+    fresh = restore_(KeywordSpotter(features=32, hidden=32, keywords=48), compressed_config(model))
+    fresh.load_state_dict(model.state_dict())
+    x = torch.randn(2, 5, 32)
+    assert torch.equal(fresh.eval()(x), model.eval()(x))
+
+
+def test_heads_that_cannot_be_pruned_alone_are_refused_before_any_change():
+    from tests.user_models import KeywordSpotter
+
+    with pytest.raises(ValueError, match="heads must be 0"):
+        Prune(heads=0.5)
+    model = nn.Sequential(nn.Embedding(20, 8), nn.LSTM(8, 8), nn.Linear(8, 20))
+    model[2].weight = model[0].weight                                       # a decoder tied to the embedding
+    with pytest.raises(ValueError, match=r"2.weight is shared with 0.weight \(tied weights\)"):
+        compress_(model, Prune(compression=4, heads=2, total_steps=10))
+    assert isinstance(model[1], nn.LSTM) and isinstance(model[2], nn.Linear)   # nothing changed
+    with pytest.raises(ValueError, match="has no nn.Linear outside its LSTMs"):
+        compress_(nn.Sequential(nn.LSTM(8, 8)), Prune(compression=4, heads=2, total_steps=10))
+    spotter = KeywordSpotter(features=6, hidden=16, keywords=4)
+    with pytest.raises(ValueError, match="fc.weight .* cannot reach 400x"):
+        compress_(spotter, Prune(compression=4, heads=400, total_steps=10))

@@ -344,3 +344,32 @@ def test_latency_times_whole_user_models_and_reports_what_cannot_run():
     assert "conv (torch.nn.Conv1d)" in result["errors"]["torch"]
     parts = stack_and_model({"conv": _Conv()}, ("leanlstm",), seq_len=4, repeats=2)["models"]["conv"]
     assert set(parts["lstm"]) == {"leanlstm"} and "Conv1d" in parts["errors"]["model/leanlstm"]   # its one stack
+
+
+# --- compressed heads (FormLinear) ------------------------------------------------------------------------------
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_a_compressed_decoder_runs_through_its_form_in_the_engine_onnx_and_the_dense_peers(precision):
+    from leanlstm.nn import FormLinear
+    from leanlstm.nn.forms import BlockSparse
+    from leanlstm.runtime.backends import DenseTorch
+
+    model = RNNModel(ntoken=40, ninp=8, nhid=16, nlayers=2).eval()
+    dense_weight = model.decoder.weight.detach()
+    model.decoder = FormLinear.from_linear(model.decoder, BlockSparse.from_dense(dense_weight, density=0.3,
+                                                                                   block_rows=8, block_cols=4))
+    tokens = torch.randint(0, 40, (6, 1))
+    hidden = model.init_hidden(1)
+    with torch.no_grad():
+        want = model(tokens, hidden)[0].numpy()
+    got, _ = compile(model, precision=precision, choose="always").run(tokens[:, 0].numpy())
+    np.testing.assert_allclose(got, want, atol=1e-4 if precision == "float32" else 2e-2)
+    if precision == "int8":
+        return
+    out = _onnx(model, {"tokens": tokens}, state_inputs=False)
+    np.testing.assert_allclose(out["logits"], want, atol=1e-4)
+    shapes = {tuple(init.dims) for init in to_onnx(model).graph.initializer}
+    assert (16, 40) not in shapes and (40, 16) not in shapes            # the decoder written through its blocks
+    with torch.no_grad():
+        peer = DenseTorch(model)(tokens).reshape(want.shape).numpy()    # torch and its int8: a dense nn.Linear
+    np.testing.assert_allclose(peer, want, atol=1e-4)
+    assert not any(isinstance(getattr(stage, "module", None), FormLinear) for stage in pipeline_of(model).dense().stages)
