@@ -7,7 +7,8 @@ stack, the ISS result (a dense stack of sizes 227 and 445), and the structures o
 BENCHMARKS.md (magnitude pruning: 3.23% of each matrix;
 doped KP share 0.75: (182x112) kron (15x6) plus 2.42% dense D; doped KP share 0.25: (653x94) kron (4x7) plus 0.81%).
 The ``-int8-bytes`` structures keep what fits a byte budget once values are int8 (1 byte, a float32 scale per row,
-indices counted): unstructured at 60x (ADMM's target) and 16x4 blocks (``BlockSparse``) at 20x, 40x and 60x.
+indices counted): unstructured at 60x (ADMM's target) and 16x4 blocks (``BlockSparse``) at 20x, 40x and 60x; the
+``+decoder-Nx`` ones also hold the decoder in 16x4 blocks at N x fewer bytes (a ``FormLinear``).
 Latency depends on the structure, not on the trained values, so the models here have random weights of those
 structures. The dense model runs on every backend (leanlstm float32 / int8 / bf16, torch, torch-int8, ONNX Runtime
 float32 and int8); the compressed ones on the leanlstm engine in each precision. Every (model, part, backend) takes
@@ -22,21 +23,26 @@ from pathlib import Path
 
 import torch
 
+from leanlstm.nn import FormLinear
+from leanlstm.nn.forms import BlockSparse
 from leanlstm.runtime.latency import measure
 from leanlstm.runtime.pipeline import pipeline_of
 from leanlstm.tasks.lm import LMConfig, WordLM
 
 PEERS = ("torch", "torch-int8", "onnxruntime", "onnxruntime-int8")
 OURS = ("leanlstm", "leanlstm-int8", "leanlstm-bf16")
-def int8_density(kind: str, compression: float) -> float:
-    """The density a 2600x650 matrix keeps at ``compression`` x fewer bytes than dense float32 with int8 values
-    (indices, pointers and row scales counted): unstructured CSR, or 16x4 blocks."""
+def int8_density(kind: str, compression: float, shape: tuple[int, int] = (2600, 650)) -> float:
+    """The density a matrix (default 2600x650) keeps at ``compression`` x fewer bytes than dense float32 with int8
+    values (indices, pointers and row scales counted): unstructured CSR, or 16x4 blocks."""
     from leanlstm.methods.pruning import csr_entries_within
     from leanlstm.nn.forms.blocksparse import block_entries_within
 
-    budget = 2600 * 650 * 4 / compression
+    rows, cols = shape
     within = block_entries_within if kind == "blocksparse" else csr_entries_within
-    return within(2600, 650, budget, 8) / (2600 * 650)
+    return within(rows, cols, rows * cols * 4 / compression, 8) / (rows * cols)
+
+
+DECODER = (10000, 650)
 
 
 STRUCTURES = {
@@ -54,6 +60,12 @@ STRUCTURES = {
     "blocks-20x-int8-bytes": ("blocksparse", {"density": int8_density("blocksparse", 20)}),
     "blocks-40x-int8-bytes": ("blocksparse", {"density": int8_density("blocksparse", 40)}),
     "blocks-60x-int8-bytes": ("blocksparse", {"density": int8_density("blocksparse", 60)}),
+    # the same stack with the decoder in 16x4 blocks too (Prune(heads=N, block="16x4", value_bits=8)): N x fewer
+    # bytes than the dense float32 decoder, int8 values
+    "blocks-60x-int8-bytes+decoder-8x": ("blocksparse", {"density": int8_density("blocksparse", 60)},
+                                         int8_density("blocksparse", 8, DECODER)),
+    "blocks-60x-int8-bytes+decoder-16x": ("blocksparse", {"density": int8_density("blocksparse", 60)},
+                                          int8_density("blocksparse", 16, DECODER)),
 }
 
 
@@ -67,8 +79,11 @@ def model(structure) -> WordLM:
     sizes = [227, 445] if structure == "shrunk" else [650, 650]        # ISS's medium-cpu result (row M2)
     lm = WordLM(LMConfig(vocab_size=10000, embed_size=650, hidden_sizes=sizes)).eval()
     if structure not in (None, "shrunk"):
-        form, options = structure
+        form, options = structure[:2]
         lm.lstm.replace_forms(form, speed_check=False, **options)
+    if isinstance(structure, tuple) and len(structure) > 2:       # a block-sparse decoder of this density
+        weight = lm.decoder.weight.detach()
+        lm.decoder = FormLinear.from_linear(lm.decoder, BlockSparse.from_dense(weight, density=structure[2]))
     return lm
 
 
@@ -103,6 +118,7 @@ def main() -> None:
                 if name in timed:
                     rows.append({"model": label, "part": part, "backend": name, "us_per_step": timed[name],
                                  "density": density_of(STRUCTURES[label]),
+                                 "decoder_density": STRUCTURES[label][2] if len(STRUCTURES[label] or ()) > 2 else None,
                                  "vs_dense_float32": dense["leanlstm"] / timed[name],
                                  "best_peer": peer_name, "best_peer_us": dense[peer_name],
                                  "vs_best_peer_dense": dense[peer_name] / timed[name]})

@@ -24,8 +24,10 @@ from torch import nn
 from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint, load_state
 from .files import FileProblem, leftover_temp_files, read_json, write_json
-from .graph import find_lstms
+from .graph import find_heads, find_lstms
 from .methods import config_for, get_method
+from .nn import FormLinear
+from .nn.forms.base import FLOAT_BYTES
 from .tasks import DataConfig, Preset, Task, TaskError, get_task
 from .tasks.distill import DistillConfig, Distillation
 from .train import CHECKPOINT, ConfigError, Range, Trainer, TrainConfig, TrainingDiverged, training_device
@@ -512,8 +514,8 @@ def compress_run(run: RunConfig, out: str | Path, resume: bool = False, progress
 def compare_latency(model: nn.Module, baseline: nn.Module, backends=("leanlstm", "onnxruntime"), repeats: int = 20,
                     threads: int = 1) -> dict[str, Any]:
     """Batch-1 latency per time step of the compressed model and its dense baseline, whole and LSTM stack only,
-    measured in one interleaved run, plus the stack speed-up of the compressed model on the first backend over the
-    baseline on each backend.
+    measured in one interleaved run, plus the speed-ups of the compressed model's stack and whole model on the first
+    backend over the baseline's on each backend.
 
     Measured when training ends, on whatever else the machine is doing then (the load average is recorded);
     ``benchmarks/compression_results.py`` re-measures finished runs side by side on a quiet machine.
@@ -524,13 +526,16 @@ def compare_latency(model: nn.Module, baseline: nn.Module, backends=("leanlstm",
     latency = {label: {part: medians(measured[part]) for part in ("lstm", "model")}
                for label, measured in result["models"].items()}
     primary = backends[0]
-    compressed = latency["compressed"]["lstm"].get(primary)
-    speedup = {f"{primary}_vs_baseline_{name}": latency["baseline"]["lstm"][name] / compressed
-               for name in backends if compressed and name in latency["baseline"]["lstm"]}
+
+    def speedup(part: str) -> dict[str, float]:
+        compressed = latency["compressed"][part].get(primary)
+        return {f"{primary}_vs_baseline_{name}": latency["baseline"][part][name] / compressed
+                for name in backends if compressed and name in latency["baseline"][part]}
+
     errors = {label: measured["errors"] for label, measured in result["models"].items() if measured["errors"]}
     settings = {k: result[k] for k in ("seq_len", "repeats", "threads", "machine")}
-    return {"latency_us_per_step": latency, "lstm_speedup": speedup, "latency_settings": settings,
-            **({"latency_errors": errors} if errors else {})}
+    return {"latency_us_per_step": latency, "lstm_speedup": speedup("lstm"), "model_speedup": speedup("model"),
+            "latency_settings": settings, **({"latency_errors": errors} if errors else {})}
 
 
 def read_config(run_dir: str | Path) -> RunConfig:
@@ -614,10 +619,13 @@ def _model_from(task: type[Task], payload: dict[str, Any], source: Path) -> nn.M
 def lstm_numbers(model: nn.Module) -> dict[str, Any]:
     """Sizes and parameter counts of the model's LSTM stacks (found in the module tree, any attribute names):
     ``hidden_sizes`` (the per-layer sizes of the only stack, or ``{name: sizes}`` for several), stored and dense
-    LSTM parameters (sparse indices included), and all stored parameters of the model."""
+    LSTM parameters (sparse indices included), and all stored parameters of the model (a ``FormLinear`` head's as
+    its form stores them)."""
     stacks = find_lstms(model)
-    inside = {id(p) for _, stack in stacks for p in stack.parameters()}
+    heads = [head for _, head in find_heads(model) if isinstance(head, FormLinear)]    # compressed: count their form
+    inside = {id(p) for part in [stack for _, stack in stacks] + heads for p in part.parameters()}
     other = sum(p.numel() for p in model.parameters() if id(p) not in inside)
+    other += sum(math.ceil(head.nbytes() / FLOAT_BYTES) for head in heads)
     stored = sum(_stored_params(stack) for _, stack in stacks)
     sizes = {name: _hidden_sizes(stack) for name, stack in stacks}
     return {"hidden_sizes": next(iter(sizes.values())) if len(sizes) == 1 else sizes, "lstm_params": stored,

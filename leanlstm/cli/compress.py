@@ -127,7 +127,7 @@ def command(method_name, source, task, preset, out, strength, settings, dropout,
     if metrics is not None:
         metric = metrics["metric"]
         keys = ("hidden_sizes", "lstm_params", "lstm_compression", f"val_{metric}", f"test_{metric}",
-                "train_minutes", "lstm_speedup")
+                "train_minutes", "lstm_speedup", "model_speedup")
         click.echo(json.dumps({k: metrics[k] for k in keys if k in metrics}))
 
 

@@ -308,7 +308,8 @@ class _Reader:
         if isinstance(module, RECURRENT_TYPES):
             return self._recurrent(node, name, module)
         if isinstance(module, LINEAR_TYPES):
-            self._fit(module.in_features, node, f"{name} ({type(module).__name__}) takes {module.in_features} inputs")
+            kind = "nn.Linear" if isinstance(module, nn.Linear) else type(module).__name__
+            self._fit(module.in_features, node, f"{name} ({kind}) takes {module.in_features} inputs")
             self.stages.append(Affine(name, module))
             self.width = module.out_features
         elif isinstance(module, _IDENTITY_MODULES):

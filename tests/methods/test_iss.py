@@ -497,6 +497,8 @@ def test_iss_from_a_trained_baseline_and_from_the_cli(tmp_path, ptb_slice_dir):
         assert latency[label]["model"]["leanlstm"] > latency[label]["lstm"]["leanlstm"]  # + embedding, decoder
     speedup = metrics["lstm_speedup"]["leanlstm_vs_baseline_onnxruntime"]
     assert speedup == pytest.approx(latency["baseline"]["lstm"]["onnxruntime"] / latency["compressed"]["lstm"]["leanlstm"])
+    whole = metrics["model_speedup"]["leanlstm_vs_baseline_leanlstm"]
+    assert whole == pytest.approx(latency["baseline"]["model"]["leanlstm"] / latency["compressed"]["model"]["leanlstm"])
 
     args = ["compress", "--method", "iss", "--from", str(base), "--strength", "0.063", "--set", "threshold=0.01",
             "--out", str(tmp_path / "cli"), "--epochs", "2", "--max-batches", "10", "--finetune-epochs", "1",

@@ -155,3 +155,16 @@ def test_heads_that_cannot_be_pruned_alone_are_refused_before_any_change():
     spotter = KeywordSpotter(features=6, hidden=16, keywords=4)
     with pytest.raises(ValueError, match="fc.weight .* cannot reach 400x"):
         compress_(spotter, Prune(compression=4, heads=400, total_steps=10))
+
+
+def test_a_run_with_pruned_heads_counts_what_they_store(tmp_path, ptb_slice_dir):
+    run = RunConfig(preset="tiny", method="prune", data_dir=str(ptb_slice_dir), verify_data=False,
+                    overrides={"epochs": 1, "max_batches": 6}, finetune_overrides={"epochs": 1},
+                    method_config={"compression": 4.0, "heads": 5.0, "prune_every": 2, "speed_check": False})
+    metrics = compress_run(run, tmp_path / "heads", progress=False)
+    assert 5.0 <= metrics["head_compression"] < 5.05
+    decoder = next(iter(metrics["head_density"]))
+    vocab, width = 10000, 32                                    # the tiny preset's decoder
+    embedding_and_bias = vocab * width + vocab
+    stored_decoder = metrics["total_params"] - metrics["lstm_params"] - embedding_and_bias
+    assert decoder == "decoder.weight" and stored_decoder * 5.0 == pytest.approx(vocab * width, rel=0.01)
