@@ -143,7 +143,7 @@ def guard_speed(handle: "Compression") -> None:
     if not check:
         return
     warned = {slow.name for slow in handle.slow_downs}       # before training, on the planned forms
-    handle.slow_downs = check_forms(handle.forms(), warn=False)
+    handle.slow_downs = check_forms(handle.forms() + handle.head_forms(), warn=False)
     for slow in handle.slow_downs:
         if keep or slow.name not in warned:
             log.warning("%s; %s", slow, "made dense (keep_slow_dense)" if keep else

@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..nn import LSTM  # noqa: F401  (the docstring examples)
-from ..nn.forms import Doped as DopedForm
 from ..graph import find_heads
+from ..nn import LSTM  # noqa: F401  (the docstring examples)
 from ..nn import FormLinear
+from ..nn.forms import Doped as DopedForm
 from ..nn.forms import BlockSparse, MaskedSparse, WeightForm
 from ..nn.forms.base import FLOAT_BYTES, VALUE_BITS
 from ..nn.forms.sparse import csr_nbytes
@@ -285,10 +285,10 @@ def heads_to_convert(handle: "Compression", method: str) -> list[tuple[str, nn.M
 
 def convert_heads(handle: "Compression", heads: list[tuple[str, nn.Module]], build, keep) -> None:
     """Every head whose weight ``keep(form)`` rejects becomes a ``FormLinear`` of ``build(name, dense)`` (its bias
-    kept), all built before any is installed."""
+    kept), all built before any is installed. Heads the speed guard keeps dense (``kept_dense``) stay as they are."""
     new = {}
     for name, head in heads:
-        if isinstance(head, FormLinear) and keep(head.form):
+        if (isinstance(head, FormLinear) and keep(head.form)) or qualified(name, "weight") in handle.method.kept_dense:
             continue
         dense = head.weight.detach().cpu().float()
         new[name] = FormLinear.from_linear(head.to_linear() if isinstance(head, FormLinear) else head,

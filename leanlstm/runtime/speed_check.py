@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from ..graph import lstm_forms
-from ..nn import Dense, WeightForm
+from ..graph import head_forms, lstm_forms
+from ..nn import Dense, FormLinear, WeightForm
 from . import kernels
 from .cells import form_op
 from .entry_points import generated_kernels
@@ -288,19 +288,23 @@ def keep_dense_(model: nn.Module, slow: Iterable[SlowDown | str]) -> list[str]:
     (['layers.0.weight_hh'], 'Dense')
     """
     names = {s.name if isinstance(s, SlowDown) else s for s in slow}
-    forms = dict(lstm_forms(model))
+    forms = dict(lstm_forms(model)) | dict(head_forms(model))
     unknown = sorted(names - set(forms))
     if unknown:
         raise ValueError(f"no matrix named {', '.join(unknown)} in {type(model).__name__}; its matrices: "
                          f"{', '.join(forms) or 'none'}")
     changed = []
     for name in sorted(names):
-        layer_name, _, attribute = name.rpartition(".")
-        layer = model.get_submodule(layer_name)
+        owner_name, _, attribute = name.rpartition(".")
+        owner = model.get_submodule(owner_name)                 # a cell layer, or a FormLinear head
         form = forms[name]
         if isinstance(form, Dense):
             continue
         weight = form.materialize().detach()
-        layer.set_form(attribute.removeprefix("weight_"), Dense.from_dense(weight.cpu().float()).to(weight.device))
+        dense = Dense.from_dense(weight.cpu().float()).to(weight.device)
+        if isinstance(owner, FormLinear):
+            owner.form = dense
+        else:
+            owner.set_form(attribute.removeprefix("weight_"), dense)
         changed.append(name)
     return changed

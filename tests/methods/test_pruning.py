@@ -168,3 +168,25 @@ def test_a_run_with_pruned_heads_counts_what_they_store(tmp_path, ptb_slice_dir)
     embedding_and_bias = vocab * width + vocab
     stored_decoder = metrics["total_params"] - metrics["lstm_params"] - embedding_and_bias
     assert decoder == "decoder.weight" and stored_decoder * 5.0 == pytest.approx(vocab * width, rel=0.01)
+
+
+def test_a_head_slower_pruned_than_dense_is_kept_dense_when_asked(monkeypatch):
+    from leanlstm.nn import FormLinear
+    from leanlstm.nn.forms import Dense
+    from leanlstm.runtime import speed_check
+    from tests.user_models import KeywordSpotter
+
+    def slow_heads(forms, warn=True, **_):           # the timing itself is speed_check's own test
+        return [speed_check.SlowDown(name, type(form).__name__, 2.0, 5.0, 1.0, "leanlstm") for name, form in forms
+                if name == "fc.weight"]
+
+    monkeypatch.setattr(speed_check, "check_forms", slow_heads)
+    model = KeywordSpotter(features=32, hidden=32, keywords=48)
+    handle = compress_(model, Prune(compression=4, heads=3, total_steps=4, keep_slow_dense=True))
+    assert isinstance(model.fc, nn.Linear) and handle.method.kept_dense == {"fc.weight"}     # never converted
+    fresh = KeywordSpotter(features=32, hidden=32, keywords=48)
+    handle = compress_(fresh, Prune(compression=4, heads=3, total_steps=4))               # planned: only warned
+    assert isinstance(fresh.fc, FormLinear)
+    handle.config.keep_slow_dense = True
+    handle.finalize()                                  # the final guard makes it dense, the same matrix
+    assert isinstance(fresh.fc.form, Dense) and "fc.weight" in handle.method.kept_dense
