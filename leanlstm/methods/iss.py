@@ -94,7 +94,7 @@ import torch
 from torch import fx, nn
 
 from ..graph import consumers, find_lstms, replace_module, trace
-from ..nn import LSTM, Dense
+from ..nn import LSTM, Dense, FormLinear
 from ..nn.lstm import dense_lstm_params
 from ..train import ConfigError, Range
 from .base import Method, MethodConfig, qualified
@@ -622,6 +622,55 @@ def narrowed(module: nn.Module, columns: torch.Tensor) -> nn.Module:
     layers = [layer.select({g.name: torch.arange(g.size) for g in layer.groups()}, columns) if flat < D else layer
               for flat, layer in enumerate(module.layers)]
     return _stack_of(module, layers, input_size=len(columns))
+
+
+@torch.no_grad()
+def widened_lstm(lstm: LSTM, widths: list[int]) -> tuple[LSTM, torch.Tensor]:
+    """``lstm`` with layer ``l`` grown to ``widths[l]`` hidden units (``RecurrentLayer.widened``: the same
+    function, the new units read by no old unit), and where the stack's old output channels now sit
+    ([forward | reverse], each direction's old units first). Layers that neither grow nor read a grown layer
+    are kept as they are (their forms too); the others become dense."""
+    D, layers, before = lstm.num_directions, [], None       # before: where the previous layer's outputs sit
+    for l in range(lstm.num_layers):
+        grown, positions = [], []
+        for d in range(D):
+            layer = lstm.layers[l * D + d]
+            hidden = max(widths[l], layer.hidden_size)
+            if hidden == layer.hidden_size and before is None:
+                grown.append(layer)
+            else:
+                width = layer.input_size if before is None else D * grown_output
+                grown.append(layer.widened(hidden, width, before))
+        out = grown[0].output_size
+        positions = torch.cat([torch.arange(lstm.layers[l * D + d].output_size) + d * out for d in range(D)])
+        grown_output = out
+        before = None if out == lstm.layers[l * D].output_size else positions
+        layers += grown
+    return _stack_of(lstm, layers, input_size=lstm.input_size), positions
+
+
+@torch.no_grad()
+def widened_reader(module: nn.Module, width: int, columns: torch.Tensor) -> nn.Module:
+    """``module`` (an nn.Linear, FormLinear or an LSTM) reading ``width`` inputs, its old ones at ``columns`` and
+    zeros from the rest: the same function of the old inputs. A FormLinear's form is not grown: it becomes a dense
+    one (logged)."""
+    if isinstance(module, FormLinear):
+        log.warning("a %s head widened to %d inputs becomes dense", type(module.form).__name__, width)
+        return FormLinear.from_linear(widened_reader(module.to_linear(), width, columns))
+    if isinstance(module, nn.Linear):
+        wide = nn.Linear(width, module.out_features, bias=module.bias is not None, device=module.weight.device,
+                         dtype=module.weight.dtype)
+        wide.weight.zero_()
+        wide.weight[:, columns.to(module.weight.device)] = module.weight
+        if module.bias is not None:
+            wide.bias.copy_(module.bias)
+        return wide.train(module.training)
+    if isinstance(module, nn.LSTM):
+        module = LSTM.from_torch(module)
+    D = module.num_directions
+    layers = [layer.widened(input_size=width, inputs=columns) if flat < D else layer
+              for flat, layer in enumerate(module.layers)]
+    return _stack_of(module, layers, input_size=width)
 
 
 def shrinkage(units: UnitMap) -> dict[str, nn.Module]:

@@ -33,7 +33,8 @@ run. What happens, in order:
    fast that is.
 5. **Grow and prune** (``methods.growprune``'s ``grow_`` and ``prune_``): layers whose width changed are rebuilt
    at ``convert`` keeping their largest-norm units (ISS's components: a unit's rows and the columns reading it),
-   and the modules reading them lose the same columns; every sparse matrix starts from its largest weights at
+   and the modules reading them lose the same columns; a layer whose valley lies above its width (up to
+   ``max_growth`` above it) gains units, which nothing reads until training gives them weight; every sparse matrix starts from its largest weights at
    ``seed_density`` (never above its target), grows the dormant connections with the largest accumulated
    gradient, then is magnitude-pruned to its planned density, where pruning stops (the profile says what more
    sparsity would buy, and the budget is met). Dense matrices just train.
@@ -61,13 +62,14 @@ sparsity buys little on GPUs); grow-and-prune training (NeST's gradient growth a
 not its algorithm: the rest is chosen here. The table's key (cell, input, hidden, which matrix is sparse at which
 density) and its measurement in interleaved runs; the additive stack model with its overhead term; widths decided
 once, before training; the unit choice by ISS component norm; one common width factor, then greedy density steps
-and a balanced climb back; the sweep (the current width, what accuracy needs rounded up to multiples of 8-64,
-``profile_sizes`` widths spaced geometrically below it, ``REFINE`` more where the widths end); the margin; the budget
+and a balanced climb back; the sweep (the current width, what accuracy needs and the current width rounded up to multiples of
+8-64 up to ``max_growth`` above them, ``profile_sizes`` widths spaced geometrically below, ``REFINE`` more where the
+widths end); growth (a layer grows where a larger width is the faster one: its new units start with random rows
+read by zero columns, so the model computes the same function until training uses them); the margin; the budget
 as the LSTM stacks' latency (embeddings and heads are not counted: the method does not change them, as with ISS's
 ``target_latency_us``); and every default number.
 
-Not done: adding units (a layer never grows past its trained width, though the paper's valleys can lie above it),
-and changing widths while training. A model whose width changes is rebuilt in place (the same LSTM objects), so
+Not done: changing widths while training. A model whose width changes is rebuilt in place (the same LSTM objects), so
 build the optimiser after ``compress_``; an LSTM whose output nothing in the model reads (a bare LSTM) loses the
 removed top-layer channels from its output, as with ISS. The handle's state holds the design, so a resumed run
 continues with the same widths and densities even if a re-profile would now choose others.
@@ -98,7 +100,8 @@ from ..runtime.profile import (LatencyTable, LayerProfile, LayerSettings, layer_
 from ..train import MAX_LR, ConfigError, Range
 from .base import STEPS, UNIT, Method, MethodConfig, qualified
 from .growprune import INITS, Plan as Schedule, grow_all, prune_, prune_events, pruned_keep, track_growth
-from .iss import find_readers, input_columns, input_width, layer_components, narrowed, output_channels, shrunk_lstm
+from .iss import (find_readers, input_columns, input_width, layer_components, narrowed, output_channels,
+                  shrunk_lstm, widened_lstm, widened_reader)
 from .pruning import weight_compression
 
 if TYPE_CHECKING:
@@ -124,6 +127,8 @@ class Symbiotic(MethodConfig):
     backend: str = "leanlstm"       # the inference backend the budget holds on (leanlstm.runtime.backends)
     hidden_sizes: list = field(default_factory=list)  # what accuracy needs per layer, every stack in order ([]: as now)
     min_hidden: int = 8             # the smallest width the budget may shrink a layer to (what it needs, if smaller)
+    max_growth: float = 0.25        # a layer may grow this share above its width (or what it needs) where a larger
+                                    # width runs faster: a valley above it (0: never grow)
     sparsity: bool = True           # sparse matrices where the profile says sparse runs faster than dense
     densities: list = field(default_factory=lambda: [0.1, 0.2, 0.35, 0.5])  # densities profiled for each matrix
     tolerance: float = 0.02         # a larger width or a sparse form must be faster by this fraction to be chosen
@@ -148,6 +153,7 @@ class Symbiotic(MethodConfig):
     sizing: str = "hardware"        # "hardware": steps 2-4 of the module doc; "size": the "smaller is better" baseline
 
     ranges = {"latency_budget_us": Range(0, 1e9, note="required: > 0"), "min_hidden": Range(1, 10**6, integer=True),
+              "max_growth": Range(0, 10),
               "tolerance": Range(0, 1, high_open=True), "margin": Range(0, 1, high_open=True),
               "profile_sizes": Range(1, 1000, integer=True), "profile_repeats": Range(1, 10**5, integer=True),
               "seq_len": Range(1, 10**5, integer=True), "threads": Range(1, 1024, integer=True),
@@ -184,6 +190,7 @@ class Level:
     current: int               # the width it has
     need: int                  # what accuracy needs
     lowest: int                # the smallest width the budget may give it
+    highest: int = 0           # the largest: what it needs or has, grown by max_growth
 
 
 class Choice(NamedTuple):
@@ -214,16 +221,18 @@ class Design:
         return cls(**values)
 
 
-def sweep_sizes(lowest: int, need: int, current: int, count: int) -> list[int]:
-    """Widths to profile for one layer: its current width; what accuracy needs, also rounded up to multiples of 8,
-    16, 32 and 64 (where valleys sit) within the current width; ``count`` widths from ``need`` down to ``lowest``,
-    spaced geometrically (multiples of 8 from 32 up).
+def sweep_sizes(lowest: int, need: int, current: int, count: int, highest: int | None = None) -> list[int]:
+    """Widths to profile for one layer: its current width; what accuracy needs and its current width, each also
+    rounded up to multiples of 8, 16, 32 and 64 (where valleys sit), up to ``highest`` (default: the current
+    width; above it the layer would grow); ``count`` widths from ``need`` down to ``lowest``, spaced geometrically
+    (multiples of 8 from 32 up).
 
-    >>> sweep_sizes(8, 100, 128, 4)
-    [8, 19, 40, 100, 104, 112, 128]
+    >>> sweep_sizes(8, 100, 128, 4), sweep_sizes(8, 100, 100, 1, highest=125)
+    ([8, 19, 40, 100, 104, 112, 128], [8, 100, 104, 112])
     """
-    above = {need, current} | {-(-need // m) * m for m in ROUND_TO}
-    sizes = {s for s in above if need <= s <= current} | {lowest}
+    highest = current if highest is None else highest
+    above = {need, current} | {-(-base // m) * m for m in ROUND_TO for base in (need, current + 1)}
+    sizes = {s for s in above if need <= s <= max(highest, current)} | {lowest}
     if count > 1 and lowest < need:
         ratio = (lowest / need) ** (1 / (count - 1))
         for k in range(1, count):
@@ -291,7 +300,7 @@ class Planner:
         level, inputs = self.levels[i], self.reference[i]
         table = self.model.table([layer_key(level.cell, inputs, s) for s in sizes])
         rows = table.sweep(level.cell, inputs).rows
-        return LatencyTable({s: row for s, row in rows.items() if level.lowest <= s <= level.current})
+        return LatencyTable({s: row for s, row in rows.items() if level.lowest <= s <= level.highest})
 
     def ladder(self, i: int) -> list[int]:
         """The widths level ``i`` may take, smallest first: every profiled width snapped up, up to its top."""
@@ -302,7 +311,8 @@ class Planner:
         widths: list[int] = []
         for i, level in enumerate(self.levels):
             self.reference.append(self.input_size(i, tuple(widths)))
-            sweep = self.sweep(i, sweep_sizes(level.lowest, level.need, level.current, self.config.profile_sizes))
+            sweep = self.sweep(i, sweep_sizes(level.lowest, level.need, level.current, self.config.profile_sizes,
+                                              level.highest))
             width = sweep.fastest_at_or_above(level.need, self.config.tolerance)
             self.top.append(width)
             widths.append(width)
@@ -492,14 +502,15 @@ def levels_of(lstms: dict[str, LSTM], config: Symbiotic) -> list[Level]:
         raise ValueError(f"hidden_sizes lists {len(needs)} sizes, but the model's LSTMs have {len(levels)} layers "
                          f"({[level.current for level in levels]}): give one size per layer, every stack in order")
     for number, (level, need) in enumerate(zip(levels, needs)):
-        if need > level.current:
+        if need > level.current and not config.max_growth:
             raise ValueError(f"hidden_sizes[{number}] = {need} is above the {level.current} units layer {level.layer} "
-                             f"of {level.lstm or 'the LSTM'!r} has: symbiotic keeps a layer's trained units and adds "
-                             f"none; give at most {level.current}")
+                             f"of {level.lstm or 'the LSTM'!r} has, and max_growth=0 adds none: give at most "
+                             f"{level.current}, or let layers grow (max_growth > 0)")
         if need <= level.proj:
             raise ValueError(f"hidden_sizes[{number}] = {need} must exceed the stack's proj_size {level.proj}")
         level.need = need
         level.lowest = min(need, max(config.min_hidden, level.proj + 1))
+        level.highest = max(need, level.current) + math.floor(config.max_growth * max(need, level.current))
     return levels
 
 
@@ -597,7 +608,26 @@ def every_unit(lstm: LSTM) -> dict[tuple[int, str], torch.Tensor]:
 
 def resized_modules(handle: "Compression", widths: dict[str, list[int]], readers: dict[str, list[str]]
                     ) -> dict[str, nn.Module]:
-    """The modules replacing the stacks whose widths change and the modules reading them, by name."""
+    """The modules replacing the stacks whose widths change and the modules reading them, by name: layers that
+    shrink keep their largest units (and the readers lose the others' columns), then layers that grow gain new
+    units (``iss.widened_lstm``: read by nothing yet, so the function is unchanged) and the readers zero columns
+    for them."""
+    smaller = {name: [min(w, size) for w, size in zip(widths[name], handle.lstms[name].hidden_sizes)]
+               for name in widths}
+    new = _shrunk_modules(handle, smaller, readers)
+    for name, lstm in handle.lstms.items():
+        if widths[name] == smaller[name]:
+            continue
+        new[name], channels = widened_lstm(new.get(name, lstm), widths[name])
+        width = new[name].num_directions * new[name].layers[-1].output_size
+        for reader in readers[name]:
+            new[reader] = widened_reader(new.get(reader, handle.module(reader)), width, channels)
+    return new
+
+
+def _shrunk_modules(handle: "Compression", widths: dict[str, list[int]], readers: dict[str, list[str]]
+                    ) -> dict[str, nn.Module]:
+    """The modules replacing the stacks whose layers shrink to ``widths`` and the modules reading them."""
     changed = [name for name, lstm in handle.lstms.items() if list(lstm.hidden_sizes) != widths[name]]
     keep, inputs = {}, {}
     for name in changed:

@@ -117,6 +117,52 @@ class RecurrentLayer(nn.Module):
         for name, parameter in self.named_parameters(recurse=False):
             nn.init.uniform_(parameter, -init_range, init_range)
 
+    # --- growing ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def widened(self, hidden_size: int | None = None, input_size: int | None = None,
+                inputs: torch.Tensor | None = None) -> "RecurrentLayer":
+        """A dense layer with more hidden units and/or inputs that computes the same function of the old inputs.
+
+        Unit ``k`` stays unit ``k`` (new units come after the old ones); ``inputs`` says where the old inputs sit
+        among the ``input_size`` new ones (default: first). Every old weight keeps its value; every old row reads
+        the new inputs and the new units with zeros, so the old units and the layer's old outputs are unchanged;
+        the new units' own rows (and biases) are drawn from ``uniform(-r, r)`` with the spread of the layer's
+        weights (``r = sqrt(3) * std``), so they compute something and learn. Works for any cell from its
+        ``arguments`` and ``select``: ``select`` on a copy whose entries hold their own indices says where each
+        old entry goes.
+
+        >>> layer = LSTMLayer(3, 4)
+        >>> x, h0, c0 = torch.randn(5, 2, 3), torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)
+        >>> big = layer.widened(hidden_size=6)
+        >>> torch.allclose(big(x, torch.zeros(1, 2, 6), torch.zeros(1, 2, 6))[0][..., :4], layer(x, h0, c0)[0])
+        True
+        """
+        hidden = hidden_size or self.hidden_size
+        width = input_size or self.input_size
+        if hidden < self.hidden_size or width < self.input_size:
+            raise ValueError(f"widened() only grows a layer ({self.input_size} inputs, {self.hidden_size} units); "
+                             f"got {width} inputs, {hidden} units: use select() to keep fewer")
+        inputs = torch.arange(self.input_size) if inputs is None else inputs.cpu()
+        everything = {group.name: torch.arange(group.size) for group in self.groups()}
+        old = self.select(everything)                                   # dense, the same values
+        spread = torch.cat([form.materialize().detach().reshape(-1) for _, form in old.forms()]).double().std()
+        big = type(self)(**(self.arguments() | {"hidden_size": hidden, "input_size": width})).double()
+        big.reset_parameters(float(spread) * 3 ** 0.5 if spread > 0 else 0.1)
+        labels = type(self)(**(self.arguments() | {"hidden_size": hidden, "input_size": width})).double()
+        for parameter in labels.parameters():
+            parameter.copy_(torch.arange(parameter.numel(), dtype=torch.float64).view_as(parameter))
+        places = labels.select(everything, inputs)                      # shaped like self: big's flat indices
+        for name, place in places.named_parameters():
+            target, index = big.get_parameter(name), place.detach().reshape(-1).long()
+            target.view(-1)[index] = old.get_parameter(name).detach().reshape(-1).double()
+            if target.ndim == 2:                                        # old rows read zeros from what is new
+                mapped = torch.zeros(target.numel(), dtype=torch.bool)
+                mapped[index] = True
+                mapped = mapped.view_as(target)
+                target[mapped.any(dim=1, keepdim=True) & ~mapped] = 0.0
+        reference = next(self.parameters())
+        return big.to(device=reference.device, dtype=reference.dtype).train(self.training)
+
     # --- configuration -------------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
         return {"cell": self.cell, **self.arguments(),

@@ -110,6 +110,32 @@ def test_sweep_sizes_cover_what_is_needed_its_round_ups_and_a_ladder_below():
     assert sweep_sizes(8, 100, 128, 4) == [8, 19, 40, 100, 104, 112, 128]
     assert sweep_sizes(8, 40, 40, 1) == [8, 40]
     assert sweep_sizes(40, 40, 40, 8) == [40]
+    assert sweep_sizes(40, 40, 40, 1, highest=50) == [40, 48]            # growing: the round-ups above it
+
+
+def test_a_valley_above_the_trained_width_grows_the_layer_keeping_the_function():
+    torch.manual_seed(0)
+    model = Classifier(hidden=30).eval()                 # 30 units run slower than 32 here (not a multiple of 16)
+    x = torch.randn(2, 5, 6)
+    with torch.no_grad():
+        before = model(x)
+    handle = symbiotic(model, sparsity=False, total_steps=40)
+    assert model.rnn.hidden_sizes == [32, 32] and model.head.in_features == 32
+    assert handle.method.design.widths == {"rnn": [32, 32]}
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)     # the new units are read by nothing yet
+    old_rows = leanlstm.nn.gate_rows(32, torch.arange(30))           # the old units of layer 1 read the new ones as 0
+    assert model.head.weight[:, 30:].abs().sum() == 0
+    assert model.rnn.layers[1].weight_ih.weight[old_rows][:, 30:].abs().sum() == 0
+    assert model.rnn.layers[0].weight_ih.weight[torch.arange(4) * 32 + 31].abs().sum() > 0   # their own rows
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train(model.train(), handle, optimizer, 3)
+    assert model.head.weight[:, 30:].abs().sum() > 0     # and they learn
+    kept = Classifier(hidden=30)
+    symbiotic(kept, sparsity=False, total_steps=40, max_growth=0)
+    assert kept.rnn.hidden_sizes == [30, 30]
+    with pytest.raises(ValueError, match="max_growth=0 adds none"):
+        symbiotic(Classifier(hidden=30), hidden_sizes=[40, 30], max_growth=0, total_steps=40)
 
 
 # --- sparsity only where the profile says it is faster ---------------------------------------------------------
@@ -281,7 +307,7 @@ def test_bad_input_is_refused_before_anything_changes():
     cases = [({"latency_budget_us": 0.0}, "needs latency_budget_us=N"),
              ({"latency_budget_us": 0.05}, r"below the fastest model symbiotic can build here: \d+\.\d+ us per step"),
              ({"hidden_sizes": [16]}, "hidden_sizes lists 1 sizes, but the model's LSTMs have 2 layers"),
-             ({"hidden_sizes": [16, 64]}, "hidden_sizes\\[1\\] = 64 is above the 40 units")]
+             ({"hidden_sizes": [16, 64], "max_growth": 0}, "hidden_sizes\\[1\\] = 64 is above the 40 units")]
     for options, message in cases:
         with pytest.raises(ValueError, match=message):
             symbiotic(model, **options)
@@ -294,7 +320,8 @@ def test_cli_symbiotic_on_a_ptb_slice(tmp_path, ptb_slice_dir):
     common = ["--data-dir", str(ptb_slice_dir), "--no-verify-data", "--no-progress", "--latency-repeats", "0",
               "--preset", "tiny", "--epochs", "1", "--max-batches", "6", "--finetune-epochs", "0"]
     profile = ["--set", f"profile_dir={tmp_path / 'profiles'}", "--set", "seq_len=8", "--set", "profile_repeats=2",
-               "--set", "profile_sizes=2", "--set", "measure_repeats=3", "--set", "densities=0.2"]
+               "--set", "profile_sizes=2", "--set", "measure_repeats=3", "--set", "densities=0.2",
+               "--set", "max_growth=0"]       # widths chosen by real timings: no valley above may make it grow
     args = ["compress", "--method", "symbiotic", "--set", "backend=leanlstm", "--set", "latency_budget_us=1000",
             "--out", str(tmp_path / "run")] + profile + common
     result = CliRunner().invoke(main, args)

@@ -127,3 +127,43 @@ def test_stored_params_equal_torch_for_dense():
     reference = nn.LSTM(650, 650, 2)
     lstm = leanlstm.LSTM.from_torch(reference)
     assert lstm.stored_params() == lstm.dense_params() == sum(p.numel() for p in reference.parameters())
+
+
+# --- growing a layer (hardware-guided training's valleys above a trained width) ------------------------------------
+@pytest.mark.parametrize("options", [{}, {"proj_size": 3}, {"cell": "hlstm", "gate_hidden": [4, 5, 4, 3]}],
+                         ids=["lstm", "projected", "hlstm"])
+def test_a_widened_layer_computes_the_same_function_of_its_old_inputs(options):
+    from leanlstm.nn import CELLS
+
+    torch.manual_seed(0)
+    cell = options.get("cell", "lstm")
+    layer = CELLS[cell](5, 7, **{k: v for k, v in options.items() if k != "cell"}).eval()
+    x = torch.randn(6, 2, 5)
+    zeros = lambda size: torch.zeros(1, 2, size)                          # noqa: E731
+    want = layer(x, zeros(layer.output_size), zeros(7))[0]
+    places = torch.tensor([0, 2, 3, 5, 7])                                # the old inputs among 9
+    wide = layer.widened(hidden_size=10, input_size=9, inputs=places).eval()
+    x9 = torch.randn(6, 2, 9)
+    x9[..., places] = x
+    got = wide(x9, zeros(wide.output_size), zeros(10))[0]
+    torch.testing.assert_close(got[..., :layer.output_size], want)
+    assert (wide.hidden_size, wide.input_size) == (10, 9)
+    with pytest.raises(ValueError, match="only grows a layer"):
+        layer.widened(hidden_size=6)
+
+
+def test_a_grown_bidirectional_stack_and_its_readers_keep_the_function():
+    from leanlstm.methods.iss import widened_lstm, widened_reader
+
+    torch.manual_seed(1)
+    stack = LSTM(4, [6, 5], bidirectional=True).eval()
+    head, reader = nn.Linear(10, 3), nn.LSTM(10, 4)
+    x = torch.randn(7, 2, 4)
+    out = stack(x)[0]
+    want_head, want_reader = head(out), reader(out)[0]
+    grown, channels = widened_lstm(stack, [8, 9])
+    assert grown.hidden_sizes == [8, 9] and channels.tolist() == [*range(5), *range(9, 14)]
+    new_out = grown.eval()(x)[0]
+    torch.testing.assert_close(new_out[..., channels], out)
+    torch.testing.assert_close(widened_reader(head, 18, channels)(new_out), want_head)
+    torch.testing.assert_close(widened_reader(reader, 18, channels).eval()(new_out)[0], want_reader)
