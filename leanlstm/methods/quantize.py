@@ -1,10 +1,11 @@
 """int8 weights: post-training quantisation, and quantisation-aware fine-tuning: ``leanlstm.Int8``, method ``int8``.
 
 ``compress_(model, Int8())`` snaps every value tensor of every LSTM matrix (any form: a dense matrix, low-rank
-factors, the kept entries of a sparse one, a doped form's parts, AntMan's blocks) and every ``nn.Linear`` head to
-its per-row int8 grid (``leanlstm.nn.quant``), the grid the int8 engine computes with, and records the value width
-on the forms, so that ``nbytes()`` and every compression factor count 1-byte values plus one float32 scale per row.
-The model is then the quantised model: PyTorch evaluates exactly the weights the engine runs.
+factors, the kept entries of a sparse one, a doped form's parts, AntMan's blocks), every ``nn.Linear`` head and
+every ``nn.Embedding`` table to its per-row int8 grid (``leanlstm.nn.quant``), the grid the int8 engine computes
+and stores with, and records the value width on the forms, so that ``nbytes()`` and every compression factor count
+1-byte values plus one float32 scale per row. The model is then the quantised model: PyTorch evaluates exactly the
+weights the engine runs.
 
 Calibration: ``clip="max"`` (the default) uses each row's largest magnitude; ``clip="mse"`` picks each row's scale
 by least squared error over clipping candidates (with 255 levels per row it lowers the weights' squared error by
@@ -44,6 +45,7 @@ class Int8(MethodConfig):
 
     clip: str = "max"         # each row's scale: its largest magnitude ("max"), or least squared error ("mse")
     heads: bool = True        # quantise the model's nn.Linear layers too (the int8 engine runs them in int8)
+    embeddings: bool = True   # and its nn.Embedding tables (the int8 engine stores them in int8, a scale per row)
 
     choices = {"clip": CLIPS}
 
@@ -63,10 +65,10 @@ class Int8Method(Method):
         self._saved: dict[str, Any] | None = None
 
     def convert(self, handle: "Compression") -> None:
-        quantise_(handle.model, self.config.clip, self.config.heads, handle.forms())
+        quantise_(handle.model, self.config.clip, self.config.heads, handle.forms(), self.config.embeddings)
 
     def start(self, handle: "Compression") -> None:
-        parameters = quantised_parameters(handle.model, self.config.heads, handle.forms())
+        parameters = quantised_parameters(handle.model, self.config.heads, handle.forms(), self.config.embeddings)
         if self.latent is None or [p for _, p, _ in self.latent.parameters] != [p for _, p, _ in parameters]:
             self.latent = Latent(parameters, self.config.clip)       # the model's parameters were (re)built
         if self._saved is not None:

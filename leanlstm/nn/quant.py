@@ -84,11 +84,11 @@ def leaf_forms(form: WeightForm) -> Iterator[WeightForm]:
 
 
 def quantised_parameters(module: nn.Module, heads: bool = True,
-                         forms: Iterable[tuple[str, WeightForm]] | None = None
+                         forms: Iterable[tuple[str, WeightForm]] | None = None, embeddings: bool = False
                          ) -> list[tuple[str, nn.Parameter, torch.Tensor | None]]:
     """``(name, parameter, mask)`` of every value tensor of every LSTM matrix in ``module`` (or of ``forms``, e.g. a
-    compression handle's) and, with ``heads``, of every ``nn.Linear`` and ``FormLinear`` head (the engine runs them in
-    int8).
+    compression handle's), with ``heads`` of every ``nn.Linear`` and ``FormLinear`` head, and with ``embeddings``
+    of every ``nn.Embedding`` table (a scale per token's row): what the int8 engine stores in int8.
 
     >>> from leanlstm.nn import LSTM
     >>> [name for name, _, _ in quantised_parameters(nn.Sequential(LSTM(4, 8), nn.Linear(8, 2)))]
@@ -104,6 +104,9 @@ def quantised_parameters(module: nn.Module, heads: bool = True,
                   if isinstance(child, nn.Linear)]
         found += [(f"{name}:{_param_name(form, parameter)}", parameter, mask) for name, form in head_forms(module)
                   for leaf in leaf_forms(form) for parameter, mask in leaf.value_tensors()]
+    if embeddings:
+        found += [(f"{name}.weight", child.weight, None) for name, child in module.named_modules()
+                  if isinstance(child, nn.Embedding)]
     return found
 
 
@@ -113,16 +116,17 @@ def _param_name(form: nn.Module, parameter: nn.Parameter) -> str:
 
 @torch.no_grad()
 def quantise_(module: nn.Module, clip: str = "max", heads: bool = True,
-              forms: Iterable[tuple[str, WeightForm]] | None = None) -> int:
-    """Snap every LSTM matrix of ``module`` (or ``forms``) and, with ``heads``, every ``nn.Linear`` to its int8 grid
-    in place and record the value width on the forms; returns the number of tensors snapped.
+              forms: Iterable[tuple[str, WeightForm]] | None = None, embeddings: bool = False) -> int:
+    """Snap every LSTM matrix of ``module`` (or ``forms``), with ``heads`` every ``nn.Linear`` and with
+    ``embeddings`` every ``nn.Embedding`` table to its int8 grid in place and record the value width on the forms;
+    returns the number of tensors snapped.
 
     >>> from leanlstm.nn import LSTM
     >>> lstm = LSTM(4, 8); quantise_(lstm), lstm.layers[0].weight_ih.value_bits
     (2, 8)
     """
     forms = list(lstm_forms(module) if forms is None else forms)
-    found = quantised_parameters(module, heads, forms)
+    found = quantised_parameters(module, heads, forms, embeddings)
     for _, parameter, mask in found:
         parameter.copy_(quantise_tensor(parameter, mask, clip).to(parameter.dtype))
     for _, form in forms + (list(head_forms(module)) if heads else []):

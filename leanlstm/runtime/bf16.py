@@ -34,7 +34,7 @@ from ..nn.forms.dense import Dense
 from ..nn.forms.lowrank import LowRank
 from .dot_block import PANEL, panel_dot_block   # panels of 64 output rows: four vectors of 16 lanes
 from .kernels import JIT, RuntimeOp
-from .precision import register_head, register_op
+from .precision import register_embedding, register_head, register_op
 
 log = logging.getLogger(__name__)
 PAIR = 2                        # inputs per vdpbf16ps group
@@ -275,6 +275,22 @@ def _check_cpu() -> None:
         _warned = True
         log.warning("this CPU has no AVX-512 BF16: bfloat16 products run in portable loops, exact but several times "
                     "slower than float32 here; use precision='float32'")
+
+
+class BF16Table:
+    """An embedding table stored as bfloat16 (rounded to nearest even): rows looked up exactly as stored."""
+
+    def __init__(self, table: np.ndarray) -> None:
+        self.bits = to_bf16(table)
+        self.nbytes = self.bits.nbytes
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        return from_bf16(self.bits[ids])
+
+
+@register_embedding("bfloat16")
+def _embedding(table: np.ndarray) -> BF16Table:
+    return BF16Table(table)
 
 
 @register_head("bfloat16")

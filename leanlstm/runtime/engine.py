@@ -276,6 +276,9 @@ class _Tokens:
     def __init__(self, embedding: nn.Embedding, layout: tuple[str, ...] = ("T", "B")) -> None:
         self.table = _float32(embedding.weight.detach().cpu().numpy())   # (V, E)
         self.layout, self.batch_axis = layout, _batch_axis(layout)
+        self.lookup = precisions.embedding_lookup(self.table)            # int8 / bf16 rows, where compiled so
+        if self.lookup is not None:
+            self.vocab, self.table = len(self.table), None
 
     def sequence(self, tokens: Any) -> np.ndarray:
         tokens = _array(tokens)
@@ -286,11 +289,13 @@ class _Tokens:
                               f"got {tokens.shape}")
         if tokens.size and not np.issubdtype(tokens.dtype, np.integer):
             raise EngineError(f"token ids must be integers, got dtype {tokens.dtype}")
-        outside = np.flatnonzero((tokens < 0) | (tokens >= len(self.table)))
+        vocab = len(self.table) if self.lookup is None else self.vocab
+        outside = np.flatnonzero((tokens < 0) | (tokens >= vocab))
         if outside.size:
             raise EngineError(f"token id {tokens[outside[0]]} at position {outside[0]} is outside the "
-                              f"vocabulary [0, {len(self.table)})")
-        return self.table[tokens.astype(np.int64)]                 # (T, E)
+                              f"vocabulary [0, {vocab})")
+        ids = tokens.astype(np.int64)
+        return self.table[ids] if self.lookup is None else self.lookup(ids)    # (T, E)
 
     def single(self, token: Any) -> np.ndarray:
         return self.sequence(np.reshape(token, (1,)))[0]

@@ -34,7 +34,7 @@ from ..nn.forms.lowrank import LowRank
 from ..nn.forms.sparse import MaskedSparse
 from .dot_block import PANEL, panel_dot_block   # panels of 64 output rows: four vectors of 16 lanes
 from .kernels import JIT, RuntimeOp, _stack_f32, jagged_diagonals, sparse_op
-from .precision import register_head, register_op
+from .precision import register_embedding, register_head, register_op
 
 log = logging.getLogger(__name__)
 
@@ -493,6 +493,23 @@ def _check_cpu() -> None:
         _warned = True
         log.warning("this CPU has no AVX-512 VNNI: int8 products run in portable loops, exact but several times "
                     "slower than float32 here; use precision='float32' (or 'bfloat16' where the CPU has AVX-512 BF16)")
+
+
+class Int8Table:
+    """An embedding table stored as int8 with one float32 scale per row (``quantise_rows``): a row is looked up
+    and scaled back to float32, a quarter of the float32 table's bytes."""
+
+    def __init__(self, table: np.ndarray) -> None:
+        self.codes, self.scales = quantise_rows(table)
+        self.nbytes = self.codes.nbytes + self.scales.nbytes
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        return self.codes[ids].astype(np.float32) * self.scales[ids, None]
+
+
+@register_embedding("int8")
+def _embedding(table: np.ndarray) -> Int8Table:
+    return Int8Table(table)
 
 
 @register_head("int8")

@@ -86,6 +86,27 @@ def head_op(weight: Any) -> tuple[Any, Any] | None:
     return pack(weight) if pack is not None else None
 
 
+EMBEDDINGS: dict[str, Callable[[Any], Callable[[Any], Any]]] = {}   # precision -> pack(table) -> lookup(ids)
+
+
+def register_embedding(precision_name: str) -> Callable[[Callable], Callable]:
+    """Register ``pack(table (V, E) float32) -> lookup``, with ``lookup(ids) -> (T, E) float32`` rows of the table
+    as stored in that precision (an int8 table with a scale per row, a bfloat16 one)."""
+    def register(pack: Callable) -> Callable:
+        EMBEDDINGS[check_precision(precision_name)] = pack
+        return pack
+    return register
+
+
+def embedding_lookup(table: Any) -> Callable[[Any], Any] | None:
+    """The embedding table's lookup in the current precision, or None (the float32 table)."""
+    name = current_precision()
+    if name in BUILTIN:
+        importlib.import_module(BUILTIN[name])
+    pack = EMBEDDINGS.get(name)
+    return pack(table) if pack is not None else None
+
+
 def op_in(precision_name: str, form: Any) -> RuntimeOp | None:
     """``form``'s op in ``precision_name`` from the registry, or None when its type has none."""
     if precision_name in BUILTIN:

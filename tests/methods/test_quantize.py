@@ -162,3 +162,25 @@ def test_pruning_sized_for_int8_meets_its_budget_once_quantised():
     assert 20 <= weight_compression(model) < 20.5
     with pytest.raises(ValueError, match="value_bits must be one of 8, 32"):
         Prune(value_bits=4)
+
+
+def test_ptq_snaps_the_embedding_table_the_int8_engine_stores():
+    from leanlstm.runtime.int8 import Int8Table
+    from tests.user_models import RNNModel
+
+    torch.manual_seed(4)
+    model = RNNModel(ntoken=30, ninp=8, nhid=12).eval()
+    compress_(model, Int8())
+    table = model.encoder.weight.detach().numpy()
+    stored = Int8Table(table)
+    np.testing.assert_allclose(stored(np.arange(30)), table, rtol=1e-6)    # already on its grid: stored exactly
+    assert stored.nbytes == 30 * 8 + 30 * 4                                # int8 rows, a float32 scale each
+    tokens = torch.randint(0, 30, (7, 1))
+    with torch.no_grad():
+        want = model(tokens, model.init_hidden(1))[0].numpy()
+    got = compile(model, precision="int8", choose="always").run(tokens[:, 0].numpy())[0]
+    assert np.abs(got - want).max() < 0.05           # the vectors' per-step 8-bit quantisation, not the weights
+    kept = RNNModel(ntoken=30, ninp=8, nhid=12)
+    before = kept.encoder.weight.detach().clone()
+    compress_(kept, Int8(embeddings=False))
+    assert torch.equal(kept.encoder.weight, before)

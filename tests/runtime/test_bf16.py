@@ -152,3 +152,21 @@ def test_forms_without_a_bf16_op_keep_float32(caplog):
         got, _ = compile(lstm, precision="bfloat16", choose="always").run(xs)
     assert "no bfloat16 op" in caplog.text
     np.testing.assert_allclose(got, compile(lstm).run(xs)[0], atol=1e-6)
+
+
+def test_the_bf16_engine_looks_up_a_bf16_embedding_table():
+    from leanlstm.runtime.bf16 import BF16Table, from_bf16, to_bf16
+    from tests.user_models import RNNModel
+
+    torch.manual_seed(5)
+    model = RNNModel(ntoken=30, ninp=8, nhid=12).eval()
+    table = model.encoder.weight.detach().numpy()
+    stored = BF16Table(table)
+    assert stored.nbytes == table.size * 2
+    np.testing.assert_array_equal(stored(np.array([3, 0, 3])), from_bf16(to_bf16(table[[3, 0, 3]])))
+    with torch.no_grad():
+        model.encoder.weight.copy_(torch.from_numpy(from_bf16(to_bf16(table))))   # what the engine stores
+    tokens = torch.randint(0, 30, (7, 1))
+    float32 = compile(model).run(tokens[:, 0].numpy())[0]
+    got = compile(model, precision="bfloat16", choose="always").run(tokens[:, 0].numpy())[0]
+    assert np.abs(got - float32).max() < 0.02
