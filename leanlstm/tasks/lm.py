@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..nn import LSTM
+from ..nn import LSTM, FormLinear
 from ..nn.structured_dropout import check_structured, draw_masks, structured_linear, structured_lstm
 
 DROPOUT_MODES = ("standard", "structured")
@@ -112,13 +112,19 @@ class WordLM(nn.Module):
         self.config = config
 
     def model_config(self) -> dict[str, Any]:
-        return {"kind": "word_lm", "lm": asdict(self.config), "lstm": self.lstm.config()}
+        config = {"kind": "word_lm", "lm": asdict(self.config), "lstm": self.lstm.config()}
+        if isinstance(self.decoder, FormLinear):        # a compressed decoder (Prune(heads=...)): its form too
+            config["decoder"] = self.decoder.config()
+        return config
 
     @classmethod
     def from_model_config(cls, config: dict[str, Any]) -> "WordLM":
         lm_config = LMConfig(**config["lm"])
         lm_config.hidden_sizes = list(config["lstm"]["hidden_size"])
-        return cls(lm_config, config["lstm"])
+        model = cls(lm_config, config["lstm"])
+        if "decoder" in config:
+            model.decoder = FormLinear.from_config(config["decoder"])
+        return model
 
 
 def _layer_sizes(lstm: nn.Module) -> list[int]:

@@ -40,3 +40,19 @@ def test_the_cell_comes_from_the_config_and_survives_the_round_trip():
     tokens = torch.randint(0, 30, (4, 2))
     rebuilt.load_state_dict(model.state_dict())
     assert torch.equal(model.eval()(tokens)[0], rebuilt.eval()(tokens)[0])
+
+
+def test_a_compressed_decoder_is_part_of_the_saved_structure():
+    from leanlstm.nn import FormLinear
+    from leanlstm.nn.forms import BlockSparse
+
+    torch.manual_seed(1)
+    model = WordLM(LMConfig(vocab_size=40, embed_size=6, hidden_sizes=[8])).eval()
+    assert "decoder" not in model.model_config()                  # a dense decoder: the format as it always was
+    model.decoder = FormLinear.from_linear(model.decoder, BlockSparse.from_dense(
+        model.decoder.weight.detach(), density=0.5, block_rows=8, block_cols=4))
+    rebuilt = WordLM.from_model_config(model.model_config())
+    rebuilt.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, 40, (5, 2))
+    assert isinstance(rebuilt.decoder.form, BlockSparse)
+    assert torch.equal(rebuilt.eval()(tokens)[0], model(tokens)[0])
