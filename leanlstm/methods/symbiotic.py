@@ -31,13 +31,13 @@ run. What happens, in order:
    widths just above the chosen ones are profiled too and layers step back up while the budget allows, the one
    furthest below its need first. A budget below the fastest model the profile allows is refused, naming how
    fast that is.
-5. **Grow and prune** (``methods.growprune``'s ``grow_`` and ``prune_``): layers whose width changed are rebuilt
-   at ``convert`` keeping their largest-norm units (ISS's components: a unit's rows and the columns reading it),
-   and the modules reading them lose the same columns; a layer whose valley lies above its width (up to
-   ``max_growth`` above it) gains units, which nothing reads until training gives them weight; every sparse matrix starts from its largest weights at
-   ``seed_density`` (never above its target), grows the dormant connections with the largest accumulated
-   gradient, then is magnitude-pruned to its planned density, where pruning stops (the profile says what more
-   sparsity would buy, and the budget is met). Dense matrices just train.
+5. **Grow and prune** (``methods.growprune``'s ``grow_`` and ``prune_``): layers whose width changed are rebuilt at
+   ``convert`` keeping their largest-norm units (ISS's components: a unit's rows and the columns reading it), and the
+   modules reading them lose the same columns; a layer whose valley lies above its width (up to ``max_growth`` above
+   it) gains units, which nothing reads until training gives them weight; every sparse matrix starts from its largest
+   weights at ``seed_density`` (never above its target), grows the dormant connections with the largest accumulated
+   gradient, then is magnitude-pruned to its planned density, where pruning stops (the profile says what more sparsity
+   would buy, and the budget is met). Dense matrices just train.
 6. **Measure** (``finalize()``): the compressed stacks are timed on ``backend``; the summary reports the measured
    latency against the budget, and a result over budget is logged as a warning with the numbers.
 
@@ -61,12 +61,12 @@ sparsity buys little on GPUs); grow-and-prune training (NeST's gradient growth a
 ``methods.growprune``). The stored copies of the paper this was written from hold its abstract and introduction,
 not its algorithm: the rest is chosen here. The table's key (cell, input, hidden, which matrix is sparse at which
 density) and its measurement in interleaved runs; the additive stack model with its overhead term; widths decided
-once, before training; the unit choice by ISS component norm; one common width factor, then greedy density steps
-and a balanced climb back; the sweep (the current width, what accuracy needs and the current width rounded up to multiples of
-8-64 up to ``max_growth`` above them, ``profile_sizes`` widths spaced geometrically below, ``REFINE`` more where the
-widths end); growth (a layer grows where a larger width is the faster one: its new units start with random rows
-read by zero columns, so the model computes the same function until training uses them); the margin; the budget
-as the LSTM stacks' latency (embeddings and heads are not counted: the method does not change them, as with ISS's
+once, before training; the unit choice by ISS component norm; one common width factor, then greedy density steps and a
+balanced climb back; the sweep (the current width, what accuracy needs and the current width rounded up to multiples
+of 8-64 up to ``max_growth`` above them, ``profile_sizes`` widths spaced geometrically below, ``REFINE`` more where
+the widths end); growth (a layer grows where a larger width is the faster one: its new units start with random rows
+read by zero columns, so the model computes the same function until training uses them); the margin; the budget as the
+LSTM stacks' latency (embeddings and heads are not counted: the method does not change them, as with ISS's
 ``target_latency_us``); and every default number.
 
 Not done: changing widths while training. A model whose width changes is rebuilt in place (the same LSTM objects), so

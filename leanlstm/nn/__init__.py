@@ -6,5 +6,5 @@ from .hlstm import HLSTMLayer
 from .linear import FormLinear
 from .lstm import LSTM
 
-__all__ = ["CELLS", "FORMS", "Dense", "FormLinear", "Kronecker", "LowRank", "MaskedSparse", "WeightForm", "LSTM", "LSTMLayer", "HLSTMLayer",
-           "RecurrentLayer", "UnitGroup", "gate_rows", "split_gates"]
+__all__ = ["CELLS", "FORMS", "Dense", "FormLinear", "Kronecker", "LowRank", "MaskedSparse", "WeightForm", "LSTM",
+           "LSTMLayer", "HLSTMLayer", "RecurrentLayer", "UnitGroup", "gate_rows", "split_gates"]

@@ -3,11 +3,11 @@
 The model is read as a pipeline (``runtime.pipeline``): an optional embedding, LSTM stacks, ``nn.Linear`` heads (or
 ``FormLinear`` ones, multiplied through their weight form's op) and activations, per step or on the last step,
 whatever the attributes are called. Each cell layer is compiled by its cell's registered ``compile_layer``
-(``runtime.cells``), which asks every weight form for its ``runtime_op()`` (arrays + Numba kernels, see
-``kernels``): a sparse matrix runs as sparse, a Kronecker one through its factors, a low-rank one as two thin
-products; a form without an op runs as its dense ``materialize()`` (with a warning). Per layer and direction, ``run`` makes one call into compiled code that
-batches the input products of the whole sequence and loops over time; ``step`` advances one time step.
-Inference semantics: dropout is off. Everything is float32 NumPy.
+(``runtime.cells``), which asks every weight form for its ``runtime_op()`` (arrays + Numba kernels, see ``kernels``):
+a sparse matrix runs as sparse, a Kronecker one through its factors, a low-rank one as two thin products; a form
+without an op runs as its dense ``materialize()`` (with a warning). Per layer and direction, ``run`` makes one call
+into compiled code that batches the input products of the whole sequence and loops over time; ``step`` advances one
+time step. Inference semantics: dropout is off. Everything is float32 NumPy.
 
 State is ``(h, c)``: two lists with one array per cell layer, in each stack's flat order (layer l, direction
 d at ``l * D + d``, as PyTorch), stacks in the order the model runs them: ``h`` of the layer's output size

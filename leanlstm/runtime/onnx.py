@@ -1,8 +1,9 @@
 """Export a model to ONNX (any model ``runtime.compile`` runs), keeping each weight form's real structure.
 
-The model is read as a pipeline (``runtime.pipeline``: embedding, LSTM stacks, ``nn.Linear`` heads, activations,
-last step); a ``FormLinear`` head is written through its form's ``onnx_matvec``, like the LSTM matrices; each cell layer is written by its cell's registered ``onnx_layer`` (``runtime.cells``). For the LSTM
-cell, per layer, the exporter picks how the recurrence is written (``recurrence="auto"``):
+The model is read as a pipeline (``runtime.pipeline``: embedding, LSTM stacks, ``nn.Linear`` heads, activations, last
+step); a ``FormLinear`` head is written through its form's ``onnx_matvec``, like the LSTM matrices; each cell layer is
+written by its cell's registered ``onnx_layer`` (``runtime.cells``). For the LSTM cell, per layer, the exporter picks
+how the recurrence is written (``recurrence="auto"``):
 
 - **dense, no projection**: one ONNX ``LSTM`` node (``direction="bidirectional"`` for both directions), the fused
   operator every runtime optimises;

@@ -372,4 +372,5 @@ def test_a_compressed_decoder_runs_through_its_form_in_the_engine_onnx_and_the_d
     with torch.no_grad():
         peer = DenseTorch(model)(tokens).reshape(want.shape).numpy()    # torch and its int8: a dense nn.Linear
     np.testing.assert_allclose(peer, want, atol=1e-4)
-    assert not any(isinstance(getattr(stage, "module", None), FormLinear) for stage in pipeline_of(model).dense().stages)
+    dense = pipeline_of(model).dense().stages
+    assert not any(isinstance(getattr(stage, "module", None), FormLinear) for stage in dense)
