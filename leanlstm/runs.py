@@ -608,8 +608,13 @@ def source_task(source: str | Path) -> str:
 
 
 def _model_from(task: type[Task], payload: dict[str, Any], source: Path) -> nn.Module:
+    from .compress import restore_      # compress imports methods, which import this module
+
     try:
         model = task.model_from_config(payload["model_config"])
+        for state in payload.get("callbacks") or []:   # a compression handle's structure: what the model config
+            if isinstance(state, dict) and "structure" in state:     # may not record (a compressed head)
+                restore_(model, state["structure"])
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{source} has an unreadable model config ({type(error).__name__}: {error})") from error
     load_state(model, payload["model_state"], source)
