@@ -195,7 +195,7 @@ def test_a_head_slower_pruned_than_dense_is_kept_dense_when_asked(monkeypatch):
 def test_a_checkpoint_whose_model_config_lacks_the_decoder_loads_from_the_handles_structure(tmp_path):
     from leanlstm.runs import _model_from
     from leanlstm.tasks.lm import LMConfig, WordLM
-    from leanlstm.tasks.ptb import PTB
+    from leanlstm.tasks.ptb import LanguageModelTask
 
     torch.manual_seed(2)
     model = WordLM(LMConfig(vocab_size=50, embed_size=8, hidden_sizes=[8]))
@@ -203,6 +203,6 @@ def test_a_checkpoint_whose_model_config_lacks_the_decoder_loads_from_the_handle
     config = model.model_config()
     del config["decoder"]                           # a model config that records only the LSTM (an older format)
     payload = {"model_config": config, "model_state": model.state_dict(), "callbacks": [handle.state_dict()]}
-    loaded = _model_from(PTB, payload, tmp_path / "checkpoint.pt")
+    loaded = _model_from(LanguageModelTask, payload, tmp_path / "checkpoint.pt")
     tokens = torch.randint(0, 50, (4, 1))
     assert torch.equal(loaded.eval()(tokens)[0], model.eval()(tokens)[0])
