@@ -66,6 +66,8 @@ STRUCTURES = {
                                          int8_density("blocksparse", 8, DECODER)),
     "blocks-60x-int8-bytes+decoder-16x": ("blocksparse", {"density": int8_density("blocksparse", 60)},
                                           int8_density("blocksparse", 16, DECODER)),
+    "blocks-40x-int8-bytes+decoder-12x": ("blocksparse", {"density": int8_density("blocksparse", 40)},
+                                          int8_density("blocksparse", 12, DECODER)),
 }
 
 
