@@ -631,8 +631,9 @@ def widened_lstm(lstm: LSTM, widths: list[int]) -> tuple[LSTM, torch.Tensor]:
     ([forward | reverse], each direction's old units first). Layers that neither grow nor read a grown layer
     are kept as they are (their forms too); the others become dense."""
     D, layers, before = lstm.num_directions, [], None       # before: where the previous layer's outputs sit
+    grown_output = lstm.input_size
     for l in range(lstm.num_layers):
-        grown, positions = [], []
+        grown = []
         for d in range(D):
             layer = lstm.layers[l * D + d]
             hidden = max(widths[l], layer.hidden_size)
