@@ -1,13 +1,14 @@
 """Training throughput of structured dropout (issue 26) against standard dropout on the PTB medium-cpu model.
 
     LEANLSTM_DATA=../shared/data python benchmarks/structured_dropout_throughput.py \
-        --out results/structured-dropout-throughput.json --threads 2 1 --steps-per-mask 1 5 35
+        --out results/structured-dropout-throughput.json --threads 2 1 --steps-per-mask 1 5
 
 The model is ``medium-cpu``'s (2x650, dropout 0.5, batch 20, bptt 35) on real PTB training windows: forward,
 summed loss, backward, clipping, SGD step, as the Trainer does. ``standard`` runs PyTorch's fused LSTM kernel
 with per-sequence dropout; ``structured`` (``--steps-per-mask 1``: a new mask every step, the paper's method)
 computes every dropped-input product on the kept columns only; ``structured/gN`` shares a mask over N
-consecutive steps (one gather for N * 20 rows). Also timed: the products alone (``products``), dense masked
+consecutive steps (one gather for N * 20 rows); ``structured-window`` draws one mask for the whole window and runs
+PyTorch's fused LSTM kernel on the kept inputs. Also timed: the products alone (``products``), dense masked
 against compacted, forward + backward, at the two shapes of the model (650 -> 2600 per layer, 650 -> 10000
 decoder). Configurations run interleaved, one window at a time after warm-up; medians. The machine's load
 average is recorded before and after: it is shared.
@@ -39,6 +40,7 @@ def models(steps_per_mask: list[int]) -> dict[str, WordLM]:
     for group in steps_per_mask:
         out["structured" if group == 1 else f"structured/g{group}"] = replace(
             base, dropout_mode="structured", dropout_steps_per_mask=group)
+    out["structured-window"] = replace(base, dropout_mode="structured-window")
     result = {}
     for name, config in out.items():
         torch.manual_seed(0)
@@ -126,7 +128,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps-per-mask", type=int, nargs="+", default=[1])
     parser.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--product-repeats", type=int, default=15)
+    parser.add_argument("--product-repeats", type=int, default=15, help="0: time training windows only")
     parser.add_argument("--data-dir")
     args = parser.parse_args()
     columns = batchify(load_ptb(args.data_dir).train, 20)
@@ -135,7 +137,7 @@ def main() -> None:
         torch.set_num_threads(threads)
         print(f"{threads} thread(s), load average {os.getloadavg()[0]:.2f}", flush=True)
         before = os.getloadavg()
-        products = time_products(args.product_repeats)
+        products = time_products(args.product_repeats) if args.product_repeats else {}
         rows, samples, loads = time_training(columns, args)
         runs[str(threads)] = {"load_average_before": list(before), "load_average_after": list(os.getloadavg()),
                               "load_average_1min_during": {"median": statistics.median(loads), "min": min(loads),

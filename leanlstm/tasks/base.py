@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..nn.structured_dropout import DROPOUT_MODES
 from ..train import ConfigError, Range, TrainConfig, check_memory
 
 MAX_HIDDEN = 10**6          # per-layer LSTM size; memory refuses far smaller ones first (``check_lstm_memory``)
@@ -128,8 +129,8 @@ class Task:
             raise TaskError(f"task {cls.name!r} has no vocabulary size to set")
         if dropout_mode is not None:
             _require_field(cls, config, "dropout_mode")
-            if dropout_mode not in ("standard", "structured"):
-                raise TaskError(f"dropout mode must be standard or structured, got {dropout_mode!r}")
+            if dropout_mode not in DROPOUT_MODES:
+                raise TaskError(f"dropout mode must be one of {', '.join(DROPOUT_MODES)}, got {dropout_mode!r}")
             config = dataclasses.replace(config, dropout_mode=dropout_mode)
         if dropout is not None:
             _require_field(cls, config, "dropout")
@@ -187,7 +188,7 @@ class Task:
 
     @classmethod
     def set_dropout_mode(cls, model: nn.Module, mode: str) -> None:
-        """Train ``model`` with ``standard`` or ``structured`` dropout from now on, recorded in checkpoints."""
+        """Train ``model`` with a dropout mode (``DROPOUT_MODES``) from now on, recorded in checkpoints."""
         if not hasattr(model, "set_dropout_mode"):
             raise TaskError(f"task {cls.name!r}: a {type(model).__name__} has no structured dropout")
         model.set_dropout_mode(mode)

@@ -8,9 +8,8 @@ import torch
 from torch import nn
 
 from ..nn import LSTM, FormLinear
-from ..nn.structured_dropout import check_structured, draw_masks, structured_linear, structured_lstm
+from ..nn.structured_dropout import DROPOUT_MODES, check_structured, draw_masks, structured_linear, structured_lstm
 
-DROPOUT_MODES = ("standard", "structured")
 
 
 @dataclass
@@ -22,7 +21,8 @@ class LMConfig:
     init_range: float = 0.1                                        # uniform(-r, r) for every parameter
     cell: str = "lstm"                                             # recurrent cell of every layer (nn.CELLS)
     cell_options: dict[str, Any] = field(default_factory=dict)     # its options, e.g. {"gate_hidden": 325}
-    dropout_mode: str = "standard"     # "structured": masks shared by the batch, new every step, products compacted
+    dropout_mode: str = "standard"     # "structured": masks shared by the batch, new every step, products compacted;
+                                       # "structured-window": one mask shared by the batch and the whole window
     dropout_steps_per_mask: int = 1    # structured: consecutive steps sharing one mask (1: a new mask every step)
 
     def __post_init__(self) -> None:
@@ -49,7 +49,7 @@ class WordLM(nn.Module):
             self.lstm = LSTM.from_config(lstm_config)
         self.dropout = nn.Dropout(config.dropout)
         self.decoder = nn.Linear(_layer_sizes(self.lstm)[-1], config.vocab_size)
-        if config.dropout_mode == "structured":
+        if config.dropout_mode != "standard":
             check_structured(self.lstm)
         self.reset_parameters()
 
@@ -82,13 +82,15 @@ class WordLM(nn.Module):
         return logits, loss, _per_layer(state)
 
     def _structured(self) -> bool:
-        return (self.training and self.config.dropout > 0 and self.config.dropout_mode == "structured"
+        return (self.training and self.config.dropout > 0 and self.config.dropout_mode != "standard"
                 and not isinstance(self.lstm, nn.LSTM))
 
     def _forward_structured(self, tokens: torch.Tensor, state):
         """Training forward with structured dropout (``leanlstm.nn.structured_dropout``): the embedding-output and
         between-layer sites are compacted in each layer's input product, the last one in the decoder's."""
         p, group = self.config.dropout, self.config.dropout_steps_per_mask
+        if self.config.dropout_mode == "structured-window":
+            group = tokens.shape[0]
         h, c = _per_layer(state)
         output, h, c = structured_lstm(self.lstm, self.embedding(tokens), h, c, p, group)   # (T, B, H)
         masks = draw_masks(output.shape[0], output.shape[-1], p, group)
@@ -105,9 +107,9 @@ class WordLM(nn.Module):
         self.lstm.dropout = dropout   # between layers (torch.nn.LSTM and leanlstm.LSTM alike)
 
     def set_dropout_mode(self, mode: str) -> None:
-        """``standard`` or ``structured`` dropout from now on (``LMConfig.dropout_mode``); kept in checkpoints."""
+        """A dropout mode (``LMConfig.dropout_mode``) from now on; kept in checkpoints."""
         config = replace(self.config, dropout_mode=mode)         # __post_init__ checks the name
-        if mode == "structured":
+        if mode != "standard":
             check_structured(self.lstm)
         self.config = config
 

@@ -10,7 +10,7 @@ import leanlstm.nn.structured_dropout as sd
 from leanlstm.checkpoint import load_checkpoint
 from leanlstm.nn import LSTM
 from leanlstm.nn.structured_dropout import draw_masks, lstm_with_input_gates, structured_linear, structured_lstm
-from leanlstm.runs import RunConfig, load_run, train_run
+from leanlstm.runs import RunConfig, RunDirError, load_run, train_run
 from leanlstm.tasks.lm import LMConfig, WordLM
 from tests.test_train import StopAfter
 
@@ -83,16 +83,17 @@ def test_the_recurrence_from_precomputed_input_gates_is_the_lstm():
     assert torch.autograd.gradcheck(lstm_with_input_gates, (xg, *state, w_hh))
 
 
-def _models(**changes):
-    config = LMConfig(vocab_size=50, embed_size=16, hidden_sizes=[12, 12], dropout=0.5, **changes)
+def _models(mode="structured"):
+    config = LMConfig(vocab_size=50, embed_size=16, hidden_sizes=[12, 12], dropout=0.5)
     torch.manual_seed(0)
     standard = WordLM(config)
     torch.manual_seed(0)
-    return standard, WordLM(replace(config, dropout_mode="structured"))
+    return standard, WordLM(replace(config, dropout_mode=mode))
 
 
-def test_word_lm_trains_with_structured_dropout_and_evaluates_as_standard():
-    standard, structured = _models()
+@pytest.mark.parametrize("mode", ["structured", "structured-window"])
+def test_word_lm_trains_with_structured_dropout_and_evaluates_as_standard(mode):
+    standard, structured = _models(mode)
     tokens = torch.randint(0, 50, (10, 4))
     _, loss, state = structured(tokens, None, tokens)
     loss.backward()
@@ -108,7 +109,7 @@ def test_word_lm_trains_with_structured_dropout_and_evaluates_as_standard():
     torch.testing.assert_close(standard(tokens)[0], structured(tokens)[0])
     with pytest.raises(ValueError, match="dropout_mode"):
         LMConfig(dropout_mode="blocky")
-    assert WordLM.from_model_config(structured.model_config()).config.dropout_mode == "structured"
+    assert WordLM.from_model_config(structured.model_config()).config.dropout_mode == mode
     with pytest.raises(ValueError, match="unidirectional stacks of LSTM cells"):
         WordLM(LMConfig(vocab_size=50, embed_size=16, hidden_sizes=[12, 12], dropout=0.5, cell="hlstm",
                         cell_options={"gate_hidden": 4}, dropout_mode="structured"))
@@ -150,6 +151,59 @@ def test_a_resumed_run_draws_the_same_masks(tmp_path, ptb_slice_dir):
     assert other["history"][0]["train_ppl"] != straight["history"][0]["train_ppl"]   # the mode really changed
 
 
+def test_the_window_mode_drops_the_same_units_at_every_step_of_a_window(monkeypatch):
+    seen = []
+    monkeypatch.setattr(sd, "draw_masks", lambda *args, **kwargs: seen.append(args) or draw_masks(*args, **kwargs))
+    _, model = _models("structured-window")
+    model(torch.randint(0, 50, (9, 4)), None)
+    assert [(steps, group) for steps, _, _, group in seen] == [(9, 9)] * 2       # one mask per layer, whole window
+
+
+def test_a_run_names_the_modes_when_given_an_unknown_one():
+    with pytest.raises(RunDirError, match="standard, structured, structured-window, got 'blocky'"):
+        RunConfig(preset="tiny", dropout_mode="blocky").model_config()
+
+
 def test_docstring_examples():
     result = doctest.testmod(sd, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def _masked_stack(lstm, x, h0, c0, masks, p):
+    """The reference: every layer's input multiplied by its window mask, then the plain layer."""
+    for layer, h, c, mask in zip(lstm.layers, h0, c0, masks):
+        x, _, _ = layer(x * mask.to(x.dtype) / (1 - p), h, c)
+    return x
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_one_mask_per_window_runs_the_fused_kernel_on_the_kept_inputs(p):
+    lstm = LSTM(6, [5, 5]).double().train()
+    x = torch.randn(7, 3, 6, dtype=torch.float64, requires_grad=True)
+    h0 = [torch.randn(1, 3, 5, dtype=torch.float64) for _ in range(2)]
+    c0 = [torch.randn(1, 3, 5, dtype=torch.float64) for _ in range(2)]
+    torch.manual_seed(1)
+    out, h, c = structured_lstm(lstm, x, h0, c0, p, steps_per_mask=7)
+    assert [tuple(t.shape) for t in h + c] == [(1, 3, 5)] * 4
+    torch.manual_seed(1)                                                       # the masks it drew, in its order
+    masks = [draw_masks(7, 6, p, 7)[0], draw_masks(7, 5, p, 7)[0]]
+    assert p == 0 or all(0 < int(mask.sum()) < len(mask) for mask in masks)  # some units kept, some dropped
+    reference = _masked_stack(lstm, x, h0, c0, masks, p)
+    torch.testing.assert_close(out, reference)
+    weights = [lstm.layers[0].weight_ih.weight, *lstm.parameters()]
+    mine = torch.autograd.grad(out.sum(), [x, *weights])
+    theirs = torch.autograd.grad(reference.sum(), [x, *weights])
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b)
+    dropped = ~masks[0]
+    assert torch.equal(mine[0][:, :, dropped], torch.zeros_like(mine[0][:, :, dropped]))
+    assert torch.equal(mine[1][:, dropped], torch.zeros_like(mine[1][:, dropped]))   # W_ih columns of dropped units
+
+
+def test_one_mask_per_window_that_drops_every_input_leaves_the_biases():
+    lstm = LSTM(4, [3]).train()
+    x = torch.randn(5, 2, 4, requires_grad=True)
+    zeros = [torch.zeros(1, 2, 3)]
+    out, _, _ = sd._window_layer(lstm.layers[0], x, zeros[0], zeros[0], torch.zeros(4, dtype=torch.bool), 0.5)
+    torch.testing.assert_close(out, _masked_stack(lstm, x, zeros, zeros, [torch.zeros(4, dtype=torch.bool)], 0.5))
+    assert torch.equal(torch.autograd.grad(out.sum(), x)[0], torch.zeros_like(x))
