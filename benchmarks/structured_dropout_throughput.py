@@ -1,10 +1,10 @@
-"""Training throughput of structured dropout (issue 26) against standard dropout on the PTB medium-cpu model.
+"""Training throughput of structured dropout (issue 26) against standard dropout on a PTB model (medium-cpu).
 
     LEANLSTM_DATA=../shared/data python benchmarks/structured_dropout_throughput.py \
         --out results/structured-dropout-throughput.json --threads 2 1 --steps-per-mask 1 5
 
-The model is ``medium-cpu``'s (2x650, dropout 0.5, batch 20, bptt 35) on real PTB training windows: forward,
-summed loss, backward, clipping, SGD step, as the Trainer does. ``standard`` runs PyTorch's fused LSTM kernel
+The model is ``--preset``'s (``medium-cpu``: 2x650, dropout 0.5, batch 20, bptt 35; ``large``: 2x1500, dropout
+0.65) on real PTB training windows: forward, summed loss, backward, clipping, SGD step, as the Trainer does. ``standard`` runs PyTorch's fused LSTM kernel
 with per-sequence dropout; ``structured`` (``--steps-per-mask 1``: a new mask every step, the paper's method)
 computes every dropped-input product on the kept columns only; ``structured/gN`` shares a mask over N
 consecutive steps (one gather for N * 20 rows); ``structured-window`` draws one mask for the whole window and runs
@@ -34,8 +34,8 @@ from leanlstm.tasks.lm import WordLM  # noqa: E402
 from leanlstm.tasks.ptb import PRESETS, batchify, load_ptb  # noqa: E402
 
 
-def models(steps_per_mask: list[int]) -> dict[str, WordLM]:
-    base = PRESETS["medium-cpu"].model
+def models(preset: str, steps_per_mask: list[int]) -> dict[str, WordLM]:
+    base = PRESETS[preset].model
     out = {"standard": base}
     for group in steps_per_mask:
         out["structured" if group == 1 else f"structured/g{group}"] = replace(
@@ -49,13 +49,13 @@ def models(steps_per_mask: list[int]) -> dict[str, WordLM]:
 
 
 def window_seconds(model: WordLM, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
-                   precision: str) -> float:
+                   precision: str, clip: float) -> float:
     started = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
         _, loss, _ = model(inputs, None, targets)
     optimizer.zero_grad(set_to_none=True)
     (loss * inputs.shape[0]).backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25 * 35)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     optimizer.step()
     return time.perf_counter() - started
 
@@ -78,35 +78,39 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
-def time_products(repeats: int) -> dict:
-    """Dense masked against compacted, forward + backward, at both shapes; interleaved, medians in ms."""
-    products = {}
-    for out_features in (2600, 10000):
+def time_products(preset: str, repeats: int) -> dict:
+    """Dense masked against compacted, forward + backward, at the model's two shapes (a layer's input product, the
+    decoder); interleaved, medians in ms."""
+    model, train = PRESETS[preset].model, PRESETS[preset].train
+    n, products = model.hidden_sizes[0], {}
+    for out_features in (4 * n, model.vocab_size):
         samples = {"dense_masked": [], "compacted": []}
         for repeat in range(repeats + 2):
             for name in (samples if repeat % 2 else list(samples)[::-1]):
-                seconds = product_seconds(out_features, name == "compacted")
+                seconds = product_seconds(out_features, name == "compacted", model.dropout, train.bptt,
+                                          train.batch_size, n)
                 if repeat >= 2:
                     samples[name].append(seconds)
         medians = {name: statistics.median(v) * 1e3 for name, v in samples.items()}
-        products[f"650->{out_features}"] = {"median_ms": medians,
+        products[f"{n}->{out_features}"] = {"median_ms": medians,
                                             "compacted_vs_dense": medians["dense_masked"] / medians["compacted"]}
-        print(f"  product 650->{out_features} fwd+bwd: dense masked {medians['dense_masked']:.1f} ms, compacted "
+        print(f"  product {n}->{out_features} fwd+bwd: dense masked {medians['dense_masked']:.1f} ms, compacted "
               f"{medians['compacted']:.1f} ms", flush=True)
     return products
 
 
 def time_training(columns: torch.Tensor, args: argparse.Namespace) -> tuple[dict, dict, list[float]]:
     """Training windows of every configuration, interleaved window by window (order alternating)."""
-    bptt = 35
-    nets = models(args.steps_per_mask)
-    optimizers = {name: torch.optim.SGD(m.parameters(), lr=20 / 35) for name, m in nets.items()}
+    train = PRESETS[args.preset].train
+    bptt = train.bptt
+    nets = models(args.preset, args.steps_per_mask)
+    optimizers = {name: torch.optim.SGD(m.parameters(), lr=train.lr) for name, m in nets.items()}
     samples, loads = {name: [] for name in nets}, []
     for index in range(args.warmup + args.windows):
         start = (index * bptt) % (columns.shape[0] - bptt - 1)
         inputs, targets = columns[start:start + bptt], columns[start + 1:start + 1 + bptt]
         for name in (list(nets) if index % 2 == 0 else list(nets)[::-1]):
-            seconds = window_seconds(nets[name], optimizers[name], inputs, targets, args.precision)
+            seconds = window_seconds(nets[name], optimizers[name], inputs, targets, args.precision, train.clip)
             if index >= args.warmup:
                 samples[name].append(seconds)
         loads.append(load())
@@ -123,6 +127,7 @@ def time_training(columns: torch.Tensor, args: argparse.Namespace) -> tuple[dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--preset", choices=["medium-cpu", "large"], default="medium-cpu")
     parser.add_argument("--threads", type=int, nargs="+", default=[2], help="torch threads; one run per value")
     parser.add_argument("--windows", type=int, default=30, help="timed windows per configuration")
     parser.add_argument("--warmup", type=int, default=3)
@@ -131,20 +136,22 @@ def main() -> None:
     parser.add_argument("--product-repeats", type=int, default=15, help="0: time training windows only")
     parser.add_argument("--data-dir")
     args = parser.parse_args()
-    columns = batchify(load_ptb(args.data_dir).train, 20)
+    model, train = PRESETS[args.preset].model, PRESETS[args.preset].train
+    columns = batchify(load_ptb(args.data_dir).train, PRESETS[args.preset].train.batch_size)
     runs = {}
     for threads in args.threads:
         torch.set_num_threads(threads)
         print(f"{threads} thread(s), load average {os.getloadavg()[0]:.2f}", flush=True)
         before = os.getloadavg()
-        products = time_products(args.product_repeats) if args.product_repeats else {}
+        products = time_products(args.preset, args.product_repeats) if args.product_repeats else {}
         rows, samples, loads = time_training(columns, args)
         runs[str(threads)] = {"load_average_before": list(before), "load_average_after": list(os.getloadavg()),
                               "load_average_1min_during": {"median": statistics.median(loads), "min": min(loads),
                                                            "max": max(loads)},
                               "products_fwd_bwd": products, "training": rows, "samples_s": samples}
     result = {"command": command_line(), "machine": machine(), "precision": args.precision,
-              "model": "ptb medium-cpu: 2x650, dropout 0.5, batch 20, bptt 35, SGD + clipping",
+              "model": f"ptb {args.preset}: {model.hidden_sizes}, dropout {model.dropout}, batch {train.batch_size}, "
+                       f"bptt {train.bptt}, SGD + clipping",
               "windows": args.windows, "warmup": args.warmup, "runs_by_threads": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
