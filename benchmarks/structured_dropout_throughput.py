@@ -3,8 +3,10 @@
     LEANLSTM_DATA=../shared/data python benchmarks/structured_dropout_throughput.py \
         --out results/structured-dropout-throughput.json --threads 2 1 --steps-per-mask 1 5
 
-The model is ``--preset``'s (``medium-cpu``: 2x650, dropout 0.5, batch 20, bptt 35; ``large``: 2x1500, dropout
-0.65) on real PTB training windows: forward, summed loss, backward, clipping, SGD step, as the Trainer does. ``standard`` runs PyTorch's fused LSTM kernel
+The model is ``--task``'s ``--preset``'s (PTB ``medium-cpu``: 2x650, dropout 0.5, batch 20, bptt 35; ``large``:
+2x1500, dropout 0.65; digits ``digits-medium``: 2x256, dropout 0.1 between the layers and before the head, batches
+of 32 utterances) on the task's real training batches: forward, the task's objective, backward, clipping, the
+preset's optimizer step, as the Trainer does. ``standard`` runs PyTorch's fused LSTM kernel
 with per-sequence dropout; ``structured`` (``--steps-per-mask 1``: a new mask every step, the paper's method)
 computes every dropped-input product on the kept columns only; ``structured/gN`` shares a mask over N
 consecutive steps (one gather for N * 20 rows); ``structured-window`` draws one mask for the whole window and runs
@@ -30,12 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from record_run import command_line, machine  # noqa: E402
 
 from leanlstm.nn.structured_dropout import draw_masks, structured_linear  # noqa: E402
-from leanlstm.tasks.lm import WordLM  # noqa: E402
-from leanlstm.tasks.ptb import PRESETS, batchify, load_ptb  # noqa: E402
+from leanlstm.tasks import get_task  # noqa: E402
+from leanlstm.tasks.base import DataConfig  # noqa: E402
+from leanlstm.tasks.ptb import PRESETS  # noqa: E402
+from leanlstm.train import OPTIMIZERS  # noqa: E402
 
 
-def models(preset: str, steps_per_mask: list[int]) -> dict[str, WordLM]:
-    base = PRESETS[preset].model
+def models(task, preset: str, steps_per_mask: list[int]) -> dict[str, torch.nn.Module]:
+    base = task.preset(preset).model
     out = {"standard": base}
     for group in steps_per_mask:
         out["structured" if group == 1 else f"structured/g{group}"] = replace(
@@ -44,17 +48,20 @@ def models(preset: str, steps_per_mask: list[int]) -> dict[str, WordLM]:
     result = {}
     for name, config in out.items():
         torch.manual_seed(0)
-        result[name] = WordLM(config).train()
+        result[name] = type(task).build_model(config).train()
+        if hasattr(task, "fit_normalisation"):
+            task.fit_normalisation(result[name])
     return result
 
 
-def window_seconds(model: WordLM, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
-                   precision: str, clip: float) -> float:
+def window_seconds(task, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, precision: str,
+                   clip: float) -> float:
+    """One training step as the Trainer takes it (the task's objective, e.g. the summed loss of a PTB window)."""
     started = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
-        _, loss, _ = model(inputs, None, targets)
+        objective, _, _ = task.training_loss(model, batch, None)
     optimizer.zero_grad(set_to_none=True)
-    (loss * inputs.shape[0]).backward()
+    objective.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     optimizer.step()
     return time.perf_counter() - started
@@ -99,18 +106,17 @@ def time_products(preset: str, repeats: int) -> dict:
     return products
 
 
-def time_training(columns: torch.Tensor, args: argparse.Namespace) -> tuple[dict, dict, list[float]]:
-    """Training windows of every configuration, interleaved window by window (order alternating)."""
-    train = PRESETS[args.preset].train
-    bptt = train.bptt
-    nets = models(args.preset, args.steps_per_mask)
-    optimizers = {name: torch.optim.SGD(m.parameters(), lr=train.lr) for name, m in nets.items()}
+def time_training(task, args: argparse.Namespace) -> tuple[dict, dict, list[float]]:
+    """Training windows (batches) of every configuration, interleaved window by window (order alternating)."""
+    train = task.preset(args.preset).train
+    nets = models(task, args.preset, args.steps_per_mask)
+    optimizers = {name: OPTIMIZERS[train.optimizer](m.parameters(), lr=train.lr) for name, m in nets.items()}
     samples, loads = {name: [] for name in nets}, []
+    batches = iter(task.train_batches(1))
     for index in range(args.warmup + args.windows):
-        start = (index * bptt) % (columns.shape[0] - bptt - 1)
-        inputs, targets = columns[start:start + bptt], columns[start + 1:start + 1 + bptt]
+        batch = next(batches)
         for name in (list(nets) if index % 2 == 0 else list(nets)[::-1]):
-            seconds = window_seconds(nets[name], optimizers[name], inputs, targets, args.precision, train.clip)
+            seconds = window_seconds(task, nets[name], optimizers[name], batch, args.precision, train.clip)
             if index >= args.warmup:
                 samples[name].append(seconds)
         loads.append(load())
@@ -118,16 +124,17 @@ def time_training(columns: torch.Tensor, args: argparse.Namespace) -> tuple[dict
     for name, values in samples.items():
         median = statistics.median(values)
         rows[name] = {"windows_per_s": 1 / median, "median_s": median, "min_s": min(values), "max_s": max(values),
-                      "tokens_per_s": bptt * columns.shape[1] / median, "speedup_vs_standard": base / median}
-        print(f"  {name:16s} {1 / median:6.2f} windows/s ({bptt * columns.shape[1] / median:7.0f} tok/s), "
-              f"x{base / median:.3f} of standard", flush=True)
+                      "speedup_vs_standard": base / median}
+        print(f"  {name:17s} {1 / median:6.2f} windows/s, x{base / median:.3f} of standard", flush=True)
     return rows, samples, loads
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--preset", choices=["medium-cpu", "large"], default="medium-cpu")
+    parser.add_argument("--task", choices=["ptb", "digits"], default="ptb")
+    parser.add_argument("--preset", default="medium-cpu", help="a preset of --task (ptb: medium-cpu, large; "
+                        "digits: digits-medium)")
     parser.add_argument("--threads", type=int, nargs="+", default=[2], help="torch threads; one run per value")
     parser.add_argument("--windows", type=int, default=30, help="timed windows per configuration")
     parser.add_argument("--warmup", type=int, default=3)
@@ -136,22 +143,23 @@ def main() -> None:
     parser.add_argument("--product-repeats", type=int, default=15, help="0: time training windows only")
     parser.add_argument("--data-dir")
     args = parser.parse_args()
-    model, train = PRESETS[args.preset].model, PRESETS[args.preset].train
-    columns = batchify(load_ptb(args.data_dir).train, PRESETS[args.preset].train.batch_size)
+    task_type = get_task(args.task)
+    model, train = task_type.preset(args.preset).model, task_type.preset(args.preset).train
+    task = task_type.load(DataConfig(args.data_dir), train)
     runs = {}
     for threads in args.threads:
         torch.set_num_threads(threads)
         print(f"{threads} thread(s), load average {os.getloadavg()[0]:.2f}", flush=True)
         before = os.getloadavg()
-        products = time_products(args.preset, args.product_repeats) if args.product_repeats else {}
-        rows, samples, loads = time_training(columns, args)
+        products = time_products(args.preset, args.product_repeats) if args.product_repeats and args.task == "ptb" else {}
+        rows, samples, loads = time_training(task, args)
         runs[str(threads)] = {"load_average_before": list(before), "load_average_after": list(os.getloadavg()),
                               "load_average_1min_during": {"median": statistics.median(loads), "min": min(loads),
                                                            "max": max(loads)},
                               "products_fwd_bwd": products, "training": rows, "samples_s": samples}
     result = {"command": command_line(), "machine": machine(), "precision": args.precision,
-              "model": f"ptb {args.preset}: {model.hidden_sizes}, dropout {model.dropout}, batch {train.batch_size}, "
-                       f"bptt {train.bptt}, SGD + clipping",
+              "model": f"{args.task} {args.preset}: {model.hidden_sizes}, dropout {model.dropout}, batch "
+                       f"{train.batch_size}, {train.optimizer} + clipping",
               "windows": args.windows, "warmup": args.warmup, "runs_by_threads": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -55,7 +55,7 @@ DENSE_WEIGHT_GRAD_ROWS = 256
 # batch, and one mask per training window shared by the batch (``steps_per_mask >= T``; PyTorch's fused kernel).
 DROPOUT_MODES = ("standard", "structured", "structured-window")
 
-__all__ = ["DROPOUT_MODES", "draw_masks", "structured_linear", "lstm_with_input_gates", "structured_lstm"]
+__all__ = ["DROPOUT_MODES", "structured_forward", "draw_masks", "structured_linear", "lstm_with_input_gates", "structured_lstm"]
 
 
 def draw_masks(steps: int, features: int, p: float, steps_per_mask: int = 1,
@@ -232,17 +232,24 @@ def check_structured(lstm) -> None:
 
 
 def structured_lstm(lstm, x: torch.Tensor, h0: list[torch.Tensor], c0: list[torch.Tensor], p: float,
-                    steps_per_mask: int = 1) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+                    steps_per_mask: int = 1, drop_input: bool = True
+                    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Run a ``leanlstm.LSTM`` stack of unidirectional LSTM cells (no projection) with structured dropout on every
-    layer's input (layer 0: the embedding output; the others: between layers), compacted in each ``W_ih``
-    product. x (T, B, in); h0, c0: per-layer (1, B, H) -> output (T, B, H_last), per-layer h_n, c_n (1, B, H).
-    Weight forms enter through ``training_weight()``, as in the fused path.
+    layer's input (layer 0: the model's input, e.g. the embedding output, unless ``drop_input`` is False; the
+    others: between layers), compacted in each ``W_ih`` product. x (T, B, in); h0, c0: per-layer (1, B, H) ->
+    output (T, B, H_last), per-layer h_n, c_n (1, B, H). Weight forms enter through ``training_weight()``, as in
+    the fused path.
     """
     check_structured(lstm)
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     h_n, c_n = [], []
-    for layer, h, c in zip(lstm.layers, h0, c0):
+    for index, (layer, h, c) in enumerate(zip(lstm.layers, h0, c0)):
+        if index == 0 and not drop_input:       # no dropout site before the first layer: its plain fused kernel
+            x, h, c = layer(x, h, c)
+            h_n.append(h)
+            c_n.append(c)
+            continue
         masks = draw_masks(x.shape[0], x.shape[-1], p, steps_per_mask)
         if masks.shape[0] == 1:     # one mask for the whole window: PyTorch's fused kernel on the kept inputs
             x, h, c = _window_layer(layer, x, h, c, masks[0], p)
@@ -274,3 +281,29 @@ def _window_layer(layer: LSTMLayer, x: torch.Tensor, h0: torch.Tensor, c0: torch
     else:       # every unit dropped: the gates see only the biases (the kernel refuses a zero-width input)
         weights[0], inputs = weights[0][:, :1] * 0, x[..., :1] * 0      # zero gradients, still in the graph
     return _VF.lstm(inputs, (h0, c0), weights, layer.bias, 1, 0.0, True, False, False)
+
+
+def structured_forward(lstm, head: torch.nn.Module, x: torch.Tensor, h0: list[torch.Tensor],
+                       c0: list[torch.Tensor], p: float, mode: str = "structured", steps_per_mask: int = 1,
+                       drop_input: bool = True) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """The training forward of a recurrent model with structured dropout: the stack (``structured_lstm``), then
+    the linear ``head`` (an ``nn.Linear`` or ``FormLinear``: its ``weight`` and ``bias``) on the masked last
+    output, compacted. ``mode`` ``structured`` draws a mask every ``steps_per_mask`` steps, ``structured-window``
+    one for the window. -> logits (T, B, out), per-layer h_n, c_n (1, B, H).
+
+    >>> from leanlstm.nn import LSTM
+    >>> logits, h, c = structured_forward(LSTM(4, [3]), torch.nn.Linear(3, 5), torch.zeros(6, 2, 4),
+    ...                                   [torch.zeros(1, 2, 3)], [torch.zeros(1, 2, 3)], 0.5, "structured-window")
+    >>> tuple(logits.shape), tuple(h[0].shape)
+    ((6, 2, 5), (1, 2, 3))
+    """
+    if mode not in DROPOUT_MODES[1:]:
+        raise ValueError(f"structured_forward needs one of {', '.join(DROPOUT_MODES[1:])}, got {mode!r}")
+    if mode == "structured-window":
+        steps_per_mask = x.shape[0]
+    output, h_n, c_n = structured_lstm(lstm, x, h0, c0, p, steps_per_mask, drop_input)      # (T, B, H)
+    masks = draw_masks(output.shape[0], output.shape[-1], p, steps_per_mask)
+    logits = structured_linear(output, head.weight, masks, p, steps_per_mask)                # (T, B, out)
+    if head.bias is not None:
+        logits = logits + head.bias.to(logits.dtype)
+    return logits, h_n, c_n

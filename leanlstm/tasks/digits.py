@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import LSTM
+from ..nn.structured_dropout import DROPOUT_MODES, check_structured, structured_forward
 from ..train import Range, TrainConfig, model_device, to_device
 from . import ctc, fsdd
 from .base import DataConfig, Preset, Task, TaskError, register_task
@@ -48,6 +49,8 @@ class DigitsConfig:
     cell: str = "lstm"                                     # recurrent cell of every layer (leanlstm.nn.CELLS)
     cell_options: dict[str, Any] = field(default_factory=dict)   # its options, e.g. {"gate_hidden": 64} (hlstm)
     dropout: float = 0.0                                   # between LSTM layers and before the head
+    dropout_mode: str = "standard"                         # or structured dropout (nn.structured_dropout)
+    dropout_steps_per_mask: int = 1                        # structured: consecutive steps sharing one mask
     num_classes: int = ctc.NUM_SYMBOLS                     # CTC blank + 10 digits
     features: FeatureConfig = field(default_factory=FeatureConfig)   # how audio becomes the model's input
     mean: list[float] | None = None                        # per-band input normalisation (None: not fitted yet)
@@ -58,6 +61,10 @@ class DigitsConfig:
             self.features = FeatureConfig(**self.features)
         if self.stack < 1:
             raise ValueError(f"stack must be a positive number of frames, got {self.stack}")
+        if self.dropout_mode not in DROPOUT_MODES:
+            raise ValueError(f"dropout_mode must be one of {', '.join(DROPOUT_MODES)}, got {self.dropout_mode!r}")
+        if self.dropout_steps_per_mask < 1:
+            raise ValueError(f"dropout_steps_per_mask must be at least 1, got {self.dropout_steps_per_mask}")
         if self.skip_steps < 0:
             raise ValueError(f"skip_steps must be 0 or more, got {self.skip_steps}")
         if (self.mean is None) != (self.std is None):
@@ -98,10 +105,28 @@ class DigitsCTC(nn.Module):
                          cell_options=config.cell_options)
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(self.lstm.output_size, config.num_classes)
+        if config.dropout_mode != "standard":
+            check_structured(self.lstm)
 
     def forward(self, inputs: torch.Tensor, state=None):
-        output, state = self.lstm((inputs - self.mean) / self.std, state)     # (S, B, H)
+        x = (inputs - self.mean) / self.std
+        if self.training and self.config.dropout > 0 and self.config.dropout_mode != "standard":
+            return self._forward_structured(x, state)
+        output, state = self.lstm(x, state)                                   # (S, B, H)
         return self.head(self.dropout(output)), state                         # (S, B, C)
+
+    def _forward_structured(self, x: torch.Tensor, state):
+        """Training forward with structured dropout at the model's sites: between layers (compacted in each
+        ``W_ih`` product) and before the head (compacted in the head's); none before the first layer."""
+        if state is None:
+            h = [x.new_zeros(1, x.shape[1], layer.hidden_size) for layer in self.lstm.layers]
+            c = [t.clone() for t in h]
+        else:
+            h, c = (list(t.split(1)) if torch.is_tensor(t) else list(t) for t in state)
+        logits, h, c = structured_forward(self.lstm, self.head, x, h, c, self.config.dropout,
+                                          self.config.dropout_mode, self.config.dropout_steps_per_mask,
+                                          drop_input=False)
+        return logits, ((torch.cat(h), torch.cat(c)) if self.lstm.uniform_sizes else (h, c))
 
     def inputs(self, features: torch.Tensor) -> torch.Tensor:
         """Model inputs ``(T // stack, B, stack * F)`` of log-mel frames ``(T, B, F)``."""
@@ -136,6 +161,13 @@ class DigitsCTC(nn.Module):
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         self.config = replace(self.config, dropout=dropout)
         self.dropout.p = self.lstm.dropout = dropout
+
+    def set_dropout_mode(self, mode: str) -> None:
+        """A dropout mode (``DigitsConfig.dropout_mode``) from now on; kept in checkpoints."""
+        config = replace(self.config, dropout_mode=mode)         # __post_init__ checks the name
+        if mode != "standard":
+            check_structured(self.lstm)
+        self.config = config
 
 
 def stack_frames(x, stack: int):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..nn import LSTM, FormLinear
-from ..nn.structured_dropout import DROPOUT_MODES, check_structured, draw_masks, structured_linear, structured_lstm
+from ..nn.structured_dropout import DROPOUT_MODES, check_structured, structured_forward
 
 
 
@@ -88,14 +88,10 @@ class WordLM(nn.Module):
     def _forward_structured(self, tokens: torch.Tensor, state):
         """Training forward with structured dropout (``leanlstm.nn.structured_dropout``): the embedding-output and
         between-layer sites are compacted in each layer's input product, the last one in the decoder's."""
-        p, group = self.config.dropout, self.config.dropout_steps_per_mask
-        if self.config.dropout_mode == "structured-window":
-            group = tokens.shape[0]
         h, c = _per_layer(state)
-        output, h, c = structured_lstm(self.lstm, self.embedding(tokens), h, c, p, group)   # (T, B, H)
-        masks = draw_masks(output.shape[0], output.shape[-1], p, group)
-        logits = structured_linear(output, self.decoder.weight, masks, p, group)         # (T, B, V)
-        return logits + self.decoder.bias.to(logits.dtype), (h, c)
+        logits, h, c = structured_forward(self.lstm, self.decoder, self.embedding(tokens), h, c, self.config.dropout,
+                                          self.config.dropout_mode, self.config.dropout_steps_per_mask)
+        return logits, (h, c)
 
     def set_dropout(self, dropout: float) -> None:
         """Change the dropout rate everywhere it applies (e.g. a lower rate while a method shrinks the model,

@@ -156,7 +156,7 @@ def test_the_window_mode_drops_the_same_units_at_every_step_of_a_window(monkeypa
     monkeypatch.setattr(sd, "draw_masks", lambda *args, **kwargs: seen.append(args) or draw_masks(*args, **kwargs))
     _, model = _models("structured-window")
     model(torch.randint(0, 50, (9, 4)), None)
-    assert [(steps, group) for steps, _, _, group in seen] == [(9, 9)] * 2       # one mask per layer, whole window
+    assert [(steps, group) for steps, _, _, group in seen] == [(9, 9)] * 3       # one mask per site, whole window
 
 
 def test_a_run_names_the_modes_when_given_an_unknown_one():

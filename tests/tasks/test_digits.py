@@ -208,3 +208,35 @@ def test_transcribe_command(tiny_run, recordings_folder, tmp_path):
     assert result.exit_code == 1
     assert "not a PCM WAV file" in result.output and f"{wav}:" in result.output
     assert "1 of 2 files could not be read" in result.output
+
+
+@pytest.mark.parametrize("mode", ["structured", "structured-window"])
+def test_structured_dropout_masks_between_layers_and_before_the_head_only(mode, monkeypatch):
+    import leanlstm.nn.structured_dropout as sd
+    config = D.DigitsConfig(hidden_sizes=[12, 12], dropout=0.5, features=D.FeatureConfig(n_mels=8))
+    torch.manual_seed(0)
+    standard = D.DigitsCTC(config)
+    torch.manual_seed(0)
+    model = D.DigitsCTC(D.DigitsConfig(**{**config.__dict__, "dropout_mode": mode}))
+    inputs = torch.randn(9, 3, 24)
+    drawn, draw = [], sd.draw_masks
+    monkeypatch.setattr(sd, "draw_masks", lambda *args: drawn.append(args) or draw(*args))
+    logits, (h, c) = model(inputs)
+    assert [args[1] for args in drawn] == [12, 12]                 # layer 1's input and the head's: not the features
+    assert [args[3] for args in drawn] == ([9, 9] if mode == "structured-window" else [1, 1])
+    assert logits.shape == (9, 3, 11) and h.shape == c.shape == (2, 3, 12)
+    logits.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.lstm.parameters())
+    model.eval(), standard.eval()
+    torch.testing.assert_close(model(inputs)[0], standard(inputs)[0])   # evaluation: no dropout, same function
+    with pytest.raises(ValueError, match="dropout_mode must be one of"):
+        D.DigitsConfig(dropout_mode="blocky")
+
+
+def test_a_digits_run_trains_with_structured_window_dropout(tmp_path, fsdd_cache, monkeypatch):
+    monkeypatch.setenv("LEANLSTM_CACHE", str(fsdd_cache))
+    run = RunConfig(task="digits", preset="tiny", data_dir=str(shared_archive().parents[1]), max_tokens=24,
+                    dropout=0.3, dropout_mode="structured-window")
+    metrics = train_run(run, tmp_path / "run", progress=False)
+    assert 0 <= metrics["test_wer"] and np.isfinite(metrics["history"][-1]["train_loss"])
+    assert load_run(tmp_path / "run")[1].config.dropout_mode == "structured-window"
