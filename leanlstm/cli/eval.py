@@ -33,4 +33,9 @@ def command(run_dir, splits, data_dir, as_json, task_name):
 
 
 def _number(key: str, value: float) -> str:
-    return f"{key} {value:.4f}" if key == "loss" else f"{key} {value:.2f}"
+    """Counts as integers, rates below 1 (a WER of 0.0053) to four significant digits, the rest to two decimals."""
+    if isinstance(value, int):
+        return f"{key} {value}"
+    if key == "loss":
+        return f"{key} {value:.4f}"
+    return f"{key} {value:.4g}" if abs(value) < 1 else f"{key} {value:.2f}"

@@ -131,10 +131,12 @@ class GreedyStream:
 # --- error rates ---------------------------------------------------------------------------------------------------
 def error_rates(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
     """Word error rate (jiwer: substitutions, deletions and insertions over reference words) and sentence
-    error rate (share of transcripts not exactly right) of transcripts such as ``"3 1 4"``.
+    error rate (share of transcripts not exactly right) of transcripts such as ``"3 1 4"``, with the counts behind
+    the WER (``word_errors`` of ``words``): on a test set of a few thousand words, two models 0.05% apart differ by
+    about two errors, which the counts make plain.
 
     >>> error_rates(["1 2 3", "4 5"], ["1 3", "4 5"])
-    {'wer': 0.2, 'ser': 0.5}
+    {'wer': 0.2, 'ser': 0.5, 'word_errors': 1, 'words': 5}
     """
     import jiwer  # imported here: only evaluation needs it
 
@@ -144,6 +146,8 @@ def error_rates(references: Sequence[str], hypotheses: Sequence[str]) -> dict[st
         raise ValueError("no transcripts to score")
     if any(not ref.split() for ref in references):
         raise ValueError("every reference needs at least one word (WER divides by their count)")
-    wer = jiwer.wer(list(references), list(hypotheses))
+    words = jiwer.process_words(list(references), list(hypotheses))
+    errors = words.substitutions + words.deletions + words.insertions
+    total = sum(len(ref.split()) for ref in references)
     ser = sum(ref.split() != hyp.split() for ref, hyp in zip(references, hypotheses)) / len(references)
-    return {"wer": float(wer), "ser": float(ser)}
+    return {"wer": errors / total, "ser": float(ser), "word_errors": int(errors), "words": total}

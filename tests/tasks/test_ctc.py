@@ -84,7 +84,8 @@ def test_error_rates_against_jiwer():
     assert rates["wer"] == pytest.approx(4 / 10)
     assert rates["wer"] == pytest.approx(jiwer.wer(references, hypotheses))
     assert rates["ser"] == pytest.approx(3 / 4)
-    assert ctc.error_rates(["1 2"], ["1 2"]) == {"wer": 0.0, "ser": 0.0}
+    assert (rates["word_errors"], rates["words"]) == (4, 10)
+    assert ctc.error_rates(["1 2"], ["1 2"]) == {"wer": 0.0, "ser": 0.0, "word_errors": 0, "words": 2}
     assert ctc.error_rates(["1 2"], ["3 4 5"])["wer"] == pytest.approx(1.5)   # insertions can pass 100%
     with pytest.raises(ValueError, match="at least one word"):
         ctc.error_rates([""], ["1"])

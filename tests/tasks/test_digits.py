@@ -115,7 +115,8 @@ def test_tiny_training_lowers_the_loss(task):
 def test_evaluate_reports_error_rates(task):
     model = D.DigitsTask.build_model(D.DigitsConfig(hidden_sizes=[8]))
     result = task.evaluate(model, "heldout")
-    assert set(result) == {"loss", "wer", "ser"} and result["ser"] == 1.0   # untrained: every transcript wrong
+    assert set(result) == {"loss", "wer", "ser", "word_errors", "words"} and result["ser"] == 1.0   # all wrong
+    assert result["wer"] == result["word_errors"] / result["words"]
     features, digits = task.eval_set("test")
     assert len(features) == len(digits) == 24 and all(1 <= len(d) <= 7 for d in digits)
     with pytest.raises(TaskError, match="no split 'dev'"):
@@ -240,3 +241,9 @@ def test_a_digits_run_trains_with_structured_window_dropout(tmp_path, fsdd_cache
     metrics = train_run(run, tmp_path / "run", progress=False)
     assert 0 <= metrics["test_wer"] and np.isfinite(metrics["history"][-1]["train_loss"])
     assert load_run(tmp_path / "run")[1].config.dropout_mode == "structured-window"
+
+
+def test_eval_prints_counts_as_integers_and_small_rates_to_four_digits():
+    from leanlstm.cli.eval import _number
+    assert [_number("word_errors", 22), _number("wer", 0.0053372), _number("ppl", 86.6046), _number("loss", 0.126)] \
+        == ["word_errors 22", "wer 0.005337", "ppl 86.60", "loss 0.1260"]
