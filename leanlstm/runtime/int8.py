@@ -1,11 +1,12 @@
 """int8 weights in the batch-1 engine: ``compile(model, precision="int8")``.
 
-Every matrix whose form has an int8 op (``precision.register_op("int8", ...)``: dense, low-rank, sparse, AntMan's
-group forms, and a doped matrix's parts that have one) is stored as int8 with one float32 scale per output row
-(symmetric, ``scale = max |row| / 127``); the vector it multiplies is quantised at every call, per call and
-symmetric, to unsigned bytes around the zero point 128. The product then runs on AVX-512 VNNI: one ``vpdpbusd``
-multiplies 64 byte pairs and adds them, in groups of four, into 16 int32 lanes: 4x the multiply-adds of a float32 FMA
-instruction, from a quarter of the bytes. The cell state, gates and nonlinearities stay float32.
+Every matrix whose form has an int8 op (``precision.register_op("int8", ...)``: dense, low-rank, sparse, block-
+sparse, Kronecker (``int8_kron``), AntMan's group forms, and a doped matrix's parts that have one) is stored as int8
+with one float32 scale per output row (symmetric, ``scale = max |row| / 127``); the vector it multiplies is
+quantised at every call, per call and symmetric, to unsigned bytes around the zero point 128. The product then runs
+on AVX-512 VNNI: one ``vpdpbusd`` multiplies 64 byte pairs and adds them, in groups of four, into 16 int32 lanes: 4x
+the multiply-adds of a float32 FMA instruction, from a quarter of the bytes. The cell state, gates and
+nonlinearities stay float32.
 
 Layout: the int8 matrix is cut into panels of 64 output rows; inside a panel, for every group of four inputs, the
 64 rows' four bytes follow each other (256 bytes: four 64-byte vectors), so the kernel streams memory in order and
@@ -551,3 +552,4 @@ def _lowrank(form: LowRank) -> RuntimeOp:
 __all__ = ["VNNI", "affine", "int8_dense_op", "int8_gemm", "int8_gemv", "int8_lowrank_op", "pack_int8", "quantise_rows"]
 
 from . import blocksparse_ops  # noqa: E402,F401  (registers BlockSparse's int8 op, which needs the kernels above)
+from . import int8_kron  # noqa: E402,F401  (registers Kronecker's int8 op, built on the kernels above)

@@ -111,11 +111,58 @@ def test_low_rank_runs_in_int8_and_forms_without_an_int8_op_keep_float32(caplog)
     full, _ = compile_engine(lstm).run(xs)
     quantised, _ = compile_engine(lstm, precision="int8", choose="always").run(xs)
     assert 0 < np.abs(quantised - full).max() < 0.02 * np.abs(full).max()
-    kron = leanlstm.LSTM(16, [32, 32]).replace_forms("kronecker", speed_check=False).eval()
+    circulant = leanlstm.LSTM(16, [32, 32]).replace_forms("circulant", block_size=8, speed_check=False).eval()
     with caplog.at_level(logging.INFO, logger="leanlstm.runtime.cells"):
-        kept, _ = compile_engine(kron, precision="int8").run(xs)
-    np.testing.assert_array_equal(kept, compile_engine(kron).run(xs)[0])
+        kept, _ = compile_engine(circulant, precision="int8").run(xs)
+    np.testing.assert_array_equal(kept, compile_engine(circulant).run(xs)[0])
     assert "has no int8 op; it runs in float32" in caplog.text
+
+
+def _quantised_product(weight: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """Rows of ``xs`` times ``weight.T`` in the int8 arithmetic, each row quantised on its own (float64)."""
+    return np.stack([_reference(weight, x) if np.abs(x).max() > 0 else np.zeros(len(weight)) for x in xs])
+
+
+@pytest.mark.parametrize("shapes", [((275, 29), (3, 7), 650, 200), ((6, 5), (134, 40), 800, 200),
+                                    ((13, 11), (9, 7), 117, 77), ((5, 4), (6, 3), 28, 11)])
+def test_kronecker_factors_run_in_int8_as_two_quantised_products(shapes):
+    from leanlstm.runtime.int8_kron import int8_kron_op
+    from leanlstm.runtime.kernels import grid_index, kron_plan
+
+    (a_shape, b_shape, rows, cols) = shapes
+    rng = np.random.default_rng(rows)
+    a, b = rng.normal(size=a_shape).astype(np.float32), rng.normal(size=b_shape).astype(np.float32)
+    x = rng.normal(size=cols).astype(np.float32)
+    op = int8_kron_op(a, b, rows, cols)
+    out = np.zeros(rows, np.float32)
+    op.matvec(op.arrays, x, out, False)
+    # the reference: the grid, both stages in the plan's order with every row quantised, then the output map
+    transposed, left_first = kron_plan(*a.shape, *b.shape)
+    left, right = (b, a) if transposed else (a, b)
+    (m1, n1), (m2, n2) = a.shape, b.shape
+    padded = np.zeros(n1 * n2)
+    padded[:cols] = x
+    grid = padded.reshape(n1, n2).T if transposed else padded.reshape(n1, n2)            # X (k x s)
+    if left_first:
+        y = _quantised_product(right, _quantised_product(left, grid.T).T)                 # (L X) R^T
+    else:
+        y = _quantised_product(left, _quantised_product(right, grid).T).T                 # L (X R^T)
+    full = (y.T if transposed else y).ravel()[:rows]
+    np.testing.assert_allclose(out, full, rtol=1e-4, atol=1e-4 * np.abs(full).max())
+    exact = np.kron(a, b)[:rows, :cols].astype(np.float64) @ x
+    assert np.abs(out - exact).max() < 0.03 * np.abs(exact).max()        # two 8-bit stages: about 1%
+    assert grid_index(2, 2, 4).tolist() == [0, 1, 2, 3]
+    assert_strided_outputs_equal(op, rows, x, rng.normal(size=(5, cols)).astype(np.float32))
+
+
+def test_kronecker_and_doped_kronecker_stacks_run_in_int8_close_to_float32():
+    torch.manual_seed(0)
+    kron = leanlstm.LSTM(24, [48, 40]).replace_forms("kronecker", speed_check=False).eval()
+    xs = np.random.default_rng(7).normal(size=(11, 24)).astype(np.float32)
+    _int8_close_to_float32(kron, xs)     # (factors this small store more as int8 panels of 64 rows than as float32)
+    doped = leanlstm.LSTM(24, [48, 40]).replace_forms("doped", structure="kronecker", density=0.1,
+                                                      speed_check=False).eval()
+    _int8_close_to_float32(doped, xs)
 
 
 def test_an_unknown_precision_is_refused():
