@@ -231,11 +231,11 @@ class LSTMLayer(RecurrentLayer):
 
     def flat_weights(self) -> list[torch.Tensor]:
         """In ``torch.nn.LSTM``'s order: w_ih, w_hh, [b_ih, b_hh], [w_hr]."""
-        weights = [self.weight_ih.training_weight(), self.weight_hh.training_weight()]
+        weights = [self.weight_ih.forward_weight(), self.weight_hh.forward_weight()]
         if self.bias_ih is not None:
             weights += [self.bias_ih, self.bias_hh]
         if self.proj_size:
-            weights.append(self.weight_hr.training_weight())
+            weights.append(self.weight_hr.forward_weight())
         return weights
 
     def forward(self, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor

@@ -88,9 +88,9 @@ class HLSTMLayer(RecurrentLayer):
         """x: (T, B, input); h0, c0: (1, B, H) -> output (T, B, H), h_n, c_n (1, B, H)."""
         if self.reverse:
             x = x.flip(0)
-        first_in = self.weight_ih.training_weight()
-        first_h = self.weight_hh.training_weight()
-        second = [self.form(name).training_weight() for name in SECOND]
+        first_in = self.weight_ih.forward_weight()
+        first_h = self.weight_hh.forward_weight()
+        second = [self.form(name).forward_weight() for name in SECOND]
         inputs = x @ first_in.T                                          # (T, B, sum w): all steps at once
         if self.bias_1 is not None:
             inputs = inputs + self.bias_1

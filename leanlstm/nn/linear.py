@@ -64,7 +64,7 @@ class FormLinear(nn.Module):
         return self.form.materialize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.form.training_weight().to(x.dtype), self.bias)
+        return F.linear(x, self.form.forward_weight().to(x.dtype), self.bias)
 
     def to_linear(self) -> nn.Linear:
         """The dense ``nn.Linear`` computing the same function (for peers that run dense models)."""

@@ -120,3 +120,25 @@ def test_gate_rows_select_units_in_all_four_gates():
     assert (i.tolist(), o.tolist()) == ([0, 1], [6, 7])
     with pytest.raises(IndexError):
         gate_rows(3, [3])
+
+
+def test_an_evaluation_builds_the_matrix_once_and_rebuilds_it_when_the_form_changes():
+    form = MaskedSparse.from_dense(torch.randn(6, 5), density=0.5)
+    calls = []
+    build = form.training_weight
+    form.training_weight = lambda: calls.append(1) or build()
+    first = form.forward_weight()                                    # training mode: built at every call
+    form.forward_weight()
+    assert len(calls) == 2 and first.requires_grad
+    form.eval()
+    with torch.no_grad():
+        cached = form.forward_weight()
+        assert form.forward_weight() is cached and len(calls) == 3          # evaluation: built once
+        form.weight.mul_(2)                                          # a parameter changed in place (a step)
+        torch.testing.assert_close(form.forward_weight(), 2 * cached)
+        form.mask[0, 0] = not form.mask[0, 0]                        # a buffer changed
+        torch.testing.assert_close(form.forward_weight(), form.materialize())
+        assert len(calls) == 5
+    assert form.forward_weight().requires_grad and len(calls) == 6   # autograd on: never the cache
+    form.train()
+    assert "_eval_weight" not in form.__dict__                       # leaving evaluation drops it

@@ -65,6 +65,30 @@ class WeightForm(nn.Module):
         stays exact whatever the mode."""
         return self.materialize()
 
+    def forward_weight(self) -> torch.Tensor:
+        """The matrix a PyTorch forward pass multiplies by: ``training_weight()``, except in eval mode without
+        autograd (evaluation, inference in PyTorch), where it is built once and reused until a parameter or buffer
+        of the form changes (in place or replaced) or the mode changes. Rebuilding ``W * mask`` at every call took
+        a third of the PTB evaluation time of a pruned 2x650 model with a pruned decoder.
+
+        >>> form = FORMS["sparse"].from_dense(torch.ones(2, 2), density=0.5).eval()
+        >>> with torch.no_grad():
+        ...     form.forward_weight() is form.forward_weight()
+        True
+        """
+        if self.training or torch.is_grad_enabled():
+            return self.training_weight()
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (*self.parameters(), *self.buffers()))
+        cached = self.__dict__.get("_eval_weight")
+        if cached is None or cached[0] != key:
+            cached = (key, self.training_weight())
+            self.__dict__["_eval_weight"] = cached          # a plain attribute: not a buffer, never saved
+        return cached[1]
+
+    def train(self, mode: bool = True) -> "WeightForm":
+        self.__dict__.pop("_eval_weight", None)               # the cache lives only while evaluating
+        return super().train(mode)
+
     def matvec(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` for ``x`` of shape ``(..., in_features)``, computed through the form's structure."""
         raise NotImplementedError
