@@ -151,7 +151,8 @@ def main() -> None:
         torch.set_num_threads(threads)
         print(f"{threads} thread(s), load average {os.getloadavg()[0]:.2f}", flush=True)
         before = os.getloadavg()
-        products = time_products(args.preset, args.product_repeats) if args.product_repeats and args.task == "ptb" else {}
+        timed = args.product_repeats and args.task == "ptb"        # the products' shapes are PTB's
+        products = time_products(args.preset, args.product_repeats) if timed else {}
         rows, samples, loads = time_training(task, args)
         runs[str(threads)] = {"load_average_before": list(before), "load_average_after": list(os.getloadavg()),
                               "load_average_1min_during": {"median": statistics.median(loads), "min": min(loads),
