@@ -42,6 +42,8 @@ Where this implementation chose (the paper's text beyond its abstract could not 
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import _VF
 
@@ -58,8 +60,8 @@ DENSE_WEIGHT_GRAD_ROWS = 256
 # batch, and one mask per training window shared by the batch (``steps_per_mask >= T``; PyTorch's fused kernel).
 DROPOUT_MODES = ("standard", "structured", "structured-window")
 
-__all__ = ["DROPOUT_MODES", "structured_forward", "draw_masks", "structured_linear", "lstm_with_input_gates",
-           "structured_lstm"]
+__all__ = ["DROPOUT_MODES", "check_dropout_config", "structured_forward", "draw_masks", "structured_linear",
+           "lstm_with_input_gates", "structured_lstm"]
 
 
 def draw_masks(steps: int, features: int, p: float, steps_per_mask: int = 1,
@@ -226,8 +228,24 @@ def lstm_with_input_gates(xg: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, 
     return _Recurrence.apply(xg, h0, c0, w_hh)
 
 
-def check_structured(lstm) -> None:
-    """Refuse a stack that ``structured_lstm`` cannot run, naming what it has."""
+def check_dropout_config(mode: str, steps_per_mask: int = 1) -> None:
+    """A model config's dropout mode and steps per mask, refused with the valid values when wrong.
+
+    >>> check_dropout_config("blocky", 1)
+    Traceback (most recent call last):
+    ValueError: dropout_mode must be one of standard, structured, structured-window, got 'blocky'
+    """
+    if mode not in DROPOUT_MODES:
+        raise ValueError(f"dropout_mode must be one of {', '.join(DROPOUT_MODES)}, got {mode!r}")
+    if steps_per_mask < 1:
+        raise ValueError(f"dropout_steps_per_mask must be at least 1, got {steps_per_mask}")
+
+
+def check_structured(lstm, mode: str = "structured") -> None:
+    """Refuse a stack that ``structured_lstm`` cannot run in a structured ``mode``, naming what it has (any stack
+    runs ``standard`` dropout)."""
+    if mode == "standard":
+        return
     layers = getattr(lstm, "layers", None)        # a leanlstm.LSTM (torch.nn.LSTM has no cell layers to run)
     if layers is None or lstm.bidirectional or lstm.proj_size or not all(type(one) is LSTMLayer for one in layers):
         raise ValueError("structured dropout runs leanlstm.LSTM unidirectional stacks of LSTM cells without "
@@ -287,27 +305,28 @@ def _window_layer(layer: LSTMLayer, x: torch.Tensor, h0: torch.Tensor, c0: torch
     return _VF.lstm(inputs, (h0, c0), weights, layer.bias, 1, 0.0, True, False, False)
 
 
-def structured_forward(lstm, head: torch.nn.Module, x: torch.Tensor, h0: list[torch.Tensor],
-                       c0: list[torch.Tensor], p: float, mode: str = "structured", steps_per_mask: int = 1,
-                       drop_input: bool = True) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+def structured_forward(lstm, head: torch.nn.Module, x: torch.Tensor, hx, p: float, mode: str = "structured",
+                       steps_per_mask: int = 1, drop_input: bool = True) -> tuple[torch.Tensor, Any]:
     """The training forward of a recurrent model with structured dropout: the stack (``structured_lstm``), then
     the linear ``head`` (an ``nn.Linear`` or ``FormLinear``: its ``weight`` and ``bias``) on the masked last
-    output, compacted. ``mode`` ``structured`` draws a mask every ``steps_per_mask`` steps, ``structured-window``
-    one for the window. -> logits (T, B, out), per-layer h_n, c_n (1, B, H).
+    output, compacted. ``hx`` and the state returned are in the stack's own format (``lstm(x, hx)``'s: None for
+    zeros, stacked tensors or per-layer lists; checked as the stack checks them). ``mode`` ``structured`` draws a
+    mask every ``steps_per_mask`` steps, ``structured-window`` one for the window. -> logits (T, B, out), state.
 
     >>> from leanlstm.nn import LSTM
-    >>> logits, h, c = structured_forward(LSTM(4, [3]), torch.nn.Linear(3, 5), torch.zeros(6, 2, 4),
-    ...                                   [torch.zeros(1, 2, 3)], [torch.zeros(1, 2, 3)], 0.5, "structured-window")
-    >>> tuple(logits.shape), tuple(h[0].shape)
+    >>> logits, (h, c) = structured_forward(LSTM(4, [3]), torch.nn.Linear(3, 5), torch.zeros(6, 2, 4), None, 0.5,
+    ...                                     "structured-window")
+    >>> tuple(logits.shape), tuple(h.shape)
     ((6, 2, 5), (1, 2, 3))
     """
     if mode not in DROPOUT_MODES[1:]:
         raise ValueError(f"structured_forward needs one of {', '.join(DROPOUT_MODES[1:])}, got {mode!r}")
     if mode == "structured-window":
         steps_per_mask = x.shape[0]
+    h0, c0 = lstm._initial_state(hx, x, False)
     output, h_n, c_n = structured_lstm(lstm, x, h0, c0, p, steps_per_mask, drop_input)      # (T, B, H)
     masks = draw_masks(output.shape[0], output.shape[-1], p, steps_per_mask)
     logits = structured_linear(output, head.weight, masks, p, steps_per_mask)                # (T, B, out)
     if head.bias is not None:
         logits = logits + head.bias.to(logits.dtype)
-    return logits, h_n, c_n
+    return logits, ((torch.cat(h_n), torch.cat(c_n)) if lstm.uniform_sizes else (h_n, c_n))

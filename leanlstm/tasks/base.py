@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..nn.structured_dropout import DROPOUT_MODES
+from ..nn.structured_dropout import check_dropout_config
 from ..train import ConfigError, Range, TrainConfig, check_memory
 
 MAX_HIDDEN = 10**6          # per-layer LSTM size; memory refuses far smaller ones first (``check_lstm_memory``)
@@ -129,8 +129,10 @@ class Task:
             raise TaskError(f"task {cls.name!r} has no vocabulary size to set")
         if dropout_mode is not None:
             _require_field(cls, config, "dropout_mode")
-            if dropout_mode not in DROPOUT_MODES:
-                raise TaskError(f"dropout mode must be one of {', '.join(DROPOUT_MODES)}, got {dropout_mode!r}")
+            try:
+                check_dropout_config(dropout_mode)
+            except ValueError as error:
+                raise TaskError(str(error)) from None
             config = dataclasses.replace(config, dropout_mode=dropout_mode)
         if dropout is not None:
             _require_field(cls, config, "dropout")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import LSTM
-from ..nn.structured_dropout import DROPOUT_MODES, check_structured, structured_forward
+from ..nn.structured_dropout import check_dropout_config, check_structured, structured_forward
 from ..train import Range, TrainConfig, model_device, to_device
 from . import ctc, fsdd
 from .base import DataConfig, Preset, Task, TaskError, register_task
@@ -61,10 +61,7 @@ class DigitsConfig:
             self.features = FeatureConfig(**self.features)
         if self.stack < 1:
             raise ValueError(f"stack must be a positive number of frames, got {self.stack}")
-        if self.dropout_mode not in DROPOUT_MODES:
-            raise ValueError(f"dropout_mode must be one of {', '.join(DROPOUT_MODES)}, got {self.dropout_mode!r}")
-        if self.dropout_steps_per_mask < 1:
-            raise ValueError(f"dropout_steps_per_mask must be at least 1, got {self.dropout_steps_per_mask}")
+        check_dropout_config(self.dropout_mode, self.dropout_steps_per_mask)
         if self.skip_steps < 0:
             raise ValueError(f"skip_steps must be 0 or more, got {self.skip_steps}")
         if (self.mean is None) != (self.std is None):
@@ -105,8 +102,7 @@ class DigitsCTC(nn.Module):
                          cell_options=config.cell_options)
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(self.lstm.output_size, config.num_classes)
-        if config.dropout_mode != "standard":
-            check_structured(self.lstm)
+        check_structured(self.lstm, config.dropout_mode)
 
     def forward(self, inputs: torch.Tensor, state=None):
         x = (inputs - self.mean) / self.std
@@ -118,15 +114,8 @@ class DigitsCTC(nn.Module):
     def _forward_structured(self, x: torch.Tensor, state):
         """Training forward with structured dropout at the model's sites: between layers (compacted in each
         ``W_ih`` product) and before the head (compacted in the head's); none before the first layer."""
-        if state is None:
-            h = [x.new_zeros(1, x.shape[1], layer.hidden_size) for layer in self.lstm.layers]
-            c = [t.clone() for t in h]
-        else:
-            h, c = (list(t.split(1)) if torch.is_tensor(t) else list(t) for t in state)
-        logits, h, c = structured_forward(self.lstm, self.head, x, h, c, self.config.dropout,
-                                          self.config.dropout_mode, self.config.dropout_steps_per_mask,
-                                          drop_input=False)
-        return logits, ((torch.cat(h), torch.cat(c)) if self.lstm.uniform_sizes else (h, c))
+        return structured_forward(self.lstm, self.head, x, state, self.config.dropout, self.config.dropout_mode,
+                                  self.config.dropout_steps_per_mask, drop_input=False)
 
     def inputs(self, features: torch.Tensor) -> torch.Tensor:
         """Model inputs ``(T // stack, B, stack * F)`` of log-mel frames ``(T, B, F)``."""
@@ -165,8 +154,7 @@ class DigitsCTC(nn.Module):
     def set_dropout_mode(self, mode: str) -> None:
         """A dropout mode (``DigitsConfig.dropout_mode``) from now on; kept in checkpoints."""
         config = replace(self.config, dropout_mode=mode)         # __post_init__ checks the name
-        if mode != "standard":
-            check_structured(self.lstm)
+        check_structured(self.lstm, mode)
         self.config = config
 
 

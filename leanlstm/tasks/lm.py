@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..nn import LSTM, FormLinear
-from ..nn.structured_dropout import DROPOUT_MODES, check_structured, structured_forward
+from ..nn.structured_dropout import check_dropout_config, check_structured, structured_forward
 
 
 
@@ -26,10 +26,7 @@ class LMConfig:
     dropout_steps_per_mask: int = 1    # structured: consecutive steps sharing one mask (1: a new mask every step)
 
     def __post_init__(self) -> None:
-        if self.dropout_mode not in DROPOUT_MODES:
-            raise ValueError(f"dropout_mode must be one of {', '.join(DROPOUT_MODES)}, got {self.dropout_mode!r}")
-        if self.dropout_steps_per_mask < 1:
-            raise ValueError(f"dropout_steps_per_mask must be at least 1, got {self.dropout_steps_per_mask}")
+        check_dropout_config(self.dropout_mode, self.dropout_steps_per_mask)
 
 
 class WordLM(nn.Module):
@@ -49,8 +46,7 @@ class WordLM(nn.Module):
             self.lstm = LSTM.from_config(lstm_config)
         self.dropout = nn.Dropout(config.dropout)
         self.decoder = nn.Linear(_layer_sizes(self.lstm)[-1], config.vocab_size)
-        if config.dropout_mode != "standard":
-            check_structured(self.lstm)
+        check_structured(self.lstm, config.dropout_mode)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -88,10 +84,8 @@ class WordLM(nn.Module):
     def _forward_structured(self, tokens: torch.Tensor, state):
         """Training forward with structured dropout (``leanlstm.nn.structured_dropout``): the embedding-output and
         between-layer sites are compacted in each layer's input product, the last one in the decoder's."""
-        h, c = _per_layer(state)
-        logits, h, c = structured_forward(self.lstm, self.decoder, self.embedding(tokens), h, c, self.config.dropout,
-                                          self.config.dropout_mode, self.config.dropout_steps_per_mask)
-        return logits, (h, c)
+        return structured_forward(self.lstm, self.decoder, self.embedding(tokens), state, self.config.dropout,
+                                  self.config.dropout_mode, self.config.dropout_steps_per_mask)
 
     def set_dropout(self, dropout: float) -> None:
         """Change the dropout rate everywhere it applies (e.g. a lower rate while a method shrinks the model,
@@ -105,8 +99,7 @@ class WordLM(nn.Module):
     def set_dropout_mode(self, mode: str) -> None:
         """A dropout mode (``LMConfig.dropout_mode``) from now on; kept in checkpoints."""
         config = replace(self.config, dropout_mode=mode)         # __post_init__ checks the name
-        if mode != "standard":
-            check_structured(self.lstm)
+        check_structured(self.lstm, mode)
         self.config = config
 
     def model_config(self) -> dict[str, Any]:
