@@ -1,10 +1,10 @@
 """Kronecker factors in int8 (``nn.forms.kronecker.Kronecker``): ``(A kron B) x`` as two int8 products.
 
 The float32 op (``kernels.kron_op``) reads ``x`` as a grid ``X`` (k x s) and computes ``Y = L X R^T`` (p x q) in the
-cheaper of two orders, ``L`` and ``R`` being the factors in the orientation ``kernels.kron_plan`` picks. Here both
-factors are stored as int8 with a scale per row (``int8.pack_int8``) and each stage is the dense int8 product
-(``int8.int8_gemm``) of a factor with the rows of the grid it multiplies, every row quantised on its own, as the
-engine quantises every vector a weight multiplies:
+cheaper of two orders, ``L`` and ``R`` being the factors in the orientation ``kernels.kron_plan`` picks
+(``kernels.kron_layout``, shared by both ops). Here both factors are stored as int8 with a scale per row
+(``int8.pack_int8``) and each stage is the dense int8 product (``int8.int8_gemm``) of a factor with the rows of the
+grid it multiplies, every row quantised on its own, as the engine quantises every vector a weight multiplies:
 
     left first    V^T = X^T L^T  (s x p),  then  Y   = V R^T    (p x q)
     right first   Z   = X R^T    (k x q),  then  Y^T = Z^T L^T  (q x p)
@@ -20,7 +20,7 @@ from numba import njit
 
 from ..nn.forms.kronecker import Kronecker
 from .int8 import _check_cpu, int8_gemm, pack_int8
-from .kernels import JIT, RuntimeOp, _gather_grid, _scatter_add, grid_index, kron_plan
+from .kernels import JIT, RuntimeOp, _gather_grid, _scatter_add, kron_layout
 from .precision import register_op
 
 
@@ -60,12 +60,7 @@ def int8_kron_op(a: np.ndarray, b: np.ndarray, out_features: int, in_features: i
     >>> out.tolist()                                        # values on the int8 grids: exact
     [4.0, 2.0]
     """
-    (m1, n1), (m2, n2) = a.shape, b.shape
-    transposed, left_first = kron_plan(m1, n1, m2, n2)
-    left, right = (b, a) if transposed else (a, b)             # L (p x k), R (q x s)
-    no_map = np.zeros(0, np.int32)
-    gather = grid_index(n1, n2, in_features, transposed=True) if transposed else no_map
-    scatter = grid_index(m1, m2, out_features, transposed=True) if transposed else no_map
+    left, right, gather, scatter, left_first = kron_layout(a, b, out_features, in_features)   # L (p x k), R (q x s)
     dims = np.array([left.shape[0], left.shape[1], right.shape[1], right.shape[0], int(left_first)], np.int64)
     arrays = pack_int8(np.asarray(left, np.float32)) + pack_int8(np.asarray(right, np.float32)) + (
         gather, scatter, dims)

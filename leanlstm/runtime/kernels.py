@@ -455,8 +455,11 @@ def kron_plan(m1: int, n1: int, m2: int, n2: int) -> tuple[bool, bool]:
     return min(costs, key=costs.get)
 
 
-def kron_op(a: np.ndarray, b: np.ndarray, out_features: int, in_features: int) -> RuntimeOp:
-    """The op of ``(a kron b)`` cropped to ``(out_features, in_features)``, in the plan ``kron_plan`` picks."""
+def kron_layout(a: np.ndarray, b: np.ndarray, out_features: int, in_features: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]:
+    """``(left, right, gather, scatter, left_first)`` of ``(a kron b)`` cropped to ``(out_features, in_features)``:
+    the factors in the orientation ``kron_plan`` picks (``Y = L X R^T``, L (p x k), R (q x s)), the maps from the
+    input to the grid ``X`` and from ``Y`` to the output, and the plan's order. Shared by every precision's op."""
     (m1, n1), (m2, n2) = a.shape, b.shape
     transposed, left_first = kron_plan(m1, n1, m2, n2)
     left, right = (b, a) if transposed else (a, b)
@@ -465,6 +468,12 @@ def kron_op(a: np.ndarray, b: np.ndarray, out_features: int, in_features: int) -
     no_map = np.zeros(0, np.int32)
     gather = grid_index(n1, n2, in_features, transposed=True) if transposed else no_map
     scatter = grid_index(m1, m2, out_features, transposed=True) if transposed else no_map
+    return left, right, gather, scatter, left_first
+
+
+def kron_op(a: np.ndarray, b: np.ndarray, out_features: int, in_features: int) -> RuntimeOp:
+    """The op of ``(a kron b)`` cropped to ``(out_features, in_features)``, in the plan ``kron_plan`` picks."""
+    left, right, gather, scatter, left_first = kron_layout(a, b, out_features, in_features)
     arrays = (np.ascontiguousarray(left, dtype=f32), padded_rows(np.transpose(right)),
               gather, scatter, np.array([int(left_first)], np.int64))
     return RuntimeOp(arrays, kron_matvec, kron_matmat)
