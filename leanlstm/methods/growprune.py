@@ -154,24 +154,28 @@ class Plan:
         return self.prune_events > 0 and step >= self.growth_end + self.prune_every
 
 
-def make_plan(config: GrowPrune, counts: list[tuple[str, int, int, int]], total: int) -> Plan:
+def make_plan(config: GrowPrune, counts: list[tuple[str, int, int, int]], total: int, goal: str = "") -> Plan:
     """The schedule for matrices ``(name, seed entries, numel, target entries)`` over a phase of ``total`` steps
-    (0: unknown); raises a ``ValueError`` saying what to change when the target cannot be reached in time.
+    (0: unknown); raises a ``ValueError`` saying what to change when the ``goal`` (default: the config's
+    ``compression``) cannot be reached in time. ``config``: any config with GrowPrune's schedule fields.
 
     >>> make_plan(GrowPrune(), [("w", 200, 1000, 67)], total=960)
     Plan(grow_every=120, prune_every=40, grow_steps=2, prune_events=12)
     """
-    events = max((prune_events(active, numel, target, config) for _, active, numel, target in counts), default=0)
+    if not counts:
+        return Plan(1, 1, 0, 0)                     # no sparse matrix: nothing to grow or prune
+    what, goal = type(config).__name__, goal or f"{config.compression}x"
+    events = max(prune_events(active, numel, target, config) for _, active, numel, target in counts)
     auto = [name for name, value, used in (("grow_every", config.grow_every, config.grow_steps > 0),
                                            ("prune_every", config.prune_every, events > 0)) if used and not value]
     if auto and not total:
-        raise ValueError(f"GrowPrune fits {' and '.join(auto)} = 0 to the phase, but does not know its length: pass "
+        raise ValueError(f"{what} fits {' and '.join(auto)} = 0 to the phase, but does not know its length: pass "
                          f"total_steps=N (leanlstm.Trainer sets it from its epochs) or give {' and '.join(auto)}")
     grow_every = config.grow_every or (total // (4 * config.grow_steps) if config.grow_steps else 1)
     prune_every = config.prune_every or (total // (2 * events) if events else 1)
     plan = Plan(grow_every, prune_every, config.grow_steps, events)
     if not (grow_every and prune_every) or (total and plan.pruning_end > total):
-        raise ValueError(f"GrowPrune cannot reach {config.compression}x in {total} optimiser steps: "
+        raise ValueError(f"{what} cannot reach {goal} in {total} optimiser steps: "
                          f"{config.grow_steps} growth steps x {grow_every} steps, then {events} pruning steps "
                          f"(prune_ratio {config.prune_ratio}) x {prune_every} steps; lower grow_every / prune_every, "
                          f"raise prune_ratio, lower seed_density / grow_ratio / grow_steps, or train longer")
@@ -252,8 +256,105 @@ def seed_mask(shape: torch.Size, density: float, generator: torch.Generator) -> 
     return mask.view(shape)
 
 
+# --- the training loop: grow, then prune, every optimiser step -------------------------------------------------
+class GrowPruneLoop(Method):
+    """Grow-and-prune's training loop, for every method built on it (``gp``, ``symbiotic``): after each optimiser
+    step the masked-out weights go back to zero, growth windows sum the dense gradients and grow, pruning steps
+    follow, on a ``Plan`` fitted to the phase; the unfinished window's sums are checkpointed. A subclass converts
+    the matrices to ``MaskedSparse`` and says what each must reach (``_counts``, ``_target``)."""
+
+    goal = ""            # what the schedule must reach, for its errors ("": the config's compression)
+
+    def __init__(self, config: MethodConfig | None = None) -> None:
+        super().__init__(config)
+        self.plan: Plan | None = None
+        self.lr: float | None = None               # the Trainer phase's lr (grow_init="gradient")
+        self.handle: "Compression | None" = None   # the handle whose hooks ran last (start)
+
+    def _counts(self, handle: "Compression") -> list[tuple[str, int, int, int]]:
+        """``(name, entries now or at the seed, numel, target entries)`` of every matrix grown and pruned."""
+        raise NotImplementedError
+
+    def _target(self, name: str, form: MaskedSparse) -> int:
+        """The entries ``form`` keeps once pruned."""
+        raise NotImplementedError
+
+    def _growth_generator(self, handle: "Compression") -> torch.Generator | None:
+        """A generator for random growth (the criterion's ablation), or None: growth by gradient."""
+        return None
+
+    @staticmethod
+    def _sparse(handle: "Compression") -> list[tuple[str, MaskedSparse]]:
+        return [(name, form) for name, form in handle.forms() if isinstance(form, MaskedSparse)]
+
+    def start(self, handle: "Compression") -> None:
+        self.handle = handle
+        growing = not handle.finalized and self.config.grow_steps > 0 and (
+            self.plan is None or handle.step < self.plan.growth_end)
+        track_growth([form for _, form in self._sparse(handle)], growing)
+
+    def on_train_begin(self, handle: "Compression", lr: float) -> None:
+        if handle.finalized:
+            return
+        self.lr = lr
+        self._plan(handle)       # a schedule the phase cannot hold fails here, before the first step
+
+    def _plan(self, handle: "Compression") -> Plan:
+        if self.plan is None:
+            self.plan = make_plan(self.config, self._counts(handle), handle.total_steps, self.goal)
+            log.info("%s grow-and-prune schedule: %s", self.name, self.plan)
+        return self.plan
+
+    def after_step(self, handle: "Compression") -> None:
+        with torch.no_grad():        # masked-out weights stay exactly zero whatever the optimiser
+            for _, form in self._sparse(handle):
+                form.weight.mul_(form.mask)
+        if handle.finalized:
+            return
+        plan = self._plan(handle)
+        if self.config.grow_init == "gradient" and handle.step <= plan.growth_end:
+            self._growth_lr()        # no lr known: refused at the first step, not at the first growth
+        if plan.growing(handle.step):
+            self._grow(handle, plan)
+        elif plan.pruning(handle.step):
+            self._prune(handle)
+
+    def _grow(self, handle: "Compression", plan: Plan) -> None:
+        lr = self._growth_lr() if self.config.grow_init == "gradient" else None
+        grow_all(self._sparse(handle), self.config.grow_ratio, lr, plan.grow_every, self._growth_generator(handle))
+        if handle.step >= plan.growth_end:
+            track_growth([form for _, form in self._sparse(handle)], False)
+
+    def _growth_lr(self) -> float:
+        lr = self.config.growth_lr or self.lr
+        if not lr:
+            raise ValueError(f"{type(self.config).__name__}(grow_init='gradient') starts a grown weight at -lr x its "
+                             f"mean gradient but knows no lr: pass growth_lr=<your optimiser's lr>, or "
+                             f"grow_init='zero' (leanlstm.Trainer passes its lr)")
+        return lr
+
+    def _prune(self, handle: "Compression", to_target: bool = False) -> None:
+        """One pruning step of every matrix above its target (``to_target``: straight to it)."""
+        for name, form in self._sparse(handle):
+            target = self._target(name, form)
+            if form.nnz() > target:
+                prune_(form, target if to_target else pruned_keep(form.nnz(), target, self.config.prune_ratio))
+
+    def state_dict(self) -> dict[str, Any]:
+        forms = self._sparse(self.handle) if self.handle is not None else []
+        sums = {name: form.dense_grad.detach().clone() for name, form in forms if form.dense_grad is not None}
+        return {"plan": asdict(self.plan) if self.plan else None, "lr": self.lr, "dense_grad": sums}
+
+    def load_state_dict(self, state: dict[str, Any], handle: "Compression") -> None:
+        self.plan = Plan(**state["plan"]) if state["plan"] else None
+        self.lr = state["lr"]
+        forms = dict(handle.forms())
+        for name, total in state["dense_grad"].items():    # an unfinished growth window's sums
+            forms[name].dense_grad = total.to(forms[name].weight).clone()
+
+
 # --- the method -----------------------------------------------------------------------------------------------
-class GrowPruneMethod(Method):
+class GrowPruneMethod(GrowPruneLoop):
     """Grow-and-prune every LSTM matrix from a sparse seed to ``compression``; fine-tuning keeps the masks."""
 
     name = "gp"
@@ -261,20 +362,17 @@ class GrowPruneMethod(Method):
 
     def __init__(self, config: GrowPrune | None = None) -> None:
         super().__init__(config)
-        self.plan: Plan | None = None
-        self.lr: float | None = None               # the Trainer phase's lr (grow_init="gradient")
         self.reference_loss: float | None = None   # validation loss when pruning began
         self.stopped = False                       # pruning stopped by loss_tolerance
-        self.handle: "Compression | None" = None   # the handle whose hooks ran last (start)
 
-    # --- conversion and phase -----------------------------------------------------------------------------
+    # --- conversion and targets ---------------------------------------------------------------------------
     def check(self, handle: "Compression") -> None:
         counts = self._counts(handle)                  # raises for a budget no matrix shape can meet
         if handle.total_steps:
             self.plan = make_plan(self.config, counts, handle.total_steps)
 
     def _counts(self, handle: "Compression") -> list[tuple[str, int, int, int]]:
-        """``(name, seed or current entries, numel, target entries)`` per matrix, before or after convert."""
+        """Every matrix, before or after convert."""
         counts = []
         for name, form in handle.forms():
             numel = form.out_features * form.in_features
@@ -282,6 +380,9 @@ class GrowPruneMethod(Method):
             shape_only = MaskedSparse(form.out_features, form.in_features)
             counts.append((name, active, numel, final_entries(name, shape_only, self.config.compression)))
         return counts
+
+    def _target(self, name: str, form: MaskedSparse) -> int:
+        return final_entries(name, form, self.config.compression)
 
     def convert(self, handle: "Compression") -> None:
         c = self.config
@@ -296,61 +397,15 @@ class GrowPruneMethod(Method):
 
         convert_forms(handle, build, keep=lambda form: isinstance(form, MaskedSparse))
 
-    def start(self, handle: "Compression") -> None:
-        self.handle = handle
-        growing = not handle.finalized and self.config.grow_steps > 0 and (
-            self.plan is None or handle.step < self.plan.growth_end)
-        track_growth([form for _, form in handle.forms()], growing)
+    def _growth_generator(self, handle: "Compression") -> torch.Generator | None:
+        if self.config.grow_criterion != "random":
+            return None
+        # seeded by the step: a resumed run grows the same entries
+        return torch.Generator().manual_seed(self.config.generator_seed * 1_000_003 + handle.step)
 
-    def on_train_begin(self, handle: "Compression", lr: float) -> None:
-        if handle.finalized:
-            return
-        self.lr = lr
-        self._plan(handle)       # a schedule the phase cannot hold fails here, before the first step
-
-    def _plan(self, handle: "Compression") -> Plan:
-        if self.plan is None:
-            self.plan = make_plan(self.config, self._counts(handle), handle.total_steps)
-            log.info("GP schedule: %s", self.plan)
-        return self.plan
-
-    # --- every step ---------------------------------------------------------------------------------------
-    def after_step(self, handle: "Compression") -> None:
-        with torch.no_grad():        # masked-out weights stay exactly zero whatever the optimiser
-            for _, form in handle.forms():
-                form.weight.mul_(form.mask)
-        if handle.finalized:
-            return
-        plan = self._plan(handle)
-        if self.config.grow_init == "gradient" and handle.step <= plan.growth_end:
-            self._growth_lr()        # no lr known: refused at the first step, not at the first growth
-        if plan.growing(handle.step):
-            self._grow(handle, plan)
-        elif plan.pruning(handle.step) and not self.stopped:
-            self._prune(handle)
-
-    def _grow(self, handle: "Compression", plan: Plan) -> None:
-        lr = self._growth_lr() if self.config.grow_init == "gradient" else None
-        generator = None
-        if self.config.grow_criterion == "random":       # seeded by the step: a resumed run grows the same entries
-            generator = torch.Generator().manual_seed(self.config.generator_seed * 1_000_003 + handle.step)
-        grow_all(handle.forms(), self.config.grow_ratio, lr, plan.grow_every, generator)
-        if handle.step >= plan.growth_end:
-            track_growth([form for _, form in handle.forms()], False)
-
-    def _growth_lr(self) -> float:
-        lr = self.config.growth_lr or self.lr
-        if not lr:
-            raise ValueError("GrowPrune(grow_init='gradient') starts a grown weight at -lr x its mean gradient but "
-                             "knows no lr: pass growth_lr=<your optimiser's lr>, or grow_init='zero' "
-                             "(leanlstm.Trainer passes its lr)")
-        return lr
-
-    def _prune(self, handle: "Compression") -> None:
-        for name, form in handle.forms():
-            target = final_entries(name, form, self.config.compression)
-            if form.nnz() > target:
-                prune_(form, pruned_keep(form.nnz(), target, self.config.prune_ratio))
+    def _prune(self, handle: "Compression", to_target: bool = False) -> None:
+        if not self.stopped:         # the tolerance stopped pruning for good: the masks stay
+            super()._prune(handle, to_target)
 
     # --- validation loss, epoch ends, the end --------------------------------------------------------------
     def observe_validation(self, loss: float) -> bool:
@@ -371,11 +426,7 @@ class GrowPruneMethod(Method):
         return not self.stopped
 
     def finish(self, handle: "Compression") -> None:
-        if not self.stopped:        # a schedule cut short: every matrix at its target now
-            for name, form in handle.forms():
-                target = final_entries(name, form, self.config.compression)
-                if form.nnz() > target:
-                    prune_(form, target)
+        self._prune(handle, to_target=True)        # a schedule cut short: every matrix at its target now
 
     def summarize(self, handle: "Compression") -> dict[str, Any]:
         return sparsity_summary(handle.forms(), self.config.compression) | {
@@ -388,17 +439,11 @@ class GrowPruneMethod(Method):
 
     # --- checkpoints ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        forms = self.handle.forms() if self.handle is not None else []
-        sums = {name: form.dense_grad.detach().clone() for name, form in forms if form.dense_grad is not None}
-        return {"plan": asdict(self.plan) if self.plan else None, "lr": self.lr,
-                "reference_loss": self.reference_loss, "stopped": self.stopped, "dense_grad": sums}
+        return super().state_dict() | {"reference_loss": self.reference_loss, "stopped": self.stopped}
 
     def load_state_dict(self, state: dict[str, Any], handle: "Compression") -> None:
-        self.plan = Plan(**state["plan"]) if state["plan"] else None
-        self.lr, self.reference_loss, self.stopped = state["lr"], state["reference_loss"], state["stopped"]
-        forms = dict(handle.forms())
-        for name, total in state["dense_grad"].items():    # an unfinished growth window's sums
-            forms[name].dense_grad = total.to(forms[name].weight).clone()
+        super().load_state_dict(state, handle)
+        self.reference_loss, self.stopped = state["reference_loss"], state["stopped"]
 
 
 class ValidationFeed(Callback):

@@ -31,7 +31,7 @@ run. What happens, in order:
    widths just above the chosen ones are profiled too and layers step back up while the budget allows, the one
    furthest below its need first. A budget below the fastest model the profile allows is refused, naming how
    fast that is.
-5. **Grow and prune** (``methods.growprune``'s ``grow_`` and ``prune_``): layers whose width changed are rebuilt at
+5. **Grow and prune** (``methods.growprune.GrowPruneLoop``, the ``gp`` method's training loop): layers whose width changed are rebuilt at
    ``convert`` keeping their largest-norm units (ISS's components: a unit's rows and the columns reading it), and the
    modules reading them lose the same columns; a layer whose valley lies above its width (up to ``max_growth`` above
    it) gains units, which nothing reads until training gives them weight; every sparse matrix starts from its largest
@@ -98,8 +98,8 @@ from ..runtime.latency_model import LatencyModel, LayerSpec
 from ..runtime.profile import (LatencyTable, LayerProfile, LayerSettings, layer_cell, layer_key, layer_model,
                                runs_forms_dense)
 from ..train import MAX_LR, ConfigError, Range
-from .base import STEPS, UNIT, Method, MethodConfig, qualified
-from .growprune import INITS, Plan as Schedule, grow_all, prune_, prune_events, pruned_keep, track_growth
+from .base import STEPS, UNIT, MethodConfig, qualified
+from .growprune import INITS, GrowPruneLoop, make_plan
 from .iss import (find_readers, input_columns, input_width, layer_components, narrowed, output_channels,
                   shrunk_lstm, widened_lstm, widened_reader)
 from .pruning import weight_compression
@@ -661,31 +661,8 @@ def default_profile_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "leanlstm" / "profiles"
 
 
-def schedule_for(config: Symbiotic, counts: list[tuple[str, int, int, int]], total: int) -> Schedule:
-    """Grow-and-prune's schedule for the sparse matrices ``(name, entries now, numel, target entries)`` over a phase
-    of ``total`` steps (0: unknown), as ``growprune.make_plan`` fits it; nothing to schedule without sparse ones."""
-    if not counts:
-        return Schedule(1, 1, 0, 0)
-    c = config
-    events = max(prune_events(active, numel, target, c) for _, active, numel, target in counts)
-    auto = [name for name, value, used in (("grow_every", c.grow_every, c.grow_steps > 0),
-                                           ("prune_every", c.prune_every, events > 0)) if used and not value]
-    if auto and not total:
-        raise ValueError(f"Symbiotic fits {' and '.join(auto)} = 0 to the phase, but does not know its length: pass "
-                         f"total_steps=N (leanlstm.Trainer sets it from its epochs) or give {' and '.join(auto)}")
-    grow_every = c.grow_every or (total // (4 * c.grow_steps) if c.grow_steps else 1)
-    prune_every = c.prune_every or (total // (2 * events) if events else 1)
-    schedule = Schedule(grow_every, prune_every, c.grow_steps, events)
-    if not (grow_every and prune_every) or (total and schedule.pruning_end > total):
-        raise ValueError(f"Symbiotic cannot reach its planned densities in {total} optimiser steps: {c.grow_steps} "
-                         f"growth steps x {grow_every} steps, then {events} pruning steps (prune_ratio "
-                         f"{c.prune_ratio}) x {prune_every} steps; lower grow_every / prune_every, raise prune_ratio, "
-                         f"lower grow_steps / grow_ratio, or train longer")
-    return schedule
-
-
 # --- the method -----------------------------------------------------------------------------------------------
-class SymbioticMethod(Method):
+class SymbioticMethod(GrowPruneLoop):
     """Profile, design widths and densities for the budget, grow and prune to them, measure the result.
 
     ``profile``: the latency source to plan with instead of the one opened from ``profile_dir``: a
@@ -694,6 +671,7 @@ class SymbioticMethod(Method):
 
     name = "symbiotic"
     Config = Symbiotic
+    goal = "its planned densities"
 
     def __init__(self, config: Symbiotic | None = None, profile: Any = None) -> None:
         super().__init__(config)
@@ -701,10 +679,7 @@ class SymbioticMethod(Method):
         self.design: Design | None = None
         self.readers: dict[str, list[str]] = {}
         self.pending: dict[str, nn.Module] = {}     # the resized modules check built, for convert to put in place
-        self.schedule: Schedule | None = None
-        self.lr: float | None = None
         self.measured: dict[str, Any] | None = None
-        self.handle: "Compression | None" = None
         # a run times the result first on the backend it was designed for, beside the usual two
         self.latency_backends = tuple(dict.fromkeys((self.config.backend, "leanlstm", "onnxruntime")))
 
@@ -733,7 +708,7 @@ class SymbioticMethod(Method):
             self.readers = self._readers(handle)
             self.pending = resized_modules(handle, self.design.widths, self.readers)
         if handle.total_steps:
-            self.schedule = schedule_for(c, self._counts(handle, planned=True), handle.total_steps)
+            self.plan = make_plan(c, self._counts(handle, planned=True), handle.total_steps, self.goal)
 
     def _readers(self, handle: "Compression") -> dict[str, list[str]]:
         graph = trace(handle.model) if any(handle.lstms) else None
@@ -793,62 +768,8 @@ class SymbioticMethod(Method):
         for layer, matrix, form in changes:
             layer.set_form(matrix, form)
 
-    def _sparse(self, handle: "Compression") -> list[tuple[str, MaskedSparse]]:
-        return [(name, form) for name, form in handle.forms() if isinstance(form, MaskedSparse)]
-
-    def start(self, handle: "Compression") -> None:
-        self.handle = handle
-        growing = not handle.finalized and self.config.grow_steps > 0 and (
-            self.schedule is None or handle.step < self.schedule.growth_end)
-        track_growth([form for _, form in self._sparse(handle)], growing)
-
-    def on_train_begin(self, handle: "Compression", lr: float) -> None:
-        if handle.finalized:
-            return
-        self.lr = lr
-        self._schedule(handle)       # a schedule the phase cannot hold fails here, before the first step
-
-    def _schedule(self, handle: "Compression") -> Schedule:
-        if self.schedule is None:
-            self.schedule = schedule_for(self.config, self._counts(handle), handle.total_steps)
-            log.info("symbiotic grow-and-prune schedule: %s", self.schedule)
-        return self.schedule
-
-    # --- every step: grow-and-prune to the designed densities ---------------------------------------------------
-    def after_step(self, handle: "Compression") -> None:
-        with torch.no_grad():        # masked-out weights stay exactly zero whatever the optimiser
-            for _, form in self._sparse(handle):
-                form.weight.mul_(form.mask)
-        if handle.finalized or not self.design.densities:
-            return
-        schedule = self._schedule(handle)
-        if self.config.grow_init == "gradient" and handle.step <= schedule.growth_end:
-            self._growth_lr()        # no lr known: refused at the first step, not at the first growth
-        if schedule.growing(handle.step):
-            self._grow(handle, schedule)
-        elif schedule.pruning(handle.step):
-            self._prune(handle, to_target=False)
-
-    def _grow(self, handle: "Compression", schedule: Schedule) -> None:
-        lr = self._growth_lr() if self.config.grow_init == "gradient" else None
-        grow_all(self._sparse(handle), self.config.grow_ratio, lr, schedule.grow_every)
-        if handle.step >= schedule.growth_end:
-            track_growth([form for _, form in self._sparse(handle)], False)
-
-    def _growth_lr(self) -> float:
-        lr = self.config.growth_lr or self.lr
-        if not lr:
-            raise ValueError("Symbiotic(grow_init='gradient') starts a grown weight at -lr x its mean gradient but "
-                             "knows no lr: pass growth_lr=<your optimiser's lr>, or grow_init='zero' "
-                             "(leanlstm.Trainer passes its lr)")
-        return lr
-
-    def _prune(self, handle: "Compression", to_target: bool) -> None:
-        """One pruning step of every sparse matrix above its designed density (``to_target``: straight to it)."""
-        for name, form in self._sparse(handle):
-            target = max(1, round(self.design.densities[name] * form.mask.numel()))
-            if form.nnz() > target:
-                prune_(form, target if to_target else pruned_keep(form.nnz(), target, self.config.prune_ratio))
+    def _target(self, name: str, form: MaskedSparse) -> int:
+        return max(1, round(self.design.densities[name] * form.mask.numel()))
 
     # --- the end: the measured latency against the budget ------------------------------------------------------
     def finish(self, handle: "Compression") -> None:
@@ -890,7 +811,7 @@ class SymbioticMethod(Method):
                "symbiotic_widths": d.widths, "symbiotic_densities": d.densities,
                "symbiotic_kept_dense": sorted(d.refused), "lstm_weight_compression": weight_compression(handle.forms()),
                "sparse_density": {name: form.density() for name, form in self._sparse(handle)},
-               "symbiotic_schedule": asdict(self.schedule) if self.schedule else None}
+               "symbiotic_schedule": asdict(self.plan) if self.plan else None}
         if m:
             out |= {"symbiotic_measured_us": m["measured_us"], "symbiotic_within_budget": m["within_budget"],
                     "symbiotic_warning": m["warning"]}
@@ -898,16 +819,10 @@ class SymbioticMethod(Method):
 
     # --- checkpoints ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        forms = self._sparse(self.handle) if self.handle is not None else []
-        sums = {name: form.dense_grad.detach().clone() for name, form in forms if form.dense_grad is not None}
-        return {"design": self.design.to_dict() if self.design else None,
-                "schedule": asdict(self.schedule) if self.schedule else None, "lr": self.lr,
-                "measured": self.measured, "dense_grad": sums}
+        return super().state_dict() | {"design": self.design.to_dict() if self.design else None,
+                                       "measured": self.measured}
 
     def load_state_dict(self, state: dict[str, Any], handle: "Compression") -> None:
+        super().load_state_dict(state, handle)
         self.design = Design.from_dict(state["design"]) if state["design"] else self.design
-        self.schedule = Schedule(**state["schedule"]) if state["schedule"] else None
-        self.lr, self.measured = state["lr"], state["measured"]
-        forms = dict(handle.forms())
-        for name, total in state["dense_grad"].items():    # an unfinished growth window's sums
-            forms[name].dense_grad = total.to(forms[name].weight).clone()
+        self.measured = state["measured"]

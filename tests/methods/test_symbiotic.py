@@ -240,7 +240,7 @@ def start_run():
 @pytest.mark.parametrize("stop", [6, 13], ids=["mid-growth-window", "mid-pruning"])
 def test_resume_mid_training_equals_no_interruption(stop):
     model, handle, optimizer = start_run()
-    assert model.rnn.hidden_sizes == [24, 16] and handle.method.schedule.growth_end == 8
+    assert model.rnn.hidden_sizes == [24, 16] and handle.method.plan.growth_end == 8
     train(model, handle, optimizer, steps=26)
 
     first, first_handle, first_optimizer = start_run()
