@@ -31,13 +31,13 @@ run. What happens, in order:
    widths just above the chosen ones are profiled too and layers step back up while the budget allows, the one
    furthest below its need first. A budget below the fastest model the profile allows is refused, naming how
    fast that is.
-5. **Grow and prune** (``methods.growprune.GrowPruneLoop``, the ``gp`` method's training loop): layers whose width changed are rebuilt at
-   ``convert`` keeping their largest-norm units (ISS's components: a unit's rows and the columns reading it), and the
-   modules reading them lose the same columns; a layer whose valley lies above its width (up to ``max_growth`` above
-   it) gains units, which nothing reads until training gives them weight; every sparse matrix starts from its largest
-   weights at ``seed_density`` (never above its target), grows the dormant connections with the largest accumulated
-   gradient, then is magnitude-pruned to its planned density, where pruning stops (the profile says what more sparsity
-   would buy, and the budget is met). Dense matrices just train.
+5. **Grow and prune** (``methods.growprune.GrowPruneLoop``, the ``gp`` method's training loop): layers whose width
+   changed are rebuilt at ``convert`` keeping their largest-norm units (ISS's components: a unit's rows and the
+   columns reading it), and the modules reading them lose the same columns; a layer whose valley lies above its
+   width (up to ``max_growth`` above it) gains units, which nothing reads until training gives them weight; every
+   sparse matrix starts from its largest weights at ``seed_density`` (never above its target), grows the dormant
+   connections with the largest accumulated gradient, then is magnitude-pruned to its planned density, where pruning
+   stops (the profile says what more sparsity would buy, and the budget is met). Dense matrices just train.
 6. **Measure** (``finalize()``): the compressed stacks are timed on ``backend``; the summary reports the measured
    latency against the budget, and a result over budget is logged as a warning with the numbers.
 
