@@ -38,8 +38,11 @@ from leanlstm.tasks.ptb import PRESETS  # noqa: E402
 from leanlstm.train import OPTIMIZERS  # noqa: E402
 
 
-def models(task, preset: str, steps_per_mask: list[int]) -> dict[str, torch.nn.Module]:
+def models(task, preset: str, steps_per_mask: list[int], dropout: float | None = None
+           ) -> dict[str, torch.nn.Module]:
     base = task.preset(preset).model
+    if dropout is not None:
+        base = replace(base, dropout=dropout)
     out = {"standard": base}
     for group in steps_per_mask:
         out["structured" if group == 1 else f"structured/g{group}"] = replace(
@@ -85,10 +88,11 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
-def time_products(preset: str, repeats: int) -> dict:
+def time_products(preset: str, repeats: int, dropout: float | None = None) -> dict:
     """Dense masked against compacted, forward + backward, at the model's two shapes (a layer's input product, the
     decoder); interleaved, medians in ms."""
     model, train = PRESETS[preset].model, PRESETS[preset].train
+    model = model if dropout is None else replace(model, dropout=dropout)
     n, products = model.hidden_sizes[0], {}
     for out_features in (4 * n, model.vocab_size):
         samples = {"dense_masked": [], "compacted": []}
@@ -109,7 +113,7 @@ def time_products(preset: str, repeats: int) -> dict:
 def time_training(task, args: argparse.Namespace) -> tuple[dict, dict, list[float]]:
     """Training windows (batches) of every configuration, interleaved window by window (order alternating)."""
     train = task.preset(args.preset).train
-    nets = models(task, args.preset, args.steps_per_mask)
+    nets = models(task, args.preset, args.steps_per_mask, args.dropout)
     optimizers = {name: OPTIMIZERS[train.optimizer](m.parameters(), lr=train.lr) for name, m in nets.items()}
     samples, loads = {name: [] for name in nets}, []
     batches = iter(task.train_batches(1))
@@ -138,13 +142,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[2], help="torch threads; one run per value")
     parser.add_argument("--windows", type=int, default=30, help="timed windows per configuration")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps-per-mask", type=int, nargs="+", default=[1])
+    parser.add_argument("--steps-per-mask", type=int, nargs="*", default=[1],
+                        help="the per-step mode's steps per mask, one configuration each (none: window mode only)")
+    parser.add_argument("--dropout", type=float, help="every configuration's dropout rate (default: the preset's)")
     parser.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--product-repeats", type=int, default=15, help="0: time training windows only")
     parser.add_argument("--data-dir")
     args = parser.parse_args()
     task_type = get_task(args.task)
     model, train = task_type.preset(args.preset).model, task_type.preset(args.preset).train
+    if args.dropout is not None:
+        model = replace(model, dropout=args.dropout)
     task = task_type.load(DataConfig(args.data_dir), train)
     runs = {}
     for threads in args.threads:
@@ -152,7 +160,7 @@ def main() -> None:
         print(f"{threads} thread(s), load average {os.getloadavg()[0]:.2f}", flush=True)
         before = os.getloadavg()
         timed = args.product_repeats and args.task == "ptb"        # the products' shapes are PTB's
-        products = time_products(args.preset, args.product_repeats) if timed else {}
+        products = time_products(args.preset, args.product_repeats, args.dropout) if timed else {}
         rows, samples, loads = time_training(task, args)
         runs[str(threads)] = {"load_average_before": list(before), "load_average_after": list(os.getloadavg()),
                               "load_average_1min_during": {"median": statistics.median(loads), "min": min(loads),
