@@ -9,7 +9,6 @@ import click
 
 from .. import methods
 from ..files import check_writable
-from ..nn.structured_dropout import DROPOUT_MODES
 from ..budget_search import DEFAULT_METHODS, BudgetSearch, budget_field, search
 from ..methods.base import parse_settings
 from ..runs import RunConfig, compress_run, read_config
@@ -30,11 +29,7 @@ from .options import make_tensorboard  # the command's own `options` is a local
 @click.option("--set", "settings", multiple=True, help="Method option KEY=VALUE (repeatable).")
 @click.option("--dropout", type=click.FloatRange(0.0, 1.0, max_open=True),
               help="Dropout rate instead of the preset's or the --from run's (ISS as published lowers it).")
-@click.option("--dropout-mode", type=click.Choice(DROPOUT_MODES),
-              help="structured: one dropout mask per time step shared by the batch, and the products that read "
-                   "dropped units skip them (Sarma et al. 2021); structured-window: one mask for the batch's "
-                   "whole window, PyTorch's fused kernel on the kept inputs (faster on CPUs). Default: the "
-                   "preset's (standard).")
+@options.dropout_mode
 @click.option("--epochs", type=int, help="Epochs of the compression phase (default: the preset's).")
 @click.option("--lr", type=float, help="Learning rate of the compression phase.")
 @click.option("--decay-after", type=click.IntRange(min=0), help="Compression-phase epochs at the full lr.")

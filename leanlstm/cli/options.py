@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from ..nn.structured_dropout import DROPOUT_MODES
 from ..train import PRECISIONS
 
 
@@ -20,6 +21,15 @@ def distillation(command):
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def dropout_mode(command):
+    """``--dropout-mode``: per-sequence dropout masks (the default) or structured ones (``nn.structured_dropout``)."""
+    return click.option(
+        "--dropout-mode", type=click.Choice(DROPOUT_MODES),
+        help="structured: one dropout mask per time step shared by the batch, and the products that read dropped "
+             "units skip them (Sarma et al. 2021); structured-window: one mask for the batch's whole window, "
+             "PyTorch's fused kernel on the kept inputs (faster on CPUs). Default: the preset's (standard).")(command)
 
 
 def precision(command):

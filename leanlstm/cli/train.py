@@ -8,7 +8,6 @@ import sys
 import click
 
 from ..files import check_writable
-from ..nn.structured_dropout import DROPOUT_MODES
 from ..runs import RunConfig, finished_hidden_sizes, train_run
 from . import options
 
@@ -32,11 +31,7 @@ def _sizes(text: str | None) -> list[int] | None:
               "else ~/.cache/leanlstm; missing files are downloaded there).")
 @click.option("--dropout", type=click.FloatRange(0.0, 1.0, max_open=True),
               help="Dropout rate instead of the preset's.")
-@click.option("--dropout-mode", type=click.Choice(DROPOUT_MODES),
-              help="structured: one dropout mask per time step shared by the batch, and the products that read "
-                   "dropped units skip them (Sarma et al. 2021); structured-window: one mask for the batch's "
-                   "whole window, PyTorch's fused kernel on the kept inputs (faster on CPUs). Default: the "
-                   "preset's (standard).")
+@options.dropout_mode
 @click.option("--epochs", type=int, help="Override the preset's number of epochs.")
 @click.option("--lr", type=float, help="Override the preset's learning rate.")
 @click.option("--clip", type=float, help="Override the preset's gradient-norm clip.")

@@ -5,9 +5,11 @@ from dataclasses import replace
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 import leanlstm.nn.structured_dropout as sd
 from leanlstm.checkpoint import load_checkpoint
+from leanlstm.cli import main
 from leanlstm.nn import LSTM
 from leanlstm.nn.structured_dropout import draw_masks, lstm_with_input_gates, structured_linear, structured_lstm
 from leanlstm.runs import RunConfig, RunDirError, load_run, train_run
@@ -162,6 +164,22 @@ def test_the_window_mode_drops_the_same_units_at_every_step_of_a_window(monkeypa
 def test_a_run_names_the_modes_when_given_an_unknown_one():
     with pytest.raises(RunDirError, match="standard, structured, structured-window, got 'blocky'"):
         RunConfig(preset="tiny", dropout_mode="blocky").model_config()
+
+
+def test_both_commands_take_the_mode_and_the_run_records_it(tmp_path, ptb_slice_dir):
+    common = ["--preset", "tiny", "--data-dir", str(ptb_slice_dir), "--no-verify-data", "--max-items", "2000",
+              "--epochs", "1", "--max-batches", "2", "--no-progress"]
+    runner, base, out = CliRunner(), tmp_path / "base", tmp_path / "prune"
+    trained = runner.invoke(main, ["train", *common, "--dropout-mode", "structured-window", "--out", str(base)])
+    assert trained.exit_code == 0, trained.output
+    result = runner.invoke(main, ["compress", "--method", "prune", "--from", str(base), "--set", "compression=2",
+                                  "--dropout-mode", "structured", "--finetune-epochs", "0", "--latency-repeats", "0",
+                                  "--out", str(out), *common])
+    assert result.exit_code == 0, result.output
+    assert load_run(base)[1].config.dropout_mode == "structured-window"
+    assert load_run(out)[1].config.dropout_mode == "structured"
+    refused = runner.invoke(main, ["train", *common, "--dropout-mode", "blocky", "--out", str(tmp_path / "no")])
+    assert refused.exit_code != 0 and "structured-window" in refused.output
 
 
 def test_docstring_examples():
