@@ -156,8 +156,8 @@ PRESETS["medium-cpu"] = LMPreset(
 # hidden layer half the LSTM's width (2.5M dense recurrent parameters a layer against the LSTM's 3.4M).
 PRESETS["hlstm-medium-cpu"] = LMPreset(
     replace(PRESETS["medium"].model, cell="hlstm", cell_options={"gate_hidden": 325}), PRESETS["medium-cpu"].train,
-    "H-LSTM 2x650, gate networks 325 wide, on the medium-cpu schedule (about 2x its time: the gates "
-    "run step by step in PyTorch, 0.49x an equal-size LSTM's tokens/s)")
+    "H-LSTM 2x650, gate networks 325 wide, on the medium-cpu schedule (about 1.5x its time: the gates "
+    "run step by step, 0.65x an equal-size LSTM's tokens/s)")
 # H-LSTM against LSTM at equal parameters (the grow-and-prune ablation): gate networks 133 wide give 641,064
 # recurrent parameters, the small LSTM's 643,200 within 0.3%.
 PRESETS["hlstm-small"] = LMPreset(

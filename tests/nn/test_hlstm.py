@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from leanlstm.nn import LSTM, HLSTMLayer
+from leanlstm.nn import LSTM, HLSTMLayer, hlstm
 
 
 def reference_hlstm(layer: HLSTMLayer, x, h, c):
@@ -52,17 +52,85 @@ def test_gradcheck_on_a_tiny_cell():
                                     tuple(w.detach().clone().requires_grad_() for w in weights))
 
 
-def _with_weights(layer, weights, x, h0, c0):
+def _with_weights(layer, weights, x, h0, c0, biases=()):
     with torch.no_grad():
         originals = [layer.form(m).weight.detach().clone() for m in layer.matrices]
+        original_biases = [layer.bias_1.detach().clone(), layer.bias_2.detach().clone()]
     for matrix, weight in zip(layer.matrices, weights):
         del layer.form(matrix).weight
         layer.form(matrix).weight = weight
+    for name, bias in zip(("bias_1", "bias_2"), biases):
+        delattr(layer, name)
+        setattr(layer, name, bias)
     try:
         return layer(x, h0, c0)[0]
     finally:
         for matrix, original in zip(layer.matrices, originals):
             layer.form(matrix).weight = torch.nn.Parameter(original)
+        for name, original in zip(("bias_1", "bias_2")[:len(biases)], original_biases):
+            setattr(layer, name, torch.nn.Parameter(original))
+
+
+def test_gradcheck_of_the_explicit_recurrence():        # equal widths: hlstm_recurrence's own backward
+    layer = HLSTMLayer(2, 3, gate_hidden=2).double()
+    layer.reset_parameters(0.7)
+    x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(1, 2, 3, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(1, 2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *args: torch.cat([t.flatten() for t in layer(*args)]), (x, h0, c0))
+    weights = [layer.form(m).weight for m in layer.matrices] + [layer.bias_1, layer.bias_2]
+    assert torch.autograd.gradcheck(lambda *w: _with_weights(layer, w[:6], x.detach(), h0.detach(), c0.detach(),
+                                                             biases=w[6:]),
+                                    tuple(w.detach().clone().requires_grad_() for w in weights))
+
+
+def _autograd_recurrence(inputs, h, c, w1h, w2, b2, keep):
+    """hlstm_recurrence's computation step by step through autograd, given the dropout's keep mask."""
+    outputs = []
+    for t in range(inputs.shape[0]):
+        z = torch.relu(inputs[t] + h @ w1h.T) * keep[t]
+        i, f, g, o = torch.baddbmm(b2, z.view(z.shape[0], 4, -1).transpose(0, 1), w2).unbind(0)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outputs.append(h)
+    return torch.stack(outputs), h, c
+
+
+def test_explicit_recurrence_equals_autograd_with_dropout_and_every_gradient():
+    torch.manual_seed(0)
+    T, B, H, w = 5, 3, 4, 6
+    args = [torch.randn(T, B, 4 * w), torch.randn(B, H), torch.randn(B, H), torch.randn(4 * w, H) * 0.4,
+            torch.randn(4, w, H) * 0.4, torch.randn(4, 1, H)]
+    ours = [a.clone().requires_grad_() for a in args]
+    theirs = [a.clone().requires_grad_() for a in args]
+    seed = torch.random.get_rng_state()
+    out = hlstm.hlstm_recurrence(*ours, dropout=0.3)
+    torch.random.set_rng_state(seed)                          # the same keep mask as hlstm_recurrence draws
+    drawn = (torch.rand(T, B, 4 * w) >= 0.3).float() / 0.7
+    expected = _autograd_recurrence(*theirs, drawn)
+    for a, b in zip(out, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    grads = [torch.randn_like(t) for t in expected]
+    torch.autograd.backward(out, grads)
+    torch.autograd.backward(expected, grads)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_explicit_recurrence_under_bfloat16_autocast_stays_close_to_float32():
+    torch.manual_seed(0)
+    layer = HLSTMLayer(8, 16, gate_hidden=12)
+    x, zeros = torch.randn(6, 4, 8), torch.zeros(1, 4, 16)
+    exact = layer(x, zeros, zeros)[0]
+    exact.sum().backward()
+    exact_grad = layer.weight_hh.weight.grad.clone()
+    layer.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = layer(x, zeros, zeros)[0]
+    low.float().sum().backward()
+    assert low.dtype == torch.float32                           # the state stays float32
+    torch.testing.assert_close(low, exact, atol=0.03, rtol=0)
+    torch.testing.assert_close(layer.weight_hh.weight.grad, exact_grad, atol=0.05, rtol=0.05)
 
 
 def test_gate_dropout_only_in_training():
