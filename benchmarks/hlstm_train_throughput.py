@@ -1,12 +1,13 @@
 """Training throughput of the H-LSTM cell against an LSTM with the same number of recurrent parameters.
 
-    python benchmarks/hlstm_train_throughput.py --out results/hlstm-train-throughput.json [--threads 2]
+    python benchmarks/hlstm_train_throughput.py --out results/hlstm-train-throughput.json [--threads 2] \
+        [--precision bfloat16]
 
 For each H-LSTM shape (input, hidden, gate width) the LSTM of equal parameter count has the hidden size that
-comes closest; both are ``leanlstm.LSTM`` stacks (the LSTM runs PyTorch's fused kernel, the H-LSTM its step loop
-with the first layer's input half batched over time and the four second layers as one batched product). Same
-random batches, forward + backward + SGD step, ``--repeats`` interleaved repeats of ``--windows`` windows;
-medians in time steps x batch per second.
+comes closest; both are ``leanlstm.LSTM`` stacks (the LSTM runs PyTorch's fused kernel, the H-LSTM its explicit
+recurrence, ``nn.hlstm.hlstm_recurrence``). Same random batches, forward + backward + SGD step, ``--repeats``
+interleaved repeats of ``--windows`` windows, the forward under bfloat16 autocast with ``--precision bfloat16``
+(as ``TrainConfig.precision``); medians in time steps x batch per second.
 """
 from __future__ import annotations
 
@@ -42,11 +43,12 @@ def equal_lstm(hlstm: leanlstm.LSTM, layers: int) -> leanlstm.LSTM:
     return leanlstm.LSTM(hlstm.input_size, best, layers)
 
 
-def step_time(model: leanlstm.LSTM, x: torch.Tensor, optimizer: torch.optim.Optimizer) -> float:
+def step_time(model: leanlstm.LSTM, x: torch.Tensor, optimizer: torch.optim.Optimizer, precision: str) -> float:
     start = time.perf_counter()
     optimizer.zero_grad()
-    output, _ = model(x)
-    output.pow(2).mean().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+        output, _ = model(x)
+    output.float().pow(2).mean().backward()
     optimizer.step()
     return time.perf_counter() - start
 
@@ -57,6 +59,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--windows", type=int, default=5)
+    parser.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -67,11 +70,11 @@ def main() -> None:
         optimizers = {name: torch.optim.SGD(m.parameters(), lr=1e-3) for name, m in models.items()}
         xs = [torch.randn(steps, batch, inputs) for _ in range(args.windows)]
         for name, model in models.items():                  # warm-up
-            step_time(model, xs[0], optimizers[name])
+            step_time(model, xs[0], optimizers[name], args.precision)
         samples = {name: [] for name in models}
         for repeat in range(args.repeats):
             for name in (list(models) if repeat % 2 == 0 else list(models)[::-1]):
-                seconds = sum(step_time(models[name], x, optimizers[name]) for x in xs)
+                seconds = sum(step_time(models[name], x, optimizers[name], args.precision) for x in xs)
                 samples[name].append(args.windows * steps * batch / seconds)
         medians = {name: float(np.median(values)) for name, values in samples.items()}
         row = {"input": inputs, "hidden": hidden, "gate_hidden": width, "layers": layers, "steps": steps,
@@ -84,7 +87,7 @@ def main() -> None:
               f"{medians['lstm']:,.0f} tok/s; ratio {row['hlstm_vs_lstm']:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"command": command_line(), "machine": machine(), "threads": args.threads,
-                                    "rows": rows}, indent=1) + "\n")
+                                    "precision": args.precision, "rows": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 
