@@ -14,8 +14,11 @@ and quantisation at equal bytes. ``finalize()`` sets every matrix to its final d
 trains the surviving weights with the mask fixed. ``nn.Linear`` heads stay dense unless ``heads`` gives them a
 compression of their own: then each becomes a ``FormLinear`` pruned alike, on the same schedule, to that many times
 fewer bytes (a language model's decoder is as large as its whole LSTM stack and, once the stack is compressed, most
-of the per-step latency). ``GradualPruning`` and the budget arithmetic are shared with the doping methods, whose
-sparse part is pruned alike.
+of the per-step latency). With ``head_form="lowrank"`` the heads are instead factorised once, at ``convert``
+(truncated SVD of the weight, ``W = U V``), to the largest rank whose factors fit the same budget at
+``value_bits``, and then trained like every other weight (a rank-limited decoder keeps every vocabulary row, which
+block pruning of unrelated rows does not). ``GradualPruning`` and the budget arithmetic are shared with the doping
+methods, whose sparse part is pruned alike.
 
     handle = leanlstm.compress_(model, leanlstm.Prune(compression=20, total_steps=len(loader) * epochs))
     ...  loss.backward(); optimizer.step(); handle.after_step()      # masks follow the schedule
@@ -35,7 +38,7 @@ from ..graph import find_heads
 from ..nn import LSTM  # noqa: F401  (the docstring examples)
 from ..nn import FormLinear
 from ..nn.forms import Doped as DopedForm
-from ..nn.forms import BlockSparse, MaskedSparse, WeightForm
+from ..nn.forms import BlockSparse, LowRank, MaskedSparse, WeightForm
 from ..nn.forms.base import FLOAT_BYTES, VALUE_BITS
 from ..nn.forms.sparse import csr_nbytes
 from ..train import ConfigError, Range
@@ -46,6 +49,9 @@ if TYPE_CHECKING:
     from ..compress import Compression
 
 Forms = nn.Module | Iterable[tuple[str, WeightForm]]
+
+
+HEAD_FORMS = ("pruned", "lowrank")
 
 
 @dataclass
@@ -67,11 +73,12 @@ class Prune(MethodConfig):
     speed_check: bool = True      # time each pruned matrix against dense on the engine and warn when slower
     keep_slow_dense: bool = False  # keep the matrices that would run slower than dense dense (not pruned)
     heads: float = 0.0            # the nn.Linear heads' own compression (honest bytes, as the LSTM's); 0: stay dense
+    head_form: str = "pruned"     # how heads meet it: "pruned" as the LSTMs, or "lowrank" (SVD once, then trained)
 
     ranges = {"compression": COMPRESSION, "initial_density": Range(0, 1, low_open=True), "anneal_start": UNIT,
               "anneal_end": UNIT, "prune_every": Range(1, 10**9, integer=True), "total_steps": STEPS,
               "heads": Range(0, 1e6)}
-    choices = {"value_bits": VALUE_BITS}
+    choices = {"value_bits": VALUE_BITS, "head_form": HEAD_FORMS}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -79,6 +86,8 @@ class Prune(MethodConfig):
         parse_block(self.block)
         if 0 < self.heads < 1:
             raise ConfigError("heads", self.heads, "be 0 (the heads stay dense) or a compression of at least 1")
+        if self.head_form != "pruned" and not self.heads:
+            raise ConfigError("head_form", self.head_form, "be used with heads=N (the heads' compression)")
 
     def sparse_form(self, rows: int, cols: int) -> MaskedSparse:
         """An empty matrix of the form this config prunes into (unstructured, or block-sparse)."""
@@ -283,6 +292,31 @@ def heads_to_convert(handle: "Compression", method: str) -> list[tuple[str, nn.M
     return heads
 
 
+def lowrank_rank(name: str, out: int, inp: int, compression: float, value_bits: int = 32) -> int:
+    """The largest rank whose two factors (``out x r`` and ``r x inp``, at ``value_bits`` with their scales) store
+    at most ``1 / compression`` of the dense float32 bytes; a ``ValueError`` when not even rank 1 fits.
+
+    >>> lowrank_rank("decoder.weight", 10000, 650, 12), lowrank_rank("decoder.weight", 10000, 650, 12, value_bits=8)
+    (50, 199)
+    """
+    form = LowRank(1, 1, 1)
+    form.set_value_bits(value_bits)
+    budget = out * inp * FLOAT_BYTES / compression
+
+    def nbytes(rank: int) -> int:
+        return (form.values_nbytes(torch.empty(out, rank, device="meta"))
+                + form.values_nbytes(torch.empty(rank, inp, device="meta")))
+
+    low, high = 0, min(out, inp)
+    while low < high:                       # the largest rank within the budget (bytes grow with the rank)
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if nbytes(middle) <= budget else (low, middle - 1)
+    if low == 0:
+        raise ValueError(f"{name} ({out}x{inp}) cannot reach {compression}x as a low-rank product: rank 1 stores "
+                         f"{nbytes(1)} bytes against a budget of {budget:.0f}; lower the compression")
+    return low
+
+
 def convert_heads(handle: "Compression", heads: list[tuple[str, nn.Module]], build, keep) -> None:
     """Every head whose weight ``keep(form)`` rejects becomes a ``FormLinear`` of ``build(name, dense)`` (its bias
     kept), all built before any is installed. Heads the speed guard keeps dense (``kept_dense``) stay as they are."""
@@ -318,15 +352,24 @@ class PruneMethod(Method):
         self.pruner = GradualPruning(c.compression, c.initial_density, c.anneal_start, c.anneal_end, c.prune_every,
                                      c.value_bits)
         self.head_pruner = GradualPruning(c.heads, c.initial_density, c.anneal_start, c.anneal_end, c.prune_every,
-                                          c.value_bits) if c.heads else None
+                                          c.value_bits) if c.heads and c.head_form == "pruned" else None
 
     def _budgets(self, handle: "Compression") -> list[tuple[str, nn.Module, float]]:
         """Every matrix this method prunes (a form, or a head not converted yet) with its compression: the LSTMs'
-        and, with ``heads``, the heads'."""
+        and, with ``heads`` pruned, the heads'."""
         found = [(name, form, self.config.compression) for name, form in handle.forms()]
         if self.head_pruner is not None:
             found += [(qualified(name, "weight"), head, self.config.heads) for name, head in find_heads(handle.model)]
         return found
+
+    def _head_rank(self, name: str, head: nn.Module) -> int:
+        return lowrank_rank(name, head.out_features, head.in_features, self.config.heads, self.config.value_bits)
+
+    def _lowrank_heads(self, handle: "Compression") -> list[tuple[str, nn.Module]]:
+        """With ``head_form="lowrank"``: the heads to factorise (all of them; refused when tied or absent)."""
+        if not self.config.heads or self.config.head_form != "lowrank":
+            return []
+        return heads_to_convert(handle, "Prune")
 
     def check(self, handle: "Compression") -> None:
         if self.head_pruner is not None:
@@ -334,9 +377,12 @@ class PruneMethod(Method):
         for name, matrix, compression in self._budgets(handle):  # each budget on its shape alone: fail now
             final_entries(name, self.config.sparse_form(matrix.out_features, matrix.in_features), compression,
                           self.config.value_bits)
+        for name, head in self._lowrank_heads(handle):
+            self._head_rank(qualified(name, "weight"), head)
 
     def planned_forms(self, handle: "Compression") -> list[tuple[str, WeightForm]]:
-        """Each matrix magnitude-pruned at once to its final entry count (what the schedule ends at)."""
+        """Each matrix magnitude-pruned at once to its final entry count (what the schedule ends at); low-rank
+        heads as ``convert`` factorises them."""
         planned = []
         for name, matrix, compression in self._budgets(handle):
             dense = (matrix.materialize() if isinstance(matrix, WeightForm) else matrix.weight).detach().cpu().float()
@@ -344,6 +390,9 @@ class PruneMethod(Method):
             sparse = self.config.sparse_from_dense(dense, 1.0)
             keep_entries(sparse, entries)
             planned.append((name, sparse))
+        for name, head in self._lowrank_heads(handle):
+            name = qualified(name, "weight")
+            planned.append((name, LowRank.from_dense(head.weight.detach().cpu().float(), self._head_rank(name, head))))
         return planned
 
     def convert(self, handle: "Compression") -> None:
@@ -356,6 +405,11 @@ class PruneMethod(Method):
         convert_forms(handle, build, keep=lambda form: type(form) is kind)
         if self.head_pruner is not None:
             convert_heads(handle, heads_to_convert(handle, "Prune"), build, keep=lambda form: type(form) is kind)
+        heads = self._lowrank_heads(handle)
+        if heads:
+            ranks = {qualified(name, "weight"): self._head_rank(qualified(name, "weight"), head) for name, head in heads}
+            convert_heads(handle, heads, lambda name, dense: LowRank.from_dense(dense, ranks[name]),
+                          keep=lambda form: isinstance(form, LowRank))
 
     def after_step(self, handle: "Compression") -> None:
         if not handle.finalized:
@@ -373,9 +427,10 @@ class PruneMethod(Method):
         summary = sparsity_summary(handle.forms(), self.config.compression)
         if self.config.value_bits != 32:        # sized for narrower values than it holds yet: say what they give
             summary["budget_value_bits"] = self.config.value_bits
-        if self.head_pruner is not None:
+        if self.config.heads:
             heads = handle.head_forms()
             summary |= {"target_head_compression": self.config.heads, "head_compression": weight_compression(heads),
                         "head_density": {name: sparse_part(form).density() for name, form in heads
-                                         if sparse_part(form) is not None}}
+                                         if sparse_part(form) is not None},
+                        "head_rank": {name: form.rank for name, form in heads if isinstance(form, LowRank)}}
         return summary

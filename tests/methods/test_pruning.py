@@ -1,6 +1,8 @@
 """Gradual magnitude pruning to an honest compression factor (CSR index overhead counted)."""
 import json
 
+import numpy as np
+import onnxruntime
 import pytest
 import torch
 from torch import nn
@@ -155,6 +157,82 @@ def test_heads_that_cannot_be_pruned_alone_are_refused_before_any_change():
     spotter = KeywordSpotter(features=6, hidden=16, keywords=4)
     with pytest.raises(ValueError, match="fc.weight .* cannot reach 400x"):
         compress_(spotter, Prune(compression=4, heads=400, total_steps=10))
+
+
+def test_lowrank_heads_are_factorised_within_their_budget_trained_and_restored():
+    from leanlstm.compress import compressed_config, restore_
+    from leanlstm.methods.pruning import lowrank_rank
+    from leanlstm.nn import FormLinear
+    from leanlstm.nn.forms import LowRank
+    from tests.user_models import KeywordSpotter
+
+    torch.manual_seed(0)
+    model = KeywordSpotter(features=32, hidden=32, keywords=48)
+    dense = model.fc.weight.detach().clone()
+    handle = compress_(model, Prune(compression=5, heads=3, head_form="lowrank", value_bits=8, total_steps=8,
+                                    prune_every=4, speed_check=False))
+    form = model.fc.form
+    rank = lowrank_rank("fc.weight", 48, 32, 3, value_bits=8)
+    assert isinstance(model.fc, FormLinear) and isinstance(form, LowRank) and form.rank == rank
+    u, s, vh = torch.linalg.svd(dense.double())                          # the truncated SVD of the trained head
+    torch.testing.assert_close(form.materialize().double(), (u[:, :rank] * s[:rank]) @ vh[:rank], atol=1e-5, rtol=0)
+    budget = 48 * 32 * 4 / 3
+    form.set_value_bits(8)
+    assert form.nbytes() <= budget
+    bigger = LowRank(48, 32, rank + 1)
+    bigger.set_value_bits(8)
+    assert bigger.nbytes() > budget                                      # the largest rank that fits
+    form.set_value_bits(32)
+    before = form.left.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(8):
+        loss = model(torch.randn(3, 5, 32)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        handle.after_step()
+    handle.finalize()
+    assert not torch.equal(form.left, before) and model.fc.form is form   # trained, never pruned or replaced
+    summary = handle.summary()
+    assert summary["head_rank"] == {"fc.weight": rank} and summary["head_density"] == {}
+    fresh = restore_(KeywordSpotter(features=32, hidden=32, keywords=48), compressed_config(model))
+    fresh.load_state_dict(model.state_dict())
+    x = torch.randn(2, 5, 32)
+    assert torch.equal(fresh.eval()(x), model.eval()(x))
+    with pytest.raises(ValueError, match="head_form must be used with heads=N"):
+        Prune(head_form="lowrank")
+    with pytest.raises(ValueError, match=r"fc.weight \(48x32\) cannot reach 400x as a low-rank product"):
+        compress_(KeywordSpotter(features=32, hidden=32, keywords=48),
+                  Prune(compression=4, heads=400, head_form="lowrank", total_steps=10))
+
+
+def test_a_run_with_a_lowrank_decoder_runs_in_int8_close_to_pytorch(tmp_path, ptb_slice_dir):
+    from leanlstm.methods.pruning import lowrank_rank
+    from leanlstm.nn.forms import LowRank
+    from leanlstm.runs import load_run
+    from leanlstm.runtime import compile as compile_model
+    from leanlstm.runtime.onnx import to_onnx
+
+    run = RunConfig(preset="tiny", method="prune", data_dir=str(ptb_slice_dir), verify_data=False,
+                    overrides={"epochs": 1, "max_batches": 4}, finetune_overrides={"epochs": 1},
+                    method_config={"compression": 4.0, "heads": 5.0, "head_form": "lowrank", "prune_every": 2,
+                                   "speed_check": False})
+    metrics = compress_run(run, tmp_path / "lowrank", progress=False)
+    model = load_run(tmp_path / "lowrank")[1].eval()
+    vocab, width = model.decoder.out_features, model.decoder.in_features
+    assert isinstance(model.decoder.form, LowRank) and (vocab, width) == (10000, 32)     # the tiny preset's
+    assert metrics["head_rank"] == {"decoder.weight": lowrank_rank("decoder.weight", vocab, width, 5.0)}
+    assert 5.0 <= metrics["head_compression"] < 5.5
+    tokens = torch.randint(0, 10000, (12, 1))
+    with torch.no_grad():
+        expected = model(tokens)[0][:, 0].numpy()                           # (T, V) logits
+    scale = np.abs(expected).max()
+    for precision, tolerance in (("float32", 1e-5), ("int8", 0.05)):
+        got, _ = compile_model(model, precision=precision).run(tokens[:, 0].numpy())
+        assert np.abs(got - expected).max() <= tolerance * scale, precision
+    session = onnxruntime.InferenceSession(to_onnx(model, state_inputs=False).SerializeToString())
+    logits = session.run(None, {session.get_inputs()[0].name: tokens.numpy()})[0]
+    assert np.abs(logits.reshape(expected.shape) - expected).max() <= 1e-5 * scale
 
 
 def test_a_run_with_pruned_heads_counts_what_they_store(tmp_path, ptb_slice_dir):
