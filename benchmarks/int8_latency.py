@@ -8,7 +8,8 @@ BENCHMARKS.md (magnitude pruning: 3.23% of each matrix;
 doped KP share 0.75: (182x112) kron (15x6) plus 2.42% dense D; doped KP share 0.25: (653x94) kron (4x7) plus 0.81%).
 The ``-int8-bytes`` structures keep what fits a byte budget once values are int8 (1 byte, a float32 scale per row,
 indices counted): unstructured at 60x (ADMM's target) and 16x4 blocks (``BlockSparse``) at 20x, 40x and 60x; the
-``+decoder-Nx`` ones also hold the decoder in 16x4 blocks at N x fewer bytes (a ``FormLinear``).
+``+decoder-Nx`` ones also hold the decoder in 16x4 blocks at N x fewer bytes (a ``FormLinear``), the
+``+lowrank-decoder-Nx`` ones as a low-rank product of the largest rank within those bytes.
 Latency depends on the structure, not on the trained values, so the models here have random weights of those
 structures. The dense model runs on every backend (leanlstm float32 / int8 / bf16, torch, torch-int8, ONNX Runtime
 float32 and int8); the compressed ones on the leanlstm engine in each precision. Every (model, part, backend) takes
@@ -23,8 +24,9 @@ from pathlib import Path
 
 import torch
 
+from leanlstm.methods.pruning import lowrank_rank
 from leanlstm.nn import FormLinear
-from leanlstm.nn.forms import BlockSparse
+from leanlstm.nn.forms import BlockSparse, LowRank
 from leanlstm.runtime.latency import measure
 from leanlstm.runtime.pipeline import pipeline_of
 from leanlstm.tasks.lm import LMConfig, WordLM
@@ -68,6 +70,9 @@ STRUCTURES = {
                                           int8_density("blocksparse", 16, DECODER)),
     "blocks-40x-int8-bytes+decoder-12x": ("blocksparse", {"density": int8_density("blocksparse", 40)},
                                           int8_density("blocksparse", 12, DECODER)),
+    # the decoder at 12x as a low-rank product instead (Prune(heads=12, head_form="lowrank", value_bits=8))
+    "blocks-40x-int8-bytes+lowrank-decoder-12x": ("blocksparse", {"density": int8_density("blocksparse", 40)},
+                                                  ("lowrank", lowrank_rank("decoder", *DECODER, 12, 8))),
 }
 
 
@@ -83,9 +88,11 @@ def model(structure) -> WordLM:
     if structure not in (None, "shrunk"):
         form, options = structure[:2]
         lm.lstm.replace_forms(form, speed_check=False, **options)
-    if isinstance(structure, tuple) and len(structure) > 2:       # a block-sparse decoder of this density
-        weight = lm.decoder.weight.detach()
-        lm.decoder = FormLinear.from_linear(lm.decoder, BlockSparse.from_dense(weight, density=structure[2]))
+    if isinstance(structure, tuple) and len(structure) > 2:       # a compressed decoder: a block density or a rank
+        weight, decoder = lm.decoder.weight.detach(), structure[2]
+        form = (LowRank.from_dense(weight, rank=decoder[1]) if isinstance(decoder, tuple)
+                else BlockSparse.from_dense(weight, density=decoder))
+        lm.decoder = FormLinear.from_linear(lm.decoder, form)
     return lm
 
 
@@ -120,7 +127,7 @@ def main() -> None:
                 if name in timed:
                     rows.append({"model": label, "part": part, "backend": name, "us_per_step": timed[name],
                                  "density": density_of(STRUCTURES[label]),
-                                 "decoder_density": STRUCTURES[label][2] if len(STRUCTURES[label] or ()) > 2 else None,
+                                 "decoder": STRUCTURES[label][2] if len(STRUCTURES[label] or ()) > 2 else None,
                                  "vs_dense_float32": dense["leanlstm"] / timed[name],
                                  "best_peer": peer_name, "best_peer_us": dense[peer_name],
                                  "vs_best_peer_dense": dense[peer_name] / timed[name]})
