@@ -116,6 +116,18 @@ def test_block_pruning_keeps_whole_vnni_blocks_and_meets_the_int8_budget():
         Prune(block="16")
 
 
+def _train_spotter(model, handle, steps: int) -> None:
+    """A user's loop on a KeywordSpotter of 32 features: SGD on random batches, the handle's hooks, finalize."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(steps):
+        loss = model(torch.randn(3, 5, 32)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        handle.after_step()
+    handle.finalize()
+
+
 def test_heads_are_pruned_to_their_own_budget_and_restored_from_the_structure():
     from leanlstm.compress import compressed_config, restore_
     from leanlstm.nn import FormLinear
@@ -125,14 +137,7 @@ def test_heads_are_pruned_to_their_own_budget_and_restored_from_the_structure():
     model = KeywordSpotter(features=32, hidden=32, keywords=48)
     handle = compress_(model, Prune(compression=5, heads=3, total_steps=12, prune_every=4, speed_check=False))
     assert isinstance(model.fc, FormLinear) and isinstance(model.fc.form, MaskedSparse)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(12):
-        loss = model(torch.randn(3, 5, 32)).pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        handle.after_step()
-    handle.finalize()
+    _train_spotter(model, handle, steps=12)
     summary = handle.summary()
     assert 3 <= summary["head_compression"] < 3.1 and 5 <= summary["lstm_weight_compression"] < 5.2
     assert summary["head_density"]["fc.weight"] == model.fc.form.density()
@@ -184,14 +189,7 @@ def test_lowrank_heads_are_factorised_within_their_budget_trained_and_restored()
     assert bigger.nbytes() > budget                                      # the largest rank that fits
     form.set_value_bits(32)
     before = form.left.detach().clone()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(8):
-        loss = model(torch.randn(3, 5, 32)).pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        handle.after_step()
-    handle.finalize()
+    _train_spotter(model, handle, steps=8)
     assert not torch.equal(form.left, before) and model.fc.form is form   # trained, never pruned or replaced
     summary = handle.summary()
     assert summary["head_rank"] == {"fc.weight": rank} and summary["head_density"] == {}
