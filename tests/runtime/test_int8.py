@@ -74,6 +74,19 @@ def test_a_sequence_product_equals_stepping_and_zero_or_nan_inputs_behave():
     assert np.isnan(broken[5]).all() and np.isfinite(broken[4]).all()
 
 
+def test_a_low_rank_sequence_product_equals_stepping():
+    rng = np.random.default_rng(3)
+    left, right = rng.normal(size=(130, 7)).astype(np.float32), rng.normal(size=(7, 48)).astype(np.float32)
+    xs = rng.normal(size=(9, 48)).astype(np.float32)
+    op = int8.int8_lowrank_op(left, right)
+    whole, stepped = np.zeros((9, 130), np.float32), np.zeros((9, 130), np.float32)
+    op.matmat(op.arrays, xs, whole)
+    for t in range(9):
+        op.matvec(op.arrays, xs[t], stepped[t], False)
+    np.testing.assert_array_equal(whole, stepped)
+    np.testing.assert_allclose(whole, xs @ (left @ right).T, rtol=0, atol=0.05 * np.abs(stepped).max())
+
+
 def _word_model() -> nn.Module:
     class Words(nn.Module):
         def __init__(self):
