@@ -98,7 +98,7 @@ class HLSTMLayer(RecurrentLayer):
             inputs = inputs + self.bias_1
         dropout = self.gate_dropout if self.training else 0.0
         if len(set(self.widths)) == 1:                                   # equal widths: the explicit recurrence
-            # the second layers stacked once per sequence: stacking them at every step cost a fifth of a 650-unit
+            # the second layers stacked once per sequence: stacking them at every step costs a fifth of a 650-unit
             # layer's forward + backward (278 -> 216 ms, 35 steps x 20, one thread)
             stacked = torch.stack(second).transpose(1, 2)                               # (4, w, H)
             bias = None if self.bias_2 is None else self.bias_2.view(len(GATES), 1, -1)

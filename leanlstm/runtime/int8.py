@@ -335,8 +335,8 @@ def int8_lowrank_matvec(arrays, x, out, flip):
 @njit(**JIT)
 def int8_lowrank_matmat(arrays, xs, out):
     """Both stages as one sequence product each (``int8_gemm``: four steps per block, every step's vectors
-    quantised on their own, so it equals stepping). Per step, the second stage of a 10000 x 199 decoder factor
-    took 29 us as a matvec: one step at a time re-reads the whole factor for a short reduction per row."""
+    quantised on their own, so it equals stepping). As one matvec per step, the second stage of a 10000 x 199
+    decoder factor takes 29 us a step: each step re-reads the whole factor for a short reduction per row."""
     left, left_scales, left_corr, right, right_scales, right_corr = arrays
     thin = np.zeros((xs.shape[0], left.shape[1] * QUAD), np.float32)
     int8_gemm(right, right_scales, right_corr, xs, thin)
