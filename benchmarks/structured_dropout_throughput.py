@@ -34,15 +34,11 @@ from record_run import command_line, machine  # noqa: E402
 from leanlstm.nn.structured_dropout import draw_masks, structured_linear  # noqa: E402
 from leanlstm.tasks import get_task  # noqa: E402
 from leanlstm.tasks.base import DataConfig  # noqa: E402
-from leanlstm.tasks.ptb import PRESETS  # noqa: E402
 from leanlstm.train import OPTIMIZERS  # noqa: E402
 
 
-def models(task, preset: str, steps_per_mask: list[int], dropout: float | None = None
-           ) -> dict[str, torch.nn.Module]:
-    base = task.preset(preset).model
-    if dropout is not None:
-        base = replace(base, dropout=dropout)
+def models(task, base, steps_per_mask: list[int]) -> dict[str, torch.nn.Module]:
+    """The model of config ``base`` in every dropout configuration, all from the same initial weights."""
     out = {"standard": base}
     for group in steps_per_mask:
         out["structured" if group == 1 else f"structured/g{group}"] = replace(
@@ -88,11 +84,9 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
-def time_products(preset: str, repeats: int, dropout: float | None = None) -> dict:
-    """Dense masked against compacted, forward + backward, at the model's two shapes (a layer's input product, the
-    decoder); interleaved, medians in ms."""
-    model, train = PRESETS[preset].model, PRESETS[preset].train
-    model = model if dropout is None else replace(model, dropout=dropout)
+def time_products(model, train, repeats: int) -> dict:
+    """Dense masked against compacted, forward + backward, at the word model's two shapes (a layer's input product,
+    the decoder); interleaved, medians in ms."""
     n, products = model.hidden_sizes[0], {}
     for out_features in (4 * n, model.vocab_size):
         samples = {"dense_masked": [], "compacted": []}
@@ -110,10 +104,9 @@ def time_products(preset: str, repeats: int, dropout: float | None = None) -> di
     return products
 
 
-def time_training(task, args: argparse.Namespace) -> tuple[dict, dict, list[float]]:
+def time_training(task, model, train, args: argparse.Namespace) -> tuple[dict, dict, list[float]]:
     """Training windows (batches) of every configuration, interleaved window by window (order alternating)."""
-    train = task.preset(args.preset).train
-    nets = models(task, args.preset, args.steps_per_mask, args.dropout)
+    nets = models(task, model, args.steps_per_mask)
     optimizers = {name: OPTIMIZERS[train.optimizer](m.parameters(), lr=train.lr) for name, m in nets.items()}
     samples, loads = {name: [] for name in nets}, []
     batches = iter(task.train_batches(1))
@@ -151,7 +144,7 @@ def main() -> None:
     args = parser.parse_args()
     task_type = get_task(args.task)
     model, train = task_type.preset(args.preset).model, task_type.preset(args.preset).train
-    if args.dropout is not None:
+    if args.dropout is not None:              # every configuration's rate, the products' too
         model = replace(model, dropout=args.dropout)
     task = task_type.load(DataConfig(args.data_dir), train)
     runs = {}
@@ -160,8 +153,8 @@ def main() -> None:
         print(f"{threads} thread(s), load average {os.getloadavg()[0]:.2f}", flush=True)
         before = os.getloadavg()
         timed = args.product_repeats and args.task == "ptb"        # the products' shapes are PTB's
-        products = time_products(args.preset, args.product_repeats, args.dropout) if timed else {}
-        rows, samples, loads = time_training(task, args)
+        products = time_products(model, train, args.product_repeats) if timed else {}
+        rows, samples, loads = time_training(task, model, train, args)
         runs[str(threads)] = {"load_average_before": list(before), "load_average_after": list(os.getloadavg()),
                               "load_average_1min_during": {"median": statistics.median(loads), "min": min(loads),
                                                            "max": max(loads)},
