@@ -37,14 +37,24 @@ Where this implementation chose (the paper's text beyond its abstract could not 
   batch); below that it is one dense GEMM over the masked input, which measured about twice as fast on this
   CPU (the per-step product reduces over only ``B`` rows). The forward and input-gradient products are always
   compacted;
+- with one mask per window, each product (a layer's fused kernel, the head) runs on the gathered kept columns
+  or on the whole input multiplied by the mask, whichever ran one forward + backward faster when its shape was
+  first seen (``_window_way``): on an Intel Xeon with AMX, bfloat16 products are cheap enough that gathering and
+  scattering the decoder's columns costs more than the half of the product it saves (PTB medium-cpu decoder,
+  forward + backward, two threads: masked 30 ms, compacted 38-61 ms, standard dropout 42), while in float32 the
+  compacted product wins (45 ms against 75);
+- a compacted window operand is padded to an even width with a zero column: oneDNN's bfloat16 LSTM kernel takes
+  a slow path for an odd input width (forward of a 650-unit layer, T=35, B=20: 20.4 ms at width 325, 7.0 at 326);
 - the dropped count is Bernoulli per unit (not a fixed count), as standard dropout; a step that drops every
   unit outputs zeros.
 """
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import _VF
 
 from .cells import LSTMLayer
@@ -60,8 +70,12 @@ DENSE_WEIGHT_GRAD_ROWS = 256
 # batch, and one mask per training window shared by the batch (``steps_per_mask >= T``; PyTorch's fused kernel).
 DROPOUT_MODES = ("standard", "structured", "structured-window")
 
+# How a window-mode product runs: None picks per shape by timing (``_window_way``); "compact" or "masked" forces one.
+WINDOW_PRODUCT: str | None = None
+_WINDOW_WAYS: dict[tuple, str] = {}        # timed choices, per product kind, shapes, dtypes, threads and rate
+
 __all__ = ["DROPOUT_MODES", "check_dropout_config", "structured_forward", "draw_masks", "structured_linear",
-           "lstm_with_input_gates", "structured_lstm"]
+           "window_linear", "lstm_with_input_gates", "structured_lstm"]
 
 
 def draw_masks(steps: int, features: int, p: float, steps_per_mask: int = 1,
@@ -292,17 +306,89 @@ def structured_lstm(lstm, x: torch.Tensor, h0: list[torch.Tensor], c0: list[torc
 def _window_layer(layer: LSTMLayer, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, mask: torch.Tensor,
                   p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One layer whose input keeps the same units at every step (``steps_per_mask >= T``): PyTorch's fused LSTM
-    kernel on the kept input columns and the matching columns of ``W_ih``. The per-step path runs the recurrence
-    step by step in Python (``_Recurrence``), 1.8x-2.2x the fused kernel's time for a 650-unit layer on this CPU
-    (forward + backward, batch 20, 35 steps, two threads: 73.6 ms against about 40, the fused layer's 80.6 less
-    its input product's 40.5); with one mask nothing differs between steps, so the fused kernel keeps both savings."""
+    kernel, on the kept input columns and the matching columns of ``W_ih`` or on the masked input (``_window_way``).
+    The per-step path runs the recurrence step by step in Python (``_Recurrence``), 1.8x-2.2x the fused kernel's
+    time for a 650-unit layer on an AMD EPYC (forward + backward, batch 20, 35 steps, two threads: 73.6 ms against
+    about 40, the fused layer's 80.6 less its input product's 40.5); with one mask nothing differs between steps,
+    so the fused kernel keeps both savings."""
     kept = mask.nonzero().squeeze(1).to(x.device)
-    weights = layer.flat_weights()
-    if kept.numel():
-        weights[0], inputs = weights[0].index_select(1, kept), x.index_select(2, kept) * (1.0 / (1.0 - p))
-    else:       # every unit dropped: the gates see only the biases (the kernel refuses a zero-width input)
-        weights[0], inputs = weights[0][:, :1] * 0, x[..., :1] * 0      # zero gradients, still in the graph
-    return _VF.lstm(inputs, (h0, c0), weights, layer.bias, 1, 0.0, True, False, False)
+    weights, scale = layer.flat_weights(), 1.0 / (1.0 - p)
+
+    def run(way: str, x: torch.Tensor, weights: list[torch.Tensor]):
+        weights = list(weights)
+        if way == "compact":
+            weights[0], inputs = _compact(weights[0], kept), _compact(x, kept) * scale
+        else:       # an all-dropped window takes this way too: the gates see only the biases
+            inputs = x * (mask.to(x.device, x.dtype) * scale)
+        return _VF.lstm(inputs, (h0, c0), weights, layer.bias, 1, 0.0, True, False, False)
+
+    way = _window_way("lstm", run, x, weights, p) if kept.numel() else "masked"
+    return run(way, x, weights)
+
+
+def window_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    """``(x_t * m / (1-p)) @ weight.T`` with one keep-mask ``m`` (in,) for every step and sequence of ``x`` (T, B,
+    in) (``structured-window``), on the kept columns or on the masked input, whichever is faster here
+    (``_window_way``). Under autocast the product runs in its dtype.
+
+    >>> window_linear(torch.ones(2, 3, 4), torch.ones(5, 4), torch.tensor([True, True, False, False]), 0.5)[0, 0]
+    tensor([4., 4., 4., 4., 4.])
+    """
+    if x.dim() != 3 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must be (T, B, {weight.shape[1]}), got {tuple(x.shape)}")
+    kept = mask.nonzero().squeeze(1).to(x.device)
+    scale = 1.0 / (1.0 - p)
+
+    def run(way: str, x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+        if way == "compact":
+            return F.linear(_compact(x, kept) * scale, _compact(weights[0], kept))
+        return F.linear(x * (mask.to(x.device, x.dtype) * scale), weights[0])
+
+    return run(_window_way("linear", run, x, [weight], p) if kept.numel() else "masked", x, [weight])
+
+
+def _compact(t: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """The kept columns (last dimension) of ``t``, padded with a zero column to an even width (module docstring:
+    an odd width sends oneDNN's bfloat16 kernels down a slow path)."""
+    t = t.index_select(-1, kept)
+    return F.pad(t, (0, 1)) if kept.numel() % 2 else t
+
+
+def _window_way(kind: str, run: Callable, x: torch.Tensor, weights: list[torch.Tensor], p: float) -> str:
+    """"compact" or "masked", for ``run(way, x, weights)``: forced by ``WINDOW_PRODUCT``, else the one whose forward
+    + backward took less time on constant operands of these shapes and dtypes, timed once per key (best of three
+    each, about a second for PTB medium-cpu's products; constants, so no random numbers are drawn and a resumed
+    run's masks stay the same). The two ways differ only in rounding."""
+    if WINDOW_PRODUCT is not None:
+        return WINDOW_PRODUCT
+    device = x.device.type
+    autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    key = (kind, tuple(x.shape), x.dtype, tuple((tuple(w.shape), w.dtype) for w in weights), autocast,
+           torch.get_num_threads(), round(p, 3), device)
+    if key not in _WINDOW_WAYS:
+        _WINDOW_WAYS[key] = min(("compact", "masked"), key=lambda way: _seconds(run, way, x, weights))
+    return _WINDOW_WAYS[key]
+
+
+def _seconds(run: Callable, way: str, x: torch.Tensor, weights: list[torch.Tensor], repeats: int = 3) -> float:
+    """Best time of ``repeats`` forward + backward passes of ``run(way, ...)`` on constant stand-ins (after one
+    untimed pass)."""
+    def stand_in(t: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(t, 0.01, requires_grad=t.requires_grad or t.is_floating_point())
+
+    x, weights = stand_in(x), [stand_in(w) for w in weights]
+    best = float("inf")
+    with torch.enable_grad():
+        for index in range(repeats + 1):
+            started = time.perf_counter()
+            out = run(way, x, weights)
+            out = out[0] if isinstance(out, tuple) else out
+            torch.autograd.grad(out.float().sum(), [x, *weights], allow_unused=True)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            if index:
+                best = min(best, time.perf_counter() - started)
+    return best
 
 
 def structured_forward(lstm, head: torch.nn.Module, x: torch.Tensor, hx, p: float, mode: str = "structured",
@@ -326,7 +412,10 @@ def structured_forward(lstm, head: torch.nn.Module, x: torch.Tensor, hx, p: floa
     h0, c0 = lstm._initial_state(hx, x, False)
     output, h_n, c_n = structured_lstm(lstm, x, h0, c0, p, steps_per_mask, drop_input)      # (T, B, H)
     masks = draw_masks(output.shape[0], output.shape[-1], p, steps_per_mask)
-    logits = structured_linear(output, head.weight, masks, p, steps_per_mask)                # (T, B, out)
+    if masks.shape[0] == 1:
+        logits = window_linear(output, head.weight, masks[0], p)                              # (T, B, out)
+    else:
+        logits = structured_linear(output, head.weight, masks, p, steps_per_mask)
     if head.bias is not None:
         logits = logits + head.bias.to(logits.dtype)
     return logits, ((torch.cat(h_n), torch.cat(c_n)) if lstm.uniform_sizes else (h_n, c_n))

@@ -1,6 +1,7 @@
 """Structured dropout (issue 26): compacted products equal the dense masked ones, masks shared by the batch and
 new at every step, edge rates, autocast, compressed forms, and masks that a resumed run draws again."""
 import doctest
+import time
 from dataclasses import replace
 
 import pytest
@@ -194,8 +195,10 @@ def _masked_stack(lstm, x, h0, c0, masks, p):
     return x
 
 
+@pytest.mark.parametrize("way", ["compact", "masked", None])
 @pytest.mark.parametrize("p", [0.0, 0.5])
-def test_one_mask_per_window_runs_the_fused_kernel_on_the_kept_inputs(p):
+def test_one_mask_per_window_runs_the_fused_kernel_on_the_kept_inputs(p, way, monkeypatch):
+    monkeypatch.setattr(sd, "WINDOW_PRODUCT", way)          # None: the timed choice
     lstm = LSTM(6, [5, 5]).double().train()
     x = torch.randn(7, 3, 6, dtype=torch.float64, requires_grad=True)
     h0 = [torch.randn(1, 3, 5, dtype=torch.float64) for _ in range(2)]
@@ -225,3 +228,46 @@ def test_one_mask_per_window_that_drops_every_input_leaves_the_biases():
     out, _, _ = sd._window_layer(lstm.layers[0], x, zeros[0], zeros[0], torch.zeros(4, dtype=torch.bool), 0.5)
     torch.testing.assert_close(out, _masked_stack(lstm, x, zeros, zeros, [torch.zeros(4, dtype=torch.bool)], 0.5))
     assert torch.equal(torch.autograd.grad(out.sum(), x)[0], torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("way", ["compact", "masked"])
+@pytest.mark.parametrize("kept", [0, 3, 4, 6])       # an odd count is padded to an even width
+def test_the_window_head_product_equals_the_masked_one_both_ways(way, kept, monkeypatch):
+    monkeypatch.setattr(sd, "WINDOW_PRODUCT", way)
+    x = torch.randn(5, 2, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    mask = torch.zeros(6, dtype=torch.bool)
+    mask[torch.randperm(6)[:kept]] = True
+    mine = sd.window_linear(x, weight, mask, 0.4)
+    reference = (x * mask.double() / 0.6) @ weight.t()
+    torch.testing.assert_close(mine, reference)
+    for a, b in zip(torch.autograd.grad(mine.sum(), [x, weight]), torch.autograd.grad(reference.sum(), [x, weight])):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda a, w: sd.window_linear(a, w, mask, 0.4), (x, weight))
+
+
+def test_the_window_way_is_the_faster_one_timed_once_per_shape(monkeypatch):
+    monkeypatch.setattr(sd, "_WINDOW_WAYS", {})
+    calls = []
+
+    def run(way, x, weights):        # "compact" made slow on purpose: the timing must pick "masked"
+        calls.append(way)
+        if way == "compact":
+            time.sleep(0.01)
+        return x @ weights[0].t()
+
+    x, weight = torch.randn(3, 2, 4), torch.randn(5, 4)
+    assert sd._window_way("linear", run, x, [weight], 0.5) == "masked"
+    assert sorted(set(calls)) == ["compact", "masked"] and len(calls) == 8        # one untimed + three each
+    assert sd._window_way("linear", run, x, [weight], 0.5) == "masked" and len(calls) == 8    # cached
+    sd._window_way("linear", run, torch.randn(4, 2, 4), [weight], 0.5)
+    assert len(calls) == 16                                                       # a new shape is timed
+    monkeypatch.setattr(sd, "WINDOW_PRODUCT", "compact")
+    assert sd._window_way("linear", run, x, [weight], 0.5) == "compact"
+
+
+def test_timing_the_window_ways_draws_no_random_numbers():
+    x, weight = torch.randn(3, 2, 4), torch.randn(5, 4)
+    state = torch.get_rng_state()
+    sd._seconds(lambda way, x, weights: x @ weights[0].t(), "masked", x, [weight])
+    assert torch.equal(state, torch.get_rng_state())
