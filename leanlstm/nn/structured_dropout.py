@@ -356,15 +356,17 @@ def _compact(t: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 
 def _window_way(kind: str, run: Callable, x: torch.Tensor, weights: list[torch.Tensor], p: float) -> str:
     """"compact" or "masked", for ``run(way, x, weights)``: forced by ``WINDOW_PRODUCT``, else the one whose forward
-    + backward took less time on constant operands of these shapes and dtypes, timed once per key (best of three
+    + backward took less time on constant operands of these shapes and dtypes, timed once per key (rows rounded
+    down to a power of two, features, dtypes, autocast, threads, rate, device; best of three
     each, about a second for PTB medium-cpu's products; constants, so no random numbers are drawn and a resumed
     run's masks stay the same). The two ways differ only in rounding."""
     if WINDOW_PRODUCT is not None:
         return WINDOW_PRODUCT
     device = x.device.type
     autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    key = (kind, tuple(x.shape), x.dtype, tuple((tuple(w.shape), w.dtype) for w in weights), autocast,
-           torch.get_num_threads(), round(p, 3), device)
+    rows = x.shape[:-1].numel()         # to the nearest power of two: utterance batches vary in length
+    key = (kind, 1 << max(rows, 1).bit_length() - 1, x.shape[-1], x.dtype,
+           tuple((tuple(w.shape), w.dtype) for w in weights), autocast, torch.get_num_threads(), round(p, 3), device)
     if key not in _WINDOW_WAYS:
         _WINDOW_WAYS[key] = min(("compact", "masked"), key=lambda way: _seconds(run, way, x, weights))
     return _WINDOW_WAYS[key]

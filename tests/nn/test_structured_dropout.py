@@ -260,8 +260,10 @@ def test_the_window_way_is_the_faster_one_timed_once_per_shape(monkeypatch):
     assert sd._window_way("linear", run, x, [weight], 0.5) == "masked"
     assert sorted(set(calls)) == ["compact", "masked"] and len(calls) == 8        # one untimed + three each
     assert sd._window_way("linear", run, x, [weight], 0.5) == "masked" and len(calls) == 8    # cached
+    sd._window_way("linear", run, torch.randn(2, 3, 4), [weight], 0.5)
+    assert len(calls) == 8                                     # 6 rows: the same power of two as 3 x 2, not timed
     sd._window_way("linear", run, torch.randn(4, 2, 4), [weight], 0.5)
-    assert len(calls) == 16                                                       # a new shape is timed
+    assert len(calls) == 16                                                       # 8 rows: timed
     monkeypatch.setattr(sd, "WINDOW_PRODUCT", "compact")
     assert sd._window_way("linear", run, x, [weight], 0.5) == "compact"
 
