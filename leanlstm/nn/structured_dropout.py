@@ -30,7 +30,7 @@ Where this implementation chose (the paper's text beyond its abstract could not 
   at every step and lose to one dense GEMM over all ``T * B`` rows (see ``results/structured-dropout-throughput
   .json``); grouping trades randomness in time for GEMM size. With one mask for the whole window
   (``steps_per_mask >= T``; mode ``structured-window``) a layer runs PyTorch's fused LSTM kernel on its kept
-  inputs (``_window_layer``), so the recurrence runs fused as well. Groups of 1, 5 or 7 steps each through the
+  inputs (``_window_layer``), so the recurrence runs fused as well, and the head takes ``window_linear``. Groups of 1, 5 or 7 steps each through the
   fused kernel measured 0.38-1.11x standard dropout's throughput on PTB medium-cpu, the per-step path here
   0.52-1.04x (8 windows each, one and two threads): no clear gain, so only the whole window takes that path;
 - the weight gradient is compacted only when a mask covers at least ``DENSE_WEIGHT_GRAD_ROWS`` rows (steps x
