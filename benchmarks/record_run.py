@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from leanlstm.tasks import get_task
+
 
 def machine() -> dict:
     cpu = "unknown"
@@ -45,6 +47,20 @@ def git_commit() -> str:
     return head.strip() + ("+dirty" if dirty.strip() else "")
 
 
+def dropout_of(run_dir: Path, metrics: dict) -> dict:
+    """The run's dropout mode and rate (``config.json``, else its preset's), and for a run that trains with a
+    structured mode and compresses nothing, a method name that says so instead of "baseline"."""
+    config = json.loads((run_dir / "config.json").read_text())
+    mode = config.get("dropout_mode") or "standard"
+    rate = config.get("dropout")
+    if rate is None:
+        rate = getattr(get_task(config["task"]).preset(config["preset"]).model, "dropout", None)
+    out = {"dropout_mode": mode, "dropout": rate}
+    if mode != "standard" and metrics.get("method") == "baseline":
+        out["method"] = f"{mode} dropout (training)"
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
@@ -52,6 +68,7 @@ def main() -> None:
     parser.add_argument("--note", default="", help="anything a reader must know (e.g. a loaded machine)")
     args = parser.parse_args()
     metrics = json.loads((args.run_dir / "metrics.json").read_text())
+    metrics |= dropout_of(args.run_dir, metrics)
     metrics["machine"] = machine()
     if args.note:
         metrics["note"] = args.note

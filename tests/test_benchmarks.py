@@ -1,5 +1,6 @@
 """Scripts behind BENCHMARKS.md: the sweep runner (parsing, resuming and waiting for the runs a command starts from)
 and the one-shot conversion of a trained model."""
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from leanlstm.tasks.lm import LMConfig, WordLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import sweep  # noqa: E402
+from record_run import dropout_of  # noqa: E402
 from one_shot import convert  # noqa: E402
 
 
@@ -85,3 +87,13 @@ def test_one_shot_takes_config_settings_after_the_method_name():
         convert(model, "doped-kp:doping_share=1.5", 4.0)
     with pytest.raises(ValueError, match="key=value"):
         convert(model, "doped-kp:doping_share", 4.0)
+
+
+def test_a_recorded_run_names_its_dropout_and_a_structured_training_run_is_no_baseline(tmp_path):
+    config = {"task": "ptb", "preset": "medium-cpu", "dropout": None, "dropout_mode": "structured-window"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert dropout_of(tmp_path, {"method": "baseline"}) == {
+        "dropout_mode": "structured-window", "dropout": 0.5, "method": "structured-window dropout (training)"}
+    assert "method" not in dropout_of(tmp_path, {"method": "prune"})        # a compression keeps its name
+    (tmp_path / "config.json").write_text(json.dumps(config | {"dropout": 0.4, "dropout_mode": "standard"}))
+    assert dropout_of(tmp_path, {"method": "baseline"}) == {"dropout_mode": "standard", "dropout": 0.4}
