@@ -125,9 +125,10 @@ def test_report_of_the_recorded_results(tmp_path):
     files = sorted(p.name for p in (tmp_path / "report").iterdir())
     assert files == sorted(report["files"])
     # the results were timed on two kinds of machine: a latency plot each, never one axis for both
-    assert {f["file"] for f in tasks["ptb"]["figures"]} == {
-        "ptb-pareto-latency-amd-epyc.png", "ptb-pareto-latency-intel-xeon-processor.png", "ptb-pareto-bytes.png",
-        "ptb-curves.png"}
+    for task in ("ptb", "digits"):
+        assert {f["file"] for f in tasks[task]["figures"]} == {
+            f"{task}-pareto-latency-amd-epyc.png", f"{task}-pareto-latency-intel-xeon-processor.png",
+            f"{task}-pareto-bytes.png", f"{task}-curves.png"}
     sections = {section["machine"]: section for section in tasks["ptb"]["latency"]}
     assert set(sections) == {"AMD EPYC", "Intel(R) Xeon(R) Processor"}
     for machine, section in sections.items():
@@ -138,7 +139,7 @@ def test_report_of_the_recorded_results(tmp_path):
         # one name may stand for runs made elsewhere too (the GPU-trained baseline): the report names the file
         assert [name.split(" (")[0] for name in medium] == [expected], medium
     html = (tmp_path / "report" / "index.html").read_text()
-    assert html.count('src="data:image/png;base64,') == 7 and "http" not in html.replace("http-equiv", "")
+    assert html.count('src="data:image/png;base64,') == 8 and "http" not in html.replace("http-equiv", "")
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "![" in markdown and "(ptb-pareto-latency-amd-epyc.png)" in markdown
     assert "### ptb: latency on Intel(R) Xeon(R) Processor" in markdown
