@@ -30,9 +30,10 @@ Where this implementation chose (the paper's text beyond its abstract could not 
   at every step and lose to one dense GEMM over all ``T * B`` rows (see ``results/structured-dropout-throughput
   .json``); grouping trades randomness in time for GEMM size. With one mask for the whole window
   (``steps_per_mask >= T``; mode ``structured-window``) a layer runs PyTorch's fused LSTM kernel on its kept
-  inputs (``_window_layer``), so the recurrence runs fused as well, and the head takes ``window_linear``. Groups of 1, 5 or 7 steps each through the
-  fused kernel measured 0.38-1.11x standard dropout's throughput on PTB medium-cpu, the per-step path here
-  0.52-1.04x (8 windows each, one and two threads): no clear gain, so only the whole window takes that path;
+  inputs (``_window_layer``), so the recurrence runs fused as well, and the head takes ``window_linear``. Groups
+  of 1, 5 or 7 steps each through the fused kernel measured 0.38-1.11x standard dropout's throughput on PTB
+  medium-cpu, the per-step path here 0.52-1.04x (8 windows each, one and two threads): no clear gain, so only the
+  whole window takes that path;
 - the weight gradient is compacted only when a mask covers at least ``DENSE_WEIGHT_GRAD_ROWS`` rows (steps x
   batch); below that it is one dense GEMM over the masked input, which measured about twice as fast on this
   CPU (the per-step product reduces over only ``B`` rows). The forward and input-gradient products are always
@@ -357,14 +358,14 @@ def _compact(t: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 def _window_way(kind: str, run: Callable, x: torch.Tensor, weights: list[torch.Tensor], p: float) -> str:
     """"compact" or "masked", for ``run(way, x, weights)``: forced by ``WINDOW_PRODUCT``, else the one whose forward
     + backward took less time on constant operands of these shapes and dtypes, timed once per key (rows rounded
-    down to a power of two, features, dtypes, autocast, threads, rate, device; best of three
-    each, about a second for PTB medium-cpu's products; constants, so no random numbers are drawn and a resumed
-    run's masks stay the same). The two ways differ only in rounding."""
+    down to a power of two, features, dtypes, autocast, threads, rate, device; best of three each, about a second
+    for PTB medium-cpu's products; constants, so no random numbers are drawn and a resumed run's masks stay the
+    same). The two ways differ only in rounding."""
     if WINDOW_PRODUCT is not None:
         return WINDOW_PRODUCT
     device = x.device.type
     autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    rows = x.shape[:-1].numel()         # to the nearest power of two: utterance batches vary in length
+    rows = x.shape[:-1].numel()         # rounded down to a power of two: utterance batches vary in length
     key = (kind, 1 << max(rows, 1).bit_length() - 1, x.shape[-1], x.dtype,
            tuple((tuple(w.shape), w.dtype) for w in weights), autocast, torch.get_num_threads(), round(p, 3), device)
     if key not in _WINDOW_WAYS:
