@@ -377,7 +377,7 @@ def _seconds(run: Callable, way: str, x: torch.Tensor, weights: list[torch.Tenso
     """Best time of ``repeats`` forward + backward passes of ``run(way, ...)`` on constant stand-ins (after one
     untimed pass)."""
     def stand_in(t: torch.Tensor) -> torch.Tensor:
-        return torch.full_like(t, 0.01, requires_grad=t.requires_grad or t.is_floating_point())
+        return torch.full_like(t, 0.01, requires_grad=t.is_floating_point())
 
     x, weights = stand_in(x), [stand_in(w) for w in weights]
     best = float("inf")
