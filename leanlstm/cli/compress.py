@@ -55,14 +55,15 @@ from .options import make_tensorboard  # the command's own `options` is a local
 @click.option("--backend", help="Search: the backend the budget holds on (default leanlstm).")
 @click.option("--methods", "method_names", help="Search: comma-separated candidates (default: "
               + ",".join(DEFAULT_METHODS) + ").")
+@options.seed
 @options.distillation
 @options.precision
 @options.device
 @options.tensorboard
 def command(method_name, source, task, preset, out, strength, settings, dropout, dropout_mode, epochs, lr,
             decay_after, lr_decay, finetune_epochs, finetune_lr, resume, data_dir, max_batches, max_tokens,
-            no_verify_data, latency_repeats, no_progress, latency_budget_us, backend, method_names, distill_from,
-            distill_weight, distill_temperature, precision, device, tensorboard):
+            no_verify_data, latency_repeats, no_progress, latency_budget_us, backend, method_names, seed,
+            distill_from, distill_weight, distill_temperature, precision, device, tensorboard):
     """Compress a model with a method, with checkpoints in OUT.
 
     \b
@@ -76,13 +77,13 @@ def command(method_name, source, task, preset, out, strength, settings, dropout,
         given = [name for name, value in (("--set", settings), ("--strength", strength), ("--task", task),
                                           ("--preset", preset), ("--distill-from", distill_from),
                                           ("--dropout", dropout), ("--dropout-mode", dropout_mode))
-                 if value]
+                 if value not in (None, ())]
         if given:
             raise click.UsageError(f"{', '.join(given)} configure one method's run; the search sizes and trains each "
                                    f"method itself from the --from run: give --method to use them")
         _search(source, out, latency_budget_us, backend, method_names, epochs, finetune_epochs, latency_repeats,
                 resume, no_progress, dict(lr=lr, decay_after=decay_after, lr_decay=lr_decay, max_batches=max_batches,
-                                          precision=precision, device=device),
+                                          seed=seed, precision=precision, device=device),
                 data_dir, max_tokens, no_verify_data)
         return
     if backend or method_names:
@@ -106,7 +107,7 @@ def command(method_name, source, task, preset, out, strength, settings, dropout,
     else:
         task, verify_data = task or "ptb", not no_verify_data
     overrides = {k: v for k, v in dict(epochs=epochs, lr=lr, decay_after=decay_after, lr_decay=lr_decay,
-                                         max_batches=max_batches, precision=precision,
+                                         max_batches=max_batches, seed=seed, precision=precision,
                                          device=device).items() if v is not None}
     finetune = {k: v for k, v in dict(epochs=finetune_epochs, lr=finetune_lr).items() if v is not None}
     run = RunConfig(task=task, preset=preset, method=method_name, data_dir=data_dir, max_tokens=max_tokens,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ..nn.structured_dropout import DROPOUT_MODES
-from ..train import PRECISIONS
+from ..train import MAX_SEED, PRECISIONS
 
 
 def distillation(command):
@@ -30,6 +30,13 @@ def dropout_mode(command):
         help="structured: one dropout mask per time step shared by the batch, and the products that read dropped "
              "units skip them (Sarma et al. 2021); structured-window: one mask for the batch's whole window, "
              "PyTorch's fused kernel on the kept inputs (faster on CPUs). Default: the preset's (standard).")(command)
+
+
+def seed(command):
+    """``--seed N``: the run's random seed (``TrainConfig.seed``: initial weights, data order, dropout masks), for
+    repeated runs whose median is the result."""
+    return click.option("--seed", type=click.IntRange(0, MAX_SEED),
+                        help="Random seed instead of the preset's 1234 (initial weights, data order, dropout).")(command)
 
 
 def precision(command):

@@ -35,7 +35,7 @@ def _sizes(text: str | None) -> list[int] | None:
 @click.option("--epochs", type=int, help="Override the preset's number of epochs.")
 @click.option("--lr", type=float, help="Override the preset's learning rate.")
 @click.option("--clip", type=float, help="Override the preset's gradient-norm clip.")
-@click.option("--seed", type=int, help="Override the random seed.")
+@options.seed
 @click.option("--hidden-sizes", help="Per-layer LSTM sizes instead of the preset's, e.g. 120,95 (a direct design).")
 @click.option("--hidden-sizes-from", type=click.Path(exists=True, file_okay=False),
               help="The per-layer sizes a finished run ended with (e.g. an ISS result): its direct design.")

@@ -153,3 +153,32 @@ def test_dropout_override_reaches_the_model_and_its_checkpoint(tmp_path, ptb_sli
         refused = runner.invoke(main, args[:5] + ["--dropout", bad, "--out", str(tmp_path / "bad")])
         assert refused.exit_code != 0 and "--dropout" in refused.output
         assert not (tmp_path / "bad").exists()
+
+
+def test_seed_option_sets_the_compression_run_seed(tmp_path, ptb_slice_dir, baseline):
+    """``--seed`` (repeated runs of a method, their median the result) reaches the run: the same seed gives the same
+    model, another seed another; a seed out of range is refused before any run directory is made."""
+    runner = CliRunner()
+
+    def compress(seed, out):
+        args = ["compress", "--method", "test-lowrank-slice", "--from", str(baseline), "--seed", seed,
+                "--out", str(tmp_path / out), "--epochs", "1", "--max-batches", "3", "--finetune-epochs", "0",
+                "--dropout", "0.5", "--latency-repeats", "0", "--data-dir", str(ptb_slice_dir), "--no-verify-data",
+                "--no-progress"]
+        return runner.invoke(main, args)
+
+    for seed, out in (("7", "a"), ("7", "b"), ("8", "c")):
+        result = compress(seed, out)
+        assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["overrides"]["seed"] == 7
+    weights = {out: [p.detach() for p in load_run(tmp_path / out)[1].parameters()] for out in "abc"}
+    assert all(torch.equal(x, y) for x, y in zip(weights["a"], weights["b"]))
+    assert not all(torch.equal(x, y) for x, y in zip(weights["a"], weights["c"]))
+    refused = compress("-1", "bad")
+    assert refused.exit_code != 0 and "--seed" in refused.output and not (tmp_path / "bad").exists()
+
+
+def test_the_budget_search_refuses_a_single_methods_options_even_when_zero(tmp_path, baseline):
+    result = CliRunner().invoke(main, ["compress", "--from", str(baseline), "--latency-budget-us", "5",
+                                       "--dropout", "0", "--out", str(tmp_path / "s")])
+    assert result.exit_code != 0 and "--dropout" in result.output and not (tmp_path / "s").exists()
