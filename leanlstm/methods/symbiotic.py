@@ -8,7 +8,9 @@ budget measured on the user's own machine and backend: ``leanlstm.Symbiotic``, m
     handle.summary()["symbiotic_measured_us"]
 
 ``leanlstm compress --method symbiotic --set backend=onnxruntime --set latency_budget_us=40 ...`` does the same in a
-run. What happens, in order:
+run. ``speedup=5`` in place of the budget asks for stacks 5x faster than the dense ones on ``backend``, timed when
+compression starts (``Design.dense_us``): a target that means the same on a slower or faster machine. What happens,
+in order:
 
 1. **Profile** (``check``, before anything changes): a per-layer latency table for the model's shapes on
    ``backend`` (``runtime.profile.LayerProfile``, cached in ``profile_dir`` per machine and backend version; a
@@ -82,7 +84,7 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -123,7 +125,10 @@ class Symbiotic(MethodConfig):
     ([0.1, 0.2, 0.35, 0.5], [43, 93])
     """
 
-    latency_budget_us: float = 0.0  # per-step latency (us, batch 1) the compressed LSTM stacks must meet; required
+    latency_budget_us: float = 0.0  # per-step latency (us, batch 1) the compressed LSTM stacks must meet; this or
+                                    # speedup is required
+    speedup: float = 0.0            # instead of a budget in us: the dense stacks' latency on backend, measured when
+                                    # compression starts, over this (5.2: the paper's CPU figure); holds on any machine
     backend: str = "leanlstm"       # the inference backend the budget holds on (leanlstm.runtime.backends)
     hidden_sizes: list = field(default_factory=list)  # what accuracy needs per layer, every stack in order ([]: as now)
     min_hidden: int = 8             # the smallest width the budget may shrink a layer to (what it needs, if smaller)
@@ -152,7 +157,9 @@ class Symbiotic(MethodConfig):
                                     # handle's guard; warns only): the profile already decided, layer by layer
     sizing: str = "hardware"        # "hardware": steps 2-4 of the module doc; "size": the "smaller is better" baseline
 
-    ranges = {"latency_budget_us": Range(0, 1e9, note="required: > 0"), "min_hidden": Range(1, 10**6, integer=True),
+    ranges = {"latency_budget_us": Range(0, 1e9, note="this or speedup: > 0"),
+              "speedup": Range(0, 1e6, note="this or latency_budget_us: > 1"),
+              "min_hidden": Range(1, 10**6, integer=True),
               "max_growth": Range(0, 10),
               "tolerance": Range(0, 1, high_open=True), "margin": Range(0, 1, high_open=True),
               "profile_sizes": Range(1, 1000, integer=True), "profile_repeats": Range(1, 10**5, integer=True),
@@ -166,6 +173,10 @@ class Symbiotic(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         get_backend(self.backend)            # an unknown backend is refused now, naming the known ones
+        if self.latency_budget_us > 0 and self.speedup > 0:
+            raise ConfigError("speedup", self.speedup, "be 0 when latency_budget_us is given: give one of them")
+        if 0 < self.speedup <= 1:
+            raise ConfigError("speedup", self.speedup, "be above 1 (1 is the dense stacks' own speed)")
         for size in self.hidden_sizes:
             Range(1, 10**6, integer=True).check("every entry of hidden_sizes", size)
         self.densities = [float(d) for d in self.densities]
@@ -212,6 +223,7 @@ class Design:
     backend: str
     sizing: str = "hardware"
     assumed_us: float | None = None    # sizing "size": what its own estimate (``Planner.assumed``) expected
+    dense_us: float | None = None      # config.speedup: the dense stacks as measured before compressing
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -548,6 +560,18 @@ def design(lstms: dict[str, LSTM], config: Symbiotic, model: LatencyModel) -> De
     return _design(planner, choice, config, planner.predict(planner.fastest()))
 
 
+def time_stacks(lstms: dict[str, LSTM], config: Symbiotic, per_stack: bool = False):
+    """``(total us per step, {label: error} of stacks that failed)`` of ``lstms`` on ``config.backend``, copies
+    timed in one interleaved run (``runtime.latency.measure``), plus ``{label: us}`` when ``per_stack``."""
+    stacks = {name or "(model)": copy.deepcopy(lstm).cpu().eval() for name, lstm in lstms.items()}
+    result = measure(stacks, backends=(config.backend,), seq_len=config.seq_len, repeats=config.measure_repeats,
+                     threads=config.threads)["models"]
+    failed = {label: r["errors"].get(config.backend) for label, r in result.items()
+              if config.backend not in r["backends"]}
+    times = {label: r["backends"][config.backend]["median"] for label, r in result.items() if label not in failed}
+    return (sum(times.values()), failed, times) if per_stack else (sum(times.values()), failed)
+
+
 def _too_fast(planner: Planner, fastest: Choice, config: Symbiotic) -> str:
     sparse = sorted({d for d in fastest.densities if d < 1.0})
     return (f"latency_budget_us = {config.latency_budget_us:g} is below the fastest model symbiotic can build here: "
@@ -694,13 +718,30 @@ class SymbioticMethod(GrowPruneLoop):
     # --- before anything changes: the profile and the design ------------------------------------------------
     def check(self, handle: "Compression") -> None:
         c = self.config
-        if c.latency_budget_us <= 0:
+        if c.latency_budget_us <= 0 and c.speedup <= 0:
             raise ValueError(f"Symbiotic needs latency_budget_us=N: the per-step latency (us, batch 1) the LSTM "
-                             f"stacks must meet on {c.backend}; leanlstm.runtime.latency(model) measures them now")
+                             f"stacks must meet on {c.backend} (leanlstm.runtime.latency(model) measures them now), "
+                             f"or speedup=S: S times faster than they run now")
         for name, form in handle.forms():
             if form.name not in ("dense", "sparse"):
                 raise ValueError(f"symbiotic plans dense and pruned matrices; {name} is a {form.name} form")
-        self.design = design(handle.lstms, c, LatencyModel(self.source()))
+        dense_us = None
+        if c.speedup:
+            dense_us, failed = time_stacks(handle.lstms, c)
+            if failed:
+                raise ValueError(f"speedup={c.speedup:g} needs the dense stacks timed on {c.backend}, which failed "
+                                 f"({failed}); give latency_budget_us instead")
+            log.info("symbiotic: the dense stacks run %.2f us per step on %s; speedup %g: a budget of %.2f us",
+                     dense_us, c.backend, c.speedup, dense_us / c.speedup)
+            c = replace(c, latency_budget_us=dense_us / c.speedup, speedup=0.0)
+        try:
+            planned = design(handle.lstms, c, LatencyModel(self.source()))
+        except ValueError as error:
+            if dense_us is None:
+                raise
+            raise ValueError(f"speedup={self.config.speedup:g} of the dense stacks' {dense_us:.2f} us per step on "
+                             f"{c.backend}: {error}") from error
+        self.design = replace(planned, dense_us=dense_us)
         self._log_design()
         changed = [name for name, lstm in handle.lstms.items() if list(lstm.hidden_sizes) != self.design.widths[name]]
         self.pending = {}
@@ -784,12 +825,7 @@ class SymbioticMethod(GrowPruneLoop):
 
     def _measure(self, handle: "Compression") -> dict[str, Any]:
         c, d = self.config, self.design
-        stacks = {name or "(model)": copy.deepcopy(lstm).cpu().eval() for name, lstm in handle.lstms.items()}
-        result = measure(stacks, backends=(c.backend,), seq_len=c.seq_len, repeats=c.measure_repeats,
-                         threads=c.threads)["models"]
-        failed = {label: r["errors"].get(c.backend) for label, r in result.items() if c.backend not in r["backends"]}
-        per_stack = {label: r["backends"][c.backend]["median"] for label, r in result.items() if label not in failed}
-        total = sum(per_stack.values())
+        total, failed, per_stack = time_stacks(handle.lstms, c, per_stack=True)
         out = {"backend": c.backend, "budget_us": d.budget_us, "predicted_us": d.predicted_us,
                "measured_us": total, "per_stack_us": per_stack, "within_budget": not failed and total <= d.budget_us,
                "warning": None}
@@ -815,6 +851,10 @@ class SymbioticMethod(GrowPruneLoop):
         if m:
             out |= {"symbiotic_measured_us": m["measured_us"], "symbiotic_within_budget": m["within_budget"],
                     "symbiotic_warning": m["warning"]}
+        if d.dense_us is not None:
+            out |= {"symbiotic_dense_us": d.dense_us, "symbiotic_speedup_target": self.config.speedup}
+            if m.get("measured_us"):
+                out["symbiotic_measured_speedup"] = d.dense_us / m["measured_us"]
         return out
 
     # --- checkpoints ------------------------------------------------------------------------------------------

@@ -285,6 +285,23 @@ def test_the_final_model_measures_within_a_generous_budget(tmp_path):
     assert list((tmp_path).glob("leanlstm-seq8-repeats2-threads1/latency.csv"))   # the cached profile
 
 
+def test_a_speedup_target_sets_the_budget_from_the_dense_stacks_measured_here(tmp_path):
+    model = Classifier(128)        # wide enough that narrower layers run faster (12 units are call-bound)
+    handle = compress_(model, Symbiotic(speedup=1.2, profile_dir=str(tmp_path), seq_len=8, profile_repeats=2,
+                                        profile_sizes=3, measure_repeats=5, growth_lr=0.1, grow_every=2,
+                                        prune_every=1, prune_ratio=0.5, total_steps=16))
+    design = handle.method.design
+    assert design.dense_us > 0 and design.budget_us == pytest.approx(design.dense_us / 1.2)
+    train(model, handle, torch.optim.Adam(model.parameters(), lr=3e-3), steps=16)
+    handle.finalize()
+    summary = handle.summary()
+    assert summary["symbiotic_dense_us"] == design.dense_us and summary["symbiotic_speedup_target"] == 1.2
+    assert summary["symbiotic_measured_speedup"] == pytest.approx(design.dense_us / summary["symbiotic_measured_us"])
+    resumed = symbiotic(Classifier(128), latency_budget_us=0.0, speedup=1.2)    # the design travels in the state
+    resumed.load_state_dict(handle.state_dict())
+    assert resumed.method.design == design
+
+
 def test_a_result_over_budget_is_reported_loudly_with_the_numbers(caplog):
     model = Classifier(12)
     handle = symbiotic(model, total_steps=100, seq_len=8, measure_repeats=3)
@@ -304,7 +321,14 @@ def test_bad_input_is_refused_before_anything_changes():
     with pytest.raises(ConfigError, match="every entry of densities must lie in"):
         Symbiotic(densities=[0.1, 1.5])
     model = Classifier()
-    cases = [({"latency_budget_us": 0.0}, "needs latency_budget_us=N"),
+    with pytest.raises(ConfigError, match="speedup must be 0 when latency_budget_us is given"):
+        Symbiotic(latency_budget_us=10, speedup=5)
+    with pytest.raises(ConfigError, match="speedup must be above 1"):
+        Symbiotic(speedup=0.5)
+    cases = [({"latency_budget_us": 0.0}, "needs latency_budget_us=N.*or speedup=S"),
+             ({"latency_budget_us": 0.0, "speedup": 1e5, "seq_len": 4, "measure_repeats": 2},
+              r"speedup=100000 of the dense stacks' \d+\.\d+ us per step on leanlstm: latency_budget_us = .* is below "
+              "the fastest model"),
              ({"latency_budget_us": 0.05}, r"below the fastest model symbiotic can build here: \d+\.\d+ us per step"),
              ({"hidden_sizes": [16]}, "hidden_sizes lists 1 sizes, but the model's LSTMs have 2 layers"),
              ({"hidden_sizes": [16, 64], "max_growth": 0}, "hidden_sizes\\[1\\] = 64 is above the 40 units")]
