@@ -33,6 +33,7 @@ from ..nn.forms.antman_kernels import _shuffle_add, _shuffle_add_rows
 from ..nn.forms.dense import Dense
 from ..nn.forms.lowrank import LowRank
 from ..nn.forms.sparse import MaskedSparse
+from . import amx
 from .dot_block import PANEL, panel_dot_block   # panels of 64 output rows: four vectors of 16 lanes
 from .kernels import JIT, RuntimeOp, _stack_f32, jagged_diagonals, sparse_op
 from .precision import register_embedding, register_head, register_op
@@ -247,6 +248,13 @@ def _make_gemv(vnni: bool):
 
 int8_gemv = _make_gemv(VNNI)
 VNNI_ON = VNNI             # a compile-time constant of the kernels below
+AMX_ON = amx.AMX and VNNI  # the same, for the sequence products on AMX tiles
+# Fewer steps, or fewer inputs, run on VNNI: a tile block loads every weight tile however few steps it holds, and
+# short rows leave few full tiles. Intel Xeon (Emerald Rapids), one thread, interleaved in one process
+# (benchmarks/int8_amx.py, results/int8-amx.json), AMX against VNNI: 650 inputs 0.75-0.88x at 8 steps, 1.01-1.03x
+# at 12, 1.19-1.33x at 35; at 35 steps 199 and 227 inputs 0.94-1.17x.
+AMX_MIN_STEPS = 16
+AMX_MIN_INPUTS = 512
 
 
 # --- ops of the forms -------------------------------------------------------------------------------------------
@@ -259,7 +267,8 @@ def int8_matvec(arrays, x, out, flip):
 @njit(**JIT)
 def int8_gemm(panels, scales, corrections, xs, out):
     """``out += xs @ W.T`` for ``pack_int8(W)``, ``xs`` (T, in): every step quantised on its own (so ``run`` equals
-    stepping), four steps per block."""
+    stepping), four steps per block on VNNI, 16 on AMX tiles where the CPU has them and the product is large
+    enough to gain (``runtime.amx``: the same integer sums, so the same outputs)."""
     count, quads = panels.shape[0], panels.shape[1]
     steps, m = xs.shape[0], out.shape[1]
     if xs.shape[1] > quads * QUAD or m > count * PANEL or out.shape[0] != steps:
@@ -272,11 +281,20 @@ def int8_gemm(panels, scales, corrections, xs, out):
         for t in range(steps):
             int8_gemv(panels, scales, corrections, xs[t], out[t], False)
         return
+    if AMX_ON and steps >= AMX_MIN_STEPS and quads * QUAD >= AMX_MIN_INPUTS:
+        _amx_gemm(panels, scales, corrections, xq, step_scales, out)
+    else:
+        _vnni_gemm(panels, scales, corrections, xq, step_scales, out)
+
+
+@njit(**JIT)
+def _vnni_gemm(panels, scales, corrections, xq, step_scales, out):
+    """``int8_gemm``'s products on VNNI, four steps per block (each weight vector loaded once for four steps)."""
+    count, quads = panels.shape[0], panels.shape[1]
+    steps = xq.shape[0]
     acc = np.empty((4, PANEL), np.int32)
-    whole = whole_vectors(out, m, PANEL) if packed_rows(scales, corrections) else 0
+    whole = whole_vectors(out, out.shape[1], PANEL) if packed_rows(scales, corrections) else 0
     for b in range(count):
-        start = b * PANEL
-        width = min(PANEL, m - start)
         w = panels.ctypes.data + b * quads * PANEL * QUAD
         for t in range(0, steps, 4):
             block = min(4, steps - t)
@@ -286,14 +304,41 @@ def int8_gemm(panels, scales, corrections, xs, out):
                 for i in range(block):
                     _vnni_1(w, xq[t + i:].ctypes.data, 0, quads, acc[i:].ctypes.data)
             for i in range(block):
-                if b < whole:
-                    _scaled_add_panel(acc[i:].ctypes.data, out.ctypes.data + (t + i) * out.strides[0] + start * 4,
-                                      scales.ctypes.data + start * 4, corrections.ctypes.data + start * 4,
-                                      step_scales.ctypes.data + (t + i) * 4)
-                    continue
-                for r in range(width):
-                    row = start + r
-                    out[t + i, row] += scales[row] * step_scales[t + i] * np.float32(acc[i, r] - corrections[row])
+                _add_sums(acc[i], out, t + i, b, b < whole, scales, corrections, step_scales)
+
+
+@njit(**JIT)
+def _amx_gemm(panels, scales, corrections, xq, step_scales, out):
+    """``int8_gemm``'s products on AMX tiles, 16 steps a block, from the same panels and quantised steps."""
+    count, quads = panels.shape[0], panels.shape[1]
+    steps = xq.shape[0]
+    configs = (amx.tile_config(quads, amx.STEPS), amx.tile_config(quads, max(1, steps % amx.STEPS)))
+    acc = np.empty((amx.STEPS, PANEL), np.int32)
+    whole = whole_vectors(out, out.shape[1], PANEL) if packed_rows(scales, corrections) else 0
+    for b in range(count):
+        w = panels.ctypes.data + b * quads * PANEL * QUAD
+        for t in range(0, steps, amx.STEPS):
+            block = min(amx.STEPS, steps - t)
+            config = configs[0] if block == amx.STEPS else configs[1]
+            amx.panel_block(config.ctypes.data, xq[t:].ctypes.data, xq.strides[0], w, quads, acc.ctypes.data)
+            for i in range(block):
+                _add_sums(acc[i], out, t + i, b, b < whole, scales, corrections, step_scales)
+    amx.release()
+
+
+@njit(inline="always", **JIT)
+def _add_sums(acc, out, t, b, vectors, scales, corrections, step_scales):
+    """``out[t, rows of panel b] += scales * step_scales[t] * (acc - corrections)``: the vector epilogue when
+    ``vectors`` (a whole panel of contiguous rows), else row by row."""
+    start = b * PANEL
+    if vectors:
+        _scaled_add_panel(acc.ctypes.data, out.ctypes.data + t * out.strides[0] + start * 4,
+                          scales.ctypes.data + start * 4, corrections.ctypes.data + start * 4,
+                          step_scales.ctypes.data + t * 4)
+        return
+    for r in range(min(PANEL, out.shape[1] - start)):
+        row = start + r
+        out[t, row] += scales[row] * step_scales[t] * np.float32(acc[r] - corrections[row])
 
 
 @njit(**JIT)
@@ -318,8 +363,8 @@ def int8_dense_op(weight: np.ndarray) -> RuntimeOp:
 
     >>> w = np.array([[1.0, -2.0], [0.5, 0.25]], np.float32); out = np.zeros(2, np.float32)
     >>> op = int8_dense_op(w); op.matvec(op.arrays, np.array([1.0, 1.0], np.float32), out, False)
-    >>> np.round(out, 2).tolist()
-    [-1.0, 0.75]
+    >>> [round(float(v), 2) for v in out]          # float32: -1.0, 0.75; int8 rounding moves the first by 1%
+    [-0.99, 0.75]
     """
     return RuntimeOp(pack_int8(weight), int8_matvec, int8_matmat)
 
@@ -400,8 +445,8 @@ def int8_sparse_op(weight: np.ndarray) -> RuntimeOp:
 
     >>> w = np.tile(np.array([[0, 2.0, 0], [3.0, 0, -4.0]], np.float32), (4, 1)); out = np.zeros(8, np.float32)
     >>> op = int8_sparse_op(w); op.matvec(op.arrays, np.ones(3, np.float32), out, False)
-    >>> np.round(out[:2], 2).tolist()
-    [2.0, -1.0]
+    >>> [round(float(v), 2) for v in out[:2]]      # float32: 2.0, -1.0
+    [2.0, -1.01]
     """
     op = sparse_op(weight)
     if len(op.arrays) != 4:                                  # an entry list: float32 as it is

@@ -6,7 +6,8 @@ import pytest
 
 MODULES = ["leanlstm.runtime.engine", "leanlstm.runtime.kernels", "leanlstm.runtime.latency",
            "leanlstm.runtime.pipeline", "leanlstm.runtime.cells", "leanlstm.runtime.onnx", "leanlstm.runtime.structured_ops",
-           "leanlstm.runtime.profile", "leanlstm.runtime.speed_check", "leanlstm.cli.profile"]
+           "leanlstm.runtime.profile", "leanlstm.runtime.speed_check", "leanlstm.cli.profile",
+           "leanlstm.runtime.amx", "leanlstm.runtime.int8"]
 
 
 @pytest.mark.parametrize("name", MODULES)

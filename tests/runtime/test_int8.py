@@ -74,6 +74,27 @@ def test_a_sequence_product_equals_stepping_and_zero_or_nan_inputs_behave():
     assert np.isnan(broken[5]).all() and np.isfinite(broken[4]).all()
 
 
+@pytest.mark.parametrize("steps, shape", [(35, (2600, 650)), (16, (64, 64)), (17, (130, 700)), (12, (70, 13)),
+                                          (48, (200, 199)), (3, (64, 65))])
+def test_amx_tiles_give_the_vnni_sums_bit_for_bit(steps, shape):
+    """On a CPU with AMX, sequence products run 16 steps a tile block (``runtime.amx``) from the same panels: the
+    same integer sums, so exactly the outputs of stepping, for any remainder of steps and of input groups."""
+    if not int8.AMX_ON:
+        pytest.skip("this CPU has no AMX tiles, or Linux refused their state: sequence products run on VNNI, "
+                    "which test_a_sequence_product_equals_stepping_and_zero_or_nan_inputs_behave covers")
+    rng = np.random.default_rng(steps)
+    weight = rng.normal(size=shape).astype(np.float32)
+    xs = rng.normal(size=(steps, shape[1])).astype(np.float32)
+    panels, scales, corrections = int8.pack_int8(weight)
+    xq = np.empty((steps, panels.shape[1] * int8.QUAD), np.uint8)
+    step_scales = np.array([int8._quantise_input(x, q) for x, q in zip(xs, xq)], np.float32)
+    tiles, stepped = np.zeros((steps, shape[0]), np.float32), np.zeros((steps, shape[0]), np.float32)
+    int8._amx_gemm(panels, scales, corrections, xq, step_scales, tiles)
+    for t in range(steps):
+        int8.int8_gemv(panels, scales, corrections, xs[t], stepped[t], False)
+    np.testing.assert_array_equal(tiles, stepped)
+
+
 def test_a_low_rank_sequence_product_equals_stepping():
     rng = np.random.default_rng(3)
     left, right = rng.normal(size=(130, 7)).astype(np.float32), rng.normal(size=(7, 48)).astype(np.float32)
