@@ -1,6 +1,7 @@
 """Run a list of ``leanlstm`` commands, a few at a time, each on one thread (``--threads``); resumable.
 
     python benchmarks/sweep.py benchmarks/sweeps/ptb-small-doping.txt --runs runs --workers 2
+    python benchmarks/sweep.py FIRST.txt SECOND.txt --runs runs --workers 2     # several files, as one list
 
 The sweep file holds one ``leanlstm ...`` command per line (``#`` starts a comment) with ``{runs}`` standing
 for the runs folder; each command must have ``--out``. A command whose ``--out`` already holds
@@ -71,13 +72,14 @@ def log_path(args: list[str]) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep", type=Path)
+    parser.add_argument("sweeps", type=Path, nargs="+", help="sweep files, run as one list in the order given")
     parser.add_argument("--runs", default="runs", help="folder that {runs} stands for")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1,
                         help="threads per command (keep workers x threads within the cores: 1 x 2 on two cores)")
     options = parser.parse_args()
-    queue = [c for c in map(prepared, commands(options.sweep, options.runs)) if c is not None]
+    listed = [command for sweep in options.sweeps for command in commands(sweep, options.runs)]
+    queue = [c for c in map(prepared, listed) if c is not None]
     threads = str(options.threads)
     env = os.environ | {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     running: list[tuple[subprocess.Popen, list[str], float]] = []

@@ -44,6 +44,24 @@ def test_sweep_parses_resumes_and_waits_for_unfinished_sources(tmp_path):
         sweep.commands(tmp_path / "bad.txt", str(runs))
 
 
+def test_sweep_takes_several_files_as_one_list(tmp_path):
+    """Finished runs of both files are skipped, and a run of the second whose source nothing in either makes is
+    reported, not started."""
+    runs = tmp_path / "runs"
+    for name in ("a", "b"):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "metrics.json").write_text("{}")
+    (tmp_path / "one.txt").write_text("leanlstm train --preset tiny --out {runs}/a\n")
+    (tmp_path / "two.txt").write_text("leanlstm compress --method prune --from {runs}/a --out {runs}/b\n"
+                                      "leanlstm compress --method prune --from {runs}/c --out {runs}/d\n")
+    script = Path(sweep.__file__)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "one.txt"), str(tmp_path / "two.txt"),
+                           "--runs", str(runs)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "start:" not in done.stdout
+    assert f"NOT STARTED, the run it starts from is unfinished: leanlstm compress --method prune --from {runs}/c" \
+        in done.stdout and done.stdout.count("NOT STARTED") == 1
+
+
 def test_sweep_runs_leanlstm_with_its_own_interpreter_without_it_on_path():
     command = sweep.executable(["leanlstm", "train", "--help"])
     assert command[0] == sys.executable
