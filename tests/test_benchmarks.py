@@ -62,6 +62,32 @@ def test_sweep_takes_several_files_as_one_list(tmp_path):
         in done.stdout and done.stdout.count("NOT STARTED") == 1
 
 
+def test_repeats_summarises_each_recipes_runs_and_median(tmp_path):
+    def run(name, seed, test, val):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"overrides": {} if seed is None else {"seed": seed}}))
+        (folder / "metrics.json").write_text(json.dumps({"metric": "wer", "test_wer": test, "val_wer": val,
+                                                         "method": "gp", "test_word_errors": round(test * 1000)}))
+        return str(folder)
+
+    runs = [run("a", None, 0.004, 0.01), run("b", 1, 0.006, 0.02), run("c", 2, 0.005, 0.03)]
+    script = Path(sweep.__file__).with_name("repeats.py")
+    done = subprocess.run([sys.executable, str(script), "--recipe", "gp=" + ",".join(runs), "--recipe",
+                           f"one={runs[0]}", "--out", str(tmp_path / "out.json")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    recipes = json.loads((tmp_path / "out.json").read_text())["recipes"]
+    assert recipes["gp"]["median_test_wer"] == 0.005 and recipes["gp"]["median_val_wer"] == 0.02
+    assert [r["seed"] for r in recipes["gp"]["runs"]] == ["the preset's", 1, 2]
+    assert recipes["one"]["runs"][0]["test_word_errors"] == 4
+    (tmp_path / "d").mkdir()
+    unfinished = subprocess.run([sys.executable, str(script), "--recipe", f"x={tmp_path / 'd'}", "--out",
+                                 str(tmp_path / "no.json")], capture_output=True, text=True, timeout=120)
+    assert unfinished.returncode != 0 and "has not finished" in unfinished.stderr
+    assert not (tmp_path / "no.json").exists()
+
+
 def test_sweep_runs_leanlstm_with_its_own_interpreter_without_it_on_path():
     command = sweep.executable(["leanlstm", "train", "--help"])
     assert command[0] == sys.executable
