@@ -548,7 +548,7 @@ def design(lstms: dict[str, LSTM], config: Symbiotic, model: LatencyModel) -> De
     if planner.predict(choice) > target:
         fastest = planner.fastest()
         if planner.predict(fastest) > budget:
-            raise ValueError(_too_fast(planner, fastest, config))
+            raise TooFast(_too_fast(planner, fastest, config), planner.predict(fastest))
         choice = min(choice, fastest, key=planner.predict)
     if planner.predict(choice) <= target:
         planner.refine(choice)
@@ -570,6 +570,14 @@ def time_stacks(lstms: dict[str, LSTM], config: Symbiotic, per_stack: bool = Fal
               if config.backend not in r["backends"]}
     times = {label: r["backends"][config.backend]["median"] for label, r in result.items() if label not in failed}
     return (sum(times.values()), failed, times) if per_stack else (sum(times.values()), failed)
+
+
+class TooFast(ValueError):
+    """A budget below the fastest model the profile allows; ``fastest_us`` is how fast that is."""
+
+    def __init__(self, message: str, fastest_us: float) -> None:
+        super().__init__(message)
+        self.fastest_us = fastest_us
 
 
 def _too_fast(planner: Planner, fastest: Choice, config: Symbiotic) -> str:
@@ -736,11 +744,14 @@ class SymbioticMethod(GrowPruneLoop):
             c = replace(c, latency_budget_us=dense_us / c.speedup, speedup=0.0)
         try:
             planned = design(handle.lstms, c, LatencyModel(self.source()))
-        except ValueError as error:
+        except TooFast as error:
             if dense_us is None:
                 raise
             raise ValueError(f"speedup={self.config.speedup:g} of the dense stacks' {dense_us:.2f} us per step on "
-                             f"{c.backend}: {error}") from error
+                             f"{c.backend} asks for {c.latency_budget_us:.2f} us, below the fastest model "
+                             f"symbiotic can build here ({error.fastest_us:.2f} us): give speedup <= "
+                             f"{dense_us / error.fastest_us:.2f}, a lower min_hidden ({c.min_hidden}), or lower "
+                             f"densities") from error
         self.design = replace(planned, dense_us=dense_us)
         self._log_design()
         changed = [name for name, lstm in handle.lstms.items() if list(lstm.hidden_sizes) != self.design.widths[name]]
