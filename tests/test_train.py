@@ -258,6 +258,20 @@ def test_cli_train_and_eval(tmp_path, ptb_slice_dir):
     assert missing.exit_code != 0 and "LEANLSTM_DATA" in missing.output and "Traceback" not in missing.output
 
 
+def test_cli_train_takes_the_lr_schedule(tmp_path, ptb_slice_dir):
+    """``--decay-after`` and ``--lr-decay`` stretch or shorten a preset's schedule (e.g. more epochs in the same
+    time); the run records them, and the lr follows them epoch by epoch."""
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--preset", "tiny", "--out", str(out), "--data-dir", str(ptb_slice_dir),
+                                       "--no-verify-data", "--epochs", "3", "--max-batches", "2", "--lr", "0.8",
+                                       "--decay-after", "1", "--lr-decay", "0.5", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [round(epoch["lr"], 6) for epoch in metrics["history"]] == [0.8, 0.4, 0.2]
+    overrides = json.loads((out / "config.json").read_text())["overrides"]
+    assert (overrides["decay_after"], overrides["lr_decay"]) == (1, 0.5)
+
+
 def test_trainer_works_in_a_users_own_loop(ptb_slice_dir):
     """Callbacks are plain objects; the Trainer is usable without a run directory."""
     from leanlstm.tasks import build_ptb

@@ -34,6 +34,8 @@ def _sizes(text: str | None) -> list[int] | None:
 @options.dropout_mode
 @click.option("--epochs", type=int, help="Override the preset's number of epochs.")
 @click.option("--lr", type=float, help="Override the preset's learning rate.")
+@click.option("--decay-after", type=click.IntRange(min=0), help="Epochs at the full lr (default: the preset's).")
+@click.option("--lr-decay", type=float, help="lr factor per epoch after --decay-after (default: the preset's).")
 @click.option("--clip", type=float, help="Override the preset's gradient-norm clip.")
 @options.seed
 @click.option("--hidden-sizes", help="Per-layer LSTM sizes instead of the preset's, e.g. 120,95 (a direct design).")
@@ -51,8 +53,8 @@ def _sizes(text: str | None) -> list[int] | None:
 @options.precision
 @options.device
 @options.tensorboard
-def command(task, preset, out, resume, data_dir, dropout, dropout_mode, epochs, lr, clip, seed, hidden_sizes,
-            hidden_sizes_from, vocab_size, max_batches, max_tokens, no_verify_data, no_progress, distill_from,
+def command(task, preset, out, resume, data_dir, dropout, dropout_mode, epochs, lr, decay_after, lr_decay, clip, seed,
+            hidden_sizes, hidden_sizes_from, vocab_size, max_batches, max_tokens, no_verify_data, no_progress, distill_from,
             distill_weight, distill_temperature, precision, device, tensorboard):
     """Train a task's model from a preset.
 
@@ -65,8 +67,8 @@ def command(task, preset, out, resume, data_dir, dropout, dropout_mode, epochs, 
         if sizes is not None:
             raise click.UsageError("give --hidden-sizes or --hidden-sizes-from, not both")
         sizes = finished_hidden_sizes(hidden_sizes_from)
-    overrides = {k: v for k, v in dict(epochs=epochs, lr=lr, clip=clip, seed=seed,
-                                       max_batches=max_batches, precision=precision,
+    overrides = {k: v for k, v in dict(epochs=epochs, lr=lr, decay_after=decay_after, lr_decay=lr_decay, clip=clip,
+                                       seed=seed, max_batches=max_batches, precision=precision,
                                        device=device).items() if v is not None}
     run = RunConfig(task=task, preset=preset, data_dir=data_dir, max_tokens=max_tokens,
                     verify_data=not no_verify_data, overrides=overrides, hidden_sizes=sizes, dropout=dropout,
