@@ -22,13 +22,14 @@ everything again, and ``LatencyTable.load`` / ``LayerTable.load`` warn.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib
 import importlib.metadata
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -307,6 +308,18 @@ def profile(sizes: Iterable[int], out_dir: str | Path, settings: ProfileSettings
     (out / TABLE).write_text(json.dumps(table.to_dict(), indent=2))
     plot(table, out / PLOT)
     return table
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Only warnings from logger ``name`` while inside."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _measure_size(size: int, settings: ProfileSettings) -> dict[str, float]:
@@ -624,15 +637,18 @@ def _interpolate(points: dict[tuple[int, int], float], key: LayerKey) -> float:
     return v0 if i1 == i0 else v0 + (v1 - v0) * (key.input_size - i0) / (i1 - i0)
 
 
-def warn_if_busy(rows: int) -> None:
+def warn_if_busy(rows: int) -> bool:
     """Warn when other processes compete for the CPU: a profile measured on a busy machine reads slow and
-    scatters, and on torch eager (load 3-5 on 2 cores) the valleys it found were not valleys on the quiet machine."""
+    scatters, and on torch eager (load 3-5 on 2 cores) the valleys it found were not valleys on the quiet machine.
+    Returns whether it warned."""
     runnable = load_now()["runnable"]
-    if runnable is not None and runnable > 1:
+    busy = runnable is not None and runnable > 1
+    if busy:
         log.warning("profiling %d layer rows while %d other processes are runnable: the rows will read slow and "
                     "scatter, and valleys found now may not be valleys on a quiet machine; profile with the machine "
                     "otherwise idle (the cache keeps the rows: delete its folder to measure again)", rows,
                     runnable - 1)
+    return busy
 
 
 class LayerProfile:
@@ -649,6 +665,7 @@ class LayerProfile:
     def __init__(self, out_dir: str | Path, settings: LayerSettings | None = None,
                  on_row: Callable[[LayerKey, dict[str, float]], None] | None = None) -> None:
         self.out, self.settings, self.on_row = Path(out_dir), settings or LayerSettings(), on_row
+        self.warned_busy = False
         _prepare(self.out, json.loads(json.dumps(self.settings.stored())), self.settings.backend)
         self.table = LayerTable.from_rows(_read_rows(self.out / ROWS), json.loads((self.out / SETTINGS).read_text()))
 
@@ -660,8 +677,8 @@ class LayerProfile:
         missing = sorted(set(keys) - set(self.table.rows))
         for key in missing:
             _check_key(key, self.settings)
-        if missing:
-            warn_if_busy(len(missing))
+        if missing and not self.warned_busy:          # once per profile: its rows are measured in many runs
+            self.warned_busy = warn_if_busy(len(missing))
         for chunk in _chunks([key for key in missing if key.is_dense]):
             self._run(chunk)
         sparse = [key for key in missing if not key.is_dense]
@@ -679,8 +696,9 @@ class LayerProfile:
         if reference is not None:
             models["dense"] = layer_model(reference)
         s = self.settings
-        result = measure(models, backends=(s.backend,), seq_len=s.seq_len, repeats=s.repeats, warmup=2,
-                         threads=s.threads, seed=s.seed)["models"]
+        with _quiet("leanlstm.runtime.cells"):     # a low-precision backend's per-matrix choices, hundreds a profile
+            result = measure(models, backends=(s.backend,), seq_len=s.seq_len, repeats=s.repeats, warmup=2,
+                             threads=s.threads, seed=s.seed)["models"]
         for label, key in list(zip(models, keys)) + [("dense", reference)]:
             if key is not None and s.backend not in result[label]["backends"]:
                 raise ProfileError(f"backend {s.backend} cannot run layer {tuple(key)}: "

@@ -167,7 +167,10 @@ def test_profiling_on_a_busy_machine_warns(tmp_path, caplog, monkeypatch):
     profile = importlib.import_module("leanlstm.runtime.profile")   # the package's `profile` is a function
     monkeypatch.setattr(profile, "load_now", lambda: {"load_average": [3.0, 3.0, 3.0], "runnable": 4})
     with caplog.at_level("WARNING"):
-        LayerProfile(tmp_path, LayerSettings(seq_len=4, repeats=2)).ensure([LayerKey("lstm", 4, 8)])
+        busy = LayerProfile(tmp_path, LayerSettings(seq_len=4, repeats=2))
+        busy.ensure([LayerKey("lstm", 4, 8)])
+        busy.ensure([LayerKey("lstm", 4, 10)])                     # once per profile, not once per batch of rows
+    assert caplog.text.count("other processes are runnable") == 1
     assert "while 3 other processes are runnable" in caplog.text
     caplog.clear()
     monkeypatch.setattr(profile, "load_now", lambda: {"load_average": [3.0, 3.0, 3.0], "runnable": 1})
