@@ -1,7 +1,8 @@
 """Repeated runs (seeds) of a few recipes side by side: each run's test and validation metric, and each recipe's
 median, so that a comparison rests on more than one run of each.
 
-    python benchmarks/repeats.py --recipe dense=runs/digits-medium,runs/digits-medium-seed1,runs/digits-medium-seed2 \\
+    python benchmarks/repeats.py \
+        --recipe dense=runs/digits-medium,runs/digits-medium-seed1,runs/digits-medium-seed2 \\
         --recipe gp=runs/digits-hlstm-gp-distill,runs/digits-hlstm-gp-distill-seed1,runs/digits-hlstm-gp-distill-seed2 \\
         --out results/digits-hlstm-gp-seeds.json
 

@@ -36,7 +36,8 @@ def seed(command):
     """``--seed N``: the run's random seed (``TrainConfig.seed``: initial weights, data order, dropout masks), for
     repeated runs whose median is the result."""
     return click.option("--seed", type=click.IntRange(0, MAX_SEED),
-                        help="Random seed instead of the preset's 1234 (initial weights, data order, dropout).")(command)
+                        help="Random seed instead of the preset's 1234 (initial weights, data order, "
+                             "dropout).")(command)
 
 
 def precision(command):

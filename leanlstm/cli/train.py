@@ -54,8 +54,8 @@ def _sizes(text: str | None) -> list[int] | None:
 @options.device
 @options.tensorboard
 def command(task, preset, out, resume, data_dir, dropout, dropout_mode, epochs, lr, decay_after, lr_decay, clip, seed,
-            hidden_sizes, hidden_sizes_from, vocab_size, max_batches, max_tokens, no_verify_data, no_progress, distill_from,
-            distill_weight, distill_temperature, precision, device, tensorboard):
+            hidden_sizes, hidden_sizes_from, vocab_size, max_batches, max_tokens, no_verify_data, no_progress,
+            distill_from, distill_weight, distill_temperature, precision, device, tensorboard):
     """Train a task's model from a preset.
 
     \b

@@ -5,7 +5,8 @@ import importlib
 import pytest
 
 MODULES = ["leanlstm.runtime.engine", "leanlstm.runtime.kernels", "leanlstm.runtime.latency",
-           "leanlstm.runtime.pipeline", "leanlstm.runtime.cells", "leanlstm.runtime.onnx", "leanlstm.runtime.structured_ops",
+           "leanlstm.runtime.pipeline", "leanlstm.runtime.cells", "leanlstm.runtime.onnx",
+           "leanlstm.runtime.structured_ops",
            "leanlstm.runtime.profile", "leanlstm.runtime.speed_check", "leanlstm.cli.profile",
            "leanlstm.runtime.amx", "leanlstm.runtime.int8"]
 
