@@ -1,10 +1,9 @@
 """Repeated runs (seeds) of a few recipes side by side: each run's test and validation metric, and each recipe's
 median, so that a comparison rests on more than one run of each.
 
-    python benchmarks/repeats.py \
-        --recipe dense=runs/digits-medium,runs/digits-medium-seed1,runs/digits-medium-seed2 \\
-        --recipe gp=runs/digits-hlstm-gp-distill,runs/digits-hlstm-gp-distill-seed1,runs/digits-hlstm-gp-distill-seed2 \\
-        --out results/digits-hlstm-gp-seeds.json
+    python benchmarks/repeats.py --out results/digits-hlstm-gp-seeds.json \\
+      --recipe dense=runs/digits-medium,runs/digits-medium-seed1,runs/digits-medium-seed2 \\
+      --recipe gp=runs/digits-hlstm-gp-distill,runs/digits-hlstm-gp-distill-seed1,runs/digits-hlstm-gp-distill-seed2
 
 Every run must have finished (``metrics.json``). The metric is the task's own (``metric`` in the run's metrics:
 ``wer``, ``ppl``); word errors and words are copied too where the task records them.
