@@ -93,6 +93,10 @@ def test_amx_tiles_give_the_vnni_sums_bit_for_bit(steps, shape):
     for t in range(steps):
         int8.int8_gemv(panels, scales, corrections, xs[t], stepped[t], False)
     np.testing.assert_array_equal(tiles, stepped)
+    wide, every_other = np.zeros((steps, shape[0] + 5), np.float32), np.zeros((steps, 2 * shape[0]), np.float32)
+    for out in (wide[:, :shape[0]], every_other[:, ::2]):   # gaps between rows; a stride between outputs too
+        int8._amx_gemm(panels, scales, corrections, xq, step_scales, out)
+        np.testing.assert_array_equal(out, stepped)
 
 
 def test_a_low_rank_sequence_product_equals_stepping():
