@@ -9,8 +9,9 @@ packing serves VNNI (one step at a time) and AMX (16 steps at a time), and the i
 engine gives bit-identical outputs either way.
 
 Tiles (palette 1): 0-3 hold the sums of one panel (16 steps x 64 rows), 4 the inputs' 64 bytes of 16 groups, 5 the
-weights of those 16 groups for 16 rows, 6 and 7 the same for the last ``quads % 16`` groups. The tile rows follow
-the steps a block has (16, or the sequence's remainder), so a 35-step sequence costs 16 + 16 + 3 rows, not 48.
+weights of those 16 groups for 16 rows, 6 and 7 the same for the last ``quads % 16`` groups. The configuration is
+loaded once per product (``configure``; ``ldtilecfg`` is slow), so every block has 16 rows: a sequence's last,
+partial block multiplies rows of zeros too, which costs little against the tile loads (the same for 3 rows or 16).
 
 Linux hands a process the AMX register state only on request (``arch_prctl(ARCH_REQ_XCOMP_PERM)``); it is asked
 for when this module is imported on a CPU with AMX, and ``AMX`` is False (the VNNI products run) when it is refused.
@@ -64,17 +65,17 @@ def _function(builder, name: str, arguments: list) -> ir.Function:
 
 
 @intrinsic
-def panel_block(typingctx, config, x, x_stride, w, quads, acc):
-    """``acc[s, 0:64] = sum_g dot(x[s, 4g:4g+4], w[g, 0:64])`` for the steps the tile ``config`` gives rows (at
-    most 16), on raw addresses: ``x`` unsigned bytes (rows ``x_stride`` bytes apart, ``4 quads`` of them), ``w``
-    one int8 panel (``quads`` groups of 256 bytes), ``acc`` int32 rows of 64 (256 bytes apart)."""
-    signature = types.void(*([types.intp] * 6))
+def panel_block(typingctx, x, x_stride, w, quads, acc):
+    """``acc[s, 0:64] = sum_g dot(x[s, 4g:4g+4], w[g, 0:64])`` for 16 steps ``s``, on raw addresses, with the tiles
+    configured for ``quads`` (``configure(tile_config(quads))``): ``x`` unsigned bytes (rows ``x_stride`` bytes
+    apart, ``4 quads`` of them), ``w`` one int8 panel (``quads`` groups of 256 bytes), ``acc`` int32 rows of 64 (256
+    bytes apart)."""
+    signature = types.void(*([types.intp] * 5))
 
     def codegen(context, builder, signature, args):
-        config, x, x_stride, w, quads, acc = args
+        x, x_stride, w, quads, acc = args
         load = _function(builder, "llvm.x86.tileloadd64", [_I8, _P, _I64])
         dot = _function(builder, "llvm.x86.tdpbusd", [_I8, _I8, _I8])
-        builder.call(_function(builder, "llvm.x86.ldtilecfg", [_P]), [builder.inttoptr(config, _P)])
         for v in range(4):
             builder.call(_function(builder, "llvm.x86.tilezero", [_I8]), [_I8(v)])
 
@@ -100,6 +101,15 @@ def panel_block(typingctx, config, x, x_stride, w, quads, acc):
 
 
 @intrinsic
+def configure(typingctx, config):
+    """``ldtilecfg``: load the 64-byte tile configuration at address ``config`` (``tile_config``)."""
+    def codegen(context, builder, signature, args):
+        builder.call(_function(builder, "llvm.x86.ldtilecfg", [_P]), [builder.inttoptr(args[0], _P)])
+        return context.get_dummy_value()
+    return types.void(types.intp), codegen
+
+
+@intrinsic
 def release(typingctx):
     """``tilerelease``: hand the tile state back (the next context switch then saves none)."""
     def codegen(context, builder, signature, args):
@@ -109,19 +119,18 @@ def release(typingctx):
 
 
 @njit(**JIT)
-def tile_config(quads, steps):
-    """The 64-byte tile configuration (palette 1) of ``panel_block`` for ``quads`` groups of inputs and a block of
-    ``steps`` (1-16) steps.
+def tile_config(quads):
+    """The 64-byte tile configuration (palette 1) of ``panel_block`` for ``quads`` groups of inputs.
 
-    >>> c = tile_config(163, 3)
+    >>> c = tile_config(163)
     >>> int(c[0]), [int(c[16 + 2 * t]) for t in range(8)], [int(r) for r in c[48:56]]
-    (1, [64, 64, 64, 64, 64, 64, 12, 64], [3, 3, 3, 3, 3, 16, 3, 3])
+    (1, [64, 64, 64, 64, 64, 64, 12, 64], [16, 16, 16, 16, 16, 16, 16, 3])
     """
     config = np.zeros(64, np.uint8)
     config[0] = 1
     rest = quads % GROUPS
     for tile in range(8):
-        width, rows = 64, steps                   # sums (0-3) and inputs (4, 6): one row a step
+        width, rows = 64, STEPS                   # sums (0-3) and inputs (4, 6): one row a step
         if tile == 5:
             rows = GROUPS
         elif tile == 6 and rest:

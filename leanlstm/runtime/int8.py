@@ -251,10 +251,10 @@ VNNI_ON = VNNI             # a compile-time constant of the kernels below
 AMX_ON = amx.AMX and VNNI  # the same, for the sequence products on AMX tiles
 # Fewer steps, or fewer inputs, run on VNNI: a tile block loads every weight tile however few steps it holds, and
 # short rows leave few full tiles. Intel Xeon (Emerald Rapids), one thread, interleaved in one process
-# (benchmarks/int8_amx.py, results/int8-amx.json), AMX against VNNI: 650 inputs 0.75-0.88x at 8 steps, 1.01-1.03x
-# at 12, 1.19-1.33x at 35; at 35 steps 199 and 227 inputs 0.94-1.17x.
+# (benchmarks/int8_amx.py, results/int8-amx.json), AMX against VNNI: 650 inputs 0.74x at 8 steps, 0.99x at 12,
+# 1.17-1.27x at 35; at 35 steps 199 and 227 inputs 1.59x and 1.16x.
 AMX_MIN_STEPS = 16
-AMX_MIN_INPUTS = 512
+AMX_MIN_INPUTS = 192
 
 
 # --- ops of the forms -------------------------------------------------------------------------------------------
@@ -312,16 +312,19 @@ def _amx_gemm(panels, scales, corrections, xq, step_scales, out):
     """``int8_gemm``'s products on AMX tiles, 16 steps a block, from the same panels and quantised steps."""
     count, quads = panels.shape[0], panels.shape[1]
     steps = xq.shape[0]
-    configs = (amx.tile_config(quads, amx.STEPS), amx.tile_config(quads, max(1, steps % amx.STEPS)))
+    if steps % amx.STEPS:                           # whole blocks: the last one's extra rows are zeros
+        padded = np.zeros((steps + amx.STEPS - steps % amx.STEPS, xq.shape[1]), np.uint8)
+        padded[:steps] = xq
+        xq = padded
     acc = np.empty((amx.STEPS, PANEL), np.int32)
     whole = whole_vectors(out, out.shape[1], PANEL) if packed_rows(scales, corrections) else 0
+    config = amx.tile_config(quads)
+    amx.configure(config.ctypes.data)
     for b in range(count):
         w = panels.ctypes.data + b * quads * PANEL * QUAD
         for t in range(0, steps, amx.STEPS):
-            block = min(amx.STEPS, steps - t)
-            config = configs[0] if block == amx.STEPS else configs[1]
-            amx.panel_block(config.ctypes.data, xq[t:].ctypes.data, xq.strides[0], w, quads, acc.ctypes.data)
-            for i in range(block):
+            amx.panel_block(xq[t:].ctypes.data, xq.strides[0], w, quads, acc.ctypes.data)
+            for i in range(min(amx.STEPS, steps - t)):
                 _add_sums(acc[i], out, t + i, b, b < whole, scales, corrections, step_scales)
     amx.release()
 
