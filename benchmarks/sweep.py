@@ -11,7 +11,7 @@ machine two one-thread runs finish sooner than two two-thread runs taking turns 
 core is taken); a chain of commands that must run one after the other takes ``--workers 1 --threads 2``. Each
 command's output goes to ``OUT.log`` beside its run directory. A command whose ``--from`` (or
 ``--hidden-sizes-from``, ``--distill-from``) run has not finished waits until it has (it may be an earlier line of
-the same sweep).
+the same sweep, or a run training in another process).
 """
 from __future__ import annotations
 
@@ -56,6 +56,14 @@ def source_ready(args: list[str]) -> bool:
     the wrong model."""
     return all((Path(args[args.index(option) + 1]) / "metrics.json").is_file() for option in SOURCES
                if option in args)
+
+
+def trained_elsewhere(args: list[str]) -> bool:
+    """Whether a run the command builds on is training now in another process (one started by hand, or by another
+    sweep): then the command waits for it instead of being given up."""
+    from leanlstm.runs import training_pid
+
+    return any(training_pid(args[args.index(option) + 1]) is not None for option in SOURCES if option in args)
 
 
 def executable(args: list[str]) -> list[str]:
@@ -105,7 +113,8 @@ def main() -> None:
                 status = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode})"
                 failed += process.returncode != 0
                 print(f"{status} in {(time.time() - started) / 60:.1f} min: {shlex.join(args)}", flush=True)
-        if queue and not running and not any(map(source_ready, queue)):   # nothing here will finish them
+        # nothing here, and no other process, will finish the runs they start from
+        if queue and not running and not any(map(source_ready, queue)) and not any(map(trained_elsewhere, queue)):
             for args in queue:
                 print(f"NOT STARTED, the run it starts from is unfinished: {shlex.join(args)}", flush=True)
             failed += len(queue)

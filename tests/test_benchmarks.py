@@ -88,6 +88,20 @@ def test_repeats_summarises_each_recipes_runs_and_median(tmp_path):
     assert not (tmp_path / "no.json").exists()
 
 
+def test_sweep_waits_for_a_source_training_in_another_process(tmp_path):
+    from leanlstm.runs import _lock
+
+    (tmp_path / "base").mkdir()
+    command = ["leanlstm", "compress", "--method", "prune", "--from", str(tmp_path / "base"), "--out", "x"]
+    assert not sweep.trained_elsewhere(command)
+    held = _lock(tmp_path / "base")                     # what a training holds while it runs
+    try:
+        assert sweep.trained_elsewhere(command) and not sweep.source_ready(command)
+    finally:
+        held.close()
+    assert not sweep.trained_elsewhere(command)
+
+
 def test_sweep_runs_leanlstm_with_its_own_interpreter_without_it_on_path():
     command = sweep.executable(["leanlstm", "train", "--help"])
     assert command[0] == sys.executable
