@@ -66,10 +66,7 @@ def main() -> None:
         @njit
         def run(arrays, xs, out):
             panels, scales, corrections = arrays
-            xq = np.empty((xs.shape[0], panels.shape[1] * int8.QUAD), np.uint8)
-            step_scales = np.empty(xs.shape[0], np.float32)
-            for t in range(xs.shape[0]):
-                step_scales[t] = int8._quantise_input(xs[t], xq[t])
+            xq, step_scales = int8.quantise_steps(xs, panels.shape[1] * int8.QUAD)
             gemm(panels, scales, corrections, xq, step_scales, out)
         return run
 

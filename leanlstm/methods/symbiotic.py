@@ -560,16 +560,16 @@ def design(lstms: dict[str, LSTM], config: Symbiotic, model: LatencyModel) -> De
     return _design(planner, choice, config, planner.predict(planner.fastest()))
 
 
-def time_stacks(lstms: dict[str, LSTM], config: Symbiotic, per_stack: bool = False):
-    """``(total us per step, {label: error} of stacks that failed)`` of ``lstms`` on ``config.backend``, copies
-    timed in one interleaved run (``runtime.latency.measure``), plus ``{label: us}`` when ``per_stack``."""
+def time_stacks(lstms: dict[str, LSTM], config: Symbiotic) -> tuple[float, dict[str, Any], dict[str, float]]:
+    """``(total us per step, {label: error} of stacks that failed, {label: us} of the others)`` of ``lstms`` on
+    ``config.backend``, copies timed in one interleaved run (``runtime.latency.measure``)."""
     stacks = {name or "(model)": copy.deepcopy(lstm).cpu().eval() for name, lstm in lstms.items()}
     result = measure(stacks, backends=(config.backend,), seq_len=config.seq_len, repeats=config.measure_repeats,
                      threads=config.threads)["models"]
     failed = {label: r["errors"].get(config.backend) for label, r in result.items()
               if config.backend not in r["backends"]}
     times = {label: r["backends"][config.backend]["median"] for label, r in result.items() if label not in failed}
-    return (sum(times.values()), failed, times) if per_stack else (sum(times.values()), failed)
+    return sum(times.values()), failed, times
 
 
 class TooFast(ValueError):
@@ -735,7 +735,7 @@ class SymbioticMethod(GrowPruneLoop):
                 raise ValueError(f"symbiotic plans dense and pruned matrices; {name} is a {form.name} form")
         dense_us = None
         if c.speedup:
-            dense_us, failed = time_stacks(handle.lstms, c)
+            dense_us, failed, _ = time_stacks(handle.lstms, c)
             if failed:
                 raise ValueError(f"speedup={c.speedup:g} needs the dense stacks timed on {c.backend}, which failed "
                                  f"({failed}); give latency_budget_us instead")
@@ -836,7 +836,7 @@ class SymbioticMethod(GrowPruneLoop):
 
     def _measure(self, handle: "Compression") -> dict[str, Any]:
         c, d = self.config, self.design
-        total, failed, per_stack = time_stacks(handle.lstms, c, per_stack=True)
+        total, failed, per_stack = time_stacks(handle.lstms, c)
         out = {"backend": c.backend, "budget_us": d.budget_us, "predicted_us": d.predicted_us,
                "measured_us": total, "per_stack_us": per_stack, "within_budget": not failed and total <= d.budget_us,
                "warning": None}

@@ -27,7 +27,7 @@ from numba.extending import intrinsic
 
 from ..nn.forms.blocksparse import BlockSparse
 from .int8 import (VNNI, ZERO_POINT, _check_cpu, _poison, _quantise_input, _splat, emit_scaled_add, packed_rows,
-                   quantise_rows, whole_vectors)
+                   quantise_rows, quantise_steps, whole_vectors)
 from .kernels import JIT, RuntimeOp, _scratch, _stack_f32
 from .precision import register_op
 
@@ -402,10 +402,7 @@ def _make_gemm(vnni: bool):
         if xs.shape[1] != width or out.shape[1] != rows or out.shape[0] != steps:
             raise ValueError("int8 block-sparse matmat: xs or out does not match the matrix")
         words = -(-width // TILE_COLS)
-        xq = np.empty((steps, words * TILE_COLS), np.uint8)
-        step_scales = np.empty(steps, np.float32)
-        for t in range(steps):
-            step_scales[t] = _quantise_input(xs[t], xq[t])
+        xq, step_scales = quantise_steps(xs, words * TILE_COLS)
         if steps == 0 or step_scales.min() < 0:         # NaN or infinity: the poisoned steps as stepping gives them
             for t in range(steps):
                 int8_blocksparse_gemv(values, cols, ptr, scales, corrections, shape, xs[t], out[t], False)

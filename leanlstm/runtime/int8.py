@@ -205,6 +205,17 @@ def _quantise_input(x, xq):
 
 
 @njit(inline="always", **JIT)
+def quantise_steps(xs, width):
+    """Every step (row) of ``xs`` quantised on its own (``_quantise_input``) into unsigned bytes ``(T, width)``,
+    and its scales: a sequence product then equals stepping."""
+    xq = np.empty((xs.shape[0], width), np.uint8)
+    step_scales = np.empty(xs.shape[0], np.float32)
+    for t in range(xs.shape[0]):
+        step_scales[t] = _quantise_input(xs[t], xq[t])
+    return xq, step_scales
+
+
+@njit(inline="always", **JIT)
 def _poison(out):
     """NaN into every output, as a float product with a NaN or infinite input gives."""
     for r in range(out.shape[0]):
@@ -273,10 +284,7 @@ def int8_gemm(panels, scales, corrections, xs, out):
     steps, m = xs.shape[0], out.shape[1]
     if xs.shape[1] > quads * QUAD or m > count * PANEL or out.shape[0] != steps:
         raise ValueError("int8 gemm: xs or out does not match the matrix")
-    xq = np.empty((steps, quads * QUAD), np.uint8)
-    step_scales = np.empty(steps, np.float32)
-    for t in range(steps):
-        step_scales[t] = _quantise_input(xs[t], xq[t])
+    xq, step_scales = quantise_steps(xs, quads * QUAD)
     if not VNNI_ON or step_scales.min() < 0:
         for t in range(steps):
             int8_gemv(panels, scales, corrections, xs[t], out[t], False)

@@ -86,8 +86,7 @@ def test_amx_tiles_give_the_vnni_sums_bit_for_bit(steps, shape):
     weight = rng.normal(size=shape).astype(np.float32)
     xs = rng.normal(size=(steps, shape[1])).astype(np.float32)
     panels, scales, corrections = int8.pack_int8(weight)
-    xq = np.empty((steps, panels.shape[1] * int8.QUAD), np.uint8)
-    step_scales = np.array([int8._quantise_input(x, q) for x, q in zip(xs, xq)], np.float32)
+    xq, step_scales = int8.quantise_steps(xs, panels.shape[1] * int8.QUAD)
     tiles, stepped = np.zeros((steps, shape[0]), np.float32), np.zeros((steps, shape[0]), np.float32)
     int8._amx_gemm(panels, scales, corrections, xq, step_scales, tiles)
     for t in range(steps):
