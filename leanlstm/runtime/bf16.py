@@ -33,7 +33,7 @@ from numba.extending import intrinsic
 from ..nn.forms.dense import Dense
 from ..nn.forms.lowrank import LowRank
 from .dot_block import PANEL, panel_dot_block   # panels of 64 output rows: four vectors of 16 lanes
-from .kernels import JIT, RuntimeOp
+from .kernels import JIT, RuntimeOp, aligned
 from .precision import register_embedding, register_head, register_op
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def pack_bf16(weight: np.ndarray) -> np.ndarray:
     count, pairs = -(-rows // PANEL), -(-cols // PAIR)
     padded = np.zeros((count * PANEL, pairs * PAIR), np.uint16)
     padded[:rows, :cols] = bits
-    return np.ascontiguousarray(padded.reshape(count, PANEL, pairs, PAIR).transpose(0, 2, 1, 3))
+    return aligned(padded.reshape(count, PANEL, pairs, PAIR).transpose(0, 2, 1, 3))
 
 
 def unpack_bf16(panels: np.ndarray, rows: int, cols: int) -> np.ndarray:

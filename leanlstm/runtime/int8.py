@@ -35,7 +35,7 @@ from ..nn.forms.lowrank import LowRank
 from ..nn.forms.sparse import MaskedSparse
 from . import amx
 from .dot_block import PANEL, panel_dot_block   # panels of 64 output rows: four vectors of 16 lanes
-from .kernels import JIT, RuntimeOp, _stack_f32, jagged_diagonals, sparse_op
+from .kernels import JIT, RuntimeOp, _stack_f32, aligned, jagged_diagonals, sparse_op
 from .precision import register_embedding, register_head, register_op
 
 log = logging.getLogger(__name__)
@@ -68,11 +68,11 @@ def pack_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     count, quads = -(-rows // PANEL), -(-cols // QUAD)
     padded = np.zeros((count * PANEL, quads * QUAD), np.int8)
     padded[:rows, :cols] = q
-    panels = np.ascontiguousarray(padded.reshape(count, PANEL, quads, QUAD).transpose(0, 2, 1, 3))
+    panels = padded.reshape(count, PANEL, quads, QUAD).transpose(0, 2, 1, 3)
     full_scales = np.ones(count * PANEL, np.float32)
     full_scales[:rows] = scales
     corrections = ZERO_POINT * padded.astype(np.int32).sum(axis=1)
-    return panels, full_scales, corrections.astype(np.int32)
+    return aligned(panels), aligned(full_scales), aligned(corrections.astype(np.int32))
 
 
 # --- the VNNI panel block -------------------------------------------------------------------------------------
@@ -471,7 +471,7 @@ def int8_sparse_op(weight: np.ndarray) -> RuntimeOp:
 def pack_int8_groups(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``blocks`` (g, out/g, in/g) as ``pack_int8`` of each block, stacked: panels, scales and corrections."""
     packed = [pack_int8(block) for block in np.asarray(blocks, np.float32)]
-    return tuple(np.ascontiguousarray(np.stack([p[i] for p in packed])) for i in range(3))
+    return tuple(aligned(np.stack([p[i] for p in packed])) for i in range(3))
 
 
 @njit(**JIT)
