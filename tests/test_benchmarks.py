@@ -88,6 +88,26 @@ def test_repeats_summarises_each_recipes_runs_and_median(tmp_path):
     assert not (tmp_path / "no.json").exists()
 
 
+def test_int8_latency_runs_compares_each_run_with_its_own_fastest_peer(tmp_path):
+    def result(name, ort, torch_int8, ours):
+        dense = {"onnxruntime-int8": ort, "torch-int8": torch_int8, "leanlstm-int8": ours}
+        medians = {"dense/lstm": dense, "dense/model": dense, "blocks/lstm": {"leanlstm-int8": ours / 4}}
+        (tmp_path / name).write_text(json.dumps({"medians": medians}))
+        return str(tmp_path / name)
+
+    script = Path(sweep.__file__).with_name("int8_latency_runs.py")
+    files = [result("quiet.json", 100.0, 140.0, 50.0), result("busy.json", 240.0, 200.0, 80.0)]
+    done = subprocess.run([sys.executable, str(script), *files, "--show", "dense/lstm,blocks/lstm"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    quiet, busy = done.stdout.splitlines()[2:]
+    assert "| 50.0 (2.00x) | 12.5 (8.00x) |" in quiet          # ORT int8 is that run's best peer
+    assert "| 80.0 (2.50x) | 20.0 (10.00x) |" in busy          # torch-int8 is this one's
+    missing = subprocess.run([sys.executable, str(script), files[0], "--show", "other/lstm"], capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode != 0 and "no leanlstm-int8 timing of other/lstm" in missing.stderr
+
+
 def test_sweep_waits_for_a_source_training_in_another_process(tmp_path):
     from leanlstm.runs import _lock
 
