@@ -52,7 +52,8 @@ class RuntimeOp:
 
     def __post_init__(self) -> None:
         # Kernels load whole 64-byte vectors of the weights; NumPy starts a large array 16 bytes past a cache line,
-        # so every such load straddled two lines: aligned, a dense 2600x650 int8 matvec ran 17.8 us, not 26.3.
+        # so every such load straddled two lines: aligned, a dense 2600x650 int8 matvec ran 17.8 us, not 26.3
+        # (Intel Xeon; BENCHMARKS.md, "Weights on cache lines").
         arrays = tuple(a if not isinstance(a, np.ndarray) or a.ctypes.data % CACHE_LINE == 0 else aligned(a)
                        for a in self.arrays)
         object.__setattr__(self, "arrays", arrays)
