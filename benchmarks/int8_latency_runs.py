@@ -18,13 +18,12 @@ PEERS = ("onnxruntime-int8", "torch-int8")
 OURS = "leanlstm-int8"
 
 
-def best_peer(medians: dict, part: str) -> tuple[str, float]:
-    """The fastest dense peer for ``part`` (``lstm`` or ``model``) in one run: (backend, us per step)."""
-    times = {peer: medians[f"dense/{part}"][peer] for peer in PEERS if peer in medians.get(f"dense/{part}", {})}
+def best_peer(medians: dict, part: str) -> float:
+    """The fastest dense peer's us per step for ``part`` (``lstm`` or ``model``) in one run."""
+    times = [medians[f"dense/{part}"][peer] for peer in PEERS if peer in medians.get(f"dense/{part}", {})]
     if not times:
         raise KeyError(f"no dense {part} timing of {' or '.join(PEERS)}")
-    peer = min(times, key=times.get)
-    return peer, times[peer]
+    return min(times)
 
 
 def run_row(path: Path, shown: list[str]) -> list[str]:
@@ -36,7 +35,7 @@ def run_row(path: Path, shown: list[str]) -> list[str]:
         if key not in medians or OURS not in medians[key]:
             sys.exit(f"{path}: no {OURS} timing of {key}; run int8_latency.py with that structure, or leave it out")
         ours = medians[key][OURS]
-        _, peer = best_peer(medians, key.split("/")[1])
+        peer = best_peer(medians, key.split("/")[1])
         cells.append(f"{ours:.1f} ({peer / ours:.2f}x)")
     return cells
 

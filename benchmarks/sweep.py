@@ -50,12 +50,16 @@ def prepared(args: list[str]) -> list[str] | None:
 SOURCES = ("--from", "--hidden-sizes-from", "--distill-from")   # options naming a run the command builds on
 
 
+def sources(args: list[str]) -> list[Path]:
+    """The run directories a command builds on (``SOURCES``)."""
+    return [Path(args[args.index(option) + 1]) for option in SOURCES if option in args]
+
+
 def source_ready(args: list[str]) -> bool:
     """Runs a command builds on must have finished (``metrics.json``): compressing or distilling from a
     half-trained baseline, or copying the sizes of an ISS run still shrinking, would give normal-looking results of
     the wrong model."""
-    return all((Path(args[args.index(option) + 1]) / "metrics.json").is_file() for option in SOURCES
-               if option in args)
+    return all((run / "metrics.json").is_file() for run in sources(args))
 
 
 def trained_elsewhere(args: list[str]) -> bool:
@@ -63,7 +67,7 @@ def trained_elsewhere(args: list[str]) -> bool:
     sweep): then the command waits for it instead of being given up."""
     from leanlstm.runs import training_pid
 
-    return any(training_pid(args[args.index(option) + 1]) is not None for option in SOURCES if option in args)
+    return any(training_pid(run) is not None for run in sources(args))
 
 
 def executable(args: list[str]) -> list[str]:
