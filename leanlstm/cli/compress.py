@@ -32,8 +32,7 @@ from .options import make_tensorboard  # the command's own `options` is a local
 @options.dropout_mode
 @click.option("--epochs", type=int, help="Epochs of the compression phase (default: the preset's).")
 @click.option("--lr", type=float, help="Learning rate of the compression phase.")
-@click.option("--decay-after", type=click.IntRange(min=0), help="Compression-phase epochs at the full lr.")
-@click.option("--lr-decay", type=float, help="Compression-phase lr factor per epoch after --decay-after.")
+@options.lr_decay(" of the compression phase")
 @click.option("--finetune-epochs", type=click.IntRange(min=0),
               help="Epochs of fine-tuning (default 3; 0: apply the method's final step and stop).")
 @click.option("--finetune-lr", type=float, help="Fine-tuning lr (default: the compression phase's last lr).")

@@ -32,6 +32,17 @@ def dropout_mode(command):
              "PyTorch's fused kernel on the kept inputs (faster on CPUs). Default: the preset's (standard).")(command)
 
 
+def lr_decay(phase: str = ""):
+    """``--decay-after N`` and ``--lr-decay F``: the step schedule of ``TrainConfig`` (the lr is multiplied by F each
+    epoch after the first N), for the phase named (``" of the compression phase"``; empty: the whole run)."""
+    def decorate(command):
+        command = click.option("--lr-decay", type=float, help=f"Factor on the lr per epoch after --decay-after"
+                                                              f"{phase} (default: the preset's).")(command)
+        return click.option("--decay-after", type=click.IntRange(min=0),
+                            help=f"Epochs at the full lr{phase} (default: the preset's).")(command)
+    return decorate
+
+
 def seed(command):
     """``--seed N``: the run's random seed (``TrainConfig.seed``: initial weights, data order, dropout masks), for
     repeated runs whose median is the result."""

@@ -34,8 +34,7 @@ def _sizes(text: str | None) -> list[int] | None:
 @options.dropout_mode
 @click.option("--epochs", type=int, help="Override the preset's number of epochs.")
 @click.option("--lr", type=float, help="Override the preset's learning rate.")
-@click.option("--decay-after", type=click.IntRange(min=0), help="Epochs at the full lr (default: the preset's).")
-@click.option("--lr-decay", type=float, help="lr factor per epoch after --decay-after (default: the preset's).")
+@options.lr_decay()
 @click.option("--clip", type=float, help="Override the preset's gradient-norm clip.")
 @options.seed
 @click.option("--hidden-sizes", help="Per-layer LSTM sizes instead of the preset's, e.g. 120,95 (a direct design).")
