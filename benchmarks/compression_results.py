@@ -22,9 +22,10 @@ from leanlstm.report import plot_tradeoff  # noqa: E402
 from leanlstm.runs import load_run  # noqa: E402
 from leanlstm.runtime.latency import load_now, medians, stack_and_model  # noqa: E402
 
-KEEP = ("method", "preset", "hidden_sizes", "lstm_params", "dense_lstm_params", "lstm_compression", "val_ppl",
+KEEP = ("method", "task", "preset", "hidden_sizes", "lstm_params", "dense_lstm_params", "lstm_compression", "val_ppl",
         "test_ppl", "epochs", "train_minutes", "command", "method_config", "source", "iss_hidden_sizes",
-        "structure", "target_compression", "lstm_weight_compression", "sparse_density", "distilled_from", "distill")
+        "structure", "target_compression", "lstm_weight_compression", "lstm_macs_reduction", "sparse_density",
+        "distilled_from", "distill")
 
 
 def summary(run_dir: Path) -> dict:
