@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["leanlstm", "onnxruntime"])
     parser.add_argument("--ours", default="leanlstm", help="the backend the compressed models are judged on, e.g. "
                         "leanlstm-int8; the others' dense times are the peers")
+    parser.add_argument("--warm", action="store_true", help="time each sample right after an untimed run of the "
+                        "same model and backend (runtime.latency.measure): steady-state latency, caches warm")
     parser.add_argument("--note", default="")
     args = parser.parse_args()
     if args.ours not in args.backends:
@@ -77,7 +79,7 @@ def main() -> None:
     dirs = {"baseline": args.baseline, **{str(d): d for d in [*args.runs, *args.control]}}
     models = {label: load_run(d)[1] for label, d in dirs.items()}
     busy_before = load_now()
-    timing = stack_and_model(models, args.backends, repeats=args.repeats)
+    timing = stack_and_model(models, args.backends, repeats=args.repeats, warm=args.warm)
     busy_after = load_now()
     latency = {label: {part: medians(m[part]) for part in ("lstm", "model")} for label, m in timing["models"].items()}
     base = summaries[args.baseline] | {"latency_us_per_step": latency["baseline"]}
@@ -113,7 +115,7 @@ def main() -> None:
     report = {
         "command": command_line(),
         "machine": machine() | timing["machine"] | {"busy_before": busy_before, "busy_after": busy_after},
-        "latency_settings": {k: timing[k] for k in ("unit", "batch", "seq_len", "repeats", "threads")}
+        "latency_settings": {k: timing[k] for k in ("unit", "batch", "seq_len", "repeats", "threads", "warm")}
                             | {"ours": args.ours},
         "note": args.note,
         "baseline": base,

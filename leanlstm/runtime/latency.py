@@ -52,12 +52,20 @@ def latency(model: nn.Module, backends: Sequence[str] = DEFAULT_BACKENDS, seq_le
 
 
 def measure(models: Mapping[str, nn.Module], backends: Sequence[str] | Mapping[str, Sequence[str]] = DEFAULT_BACKENDS,
-            seq_len: int = 35, repeats: int = 30, warmup: int = 3, threads: int = 1, seed: int = 0
-            ) -> dict[str, Any]:
+            seq_len: int = 35, repeats: int = 30, warmup: int = 3, threads: int = 1, seed: int = 0,
+            warm: bool = False) -> dict[str, Any]:
     """``latency`` for several models at once, all (model, backend) pairs interleaved in one run.
 
     ``backends`` is one list for every model or a mapping from model label to its own list. Returns the
     settings plus ``{"models": {label: {"backends": ..., "errors": ...}}}``.
+
+    Taking turns, each sample starts after the other pairs' runs have filled the caches with their own weights: a
+    model whose weights fit in cache pays to fetch them again at the start of each sample, a model that streams its
+    weights from beyond the cache at every step pays little more. ``warm=True`` runs each pair once, untimed, just
+    before each of its samples: the steady state of a model called again and again, as a server running one model
+    sees it, still interleaved against the host's drift. (Intel Xeon, the 40x int8 block stack of BENCHMARKS.md's
+    row M9, 35 steps: 21.9-22.9 us a step taking turns, 14.5-18.6 warm; the dense stack on ONNX Runtime int8
+    91.5-105.7 against 68.3-90.1.)
     """
     if seq_len < 1 or repeats < 1 or warmup < 0 or threads < 1:
         raise ValueError(f"need seq_len >= 1, repeats >= 1, warmup >= 0 and threads >= 1; got seq_len={seq_len}, "
@@ -69,16 +77,16 @@ def measure(models: Mapping[str, nn.Module], backends: Sequence[str] | Mapping[s
         get_backend(name)                                   # unknown names fail before any work
     with pinned_threads(threads):
         runners, errors = _build_runners(models, backends, seq_len, threads, seed)
-        samples = _interleave(runners, seq_len, repeats, warmup, errors)
+        samples = _interleave(runners, seq_len, repeats, warmup, errors, warm)
     report = {label: {"backends": {}, "errors": errors.get(label, {})} for label in models}
     for (label, name), values in samples.items():
         report[label]["backends"][name] = summarise(values)
     return {"unit": "us per time step", "batch": 1, "seq_len": seq_len, "repeats": repeats, "warmup": warmup,
-            "threads": threads, "machine": machine_info(), "models": report}
+            "warm": warm, "threads": threads, "machine": machine_info(), "models": report}
 
 
 def stack_and_model(models: Mapping[str, nn.Module], backends: Sequence[str] = ("leanlstm", "onnxruntime"),
-                    seq_len: int = 35, repeats: int = 30, threads: int = 1) -> dict[str, Any]:
+                    seq_len: int = 35, repeats: int = 30, threads: int = 1, warm: bool = False) -> dict[str, Any]:
     """Latency of each model whole (embedding, LSTM stacks, heads) and of its LSTM stacks alone.
 
     All (model, part, backend) triples take turns in one interleaved run, so the ratios between models
@@ -99,7 +107,7 @@ def stack_and_model(models: Mapping[str, nn.Module], backends: Sequence[str] = (
         parts[f"{label}\0lstm"] = pipeline.recurrent_only()
         if pipeline.tokens or len(pipeline.stages) > len(pipeline.stacks):
             parts[f"{label}\0model"] = pipeline
-    result = measure(parts, backends, seq_len=seq_len, repeats=repeats, threads=threads)
+    result = measure(parts, backends, seq_len=seq_len, repeats=repeats, threads=threads, warm=warm)
     report = {label: {"lstm": {}, "model": {}, "errors": {}} for label in models}
     for label, message in failed.items():
         report[label]["errors"] = {f"model/{name}": message for name in backends}
@@ -145,8 +153,9 @@ def example_inputs(model: nn.Module | Pipeline, seq_len: int, seed: int = 0) -> 
 
 
 def _interleave(runners: dict[Any, Callable], seq_len: int, repeats: int, warmup: int,
-                errors: dict[str, dict[str, str]]) -> dict[Any, list[float]]:
-    """Microseconds per step of each runner, taking turns in a rotating order."""
+                errors: dict[str, dict[str, str]], warm: bool = False) -> dict[Any, list[float]]:
+    """Microseconds per step of each runner, taking turns in a rotating order; with ``warm`` each sample follows
+    one untimed run of the same runner."""
     inner = {}
     for key, run in list(runners.items()):
         try:
@@ -161,6 +170,8 @@ def _interleave(runners: dict[Any, Callable], seq_len: int, repeats: int, warmup
             shift = repeat % max(len(keys), 1)
             for key in keys[shift:] + keys[:shift]:
                 run, count = runners[key], inner[key]
+                if warm:
+                    run()
                 start = time.perf_counter_ns()
                 for _ in range(count):
                     run()

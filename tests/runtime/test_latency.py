@@ -1,4 +1,5 @@
 """latency() and ``leanlstm bench``: structure and sanity of the measurements (no timing thresholds)."""
+import importlib
 import json
 
 import numpy as np
@@ -12,7 +13,7 @@ from leanlstm.files import write_json
 from leanlstm.cli import main
 from leanlstm.runtime import latency, measure
 from leanlstm.runtime.backends import get_backend
-from leanlstm.runtime.latency import medians, model_size, stack_and_model
+from leanlstm.runtime.latency import _interleave, medians, model_size, stack_and_model
 from leanlstm.tasks.lm import LMConfig, WordLM
 
 ALL = ("leanlstm", "torch", "torch-int8", "onnxruntime", "onnxruntime-forms", "leanlstm-stream",
@@ -95,6 +96,22 @@ def test_measure_interleaves_models_of_different_kinds():
                      seq_len=5, repeats=3, warmup=1)
     assert set(result["models"]) == {"lm", "lstm"}
     assert all(set(m["backends"]) == {"leanlstm", "torch", "onnxruntime"} for m in result["models"].values())
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_warm_runs_each_sample_after_an_untimed_run_of_its_own(warm, monkeypatch):
+    """``warm``: each timed sample (here 2 runs) comes right after one more run of the same runner, so its caches
+    hold its own data; without it the rotation goes straight from one runner's sample to the next runner's."""
+    monkeypatch.setattr(importlib.import_module("leanlstm.runtime.latency"), "_calibrate", lambda run, warmup: 2)
+    calls = []
+    runners = {("a", "x"): lambda: calls.append("a"), ("b", "x"): lambda: calls.append("b")}
+    samples = _interleave(runners, seq_len=1, repeats=3, warmup=1, errors={}, warm=warm)
+    assert all(len(values) == 3 for values in samples.values())
+    per_sample = 3 if warm else 2
+    assert len(calls) == 2 * 3 * per_sample
+    blocks = [calls[i:i + per_sample] for i in range(0, len(calls), per_sample)]
+    assert all(len(set(block)) == 1 for block in blocks)
+    assert [block[0] for block in blocks] == ["a", "b", "b", "a", "a", "b"]      # the rotating order
 
 
 def test_stack_and_model_times_the_lstm_stack_and_the_whole_model():
