@@ -22,9 +22,12 @@ DEFAULT_BACKENDS = ("leanlstm", "torch", "onnxruntime", "torch-int8")
               help="Timed sequences per model and backend.")
 @click.option("--threads", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="Threads for every backend.")
+@click.option("--warm", is_flag=True, help="Time each sequence right after an untimed one of the same run and "
+              "backend: steady-state latency with the model's weights in cache (default: taking turns, each "
+              "sequence starts with the other runs' weights in cache).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @options.task
-def command(run_dirs, backends, seq_len, repeats, threads, as_json, task_name):
+def command(run_dirs, backends, seq_len, repeats, threads, warm, as_json, task_name):
     """Per-step latency (microseconds, batch 1) of each RUN_DIR's model on each backend.
 
     Every (run, backend) pair takes turns in each repeat, so the ratios compare like with like.
@@ -40,7 +43,7 @@ def command(run_dirs, backends, seq_len, repeats, threads, as_json, task_name):
     if len(set(labels)) != len(labels):
         raise click.BadParameter("each run directory may be given once", param_hint="RUN_DIRS")
     models = {label: load_run(label)[1] for label in labels}
-    result = measure(models, backends, seq_len=seq_len, repeats=repeats, threads=threads)
+    result = measure(models, backends, seq_len=seq_len, repeats=repeats, threads=threads, warm=warm)
     report = _report(result, {label: model_size(model) for label, model in models.items()}, list(backends))
     if as_json:
         click.echo(json.dumps(report, indent=2))

@@ -64,8 +64,8 @@ def measure(models: Mapping[str, nn.Module], backends: Sequence[str] | Mapping[s
     weights from beyond the cache at every step pays little more. ``warm=True`` runs each pair once, untimed, just
     before each of its samples: the steady state of a model called again and again, as a server running one model
     sees it, still interleaved against the host's drift. (Intel Xeon, the 40x int8 block stack of BENCHMARKS.md's
-    row M9, 35 steps: 21.9-22.9 us a step taking turns, 14.5-18.6 warm; the dense stack on ONNX Runtime int8
-    91.5-105.7 against 68.3-90.1.)
+    row M9, 35 steps, six runs of each: 21.9-22.9 us a step taking turns, 14.5-18.6 warm; the dense stack on ONNX
+    Runtime int8 91.5-105.7 against 68.3-90.1.)
     """
     if seq_len < 1 or repeats < 1 or warmup < 0 or threads < 1:
         raise ValueError(f"need seq_len >= 1, repeats >= 1, warmup >= 0 and threads >= 1; got seq_len={seq_len}, "

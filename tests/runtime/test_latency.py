@@ -164,6 +164,10 @@ def test_cli_bench_prints_runs_side_by_side(tmp_path):
     assert [r["run"] for r in runs] == [str(first), str(second)]
     assert runs[0]["ratio_to_first"]["leanlstm"] == 1.0 and runs[1]["bytes"] < runs[0]["bytes"]
     assert set(runs[1]["latency_us"]) == {"leanlstm", "torch"}
+    assert report["settings"]["warm"] is False
+    warm = runner.invoke(main, args + ["--json", "--backend", "leanlstm", "--warm"])
+    assert warm.exit_code == 0, warm.output
+    assert json.loads(warm.stdout)["settings"]["warm"] is True
     table = runner.invoke(main, args + ["--backend", "leanlstm"])
     assert table.exit_code == 0, table.output
     assert "ratio" in table.stdout and str(second) in table.stdout and "1.00x" in table.stdout
