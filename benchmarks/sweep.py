@@ -11,7 +11,9 @@ machine two one-thread runs finish sooner than two two-thread runs taking turns 
 core is taken); a chain of commands that must run one after the other takes ``--workers 1 --threads 2``. Each
 command's output goes to ``OUT.log`` beside its run directory. A command whose ``--from`` (or
 ``--hidden-sizes-from``, ``--distill-from``) run has not finished waits until it has (it may be an earlier line of
-the same sweep, or a run training in another process).
+the same sweep, or a run training in another process). A command whose own ``--out`` is training in another process
+(an earlier sweep's, say, when the list is run again in a new order) waits for it too, and is then skipped if that
+process finished it or resumed if not: the same run is never trained twice at once.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def commands(sweep: Path, runs: str) -> list[list[str]]:
 
 def prepared(args: list[str]) -> list[str] | None:
     """The command to run now: None when finished, with --resume when a checkpoint is there."""
-    out = Path(args[args.index("--out") + 1])
+    out = out_of(args)
     if (out / "metrics.json").is_file():
         return None
     if (out / "checkpoint.pt").is_file() and "--resume" not in args:
@@ -62,6 +64,17 @@ def source_ready(args: list[str]) -> bool:
     return all((run / "metrics.json").is_file() for run in sources(args))
 
 
+def out_of(args: list[str]) -> Path:
+    return Path(args[args.index("--out") + 1])
+
+
+def training_now(args: list[str]) -> bool:
+    """Whether the command's own run is training in another process now (it holds the run's lock)."""
+    from leanlstm.runs import training_pid
+
+    return training_pid(out_of(args)) is not None
+
+
 def trained_elsewhere(args: list[str]) -> bool:
     """Whether a run the command builds on is training now in another process (one started by hand, or by another
     sweep): then the command waits for it instead of being given up."""
@@ -78,7 +91,7 @@ def executable(args: list[str]) -> list[str]:
 
 def log_path(args: list[str]) -> Path:
     """``OUT.log`` beside the run directory (``--out runs/x/`` too, not ``runs/x/.log`` inside it)."""
-    out = Path(args[args.index("--out") + 1])
+    out = out_of(args)
     return out.with_name(out.name + ".log")
 
 
@@ -91,17 +104,21 @@ def main() -> None:
                         help="threads per command (keep workers x threads within the cores: 1 x 2 on two cores)")
     options = parser.parse_args()
     listed = [command for sweep in options.sweeps for command in commands(sweep, options.runs)]
-    queue = [c for c in map(prepared, listed) if c is not None]
+    queue = [c for c in listed if prepared(c) is not None]      # prepared again when started: others may train
     threads = str(options.threads)
     env = os.environ | {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     running: list[tuple[subprocess.Popen, list[str], float]] = []
     failed = 0
     while queue or running:
         while len(running) < options.workers:
-            ready = next((i for i, c in enumerate(queue) if source_ready(c)), None)   # in order, once ready
-            if ready is None:
+            ready = next((i for i, c in enumerate(queue) if source_ready(c) and not training_now(c)), None)
+            if ready is None:                                                 # in order, once ready
                 break
-            args = queue.pop(ready)
+            listed_args = queue.pop(ready)
+            args = prepared(listed_args)
+            if args is None:
+                print(f"finished by another process: {shlex.join(listed_args)}", flush=True)
+                continue
             log = log_path(args)
             log.parent.mkdir(parents=True, exist_ok=True)
             print(f"start: {shlex.join(args)}", flush=True)

@@ -122,6 +122,27 @@ def test_sweep_waits_for_a_source_training_in_another_process(tmp_path):
     assert not sweep.trained_elsewhere(command)
 
 
+def test_sweep_waits_for_its_own_run_training_in_another_process(tmp_path):
+    """A command whose --out another process is training (an earlier sweep's) is not started beside it; once that
+    process stops it is resumed, or skipped when it was finished."""
+    from leanlstm.runs import _lock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    command = ["leanlstm", "train", "--task", "ptb", "--out", str(out)]
+    assert not sweep.training_now(command)
+    held = _lock(out)
+    try:
+        assert sweep.training_now(command)
+        (out / "checkpoint.pt").write_bytes(b"")          # the other process saves its first checkpoint
+    finally:
+        held.close()
+    assert not sweep.training_now(command)
+    assert sweep.prepared(command) == command + ["--resume"]      # prepared when started, not when listed
+    (out / "metrics.json").write_text("{}")
+    assert sweep.prepared(command) is None
+
+
 def test_sweep_runs_leanlstm_with_its_own_interpreter_without_it_on_path():
     command = sweep.executable(["leanlstm", "train", "--help"])
     assert command[0] == sys.executable
