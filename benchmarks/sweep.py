@@ -13,7 +13,8 @@ command's output goes to ``OUT.log`` beside its run directory. A command whose `
 ``--hidden-sizes-from``, ``--distill-from``) run has not finished waits until it has (it may be an earlier line of
 the same sweep, or a run training in another process). A command whose own ``--out`` is training in another process
 (an earlier sweep's, say, when the list is run again in a new order) waits for it too, and is then skipped if that
-process finished it or resumed if not: the same run is never trained twice at once.
+process finished it or resumed if not: the same run is never trained twice at once. Until then it counts as one of
+the ``--workers``.
 """
 from __future__ import annotations
 
@@ -110,7 +111,8 @@ def main() -> None:
     running: list[tuple[subprocess.Popen, list[str], float]] = []
     failed = 0
     while queue or running:
-        while len(running) < options.workers:
+        # the list's runs that another process trains take a worker's place (they use a core)
+        while len(running) + sum(map(training_now, queue)) < options.workers:
             ready = next((i for i, c in enumerate(queue) if source_ready(c) and not training_now(c)), None)
             if ready is None:                                                 # in order, once ready
                 break
