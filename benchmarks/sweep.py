@@ -66,6 +66,7 @@ def source_ready(args: list[str]) -> bool:
 
 
 def out_of(args: list[str]) -> Path:
+    """The command's run directory (``--out``)."""
     return Path(args[args.index("--out") + 1])
 
 
