@@ -112,9 +112,11 @@ def main() -> None:
     running: list[tuple[subprocess.Popen, list[str], float]] = []
     failed = 0
     while queue or running:
-        # the list's runs that another process trains take a worker's place (they use a core)
-        while len(running) + sum(map(training_now, queue)) < options.workers:
-            ready = next((i for i, c in enumerate(queue) if source_ready(c) and not training_now(c)), None)
+        while True:
+            busy = list(map(training_now, queue))    # the list's runs another process trains: each uses a core
+            if len(running) + sum(busy) >= options.workers:
+                break
+            ready = next((i for i, c in enumerate(queue) if not busy[i] and source_ready(c)), None)
             if ready is None:                                                 # in order, once ready
                 break
             listed_args = queue.pop(ready)
