@@ -69,6 +69,8 @@ def attach(model: nn.Module, method: Method, filter_fn: FilterFn | None = None,
     found = _lstms(model, filter_fn)
     lstms = {name: _converted(name, module) for name, module in found}
     handle = Compression(model, method, lstms, filter_fn)
+    if state:
+        method.resume(state["method"])
     method.check(handle)          # raises before anything in the model changes
     if not (state or {}).get("finalized"):
         plan_speed(handle, state)

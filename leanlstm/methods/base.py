@@ -195,6 +195,11 @@ class Method:
         self.kept_dense: set[str] = set()   # matrices the speed guard keeps dense (``keep_slow_dense``)
 
     # --- what the method does (called by the handle) -------------------------------------------------------
+    def resume(self, state: dict[str, Any]) -> None:
+        """Before ``check``, when the handle continues from a checkpoint (``attach(..., state)``, how runs resume):
+        the method's saved ``state_dict()``, for a method whose check would otherwise redo work the checkpoint
+        holds. ``load_state_dict`` still follows, after ``convert``."""
+
     def check(self, handle: "Compression") -> None:
         """Raise a ``ValueError`` naming the problem if the method cannot apply; nothing has changed yet."""
 

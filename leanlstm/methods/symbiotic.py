@@ -733,7 +733,23 @@ class SymbioticMethod(GrowPruneLoop):
         for name, form in handle.forms():
             if form.name not in ("dense", "sparse"):
                 raise ValueError(f"symbiotic plans dense and pruned matrices; {name} is a {form.name} form")
-        dense_us = None
+        if self.design is None:
+            self.design = self._design(handle)
+        else:         # resumed: the checkpoint's design and dense timing, so the budget means what it meant
+            log.info("symbiotic: continuing the design of the checkpoint")
+        c = replace(c, latency_budget_us=self.design.budget_us, speedup=0.0)
+        self._log_design()
+        changed = [name for name, lstm in handle.lstms.items() if list(lstm.hidden_sizes) != self.design.widths[name]]
+        self.pending = {}
+        if changed:           # built now (non-dense forms refused by name), put in place by convert
+            self.readers = self._readers(handle)
+            self.pending = resized_modules(handle, self.design.widths, self.readers)
+        if handle.total_steps:
+            self.plan = make_plan(c, self._counts(handle, planned=True), handle.total_steps, self.goal)
+
+    def _design(self, handle: "Compression") -> Design:
+        """The design for the profile; with ``speedup``, the budget from the dense stacks timed now."""
+        c, dense_us = self.config, None
         if c.speedup:
             dense_us, failed, _ = time_stacks(handle.lstms, c)
             if failed:
@@ -752,15 +768,7 @@ class SymbioticMethod(GrowPruneLoop):
                              f"symbiotic can build here ({error.fastest_us:.2f} us): give speedup <= "
                              f"{dense_us / error.fastest_us:.2f}, a lower min_hidden ({c.min_hidden}), or lower "
                              f"densities") from error
-        self.design = replace(planned, dense_us=dense_us)
-        self._log_design()
-        changed = [name for name, lstm in handle.lstms.items() if list(lstm.hidden_sizes) != self.design.widths[name]]
-        self.pending = {}
-        if changed:           # built now (non-dense forms refused by name), put in place by convert
-            self.readers = self._readers(handle)
-            self.pending = resized_modules(handle, self.design.widths, self.readers)
-        if handle.total_steps:
-            self.plan = make_plan(c, self._counts(handle, planned=True), handle.total_steps, self.goal)
+        return replace(planned, dense_us=dense_us)
 
     def _readers(self, handle: "Compression") -> dict[str, list[str]]:
         graph = trace(handle.model) if any(handle.lstms) else None
@@ -872,6 +880,10 @@ class SymbioticMethod(GrowPruneLoop):
     def state_dict(self) -> dict[str, Any]:
         return super().state_dict() | {"design": self.design.to_dict() if self.design else None,
                                        "measured": self.measured}
+
+    def resume(self, state: dict[str, Any]) -> None:
+        if state.get("design"):      # check takes it instead of timing the dense stacks and designing again
+            self.design = Design.from_dict(state["design"])
 
     def load_state_dict(self, state: dict[str, Any], handle: "Compression") -> None:
         super().load_state_dict(state, handle)

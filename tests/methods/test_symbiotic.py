@@ -267,6 +267,29 @@ def test_resume_mid_training_equals_no_interruption(stop):
     assert resumed_handle.method.design == handle.method.design and resumed_handle.step == 26
 
 
+def test_a_resumed_run_keeps_its_design_without_timing_or_profiling_again(monkeypatch):
+    model = Classifier(128)
+    options = dict(latency_budget_us=0.0, speedup=1.5, grow_every=2, prune_every=1, total_steps=16)
+    handle = symbiotic(model, **options)             # times the dense stacks for its budget
+    train(model, handle, torch.optim.Adam(model.parameters(), lr=3e-3), steps=3)
+    state = {"handle": handle.state_dict(), "model": model.state_dict()}
+
+    class NoProfile:
+        def ensure(self, keys):
+            raise AssertionError("a resumed run asked the profile again")
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("a resumed run timed the dense stacks again")
+
+    monkeypatch.setattr("leanlstm.methods.symbiotic.time_stacks", no_timing)
+    config = Symbiotic(growth_lr=0.1, speed_check=False, **options)
+    resumed = Classifier(128)
+    resumed_handle = attach(resumed, SymbioticMethod(config, profile=NoProfile()), state=state["handle"])
+    resumed.load_state_dict(state["model"])
+    assert resumed_handle.method.design == handle.method.design and resumed_handle.step == 3
+    assert resumed.rnn.hidden_sizes == model.rnn.hidden_sizes
+
+
 # --- the final model, measured ---------------------------------------------------------------------------------
 def test_the_final_model_measures_within_a_generous_budget(tmp_path):
     model = Classifier(12)
