@@ -34,8 +34,10 @@ MIN_SAMPLE_SECONDS = 1e-3    # short sequences are repeated within a sample, to 
 
 
 def latency(model: nn.Module, backends: Sequence[str] = DEFAULT_BACKENDS, seq_len: int = 35,
-            repeats: int = 30, warmup: int = 3, threads: int = 1, seed: int = 0) -> dict[str, Any]:
-    """Per-step latency of the whole ``model`` (anything ``runtime.compile`` runs) on each backend, batch 1.
+            repeats: int = 30, warmup: int = 3, threads: int = 1, seed: int = 0, warm: bool = False
+            ) -> dict[str, Any]:
+    """Per-step latency of the whole ``model`` (anything ``runtime.compile`` runs) on each backend, batch 1;
+    ``warm`` as in ``measure`` (each sample right after an untimed run on the same backend).
 
     Returns ``{"backends": {name: {"median", "p25", "p75", "iqr", "min", "max", "samples"}}, "errors":
     {name: message}, "seq_len", "threads", ...}``, all times in microseconds per time step. A backend
@@ -47,7 +49,7 @@ def latency(model: nn.Module, backends: Sequence[str] = DEFAULT_BACKENDS, seq_le
     >>> sorted(result["backends"]["leanlstm"])
     ['iqr', 'max', 'median', 'min', 'p25', 'p75', 'samples']
     """
-    result = measure({"model": model}, backends, seq_len, repeats, warmup, threads, seed)
+    result = measure({"model": model}, backends, seq_len, repeats, warmup, threads, seed, warm)
     return {**{k: v for k, v in result.items() if k != "models"}, **result["models"]["model"]}
 
 

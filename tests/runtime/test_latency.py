@@ -175,6 +175,15 @@ def test_cli_bench_prints_runs_side_by_side(tmp_path):
     assert missing.exit_code != 0 and "not a leanlstm run directory" in missing.output
 
 
+def test_latency_of_one_model_passes_warm_on(monkeypatch):
+    seen = []
+    module = importlib.import_module("leanlstm.runtime.latency")
+    interleave = module._interleave
+    monkeypatch.setattr(module, "_interleave", lambda *args: seen.append(args[-1]) or interleave(*args))
+    result = latency(leanlstm.LSTM(4, 8), backends=("leanlstm",), seq_len=3, repeats=2, warm=True)
+    assert seen == [True] and result["warm"] is True and result["backends"]["leanlstm"]["median"] > 0
+
+
 def test_calibration_is_timed_after_the_warm_up():
     import time
 
