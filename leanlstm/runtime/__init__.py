@@ -1,4 +1,7 @@
 """Inference runtimes and exporters: what turns a compressed LSTM model into measured latency."""
+from .kernel_cache import install as _install_kernel_cache
+
+_install_kernel_cache()     # before the first kernel is compiled or loaded: cached kernels keyed on all their sources
 from .cells import ExportError, register_cell
 from .engine import Engine, EngineError, Stream, compile
 from .kernels import RuntimeOp

@@ -179,23 +179,28 @@ def _from_bits(typingctx, value):
 
 
 _EXPONENT = np.uint32(0x7F800000)
+_MAGNITUDE = np.uint32(0x7FFFFFFF)         # every bit but the sign
 _QUIET_NAN = np.uint32(0x7FC00000)
 
 
 @njit(inline="always", **JIT)
 def _quantise_input(x, xq):
     """Quantise ``x`` into the unsigned bytes ``xq`` (padding: the zero point). Returns the scale; 0 for a zero
-    ``x``; -1 when ``x`` holds NaN or infinity (``_poison`` then gives the float product's NaN). The test reads
-    the exponent bits: the kernels run under fast math, where a float NaN test may be optimised away."""
-    largest = np.float32(0.0)
+    ``x``; -1 when ``x`` holds NaN or infinity (``_poison`` then gives the float product's NaN).
+
+    The largest magnitude is the largest of the bits with the sign cleared, an integer maximum: IEEE floats of one
+    sign order as their bits, and NaN and infinity lie above every finite float. That test survives fast math
+    (where a float NaN test may be optimised away), and the loop, with no early exit, vectorises: a 650-float
+    step quantised in 0.2-0.5 us against 1.7-2.3 us for a float maximum with a NaN exit per element (Intel Xeon,
+    one thread, beside other jobs)."""
+    top = np.uint32(0)
     for i in range(x.shape[0]):
-        value = np.float32(x[i])
-        if _bits(value) & _EXPONENT == _EXPONENT:
-            return np.float32(-1.0)
-        largest = max(largest, abs(value))
-    if largest == 0:
+        top = max(top, _bits(np.float32(x[i])) & _MAGNITUDE)
+    if top >= _EXPONENT:
+        return np.float32(-1.0)
+    if top == 0:
         return np.float32(0.0)
-    scale = largest / np.float32(127.0)
+    scale = _from_bits(top) / np.float32(127.0)
     inverse = np.float32(1.0) / scale
     for i in range(x.shape[0]):
         xq[i] = np.uint8(np.int32(np.rint(x[i] * inverse)) + 128)

@@ -74,6 +74,18 @@ def test_a_sequence_product_equals_stepping_and_zero_or_nan_inputs_behave():
     assert np.isnan(broken[5]).all() and np.isfinite(broken[4]).all()
 
 
+@pytest.mark.parametrize("bad", [np.nan, -np.nan, np.inf, -np.inf])
+def test_input_quantisation_finds_the_largest_magnitude_and_refuses_nan_and_infinity(bad):
+    x = np.array([0.5, -3.0, 1e-30, 2.75, -0.0], np.float32)
+    xq = np.zeros(8, np.uint8)
+    scale = int8._quantise_input(x, xq)
+    assert scale == np.float32(3.0) / np.float32(127.0)                # the negative entry is the largest
+    np.testing.assert_array_equal(xq, np.append(np.rint(x / scale) + 128, [128, 128, 128]).astype(np.uint8))
+    assert int8._quantise_input(np.array([0.0, -0.0], np.float32), xq) == 0
+    x[3] = bad
+    assert int8._quantise_input(x, xq) == -1
+
+
 @pytest.mark.parametrize("steps, shape", [(35, (2600, 650)), (16, (64, 64)), (17, (130, 700)), (12, (70, 13)),
                                           (48, (200, 199)), (3, (64, 65))])
 def test_amx_tiles_give_the_vnni_sums_bit_for_bit(steps, shape):
