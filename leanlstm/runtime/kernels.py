@@ -726,13 +726,80 @@ def sigmoid32(value):
     return f32(0.5) * tanh32(f32(0.5) * value) + f32(0.5)
 
 
+# The same arithmetic on whole 16-float vectors, written in IR: Numba's loop vectoriser stops at 8 lanes on these
+# CPUs, and the gates' five rational functions a unit are bound by arithmetic (a 650-unit cell: 1.33-1.38 us on 8
+# lanes, 0.99 on 16; 256 units: 0.52 against 0.31; Intel Xeon, one thread, in one process, training paused).
+_FAST = ("fast",)
+
+
+def _constant(value: float):
+    return ir.Constant(_VEC, [ir.Constant(ir.FloatType(), float(value))] * _LANES)
+
+
+def _emit_tanh(builder, x):
+    """``tanh32`` on a vector of 16 floats."""
+    high, low = _constant(_CLAMP), _constant(-_CLAMP)
+    x = builder.select(builder.fcmp_ordered("<", x, high, flags=_FAST), x, high)
+    x = builder.select(builder.fcmp_ordered(">", x, low, flags=_FAST), x, low)
+    x2 = builder.fmul(x, x, flags=_FAST)
+    p = _constant(A13)
+    for a in (A11, A9, A7, A5, A3, A1):
+        p = builder.fadd(builder.fmul(p, x2, flags=_FAST), _constant(a), flags=_FAST)
+    q = _constant(B6)
+    for b in (B4, B2, B0):
+        q = builder.fadd(builder.fmul(q, x2, flags=_FAST), _constant(b), flags=_FAST)
+    return builder.fdiv(builder.fmul(p, x, flags=_FAST), q, flags=_FAST)
+
+
+def _emit_sigmoid(builder, x):
+    half = _constant(0.5)
+    return builder.fadd(builder.fmul(half, _emit_tanh(builder, builder.fmul(half, x, flags=_FAST)), flags=_FAST),
+                        half, flags=_FAST)
+
+
+@intrinsic
+def _cell_vectors(typingctx, gates, h, c, size, vectors):
+    """The cell (``lstm_cell``) for units ``0 .. 16 * vectors`` on raw float addresses; ``size`` units a gate."""
+    signature = types.void(*([types.intp] * 5))
+
+    def codegen(context, builder, signature, args):
+        gates, h, c, size, vectors = args
+        gates, h, c = (builder.inttoptr(a, ir.FloatType().as_pointer()) for a in (gates, h, c))
+
+        def vector(base, offset):
+            return builder.bitcast(builder.gep(base, [offset]), _VEC.as_pointer())
+
+        with cgutils.for_range(builder, vectors) as loop:
+            j = builder.mul(loop.index, _I64(_LANES))
+            gi, gf, gg, go = (builder.load(vector(gates, builder.add(builder.mul(_I64(k), size), j)), align=4)
+                              for k in range(4))
+            state = vector(c, j)
+            cell = builder.fadd(builder.fmul(_emit_sigmoid(builder, gf), builder.load(state, align=4), flags=_FAST),
+                                builder.fmul(_emit_sigmoid(builder, gi), _emit_tanh(builder, gg), flags=_FAST),
+                                flags=_FAST)
+            builder.store(cell, state, align=4)
+            builder.store(builder.fmul(_emit_sigmoid(builder, go), _emit_tanh(builder, cell), flags=_FAST),
+                          vector(h, j), align=4)
+        return context.get_dummy_value()
+    return signature, codegen
+
+
+@njit(inline="always", **JIT)
+def _packed32(a):
+    return a.itemsize == 4 and a.strides[0] == 4
+
+
 @njit(**JIT)
 def lstm_cell(gates, h, c):
-    """Gates packed ``[i|f|g|o]`` as in ``leanlstm.nn.gates``: ``c = f*c + i*g``, ``h = o*tanh(c)``."""
+    """Gates packed ``[i|f|g|o]`` as in ``leanlstm.nn.gates``: ``c = f*c + i*g``, ``h = o*tanh(c)``. Whole vectors
+    of 16 units in IR where all three are contiguous float32, the rest (or everything) in a loop."""
     size = h.shape[0]
+    packed = _packed32(gates) and _packed32(h) and _packed32(c)
+    whole = size // _LANES if packed else 0
+    _cell_vectors(gates.ctypes.data, h.ctypes.data, c.ctypes.data, size, whole)
     gi, gf = gates[:size], gates[size:2 * size]
     gg, go = gates[2 * size:3 * size], gates[3 * size:]
-    for j in range(size):
+    for j in range(whole * _LANES, size):
         cell = sigmoid32(gf[j]) * c[j] + sigmoid32(gi[j]) * tanh32(gg[j])
         c[j] = cell
         h[j] = sigmoid32(go[j]) * tanh32(cell)

@@ -443,3 +443,26 @@ def test_ops_and_heads_hold_their_weights_on_cache_lines():
     assert op.arrays[0].ctypes.data % CACHE_LINE == 0 and np.array_equal(op.arrays[0], weight)
     packed = [pack_panels(weight), pack_bf16(weight), *pack_int8(weight)]
     assert [a.ctypes.data % CACHE_LINE for a in packed] == [0] * len(packed)
+
+
+@pytest.mark.parametrize("size", [650, 16, 7, 33])
+def test_the_cell_equals_torchs_on_whole_vectors_the_tail_and_strided_states(size):
+    """``kernels.lstm_cell`` runs whole 16-unit vectors in IR and the rest in a loop; a strided ``h`` takes the loop
+    throughout and writes only its own elements."""
+    from leanlstm.runtime.kernels import lstm_cell
+
+    rng = np.random.default_rng(size)
+    gates = (4 * rng.standard_normal(4 * size)).astype(np.float32)
+    c0 = rng.standard_normal(size).astype(np.float32)
+    g = torch.from_numpy(gates.astype(np.float64)).view(4, size)
+    c_ref = torch.sigmoid(g[1]) * torch.from_numpy(c0.astype(np.float64)) + torch.sigmoid(g[0]) * torch.tanh(g[2])
+    h_ref = torch.sigmoid(g[3]) * torch.tanh(c_ref)
+    h, c = np.zeros(size, np.float32), c0.copy()
+    lstm_cell(gates, h, c)
+    np.testing.assert_allclose(c, c_ref.numpy(), atol=1e-6)
+    np.testing.assert_allclose(h, h_ref.numpy(), atol=1e-6)
+    both = np.full(2 * size, 7.0, np.float32)
+    c = c0.copy()
+    lstm_cell(gates, both[::2], c)
+    np.testing.assert_allclose(both[::2], h_ref.numpy(), atol=1e-6)
+    assert (both[1::2] == 7.0).all()
