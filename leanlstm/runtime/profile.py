@@ -42,6 +42,7 @@ from ..nn.cells import RecurrentLayer
 from ..nn.forms import form_class
 from ..train import MAX_SEED, Range, check_memory, check_ranges
 from .backends import get_backend
+from .kernel_cache import kernel_digest
 from .latency import latency, load_now, machine_info, measure
 from .speed_check import speed_checks_off
 
@@ -93,15 +94,22 @@ def _version(library: str) -> str:
 
 
 def backend_versions(backend: str) -> dict[str, str]:
-    """Versions of the libraries ``backend`` runs on (unknown names are refused, naming the known ones).
+    """Versions of the libraries ``backend`` runs on (unknown names are refused, naming the known ones); for the
+    engine's backends also the digest of its kernels' source (``kernel_cache.kernel_digest``), which changes with
+    any kernel between releases.
 
     >>> sorted(backend_versions("torch-int8"))
     ['torch']
+    >>> sorted(backend_versions("leanlstm-int8"))
+    ['leanlstm', 'leanlstm kernels', 'numba', 'numpy']
     """
     get_backend(backend)
     family = backend.split("-")[0]
     libraries = LIBRARIES.get(family, sorted({name for names in LIBRARIES.values() for name in names}))
-    return {name: _version(name) for name in libraries}
+    versions = {name: _version(name) for name in libraries}
+    if family == "leanlstm":
+        versions["leanlstm kernels"] = kernel_digest()[:16]
+    return versions
 
 
 def fingerprint(backend: str) -> dict[str, Any]:
