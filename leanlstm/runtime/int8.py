@@ -190,9 +190,9 @@ def _quantise_input(x, xq):
 
     The largest magnitude is the largest of the bits with the sign cleared, an integer maximum: IEEE floats of one
     sign order as their bits, and NaN and infinity lie above every finite float. That test survives fast math
-    (where a float NaN test may be optimised away), and the loop, with no early exit, vectorises: a 650-float
-    step quantised in 0.2-0.5 us against 1.7-2.3 us for a float maximum with a NaN exit per element (Intel Xeon,
-    one thread, beside other jobs)."""
+    (where a float NaN test may be optimised away), and the loop, with no early exit, vectorises: 650 floats
+    quantised in 0.16 us against 1.0 us for a float maximum with a NaN exit per element (Intel Xeon, one thread,
+    training paused)."""
     top = np.uint32(0)
     for i in range(x.shape[0]):
         top = max(top, _bits(np.float32(x[i])) & _MAGNITUDE)

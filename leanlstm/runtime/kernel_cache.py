@@ -55,12 +55,13 @@ class _PackageStamp:
 def _keyed_on_digest(locator: type) -> type:
     def from_function(cls, py_func, py_file):
         return locator.from_function.__func__(cls, py_func, py_file) if _in_package(py_file) else None
-    return type(f"Leanlstm{locator.__name__}", (_PackageStamp, locator), {"from_function": classmethod(from_function)})
+    return type(f"Leanlstm{locator.__name__}", (_PackageStamp, locator),
+                {"from_function": classmethod(from_function)})
 
 
 def install() -> None:
     """Key the cache of every function the package compiles from now on by ``kernel_digest()`` (idempotent; call
-    before the first ``njit(cache=True)`` of the package runs: ``runtime.kernels`` does, on import)."""
+    before the first ``njit(cache=True)`` of the package runs: ``leanlstm.runtime`` does, on import)."""
     impl = caching.CacheImpl
     if any(issubclass(cls, _PackageStamp) for cls in impl._locator_classes):
         return
