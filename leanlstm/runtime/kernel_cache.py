@@ -4,8 +4,8 @@ Numba keys a cached function on its own file's modification time and size. A ker
 another module (every int8 product inlines ``int8._quantise_input``; many kernels inline ``kernels``' helpers)
 then keeps running the old machine code after a change to that other module, in every process, until its own file
 changes too: an edited or pulled source tree (an editable install, a git checkout) can run stale code with no sign
-of it. ``install()`` makes every cached function of the package keyed instead on one digest of the source of all
-of the package's modules that use Numba (and the Numba and Python versions), so any change to any of them
+of it. ``install()`` makes every cached function of the package keyed instead on one digest of the source of the
+modules kernels are made of (``kernel_digest``: the Numba and Python versions too), so any change to any of them
 recompiles every kernel once. The cache stays where Numba would put it (the module's ``__pycache__``, or
 ``$NUMBA_CACHE_DIR``); functions outside the package keep Numba's own keys.
 """
@@ -23,9 +23,15 @@ from numba.core import caching
 PACKAGE = Path(__file__).resolve().parent.parent          # leanlstm/
 
 
+# where the kernels live and the constants they compile in come from (``nn.gates``' gate count, the forms' block
+# shapes): every module under these folders counts, changed or not its own Numba code
+KERNEL_FOLDERS = ("runtime", "nn")
+
+
 @lru_cache(maxsize=None)
 def kernel_digest() -> str:
-    """Digest of every module of the package whose source mentions Numba, with the Numba and Python versions.
+    """Digest of every module under ``KERNEL_FOLDERS`` and of any other module of the package whose source
+    mentions Numba, with the Numba and Python versions.
 
     >>> len(kernel_digest())
     64
@@ -33,8 +39,9 @@ def kernel_digest() -> str:
     digest = hashlib.sha256(f"{numba.__version__} {sys.version}".encode())
     for path in sorted(PACKAGE.rglob("*.py")):
         source = path.read_bytes()
-        if b"numba" in source:
-            digest.update(str(path.relative_to(PACKAGE)).encode() + b"\0" + source)
+        name = path.relative_to(PACKAGE)
+        if name.parts[0] in KERNEL_FOLDERS or b"numba" in source:
+            digest.update(str(name).encode() + b"\0" + source)
     return digest.hexdigest()
 
 

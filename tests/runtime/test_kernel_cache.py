@@ -1,5 +1,6 @@
-"""Numba's cache of the package's kernels is keyed on the source of all of them, so that a change to a function a
-kernel inlines from another module recompiles the kernel (Numba's own key, its file's time stamp, does not)."""
+"""Numba's cache of the package's kernels is keyed on the source they are made of, so that a change to a function
+or constant a kernel takes from another module recompiles the kernel (Numba's own key, its file's time stamp, does
+not)."""
 import numpy as np
 from numba import njit
 
@@ -23,10 +24,13 @@ def test_a_function_outside_the_package_keeps_numbas_own_key(tmp_path, monkeypat
     assert njit(lambda x: x)(1) == 1             # uncached functions are untouched
 
 
-def test_the_digest_follows_any_numba_module_and_ignores_the_others(tmp_path, monkeypatch):
+def test_the_digest_follows_any_numba_module_and_the_kernel_folders_and_ignores_the_others(tmp_path, monkeypatch):
     package = tmp_path / "pkg"
     (package / "sub").mkdir(parents=True)
+    (package / "nn").mkdir()
     kernel, helper, plain = package / "k.py", package / "sub" / "h.py", package / "plain.py"
+    constants = package / "nn" / "gates.py"
+    constants.write_text("NUM_GATES = 4\n")
     kernel.write_text("from numba import njit\n")
     helper.write_text("import numba  # inlined by k\nA = 1\n")
     plain.write_text("B = 1\n")
@@ -41,7 +45,10 @@ def test_the_digest_follows_any_numba_module_and_ignores_the_others(tmp_path, mo
     second = digest()
     assert second != first
     kernel.write_text("from numba import njit  # changed\n")
-    assert digest() not in (first, second)
+    third = digest()
+    assert third not in (first, second)
+    constants.write_text("NUM_GATES = 5\n")            # no Numba there, but kernels compile its constants in
+    assert digest() not in (first, second, third)
 
 
 def test_install_is_idempotent():
