@@ -14,7 +14,8 @@ command's output goes to ``OUT.log`` beside its run directory. A command whose `
 the same sweep, or a run training in another process). A command whose own ``--out`` is training in another process
 (an earlier sweep's, say, when the list is run again in a new order) waits for it too, and is then skipped if that
 process finished it or resumed if not: the same run is never trained twice at once. Until then it counts as one of
-the ``--workers``.
+the ``--workers``. The files are read again at every pass (every few seconds): lines added, removed or moved take
+effect for the commands the sweep has not started, so a running sweep can be reordered by editing its file.
 """
 from __future__ import annotations
 
@@ -37,6 +38,17 @@ def commands(sweep: Path, runs: str) -> list[list[str]]:
         if args[0] != "leanlstm" or "--out" not in args:
             raise SystemExit(f"{sweep}:{number}: expected a `leanlstm ... --out DIR` command, got {line!r}")
         out.append(args)
+    return out
+
+
+def pending(sweeps: list[Path], runs: str, done: set[tuple[str, ...]]) -> list[list[str]]:
+    """The commands the sweep files list now, in order, less those this sweep has started or given up (``done``)
+    and those whose runs have finished; a command listed twice is run once."""
+    seen, out = set(done), []
+    for command in (c for sweep in sweeps for c in commands(sweep, runs)):
+        if tuple(command) not in seen and prepared(command) is not None:
+            seen.add(tuple(command))
+            out.append(command)
     return out
 
 
@@ -105,13 +117,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="threads per command (keep workers x threads within the cores: 1 x 2 on two cores)")
     options = parser.parse_args()
-    listed = [command for sweep in options.sweeps for command in commands(sweep, options.runs)]
-    queue = [c for c in listed if prepared(c) is not None]      # prepared again when started: others may train
+    done: set[tuple[str, ...]] = set()          # commands started or given up by this sweep: never again
+    queue = pending(options.sweeps, options.runs, done)      # prepared again when started: others may train
     threads = str(options.threads)
     env = os.environ | {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     running: list[tuple[subprocess.Popen, list[str], float]] = []
-    failed = 0
+    failed, unread = 0, None
     while queue or running:
+        try:                                    # the files as they are now: edits reorder what has not started
+            fresh = pending(options.sweeps, options.runs, done)
+        except (SystemExit, OSError) as error:
+            if str(error) != unread:
+                print(f"sweep files not read again ({error}); the list stays as it was", flush=True)
+            unread = str(error)
+        else:
+            for args in queue:
+                if args not in fresh and prepared(args) is None:
+                    print(f"finished by another process: {shlex.join(args)}", flush=True)
+            queue, unread = fresh, None
         while True:
             busy = list(map(training_now, queue))    # the list's runs another process trains: each uses a core
             if len(running) + sum(busy) >= options.workers:
@@ -120,6 +143,7 @@ def main() -> None:
             if ready is None:                                                 # in order, once ready
                 break
             listed_args = queue.pop(ready)
+            done.add(tuple(listed_args))
             args = prepared(listed_args)
             if args is None:
                 print(f"finished by another process: {shlex.join(listed_args)}", flush=True)
@@ -143,6 +167,7 @@ def main() -> None:
         if queue and not running and not any(map(source_ready, queue)) and not any(map(trained_elsewhere, queue)):
             for args in queue:
                 print(f"NOT STARTED, the run it starts from is unfinished: {shlex.join(args)}", flush=True)
+                done.add(tuple(args))
             failed += len(queue)
             queue = []
     sys.exit(1 if failed else 0)

@@ -44,6 +44,22 @@ def test_sweep_parses_resumes_and_waits_for_unfinished_sources(tmp_path):
         sweep.commands(tmp_path / "bad.txt", str(runs))
 
 
+def test_sweep_reads_its_files_again_skipping_what_it_started_and_what_finished(tmp_path):
+    """``pending`` is what a running sweep has left after an edit of its file: the lines as they now stand, in their
+    new order, less the commands it started (``done``) and the runs finished; a line given twice runs once."""
+    runs, sweep_file = tmp_path / "runs", tmp_path / "s.txt"
+    line = "leanlstm train --preset tiny --out {runs}/%s\n"
+    sweep_file.write_text(line % "a" + line % "b" + line % "c")
+    a, b, c = sweep.pending([sweep_file], str(runs), set())
+    done = {tuple(a)}                                                 # a started
+    (runs / "b").mkdir(parents=True)
+    (runs / "b" / "metrics.json").write_text("{}")                   # b finished elsewhere
+    sweep_file.write_text(line % "d" + line % "c" + line % "a" + line % "b" + line % "d")
+    assert [sweep.out_of(x).name for x in sweep.pending([sweep_file], str(runs), done)] == ["d", "c"]
+    d = sweep.commands(sweep_file, str(runs))[0]
+    assert [sweep.out_of(x).name for x in sweep.pending([sweep_file], str(runs), done | {tuple(d)})] == ["c"]
+
+
 def test_sweep_takes_several_files_as_one_list(tmp_path):
     """Finished runs of both files are skipped, and a run of the second whose source nothing in either makes is
     reported, not started."""
