@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,13 +10,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SLICE_LINES = {"train": 2000, "valid": 200, "test": 200}
-
-# Numba stamps a cached kernel with its own file only, so a kernel that inlines one from another module stays
-# stale when only that module changes: a checkout then passes where a fresh clone fails. Key the cache on the
-# whole runtime's source instead (set before any test imports numba).
-_RUNTIME_SOURCE = b"".join(path.read_bytes() for path in sorted((REPO / "leanlstm" / "runtime").rglob("*.py")))
-_CACHE_BASE = Path(os.environ.get("NUMBA_CACHE_DIR", Path(tempfile.gettempdir()) / "leanlstm-numba"))
-os.environ["NUMBA_CACHE_DIR"] = str(_CACHE_BASE / hashlib.sha256(_RUNTIME_SOURCE).hexdigest()[:16])  # under any base
 
 
 def shared_data_dir() -> Path:

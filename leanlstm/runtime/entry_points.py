@@ -9,8 +9,8 @@ kernels composed of other kernels (a doped matrix's ``S + D``).
 
 The generated files live in ``cache_dir()`` (``$LEANLSTM_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/leanlstm/kernels``,
 default ``~/.cache/leanlstm/kernels``); Numba keeps its cache beside them (or under ``$NUMBA_CACHE_DIR``). A file's
-name is a digest of its text, of the runtime's source and of the modules of the kernels it names, with the Numba
-and Python versions, so a changed kernel never runs from a stale cache. Kernels a new process cannot import by
+name is a digest of its text, of the package's kernel source (``kernel_cache.kernel_digest``, with the Numba and
+Python versions) and of the modules of the kernels it names, so a changed kernel never runs from a stale cache. Kernels a new process cannot import by
 name (closures, ``__main__``) are compiled in the process as before, as is everything when the folder cannot be
 written.
 """
@@ -34,9 +34,9 @@ import numba
 from numba.core.dispatcher import Dispatcher
 
 from ..files import atomic_write
+from .kernel_cache import kernel_digest
 
 log = logging.getLogger(__name__)
-RUNTIME = Path(__file__).resolve().parent                   # every module here is hashed into each entry point
 
 
 def cache_dir() -> Path:
@@ -172,9 +172,9 @@ def _load(source: str, modules: tuple[str, ...]) -> ModuleType:
 
 @lru_cache(maxsize=None)
 def _sources_digest(modules: tuple[str, ...]) -> str:
-    """Digest of the runtime's source, the given modules' source and the compiler versions."""
-    digest = hashlib.sha256(f"{numba.__version__} {sys.version}".encode())
-    files = sorted(RUNTIME.glob("*.py")) + [Path(sys.modules[m].__file__) for m in modules]
-    for path in files:
-        digest.update(path.read_bytes())
+    """Digest of the package's kernel source with the compiler versions (``kernel_cache.kernel_digest``) and of the
+    given modules' source (a kernel may come from outside the package)."""
+    digest = hashlib.sha256(kernel_digest().encode())
+    for module in modules:
+        digest.update(Path(sys.modules[module].__file__).read_bytes())
     return digest.hexdigest()
