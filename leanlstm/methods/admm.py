@@ -17,6 +17,15 @@ so that ``W`` never has to travel from a dense solution to a 3%-dense one in a s
 masked retraining: the mask stays fixed and the values stay on the int8 grid (float latent weights with a
 straight-through update, ``leanlstm.nn.quant.Latent``), so the result runs in the int8 engine exactly as trained.
 
+Two options shape the progressive phase. ``masked_steps=True`` is the papers' alternation of ADMM and masked
+retraining at every update: the matrix is first hard-pruned to the previous projection's support (the entries the
+penalty has pulled towards zero for a whole interval), their weights and duals cleared, so what ADMM removed stays
+removed and the W-step trains the weights that remain. ``dual_while_tightening=False`` holds ``U`` at zero until
+``k`` is final: while the set shrinks at every update, one dual step per set gives each newly dropped entry
+``U = W``, a penalty target of ``-W`` (beyond zero). On a short proxy of PTB `medium-cpu` at 60x (BENCHMARKS.md,
+ADMM section) masked steps closed most of ADMM's gap to gradual magnitude pruning (validation 122.7 against 153.4
+without them; pruning 118.8); holding the dual helped alone (145.3) and made no difference with masked steps.
+
 From the papers: the splitting, the Euclidean projections (top-k magnitude for sparsity, nearest level for
 quantisation), the growing rho, masked retraining. Chosen here: one joint projection onto sparse-and-quantised
 (ADMM-NN prunes first and quantises after; with 255 levels per row the joint step costs nothing and keeps one
@@ -63,6 +72,8 @@ class ADMM(MethodConfig):
     updates: int = 12             # Z/U updates over the compression phase (when update_every is 0)
     update_every: int = 0         # optimiser steps between Z/U updates (0: the phase's steps / updates)
     anneal_end: float = 0.0       # fraction of the phase at which Z reaches the final sparsity (0: from the start)
+    masked_steps: bool = False    # each update first hard-prunes W to the previous projection's support
+    dual_while_tightening: bool = True  # U accumulates while the target tightens (False: zero until k is final)
     clip: str = "max"             # each row's int8 scale in the projection: its max, or least squared error
     total_steps: int = 0          # optimiser steps of the compression phase in a user loop (0: Trainer's)
     speed_check: bool = True      # time each sparse matrix against dense on the engine and warn when slower
@@ -104,6 +115,7 @@ class ADMMMethod(Method):
         self.rho = self.config.rho
         self.z: dict[str, torch.Tensor] = {}
         self.u: dict[str, torch.Tensor] = {}
+        self.support: dict[str, torch.Tensor] = {}     # the last projection's kept entries (masked_steps)
         self.latent: Latent | None = None
         self._saved: dict[str, Any] | None = None
         c = self.config
@@ -130,11 +142,14 @@ class ADMMMethod(Method):
         if self._saved is not None:
             self._load(handle, self._saved)
             self._saved = None
+        self.final_entries = self.schedule.targets(handle.forms(), 1, 1)     # the schedule's last value
         if not handle.finalized and not self.z:
             entries = self._targets(handle)
             for name, form in handle.forms():
                 self.z[name] = self._project(form.materialize(), entries[name])
                 self.u[name] = torch.zeros_like(form.weight, requires_grad=False)
+                if self.config.masked_steps:
+                    self.support[name] = top_mask(form.materialize(), entries[name])
         if handle.finalized and self.config.quantise and self.latent is None:
             self.latent = Latent([(name, form.weight, form.mask) for name, form in handle.forms()])
 
@@ -180,15 +195,27 @@ class ADMMMethod(Method):
         gaps = []
         entries = self._targets(handle)
         for name, form in handle.forms():
+            if self.config.masked_steps:      # what the last projection dropped, the penalty has pulled to zero
+                self._mask_to(form, self.support[name].to(form.mask.device), name)
             w = form.materialize().detach()
             u = self.u[name].to(w.device)
             z = self._project(w + u, entries[name])
-            u += w - z
+            if self.config.masked_steps:
+                self.support[name] = top_mask(w + u, entries[name])
+            if self.config.dual_while_tightening or entries[name] == self.final_entries[name]:
+                u += w - z
             self.z[name], self.u[name] = z, u
             gaps.append(float((w - z).norm() / w.norm().clamp_min(1e-12)))
         self.rho = min(self.rho * self.config.rho_growth, self.config.rho_max)
         log.info("ADMM step %d: rho %.3g, ||W - Z|| / ||W|| median %.4f", handle.step, self.rho,
                  sorted(gaps)[len(gaps) // 2])
+
+    def _mask_to(self, form: MaskedSparse, support: torch.Tensor, name: str) -> None:
+        """Hard-prune ``form`` to ``support`` (within its mask): the entries dropped are zero from now on, in the
+        weight and in the dual, so no later projection can pick them again."""
+        mask = form.mask & support
+        form.set_mask(mask)
+        self.u[name].mul_(mask.to(self.u[name].device))
 
     def finish(self, handle: "Compression") -> None:
         """The hard constraint: each matrix is its projection, with the mask of its kept entries."""
@@ -201,7 +228,7 @@ class ADMMMethod(Method):
                 form.weight.copy_(values)
                 if self.config.quantise:
                     form.set_value_bits(BITS)
-        self.z, self.u = {}, {}
+        self.z, self.u, self.support = {}, {}, {}
 
     def summarize(self, handle: "Compression") -> dict[str, Any]:
         out = sparsity_summary(handle.forms(), self.config.compression) | {"final_rho": self.rho}
@@ -213,6 +240,7 @@ class ADMMMethod(Method):
     def state_dict(self) -> dict[str, Any]:
         return {"rho": self.rho, "z": {k: v.cpu() for k, v in self.z.items()},
                 "u": {k: v.cpu() for k, v in self.u.items()},
+                "support": {k: v.cpu() for k, v in self.support.items()},
                 "latent": self.latent.state_dict() if self.latent is not None else None}
 
     def load_state_dict(self, state: dict[str, Any], handle: "Compression") -> None:
@@ -223,6 +251,7 @@ class ADMMMethod(Method):
         devices = {name: form.weight.device for name, form in handle.forms()}
         self.z = {k: v.to(devices[k]) for k, v in state["z"].items()}
         self.u = {k: v.to(devices[k]) for k, v in state["u"].items()}
+        self.support = {k: v.to(devices[k]) for k, v in state.get("support", {}).items()}
         if state.get("latent") is not None:
             self.latent = Latent([(name, form.weight, form.mask) for name, form in handle.forms()])
             self.latent.load_state_dict(state["latent"])

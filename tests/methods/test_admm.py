@@ -90,6 +90,51 @@ def test_progressive_target_tightens_z_on_the_gradual_pruning_schedule():
     assert counts[4:] == [final] * 5                                   # ... and holds the final count from step 20
 
 
+
+@pytest.mark.parametrize("accumulate", [True, False])
+def test_dual_accumulates_while_tightening_only_when_asked(accumulate):
+    torch.manual_seed(0)
+    model = Classifier()
+    handle = compress_(model, ADMM(compression=8, anneal_end=0.5, update_every=5, total_steps=40, quantise=False,
+                                   dual_while_tightening=accumulate, speed_check=False))
+    method = handle.method
+    name, form = next(iter(handle.forms()))
+    final = final_entries(name, form, 8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for start in range(0, 15, 5):                                    # updates at steps 5-15: the target tightens
+        train(model, handle, optimizer, 5, start=start)
+        assert int((method.z[name] != 0).sum()) > final
+        assert bool(method.u[name].any()) == accumulate
+    u_before = method.u[name].clone()
+    train(model, handle, optimizer, 5, start=15)                     # step 20: the final target, the ADMM update
+    w = form.weight.detach()
+    z = project(w + u_before, final, quantise=False)
+    torch.testing.assert_close(method.z[name], z)
+    torch.testing.assert_close(method.u[name], u_before + w - z)
+    assert method.u[name].any()
+
+
+def test_masked_steps_hard_prune_to_the_previous_projections_support():
+    torch.manual_seed(0)
+    model = Classifier()
+    handle = compress_(model, ADMM(compression=8, anneal_end=0.5, update_every=5, total_steps=40, quantise=False,
+                                   masked_steps=True, speed_check=False))
+    method = handle.method
+    name, form = next(iter(handle.forms()))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    nnz = [int(form.mask.sum())]
+    for start in range(0, 40, 5):
+        support = method.support[name].clone()                        # what the coming update prunes to
+        before = form.mask.clone()
+        train(model, handle, optimizer, 5, start=start)
+        torch.testing.assert_close(form.mask, before & support)
+        assert not form.weight[~form.mask].any() and not method.u[name][~form.mask].any()
+        assert not method.z[name][~form.mask].any()                   # Z is chosen within the mask
+        nnz.append(int(form.mask.sum()))
+    assert nnz == sorted(nnz, reverse=True) and nnz[-1] < nnz[0]
+    handle.finalize()
+    assert weight_compression(handle.forms()) >= 8.0
+
 def _int8_shape(form):
     shape = MaskedSparse(form.out_features, form.in_features)
     shape.set_value_bits(8)
@@ -116,12 +161,19 @@ def test_training_meets_the_int8_byte_budget_and_retrains_on_the_grid_with_froze
     assert summary["value_bits"] == 8 and summary["lstm_weight_compression"] >= 12.0
 
 
+CONFIGS = {"fixed": {}, "progressive": {"anneal_end": 0.5, "masked_steps": True, "dual_while_tightening": False}}
+
+
+@pytest.mark.parametrize("variant", CONFIGS)
 @pytest.mark.parametrize("stop", [7, 25], ids=["mid-admm", "mid-retraining"])
-def test_resume_equals_no_interruption(stop):
+def test_resume_equals_no_interruption(stop, variant):
+    def config():
+        return ADMM(compression=6, update_every=4, total_steps=16, speed_check=False, **CONFIGS[variant])
+
     def start():
         torch.manual_seed(0)
         model = Classifier()
-        handle = compress_(model, ADMM(compression=6, update_every=4, total_steps=16, speed_check=False))
+        handle = compress_(model, config())
         return model, handle, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
     def run(model, handle, optimizer, begin, end):
@@ -140,7 +192,7 @@ def test_resume_equals_no_interruption(stop):
                            "optimizer": first_optimizer.state_dict()})
     torch.manual_seed(9)
     resumed = Classifier()
-    resumed_handle = compress_(resumed, ADMM(compression=6, update_every=4, total_steps=16, speed_check=False))
+    resumed_handle = compress_(resumed, config())
     resumed_handle.load_state_dict(saved["handle"])
     resumed.load_state_dict(saved["model"])
     lr = 0.1 if stop < 16 else 0.05
