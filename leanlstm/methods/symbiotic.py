@@ -33,6 +33,12 @@ in order:
    widths just above the chosen ones are profiled too and layers step back up while the budget allows, the one
    furthest below its need first. A budget below the fastest model the profile allows is refused, naming how
    fast that is.
+   **4b. Compact enough** (``compression``, off by default): where the design still keeps more than the current
+   recurrent parameters / ``compression``, matrices go to lower densities of ``densities`` (dense ones too), one
+   step at a time, the step adding the least predicted latency per parameter removed, always within the budget
+   and its margin; the paper's grow-and-prune prunes for compactness as well as speed (its CPU model is 30.5x
+   smaller at 5.2x the speed), where steps 2-4 alone stop at the densities latency asks for. Refused, saying how
+   far the densities reach, when no design gets there. ``sizing="hardware"`` only.
 5. **Grow and prune** (``methods.growprune.GrowPruneLoop``, the ``gp`` method's training loop): layers whose width
    changed are rebuilt at ``convert`` keeping their largest-norm units (ISS's components: a unit's rows and the
    columns reading it), and the modules reading them lose the same columns; a layer whose valley lies above its
@@ -64,7 +70,7 @@ sparsity buys little on GPUs); grow-and-prune training (NeST's gradient growth a
 not its algorithm: the rest is chosen here. The table's key (cell, input, hidden, which matrix is sparse at which
 density) and its measurement in interleaved runs; the additive stack model with its overhead term; widths decided
 once, before training; the unit choice by ISS component norm; one common width factor, then greedy density steps and a
-balanced climb back; the sweep (the current width, what accuracy needs and the current width rounded up to multiples
+balanced climb back; compaction after the climb, by density alone (widths stay); the sweep (the current width, what accuracy needs and the current width rounded up to multiples
 of 8-64 up to ``max_growth`` above them, ``profile_sizes`` widths spaced geometrically below, ``REFINE`` more where
 the widths end); growth (a layer grows where a larger width is the faster one: its new units start with random rows
 read by zero columns, so the model computes the same function until training uses them); the margin; the budget as the
@@ -136,6 +142,8 @@ class Symbiotic(MethodConfig):
                                     # width runs faster: a valley above it (0: never grow)
     sparsity: bool = True           # sparse matrices where the profile says sparse runs faster than dense
     densities: list = field(default_factory=lambda: [0.1, 0.2, 0.35, 0.5])  # densities profiled for each matrix
+    compression: float = 0.0        # also keep this many times fewer recurrent parameters than now (step 4b; 0: the
+                                    # budget alone decides)
     tolerance: float = 0.02         # a larger width or a sparse form must be faster by this fraction to be chosen
     margin: float = 0.1             # plan for budget x (1 - margin): room for the final measurement's noise
     profile_dir: str = ""           # profile cache ("": $LEANLSTM_CACHE/profiles, else ~/.cache/leanlstm/profiles)
@@ -161,6 +169,7 @@ class Symbiotic(MethodConfig):
               "speedup": Range(0, 1e6, note="this or latency_budget_us: > 1"),
               "min_hidden": Range(1, 10**6, integer=True),
               "max_growth": Range(0, 10),
+              "compression": Range(0, 1e6, note="0 (off) or at least 1"),
               "tolerance": Range(0, 1, high_open=True), "margin": Range(0, 1, high_open=True),
               "profile_sizes": Range(1, 1000, integer=True), "profile_repeats": Range(1, 10**5, integer=True),
               "seq_len": Range(1, 10**5, integer=True), "threads": Range(1, 1024, integer=True),
@@ -177,6 +186,11 @@ class Symbiotic(MethodConfig):
             raise ConfigError("speedup", self.speedup, "be 0 when latency_budget_us is given: give one of them")
         if 0 < self.speedup <= 1:
             raise ConfigError("speedup", self.speedup, "be above 1 (1 is the dense stacks' own speed)")
+        if 0 < self.compression < 1:
+            raise ConfigError("compression", self.compression, "be 0 (off) or at least 1 (fewer parameters)")
+        if self.compression and self.sizing == "size":
+            raise ConfigError("compression", self.compression, 'be 0 with sizing="size" (its one density, from '
+                              "densities, sets its size)")
         for size in self.hidden_sizes:
             Range(1, 10**6, integer=True).check("every entry of hidden_sizes", size)
         self.densities = [float(d) for d in self.densities]
@@ -460,6 +474,34 @@ class Planner:
                 return choice
             choice = min(fitting, key=lambda pair: pair[0])[1]
 
+    # --- step 4b: compact enough ------------------------------------------------------------------------------
+    def dense_params(self) -> float:
+        """The stacks' recurrent parameters as they are now, every matrix dense (what ``compression`` divides)."""
+        return self.params(Choice(tuple(level.current for level in self.levels), (1.0,) * len(self.slots)))
+
+    def compact(self, choice: Choice, params: float, target: float) -> Choice | None:
+        """Lower densities until ``choice`` keeps at most ``params`` parameters, staying within ``target`` us: at
+        each step one matrix goes to its next lower density of ``densities`` (a dense one to the highest), the
+        step adding the least predicted latency per parameter it removes (steps that add none first, the largest
+        of those first). None when no step is left within ``target``."""
+        while self.params(choice) > params:
+            best, best_key = None, None
+            for index in range(len(self.slots)):
+                lower = [d for d in sorted(self.config.densities, reverse=True) if d < choice.densities[index]]
+                if not lower:
+                    continue
+                move = self.with_density(choice, index, lower[0])
+                if self.predict(move) > target:
+                    continue
+                removed = self.params(choice) - self.params(move)
+                key = (max(self.predict(move) - self.predict(choice), 0.0) / removed, -removed)
+                if best_key is None or key < best_key:
+                    best, best_key = move, key
+            if best is None:
+                return None
+            choice = best
+        return choice
+
     def fastest(self) -> Choice:
         """Every layer at the smallest width of its ladder, every matrix at its fastest faster density."""
         choice = Choice(tuple(self.ladder(i)[0] for i in range(len(self.levels))), (1.0,) * len(self.slots))
@@ -557,7 +599,26 @@ def design(lstms: dict[str, LSTM], config: Symbiotic, model: LatencyModel) -> De
         log.warning("symbiotic: the plan runs %.2f us per step, within the budget of %.2f us but not its %.0f%% "
                     "margin: the final measurement may land above it", planner.predict(choice), budget,
                     100 * config.margin)
-    return _design(planner, choice, config, planner.predict(planner.fastest()))
+    return _design(planner, compacted(planner, choice, config, budget), config, planner.predict(planner.fastest()))
+
+
+def compacted(planner: Planner, choice: Choice, config: Symbiotic, budget: float) -> Choice:
+    """``choice`` with at most the parameters ``config.compression`` allows (step 4b), within the budget and its
+    margin; refused, saying how far the densities reach, when no such design exists."""
+    if not config.compression:
+        return choice
+    params = planner.dense_params() / config.compression
+    found = planner.compact(choice, params, budget * (1 - config.margin))
+    if found is None:
+        floor = choice._replace(densities=(min(config.densities),) * len(planner.slots))
+        raise ValueError(f"compression = {config.compression:g} asks for at most {params:,.0f} recurrent parameters, "
+                         f"but the design at widths {list(choice.widths)} keeps {planner.params(floor):,.0f} even "
+                         f"with every matrix at density {min(config.densities):g} (or goes over the budget on the "
+                         f"way): add lower densities (densities=...), a looser budget, or a smaller compression")
+    if found != choice:
+        log.info("symbiotic: compression %g: %.0f recurrent parameters (at most %.0f), predicted %.2f us per step",
+                 config.compression, planner.params(found), params, planner.predict(found))
+    return found
 
 
 def time_stacks(lstms: dict[str, LSTM], config: Symbiotic) -> tuple[float, dict[str, Any], dict[str, float]]:

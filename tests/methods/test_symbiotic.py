@@ -24,7 +24,7 @@ from leanlstm.runtime.latency import latency
 from leanlstm.runtime.latency_model import LatencyModel
 from leanlstm.runtime.profile import LayerTable, split_cell
 from leanlstm.train import ConfigError
-from tests.user_models import random_batch as batch, train_steps as train
+from tests.user_models import train_steps as train
 
 
 class Classifier(nn.Module):
@@ -158,6 +158,35 @@ def test_density_choice_refuses_sparsity_where_dense_is_faster():
     assert found.densities == {} and all("not profiled" in why for why in found.refused.values())
     assert all(key.is_dense for key in dense_backend.table.rows)
 
+
+
+def test_compression_lowers_densities_until_the_parameters_fit_within_the_budget():
+    rnn = Classifier().rnn
+    dense = sum(p.numel() for name, p in rnn.named_parameters() if "weight" in name)
+    plain = design({"rnn": rnn}, Symbiotic(latency_budget_us=100), LatencyModel(Synthetic()))
+    assert set(plain.densities.values()) == {0.2}                      # latency alone: hh at its highest faster density
+    found = design({"rnn": Classifier().rnn}, Symbiotic(latency_budget_us=100, compression=8),
+                   LatencyModel(Synthetic()))
+    w0, w1 = found.widths["rnn"]
+    entries = {"rnn.layers.0.weight_ih": 4 * w0 * 6, "rnn.layers.0.weight_hh": 4 * w0 * w0,
+               "rnn.layers.1.weight_ih": 4 * w1 * w0, "rnn.layers.1.weight_hh": 4 * w1 * w1}
+    assert all(found.entries[name] == entries[name] for name in found.entries)
+    kept = sum(n * found.densities.get(name, 1.0) for name, n in entries.items())
+    assert kept <= dense / 8                                        # the parameters fit ...
+    assert found.widths == plain.widths and found.predicted_us <= 100 * 0.9   # ... at the same widths, in the budget
+    assert len(found.densities) > len(plain.densities)             # ih matrices went sparse too (sparse costs there)
+    assert found.predicted_us > plain.predicted_us
+
+
+def test_a_compression_the_densities_cannot_reach_is_refused_saying_how_far_they_go():
+    with pytest.raises(ValueError, match=r"compression = 1000 asks for at most .* even with every matrix at density "
+                                         r"0\.1.*add lower densities"):
+        design({"rnn": Classifier().rnn}, Symbiotic(latency_budget_us=100, compression=1000),
+               LatencyModel(Synthetic()))
+    with pytest.raises(ConfigError, match="compression"):
+        Symbiotic(latency_budget_us=100, compression=0.5)
+    with pytest.raises(ConfigError, match='sizing="size"'):
+        Symbiotic(latency_budget_us=100, compression=8, sizing="size")
 
 # --- sizing "size": the "smaller is better" baseline --------------------------------------------------------------
 def test_hardware_sizing_takes_the_valley_and_size_sizing_the_smaller_slower_width():
