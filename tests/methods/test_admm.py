@@ -72,16 +72,22 @@ def test_penalty_and_z_u_updates_follow_the_admm_equations():
     assert method.rho == pytest.approx(0.02)
 
 
-def test_progressive_target_tightens_z_on_the_gradual_pruning_schedule():
+def progressive(**options):
+    """ADMM to 8x with the target tightening until step 20 of 40, a Z/U update every 5 steps, float values (no entry
+    rounds to zero): ``(model, handle, name, form, optimizer)`` with the first matrix's name and form."""
     torch.manual_seed(0)
     model = Classifier()
     handle = compress_(model, ADMM(compression=8, anneal_end=0.5, update_every=5, total_steps=40, quantise=False,
-                                   speed_check=False))             # float values: no entry rounds to zero
-    method = handle.method
+                                   speed_check=False, **options))
     name, form = next(iter(handle.forms()))
+    return model, handle, name, form, torch.optim.SGD(model.parameters(), lr=0.05)
+
+
+def test_progressive_target_tightens_z_on_the_gradual_pruning_schedule():
+    model, handle, name, form, optimizer = progressive()
+    method = handle.method
     final = final_entries(name, form, 8)
     counts = [int((method.z[name] != 0).sum())]                       # Z at step 0: the whole matrix
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     for start in range(0, 40, 5):
         train(model, handle, optimizer, 5, start=start)
         counts.append(int((method.z[name] != 0).sum()))
@@ -90,17 +96,11 @@ def test_progressive_target_tightens_z_on_the_gradual_pruning_schedule():
     assert counts[4:] == [final] * 5                                   # ... and holds the final count from step 20
 
 
-
 @pytest.mark.parametrize("accumulate", [True, False])
 def test_dual_accumulates_while_tightening_only_when_asked(accumulate):
-    torch.manual_seed(0)
-    model = Classifier()
-    handle = compress_(model, ADMM(compression=8, anneal_end=0.5, update_every=5, total_steps=40, quantise=False,
-                                   dual_while_tightening=accumulate, speed_check=False))
+    model, handle, name, form, optimizer = progressive(dual_while_tightening=accumulate)
     method = handle.method
-    name, form = next(iter(handle.forms()))
     final = final_entries(name, form, 8)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     for start in range(0, 15, 5):                                    # updates at steps 5-15: the target tightens
         train(model, handle, optimizer, 5, start=start)
         assert int((method.z[name] != 0).sum()) > final
@@ -115,13 +115,8 @@ def test_dual_accumulates_while_tightening_only_when_asked(accumulate):
 
 
 def test_masked_steps_hard_prune_to_the_previous_projections_support():
-    torch.manual_seed(0)
-    model = Classifier()
-    handle = compress_(model, ADMM(compression=8, anneal_end=0.5, update_every=5, total_steps=40, quantise=False,
-                                   masked_steps=True, speed_check=False))
+    model, handle, name, form, optimizer = progressive(masked_steps=True)
     method = handle.method
-    name, form = next(iter(handle.forms()))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     nnz = [int(form.mask.sum())]
     for start in range(0, 40, 5):
         support = method.support[name].clone()                        # what the coming update prunes to
