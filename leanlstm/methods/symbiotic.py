@@ -70,10 +70,11 @@ sparsity buys little on GPUs); grow-and-prune training (NeST's gradient growth a
 not its algorithm: the rest is chosen here. The table's key (cell, input, hidden, which matrix is sparse at which
 density) and its measurement in interleaved runs; the additive stack model with its overhead term; widths decided
 once, before training; the unit choice by ISS component norm; one common width factor, then greedy density steps and a
-balanced climb back; compaction after the climb, by density alone (widths stay); the sweep (the current width, what accuracy needs and the current width rounded up to multiples
-of 8-64 up to ``max_growth`` above them, ``profile_sizes`` widths spaced geometrically below, ``REFINE`` more where
-the widths end); growth (a layer grows where a larger width is the faster one: its new units start with random rows
-read by zero columns, so the model computes the same function until training uses them); the margin; the budget as the
+balanced climb back; compaction after the climb, by density alone (widths stay); the sweep (the current width, what
+accuracy needs and the current width rounded up to multiples of 8-64 up to ``max_growth`` above them,
+``profile_sizes`` widths spaced geometrically below, ``REFINE`` more where the widths end); growth (a layer grows
+where a larger width is the faster one: its new units start with random rows read by zero columns, so the model
+computes the same function until training uses them); the margin; the budget as the
 LSTM stacks' latency (embeddings and heads are not counted: the method does not change them, as with ISS's
 ``target_latency_us``); and every default number.
 
@@ -608,7 +609,8 @@ def compacted(planner: Planner, choice: Choice, config: Symbiotic, budget: float
     if not config.compression:
         return choice
     params = planner.dense_params() / config.compression
-    found = planner.compact(choice, params, budget * (1 - config.margin))
+    # a plan already past the margin (the warning above) may still shed parameters, never latency
+    found = planner.compact(choice, params, max(budget * (1 - config.margin), planner.predict(choice)))
     if found is None:
         floor = choice._replace(densities=(min(config.densities),) * len(planner.slots))
         raise ValueError(f"compression = {config.compression:g} asks for at most {params:,.0f} recurrent parameters, "
