@@ -37,11 +37,14 @@ def command_line() -> str:
 
 
 def git_commit() -> str:
-    """The checkout's commit, with ``+dirty`` when tracked files differ from it ("unknown" outside git)."""
+    """The commit of the checkout these scripts live in (whatever the working directory), with ``+dirty`` when
+    tracked files differ from it ("unknown" outside git)."""
+    here = Path(__file__).resolve().parent
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=here).stdout
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True).stdout
+                               text=True, check=True, cwd=here).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head.strip() + ("+dirty" if dirty.strip() else "")

@@ -2,6 +2,7 @@
 and the one-shot conversion of a trained model."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from leanlstm.tasks.lm import LMConfig, WordLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import sweep  # noqa: E402
-from record_run import dropout_of  # noqa: E402
+from record_run import dropout_of, git_commit  # noqa: E402
 from one_shot import convert  # noqa: E402
 
 
@@ -212,3 +213,11 @@ def test_a_recorded_run_names_its_dropout_and_a_structured_training_run_is_no_ba
     assert "method" not in dropout_of(tmp_path, {"method": "prune"})        # a compression keeps its name
     (tmp_path / "config.json").write_text(json.dumps(config | {"dropout": 0.4, "dropout_mode": "standard"}))
     assert dropout_of(tmp_path, {"method": "baseline"}) == {"dropout_mode": "standard", "dropout": 0.4}
+
+
+def test_the_commit_recorded_is_the_scripts_checkout_from_any_directory(tmp_path, monkeypatch):
+    expected = git_commit()
+    monkeypatch.chdir(tmp_path)                                    # outside any git checkout
+    assert git_commit() == expected
+    if shutil.which("git") and (Path(__file__).resolve().parents[1] / ".git").exists():
+        assert expected != "unknown"
