@@ -100,7 +100,11 @@ def project(values: torch.Tensor, entries: int, quantise: bool = True, clip: str
     >>> project(torch.tensor([[0.5, -2.0, 0.1], [1.0, 0.2, -3.0]]), 3, quantise=False).tolist()
     [[0.0, -2.0, 0.0], [1.0, 0.0, -3.0]]
     """
-    mask = top_mask(values, entries)
+    return kept(values, top_mask(values, entries), quantise, clip)
+
+
+def kept(values: torch.Tensor, mask: torch.Tensor, quantise: bool = True, clip: str = "max") -> torch.Tensor:
+    """``values`` on ``mask``, snapped to their rows' int8 grid when ``quantise``; zeros elsewhere."""
     return quantise_tensor(values, mask, clip) if quantise else values.detach() * mask
 
 
@@ -146,10 +150,8 @@ class ADMMMethod(Method):
         if not handle.finalized and not self.z:
             entries = self._targets(handle)
             for name, form in handle.forms():
-                self.z[name] = self._project(form.materialize(), entries[name])
+                self.z[name] = self._project(form.materialize().detach(), entries[name], name)
                 self.u[name] = torch.zeros_like(form.weight, requires_grad=False)
-                if self.config.masked_steps:
-                    self.support[name] = top_mask(form.materialize(), entries[name])
         if handle.finalized and self.config.quantise and self.latent is None:
             self.latent = Latent([(name, form.weight, form.mask) for name, form in handle.forms()])
 
@@ -160,8 +162,12 @@ class ADMMMethod(Method):
         total = schedule_length(handle, "ADMM") if handle.step else 1
         return self.schedule.targets(handle.forms(), handle.step, total)
 
-    def _project(self, values: torch.Tensor, entries: int) -> torch.Tensor:
-        return project(values.detach(), entries, self.config.quantise, self.config.clip)
+    def _project(self, values: torch.Tensor, entries: int, name: str) -> torch.Tensor:
+        """``Z = proj_S(values)``; with ``masked_steps`` its support is kept for the next update to prune to."""
+        mask = top_mask(values, entries)
+        if self.config.masked_steps:
+            self.support[name] = mask
+        return kept(values, mask, self.config.quantise, self.config.clip)
 
     def _update_every(self, handle: "Compression") -> int:
         if self.config.update_every:
@@ -199,9 +205,7 @@ class ADMMMethod(Method):
                 self._mask_to(form, self.support[name].to(form.mask.device), name)
             w = form.materialize().detach()
             u = self.u[name].to(w.device)
-            z = self._project(w + u, entries[name])
-            if self.config.masked_steps:
-                self.support[name] = top_mask(w + u, entries[name])
+            z = self._project(w + u, entries[name], name)
             if self.config.dual_while_tightening or entries[name] == self.final_entries[name]:
                 u += w - z
             self.z[name], self.u[name] = z, u
@@ -223,9 +227,8 @@ class ADMMMethod(Method):
             for name, form in handle.forms():
                 w = form.materialize().detach()
                 mask = top_mask(w, self._entries(name, form))
-                values = quantise_tensor(w, mask, self.config.clip) if self.config.quantise else w * mask
                 form.set_mask(mask)
-                form.weight.copy_(values)
+                form.weight.copy_(kept(w, mask, self.config.quantise, self.config.clip))
                 if self.config.quantise:
                     form.set_value_bits(BITS)
         self.z, self.u, self.support = {}, {}, {}
