@@ -124,17 +124,6 @@ def main() -> None:
     running: list[tuple[subprocess.Popen, list[str], float]] = []
     failed, unread = 0, None
     while queue or running:
-        try:                                    # the files as they are now: edits reorder what has not started
-            fresh = pending(options.sweeps, options.runs, done)
-        except (SystemExit, OSError) as error:
-            if str(error) != unread:
-                print(f"sweep files not read again ({error}); the list stays as it was", flush=True)
-            unread = str(error)
-        else:
-            for args in queue:
-                if args not in fresh and prepared(args) is None:
-                    print(f"finished by another process: {shlex.join(args)}", flush=True)
-            queue, unread = fresh, None
         while True:
             busy = list(map(training_now, queue))    # the list's runs another process trains: each uses a core
             if len(running) + sum(busy) >= options.workers:
@@ -163,6 +152,17 @@ def main() -> None:
                 status = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode})"
                 failed += process.returncode != 0
                 print(f"{status} in {(time.time() - started) / 60:.1f} min: {shlex.join(args)}", flush=True)
+        try:                                    # the files as they are now: edits reorder what has not started
+            fresh = pending(options.sweeps, options.runs, done)
+        except (SystemExit, OSError) as error:
+            if str(error) != unread:
+                print(f"sweep files not read again ({error}); the list stays as it was", flush=True)
+            unread = str(error)
+        else:
+            for args in queue:
+                if args not in fresh and prepared(args) is None:
+                    print(f"finished by another process: {shlex.join(args)}", flush=True)
+            queue, unread = fresh, None
         # nothing here, and no other process, will finish the runs they start from
         if queue and not running and not any(map(source_ready, queue)) and not any(map(trained_elsewhere, queue)):
             for args in queue:
