@@ -10,7 +10,8 @@ preset's optimizer step, as the Trainer does. ``standard`` runs PyTorch's fused 
 with per-sequence dropout; ``structured`` (``--steps-per-mask 1``: a new mask every step, the paper's method)
 computes every dropped-input product on the kept columns only; ``structured/gN`` shares a mask over N
 consecutive steps (one gather for N * 20 rows); ``structured-window`` draws one mask for the whole window and runs
-PyTorch's fused LSTM kernel on the kept inputs. Also timed: the products alone (``products``), dense masked
+PyTorch's fused LSTM kernel on the kept inputs; ``structured-hybrid/gN`` (``--hybrid-steps N``) does so at the
+stack's inputs and redraws the head's mask every N steps. Also timed: the products alone (``products``), dense masked
 against compacted, forward + backward, at the two shapes of the model (650 -> 2600 per layer, 650 -> 10000
 decoder). Configurations run interleaved, one window at a time after warm-up; medians. The machine's load
 average is recorded before and after: it is shared.
@@ -37,13 +38,16 @@ from leanlstm.tasks.base import DataConfig  # noqa: E402
 from leanlstm.train import OPTIMIZERS  # noqa: E402
 
 
-def models(task, base, steps_per_mask: list[int]) -> dict[str, torch.nn.Module]:
+def models(task, base, steps_per_mask: list[int], hybrid_steps: list[int] = ()) -> dict[str, torch.nn.Module]:
     """The model of config ``base`` in every dropout configuration, all from the same initial weights."""
     out = {"standard": base}
     for group in steps_per_mask:
         out["structured" if group == 1 else f"structured/g{group}"] = replace(
             base, dropout_mode="structured", dropout_steps_per_mask=group)
     out["structured-window"] = replace(base, dropout_mode="structured-window")
+    for group in hybrid_steps:
+        out[f"structured-hybrid/g{group}"] = replace(base, dropout_mode="structured-hybrid",
+                                                     dropout_steps_per_mask=group)
     result = {}
     for name, config in out.items():
         torch.manual_seed(0)
@@ -106,7 +110,7 @@ def time_products(model, train, repeats: int) -> dict:
 
 def time_training(task, model, train, args: argparse.Namespace) -> tuple[dict, dict, list[float]]:
     """Training windows (batches) of every configuration, interleaved window by window (order alternating)."""
-    nets = models(task, model, args.steps_per_mask)
+    nets = models(task, model, args.steps_per_mask, args.hybrid_steps)
     optimizers = {name: OPTIMIZERS[train.optimizer](m.parameters(), lr=train.lr) for name, m in nets.items()}
     samples, loads = {name: [] for name in nets}, []
     batches = iter(task.train_batches(1))
@@ -122,7 +126,7 @@ def time_training(task, model, train, args: argparse.Namespace) -> tuple[dict, d
         median = statistics.median(values)
         rows[name] = {"windows_per_s": 1 / median, "median_s": median, "min_s": min(values), "max_s": max(values),
                       "speedup_vs_standard": base / median}
-        print(f"  {name:17s} {1 / median:6.2f} windows/s, x{base / median:.3f} of standard", flush=True)
+        print(f"  {name:22s} {1 / median:6.2f} windows/s, x{base / median:.3f} of standard", flush=True)
     return rows, samples, loads
 
 
@@ -137,6 +141,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps-per-mask", type=int, nargs="*", default=[1],
                         help="the per-step mode's steps per mask, one configuration each (none: window mode only)")
+    parser.add_argument("--hybrid-steps", type=int, nargs="*", default=[],
+                        help="structured-hybrid's head steps per mask, one configuration each")
     parser.add_argument("--dropout", type=float, help="every configuration's dropout rate (default: the preset's)")
     parser.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--product-repeats", type=int, default=15, help="0: time training windows only")

@@ -71,7 +71,7 @@ class RunConfig:
     latency_repeats: int = 20          # compressed runs: batch-1 latency samples at the end (0: don't measure)
     hidden_sizes: list[int] | None = None   # per-layer LSTM sizes instead of the preset's (e.g. ISS's found sizes)
     dropout: float | None = None            # dropout instead of the preset's (or the --from run's)
-    dropout_mode: str | None = None         # "standard" or "structured" instead of the preset's (or --from run's)
+    dropout_mode: str | None = None         # a mode (MODE or MODE/N) instead of the preset's (or --from run's)
     vocab_size: int | None = None           # vocabulary cap instead of the preset's (the text task)
     distill_from: str | None = None         # run directory of a teacher to distil from, in every phase
     distill_weight: float = 0.5             # share of the teacher's soft targets in the training loss

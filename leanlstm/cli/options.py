@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ..nn.structured_dropout import DROPOUT_MODES
+from ..nn.structured_dropout import DROPOUT_MODES, parse_dropout_mode
 from ..train import MAX_SEED, PRECISIONS
 
 
@@ -24,12 +24,24 @@ def distillation(command):
 
 
 def dropout_mode(command):
-    """``--dropout-mode``: per-sequence dropout masks (the default) or structured ones (``nn.structured_dropout``)."""
+    """``--dropout-mode``: per-sequence dropout masks (the default) or structured ones (``nn.structured_dropout``),
+    as ``MODE`` or ``MODE/N``."""
+    def check(ctx, param, value):
+        if value is not None:
+            try:
+                parse_dropout_mode(value)
+            except ValueError as error:
+                raise click.BadParameter(str(error)) from None
+        return value
+
     return click.option(
-        "--dropout-mode", type=click.Choice(DROPOUT_MODES),
+        "--dropout-mode", callback=check, metavar="[" + "|".join(DROPOUT_MODES) + "][/N]",
         help="structured: one dropout mask per time step shared by the batch, and the products that read dropped "
              "units skip them (Sarma et al. 2021); structured-window: one mask for the batch's whole window, "
-             "PyTorch's fused kernel on the kept inputs (faster on CPUs). Default: the preset's (standard).")(command)
+             "PyTorch's fused kernel on the kept inputs (faster on CPUs); structured-hybrid: the window's masks at "
+             "the stack's inputs, a new one every step at the head's. /N: N consecutive steps share a mask "
+             "(structured, and structured-hybrid's head), e.g. structured-hybrid/12. Default: the preset's "
+             "(standard).")(command)
 
 
 def lr_decay(phase: str = ""):

@@ -44,6 +44,10 @@ Where this implementation chose (the paper's text beyond its abstract could not 
   scattering the decoder's columns costs more than the half of the product it saves (PTB medium-cpu decoder at
   dropout 0.5, forward + backward, two threads: masked 30 ms, compacted 61, standard dropout 42), while in float32
   the compacted product wins (45 ms against 75 masked, 77 standard);
+- ``structured-hybrid`` keeps the window's one mask at the stack's inputs (the fused kernel) and redraws the
+  head's every ``steps_per_mask`` steps (``grouped_linear``): the head's site is where one mask per window costs
+  the accuracy. After one epoch of PTB medium-cpu (dropout 0.5, bfloat16, Intel Xeon) validation perplexity was
+  224.8 with standard dropout, 305.9 with one mask per window, 236.2 with the head's mask redrawn every 7 steps;
 - a compacted window operand is padded to an even width with a zero column: oneDNN's bfloat16 LSTM kernel takes
   a slow path for an odd input width (forward of a 650-unit layer, T=35, B=20: 20.4 ms at width 325, 7.0 at 326);
 - the dropped count is Bernoulli per unit (not a fixed count), as standard dropout; a step that drops every
@@ -68,15 +72,16 @@ from .cells import LSTMLayer
 DENSE_WEIGHT_GRAD_ROWS = 256
 
 # Dropout modes a model config may name: per-sequence masks (PyTorch's), the paper's per-step masks shared by the
-# batch, and one mask per training window shared by the batch (``steps_per_mask >= T``; PyTorch's fused kernel).
-DROPOUT_MODES = ("standard", "structured", "structured-window")
+# batch, one mask per training window shared by the batch (``steps_per_mask >= T``; PyTorch's fused kernel), and
+# the window's masks at the stack's inputs with the head's mask redrawn every ``steps_per_mask`` steps.
+DROPOUT_MODES = ("standard", "structured", "structured-window", "structured-hybrid")
 
 # How a window-mode product runs: None picks per shape by timing (``_window_way``); "compact" or "masked" forces one.
 WINDOW_PRODUCT: str | None = None
 _WINDOW_WAYS: dict[tuple, str] = {}        # timed choices, per product kind, shapes, dtypes, threads and rate
 
 __all__ = ["DROPOUT_MODES", "check_dropout_config", "structured_forward", "draw_masks", "structured_linear",
-           "window_linear", "lstm_with_input_gates", "structured_lstm"]
+           "window_linear", "grouped_linear", "lstm_with_input_gates", "structured_lstm", "parse_dropout_mode"]
 
 
 def draw_masks(steps: int, features: int, p: float, steps_per_mask: int = 1,
@@ -248,12 +253,34 @@ def check_dropout_config(mode: str, steps_per_mask: int = 1) -> None:
 
     >>> check_dropout_config("blocky", 1)
     Traceback (most recent call last):
-    ValueError: dropout_mode must be one of standard, structured, structured-window, got 'blocky'
+    ValueError: dropout_mode must be one of standard, structured, structured-window, structured-hybrid, got 'blocky'
     """
     if mode not in DROPOUT_MODES:
         raise ValueError(f"dropout_mode must be one of {', '.join(DROPOUT_MODES)}, got {mode!r}")
     if steps_per_mask < 1:
         raise ValueError(f"dropout_steps_per_mask must be at least 1, got {steps_per_mask}")
+
+
+def parse_dropout_mode(text: str) -> tuple[str, int | None]:
+    """A dropout mode as the command line names it, ``MODE`` or ``MODE/N`` (``N`` consecutive steps share a mask:
+    the per-step mode's steps, the hybrid mode's head's) -> ``(mode, N or None)``, refused when wrong.
+
+    >>> parse_dropout_mode("structured-hybrid/12")
+    ('structured-hybrid', 12)
+    >>> parse_dropout_mode("structured-window/3")
+    Traceback (most recent call last):
+    ValueError: dropout mode 'structured-window/3': only structured and structured-hybrid take /N (steps per mask)
+    """
+    mode, slash, steps = text.partition("/")
+    if not slash:
+        check_dropout_config(mode)
+        return mode, None
+    if mode not in ("structured", "structured-hybrid"):
+        check_dropout_config(mode)
+        raise ValueError(f"dropout mode {text!r}: only structured and structured-hybrid take /N (steps per mask)")
+    if not steps.isdigit() or int(steps) < 1:
+        raise ValueError(f"dropout mode {text!r}: N in {mode}/N (steps per mask) must be a whole number >= 1")
+    return mode, int(steps)
 
 
 def check_structured(lstm, mode: str = "structured") -> None:
@@ -348,6 +375,31 @@ def window_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, p: 
     return run(_window_way("linear", run, x, [weight], p) if kept.numel() else "masked", x, [weight])
 
 
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, masks: torch.Tensor, p: float, steps_per_mask: int
+                   ) -> torch.Tensor:
+    """``structured_linear``'s product (a mask per group of ``steps_per_mask`` steps, shared by the batch) on the
+    kept columns or as one product over the masked input, whichever ran faster when its shape was first seen
+    (``_window_way``; the head of ``structured-hybrid``). With per-step masks a compacted product has only the
+    batch's rows (module docstring), so the masked way can win; its dropout pattern is the same either way.
+
+    >>> masks = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    >>> grouped_linear(torch.ones(2, 3, 4), torch.ones(5, 4), masks, 0.5, 1)[:, 0, 0]
+    tensor([4., 0.])
+    """
+    if x.dim() != 3 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must be (T, B, {weight.shape[1]}), got {tuple(x.shape)}")
+    keep = masks.to(x.device).repeat_interleave(steps_per_mask, 0)[:x.shape[0], None]   # (T, 1, in)
+    groups, scale = _groups(masks, x.shape[0], steps_per_mask, x.device), 1.0 / (1.0 - p)
+
+    def run(way: str, x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+        if way == "compact":        # window_linear's product per group: one gather of the weight's columns each
+            return torch.cat([F.linear(_compact(x[steps], kept) * scale, _compact(weights[0], kept))
+                              for steps, kept in groups])
+        return F.linear(x * (keep.to(x.dtype) * scale), weights[0])
+
+    return run(_window_way(f"grouped/{steps_per_mask}", run, x, [weight], p), x, [weight])
+
+
 def _compact(t: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """The kept columns (last dimension) of ``t``, padded with a zero column to an even width (module docstring:
     an odd width sends oneDNN's bfloat16 kernels down a slow path)."""
@@ -400,7 +452,8 @@ def structured_forward(lstm, head: torch.nn.Module, x: torch.Tensor, hx, p: floa
     the linear ``head`` (an ``nn.Linear`` or ``FormLinear``: its ``weight`` and ``bias``) on the masked last
     output, compacted. ``hx`` and the state returned are in the stack's own format (``lstm(x, hx)``'s: None for
     zeros, stacked tensors or per-layer lists; checked as the stack checks them). ``mode`` ``structured`` draws a
-    mask every ``steps_per_mask`` steps, ``structured-window`` one for the window. -> logits (T, B, out), state.
+    mask every ``steps_per_mask`` steps, ``structured-window`` one for the window, ``structured-hybrid`` one for the
+    window at the stack's inputs and one every ``steps_per_mask`` steps at the head's. -> logits (T, B, out), state.
 
     >>> from leanlstm.nn import LSTM
     >>> logits, (h, c) = structured_forward(LSTM(4, [3]), torch.nn.Linear(3, 5), torch.zeros(6, 2, 4), None, 0.5,
@@ -410,13 +463,18 @@ def structured_forward(lstm, head: torch.nn.Module, x: torch.Tensor, hx, p: floa
     """
     if mode not in DROPOUT_MODES[1:]:
         raise ValueError(f"structured_forward needs one of {', '.join(DROPOUT_MODES[1:])}, got {mode!r}")
-    if mode == "structured-window":
+    head_steps = steps_per_mask
+    if mode != "structured":
         steps_per_mask = x.shape[0]
+    if mode == "structured-window":
+        head_steps = x.shape[0]
     h0, c0 = lstm._initial_state(hx, x, False)
     output, h_n, c_n = structured_lstm(lstm, x, h0, c0, p, steps_per_mask, drop_input)      # (T, B, H)
-    masks = draw_masks(output.shape[0], output.shape[-1], p, steps_per_mask)
+    masks = draw_masks(output.shape[0], output.shape[-1], p, head_steps)
     if masks.shape[0] == 1:
         logits = window_linear(output, head.weight, masks[0], p)                              # (T, B, out)
+    elif mode == "structured-hybrid":
+        logits = grouped_linear(output, head.weight, masks, p, head_steps)
     else:
         logits = structured_linear(output, head.weight, masks, p, steps_per_mask)
     if head.bias is not None:

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..nn.structured_dropout import check_dropout_config
+from ..nn.structured_dropout import parse_dropout_mode
 from ..train import ConfigError, Range, TrainConfig, check_memory
 
 MAX_HIDDEN = 10**6          # per-layer LSTM size; memory refuses far smaller ones first (``check_lstm_memory``)
@@ -127,13 +127,16 @@ class Task:
         this."""
         if vocab_size is not None:
             raise TaskError(f"task {cls.name!r} has no vocabulary size to set")
-        if dropout_mode is not None:
+        if dropout_mode is not None:        # MODE or MODE/N (N steps per mask; nn.structured_dropout)
             _require_field(cls, config, "dropout_mode")
             try:
-                check_dropout_config(dropout_mode)
+                mode, steps = parse_dropout_mode(dropout_mode)
             except ValueError as error:
                 raise TaskError(str(error)) from None
-            config = dataclasses.replace(config, dropout_mode=dropout_mode)
+            config = dataclasses.replace(config, dropout_mode=mode)
+            if steps is not None:
+                _require_field(cls, config, "dropout_steps_per_mask")
+                config = dataclasses.replace(config, dropout_steps_per_mask=steps)
         if dropout is not None:
             _require_field(cls, config, "dropout")
             if not 0.0 <= dropout < 1.0:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import LSTM
-from ..nn.structured_dropout import check_dropout_config, check_structured, structured_forward
+from ..nn.structured_dropout import check_dropout_config, check_structured, parse_dropout_mode, structured_forward
 from ..train import Range, TrainConfig, model_device, to_device
 from . import ctc, fsdd
 from .base import DataConfig, Preset, Task, TaskError, register_task
@@ -50,7 +50,7 @@ class DigitsConfig:
     cell_options: dict[str, Any] = field(default_factory=dict)   # its options, e.g. {"gate_hidden": 64} (hlstm)
     dropout: float = 0.0                                   # between LSTM layers and before the head
     dropout_mode: str = "standard"                         # or structured dropout (nn.structured_dropout)
-    dropout_steps_per_mask: int = 1                        # structured: consecutive steps sharing one mask
+    dropout_steps_per_mask: int = 1                        # structured (hybrid: the head): steps sharing a mask
     num_classes: int = ctc.NUM_SYMBOLS                     # CTC blank + 10 digits
     features: FeatureConfig = field(default_factory=FeatureConfig)   # how audio becomes the model's input
     mean: list[float] | None = None                        # per-band input normalisation (None: not fitted yet)
@@ -152,8 +152,11 @@ class DigitsCTC(nn.Module):
         self.dropout.p = self.lstm.dropout = dropout
 
     def set_dropout_mode(self, mode: str) -> None:
-        """A dropout mode (``DigitsConfig.dropout_mode``) from now on; kept in checkpoints."""
-        config = replace(self.config, dropout_mode=mode)         # __post_init__ checks the name
+        """A dropout mode (``DigitsConfig.dropout_mode``; ``MODE/N``: N steps per mask) from now on; kept in
+        checkpoints."""
+        mode, steps = parse_dropout_mode(mode)
+        config = replace(self.config, dropout_mode=mode,
+                         dropout_steps_per_mask=steps or self.config.dropout_steps_per_mask)
         check_structured(self.lstm, mode)
         self.config = config
 

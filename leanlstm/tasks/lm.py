@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..nn import LSTM, FormLinear
-from ..nn.structured_dropout import check_dropout_config, check_structured, structured_forward
+from ..nn.structured_dropout import check_dropout_config, check_structured, parse_dropout_mode, structured_forward
 
 
 
@@ -22,8 +22,9 @@ class LMConfig:
     cell: str = "lstm"                                             # recurrent cell of every layer (nn.CELLS)
     cell_options: dict[str, Any] = field(default_factory=dict)     # its options, e.g. {"gate_hidden": 325}
     dropout_mode: str = "standard"     # "structured": masks shared by the batch, new every step, products compacted;
-                                       # "structured-window": one mask shared by the batch and the whole window
-    dropout_steps_per_mask: int = 1    # structured: consecutive steps sharing one mask (1: a new mask every step)
+                                       # "structured-window": one mask shared by the batch and the whole window;
+                                       # "structured-hybrid": the window's at the stack, per step group at the head
+    dropout_steps_per_mask: int = 1    # structured (hybrid: the head): consecutive steps sharing one mask
 
     def __post_init__(self) -> None:
         check_dropout_config(self.dropout_mode, self.dropout_steps_per_mask)
@@ -97,8 +98,11 @@ class WordLM(nn.Module):
         self.lstm.dropout = dropout   # between layers (torch.nn.LSTM and leanlstm.LSTM alike)
 
     def set_dropout_mode(self, mode: str) -> None:
-        """A dropout mode (``LMConfig.dropout_mode``) from now on; kept in checkpoints."""
-        config = replace(self.config, dropout_mode=mode)         # __post_init__ checks the name
+        """A dropout mode (``LMConfig.dropout_mode``; ``MODE/N``: N steps per mask) from now on; kept in
+        checkpoints."""
+        mode, steps = parse_dropout_mode(mode)
+        config = replace(self.config, dropout_mode=mode,
+                         dropout_steps_per_mask=steps or self.config.dropout_steps_per_mask)
         check_structured(self.lstm, mode)
         self.config = config
 

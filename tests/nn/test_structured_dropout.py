@@ -94,7 +94,7 @@ def _models(mode="structured"):
     return standard, WordLM(replace(config, dropout_mode=mode))
 
 
-@pytest.mark.parametrize("mode", ["structured", "structured-window"])
+@pytest.mark.parametrize("mode", ["structured", "structured-window", "structured-hybrid"])
 def test_word_lm_trains_with_structured_dropout_and_evaluates_as_standard(mode):
     standard, structured = _models(mode)
     tokens = torch.randint(0, 50, (10, 4))
@@ -162,9 +162,37 @@ def test_the_window_mode_drops_the_same_units_at_every_step_of_a_window(monkeypa
     assert [(steps, group) for steps, _, _, group in seen] == [(9, 9)] * 3       # one mask per site, whole window
 
 
+@pytest.mark.parametrize("steps_per_mask", [1, 3])
+def test_the_hybrid_mode_keeps_the_window_at_the_stack_and_redraws_the_head(steps_per_mask, monkeypatch):
+    seen = []
+    monkeypatch.setattr(sd, "draw_masks", lambda *args, **kwargs: seen.append(args) or draw_masks(*args, **kwargs))
+    _, model = _models("structured-hybrid")
+    model.config = replace(model.config, dropout_steps_per_mask=steps_per_mask)
+    model(torch.randint(0, 50, (9, 4)), None)
+    assert [(steps, group) for steps, _, _, group in seen] == [(9, 9), (9, 9), (9, steps_per_mask)]
+
+
+@pytest.mark.parametrize("way", ["compact", "masked"])
+@pytest.mark.parametrize("steps_per_mask", [1, 4])
+def test_the_grouped_head_product_equals_the_dense_masked_one_either_way(way, steps_per_mask, monkeypatch):
+    monkeypatch.setattr(sd, "WINDOW_PRODUCT", way)
+    x = torch.randn(7, 3, 9, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+    masks = draw_masks(7, 9, 0.4, steps_per_mask)
+    dy = torch.randn(7, 3, 5, dtype=torch.float64)
+    grads = []
+    for product in (sd.grouped_linear, dense_masked):
+        y = product(x, weight, masks, 0.4, steps_per_mask)
+        grads.append((y, *torch.autograd.grad(y, (x, weight), dy)))
+    for mine, dense in zip(*grads):
+        torch.testing.assert_close(mine, dense, rtol=1e-12, atol=1e-12)
+
+
 def test_a_run_names_the_modes_when_given_an_unknown_one():
-    with pytest.raises(RunDirError, match="standard, structured, structured-window, got 'blocky'"):
+    with pytest.raises(RunDirError, match="standard, structured, structured-window, structured-hybrid, got 'blocky'"):
         RunConfig(preset="tiny", dropout_mode="blocky").model_config()
+    config = RunConfig(preset="tiny", dropout_mode="structured/4").model_config()
+    assert (config.dropout_mode, config.dropout_steps_per_mask) == ("structured", 4)
 
 
 def test_both_commands_take_the_mode_and_the_run_records_it(tmp_path, ptb_slice_dir):
@@ -174,13 +202,17 @@ def test_both_commands_take_the_mode_and_the_run_records_it(tmp_path, ptb_slice_
     trained = runner.invoke(main, ["train", *common, "--dropout-mode", "structured-window", "--out", str(base)])
     assert trained.exit_code == 0, trained.output
     result = runner.invoke(main, ["compress", "--method", "prune", "--from", str(base), "--set", "compression=2",
-                                  "--dropout-mode", "structured", "--finetune-epochs", "0", "--latency-repeats", "0",
-                                  "--out", str(out), *common])
+                                  "--dropout-mode", "structured-hybrid/3", "--finetune-epochs", "0",
+                                  "--latency-repeats", "0", "--out", str(out), *common])
     assert result.exit_code == 0, result.output
     assert load_run(base)[1].config.dropout_mode == "structured-window"
-    assert load_run(out)[1].config.dropout_mode == "structured"
-    refused = runner.invoke(main, ["train", *common, "--dropout-mode", "blocky", "--out", str(tmp_path / "no")])
-    assert refused.exit_code != 0 and "structured-window" in refused.output
+    config = load_run(out)[1].config
+    assert (config.dropout_mode, config.dropout_steps_per_mask) == ("structured-hybrid", 3)
+    for wrong, says in (("blocky", "structured-window"), ("structured-window/3", "only structured and"),
+                        ("structured/0", "whole number >= 1")):
+        refused = runner.invoke(main, ["train", *common, "--dropout-mode", wrong, "--out", str(tmp_path / "no")])
+        assert refused.exit_code != 0 and says in refused.output, refused.output
+        assert not (tmp_path / "no").exists()
 
 
 def test_docstring_examples():
