@@ -30,7 +30,9 @@ From the papers: the splitting, the Euclidean projections (top-k magnitude for s
 quantisation), the growing rho, masked retraining. Chosen here: one joint projection onto sparse-and-quantised
 (ADMM-NN prunes first and quantises after; with 255 levels per row the joint step costs nothing and keeps one
 phase), int8 levels per row (the engine's), the default numbers, and budgets per matrix rather than per network.
-``quantise=False`` gives ADMM pruning alone (float32 values).
+``quantise=False`` gives ADMM pruning alone (float32 values). ``block="16x4"`` makes the sparsity set whole blocks
+(``BlockSparse``, pruning's ``block``): the projection keeps the blocks of largest L2 norm, one index a block, so
+at 60x int8 bytes a 2600x650 matrix keeps 5.8% of its weights instead of 1.8%, in the engine's VNNI blocks.
 
     handle = leanlstm.compress_(model, leanlstm.ADMM(compression=60, total_steps=len(loader) * epochs))
     ...  loss = loss + handle.penalty(); loss.backward(); optimizer.step(); handle.after_step()
@@ -44,11 +46,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..nn.forms import MaskedSparse
+from ..nn.forms import BlockSparse, MaskedSparse
+from ..nn.forms.blocksparse import block_norms, expand_blocks
 from ..nn.quant import BITS, CLIPS, Latent, quantise_tensor
 from ..train import Range
 from .base import COMPRESSION, STEPS, UNIT, Method, MethodConfig
-from .pruning import GradualPruning, convert_forms, final_entries, schedule_length, sparsity_summary
+from .pruning import GradualPruning, convert_forms, final_entries, parse_block, schedule_length, sparsity_summary
 
 if TYPE_CHECKING:
     from ..compress import Compression
@@ -78,29 +81,48 @@ class ADMM(MethodConfig):
     total_steps: int = 0          # optimiser steps of the compression phase in a user loop (0: Trainer's)
     speed_check: bool = True      # time each sparse matrix against dense on the engine and warn when slower
     keep_slow_dense: bool = False  # keep the matrices that would run slower than dense dense (not pruned)
+    block: str = ""               # "16x4": the sparsity set keeps whole blocks (one index a block; pruning's block)
 
     ranges = {"compression": COMPRESSION, "rho": Range(0, 1e6, low_open=True), "rho_growth": Range(1, 100),
               "rho_max": Range(0, 1e9, low_open=True), "updates": Range(1, 10**6, integer=True),
               "update_every": STEPS, "total_steps": STEPS, "anneal_end": UNIT}
     choices = {"clip": CLIPS}
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parse_block(self.block)
 
-def top_mask(values: torch.Tensor, entries: int) -> torch.Tensor:
-    """The mask of the ``entries`` largest magnitudes of ``values``."""
+
+def top_mask(values: torch.Tensor, entries: int, block: tuple[int, int] | None = None) -> torch.Tensor:
+    """The mask of the ``entries`` largest magnitudes of ``values``; with ``block`` (rows, cols), of the
+    ``entries // (rows * cols)`` blocks of largest L2 norm (the Euclidean projection onto whole blocks).
+
+    >>> top_mask(torch.tensor([[3.0, 0.0, 1.0, 1.0], [0.0, 0.0, 2.0, 2.0]]), 4, (2, 2)).int().tolist()
+    [[0, 0, 1, 1], [0, 0, 1, 1]]
+    """
+    if block is not None:
+        rows, cols = values.shape
+        norms = block_norms(values.detach(), *block)
+        chosen = torch.zeros(norms.numel(), dtype=torch.bool, device=values.device)
+        count = min(entries // (block[0] * block[1]), norms.numel())
+        if count > 0:
+            chosen[norms.reshape(-1).topk(count).indices] = True
+        return expand_blocks(chosen.reshape(norms.shape), rows, cols, *block).to(values.device)
     mask = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
     if entries > 0:
         mask[values.detach().abs().flatten().topk(entries).indices] = True
     return mask.view_as(values)
 
 
-def project(values: torch.Tensor, entries: int, quantise: bool = True, clip: str = "max") -> torch.Tensor:
-    """The projection onto ``S``: the ``entries`` largest magnitudes of ``values``, snapped to their rows' int8 grid
-    when ``quantise``; zeros elsewhere.
+def project(values: torch.Tensor, entries: int, quantise: bool = True, clip: str = "max",
+            block: tuple[int, int] | None = None) -> torch.Tensor:
+    """The projection onto ``S``: the ``entries`` largest magnitudes of ``values`` (with ``block``, the blocks of
+    largest norm they fill), snapped to their rows' int8 grid when ``quantise``; zeros elsewhere.
 
     >>> project(torch.tensor([[0.5, -2.0, 0.1], [1.0, 0.2, -3.0]]), 3, quantise=False).tolist()
     [[0.0, -2.0, 0.0], [1.0, 0.0, -3.0]]
     """
-    return kept(values, top_mask(values, entries), quantise, clip)
+    return kept(values, top_mask(values, entries, block), quantise, clip)
 
 
 def kept(values: torch.Tensor, mask: torch.Tensor, quantise: bool = True, clip: str = "max") -> torch.Tensor:
@@ -123,13 +145,18 @@ class ADMMMethod(Method):
         self.latent: Latent | None = None
         self._saved: dict[str, Any] | None = None
         c = self.config
+        self.block = parse_block(c.block)
         # the projection's entry counts: gradual pruning's schedule (final from the start when anneal_end is 0)
         self.schedule = GradualPruning(c.compression, end=c.anneal_end, value_bits=BITS if c.quantise else None)
         if c.quantise:
             self.latency_backends = ("leanlstm-int8", "leanlstm", "torch-int8", "onnxruntime", "onnxruntime-int8")
 
+    def _sparse(self, rows: int, cols: int) -> MaskedSparse:
+        """An empty matrix of the form the projections keep (unstructured, or whole blocks)."""
+        return MaskedSparse(rows, cols) if self.block is None else BlockSparse(rows, cols, *self.block)
+
     def _entries(self, name: str, form: MaskedSparse) -> int:
-        shape_only = MaskedSparse(form.out_features, form.in_features)
+        shape_only = self._sparse(form.out_features, form.in_features)
         if self.config.quantise:
             shape_only.set_value_bits(BITS)
         return final_entries(name, shape_only, self.config.compression)
@@ -139,8 +166,18 @@ class ADMMMethod(Method):
             self._entries(name, form)
 
     def convert(self, handle: "Compression") -> None:
-        convert_forms(handle, lambda name, dense: MaskedSparse.from_dense(dense),
-                      keep=lambda form: isinstance(form, MaskedSparse))
+        def sparse(name: str, dense: torch.Tensor) -> MaskedSparse:
+            form = self._sparse(*dense.shape)
+            with torch.no_grad():
+                form.weight.copy_(dense)
+            return form
+
+        def keep(form) -> bool:
+            if self.block is None:
+                return type(form) is MaskedSparse
+            return type(form) is BlockSparse and (form.block_rows, form.block_cols) == self.block
+
+        convert_forms(handle, sparse, keep)
 
     def start(self, handle: "Compression") -> None:
         if self._saved is not None:
@@ -164,7 +201,7 @@ class ADMMMethod(Method):
 
     def _project(self, values: torch.Tensor, entries: int, name: str) -> torch.Tensor:
         """``Z = proj_S(values)``; with ``masked_steps`` its support is kept for the next update to prune to."""
-        mask = top_mask(values, entries)
+        mask = top_mask(values, entries, self.block)
         if self.config.masked_steps:
             self.support[name] = mask
         return kept(values, mask, self.config.quantise, self.config.clip)
@@ -226,7 +263,7 @@ class ADMMMethod(Method):
         with torch.no_grad():
             for name, form in handle.forms():
                 w = form.materialize().detach()
-                mask = top_mask(w, self._entries(name, form))
+                mask = top_mask(w, self._entries(name, form), self.block)
                 form.set_mask(mask)
                 form.weight.copy_(kept(w, mask, self.config.quantise, self.config.clip))
                 if self.config.quantise:

@@ -12,9 +12,10 @@ from torch import nn
 from leanlstm.cli import main
 from leanlstm.compress import compress_
 from leanlstm.methods import ADMM
-from leanlstm.methods.admm import project
+from leanlstm.methods.admm import project, top_mask
 from leanlstm.methods.pruning import final_entries, weight_compression
-from leanlstm.nn.forms import MaskedSparse
+from leanlstm.nn.forms import BlockSparse, MaskedSparse
+from leanlstm.nn.forms.blocksparse import block_norms, expand_blocks
 from leanlstm.nn.quant import quantise_tensor, row_scales
 from tests.user_models import train_steps
 
@@ -136,10 +137,22 @@ def _int8_shape(form):
     return shape
 
 
-def test_training_meets_the_int8_byte_budget_and_retrains_on_the_grid_with_frozen_masks():
+def test_the_block_projection_keeps_the_whole_blocks_of_largest_norm():
+    values = torch.randn(32, 16)
+    mask = top_mask(values, 4 * 64 + 10, (16, 4))               # the entries of 4 blocks (and a remainder)
+    blocks = block_norms(values, 16, 4)
+    chosen = mask.reshape(2, 16, 4, 4).any(3).any(1)             # (block rows, block cols)
+    assert int(chosen.sum()) == 4 and int(mask.sum()) == 4 * 64
+    assert torch.equal(mask, expand_blocks(chosen, 32, 16, 16, 4))                    # whole blocks only
+    assert blocks[chosen].min() >= blocks[~chosen].max()
+
+
+@pytest.mark.parametrize("block", ["", "16x4"])
+def test_training_meets_the_int8_byte_budget_and_retrains_on_the_grid_with_frozen_masks(block):
     torch.manual_seed(0)
     model = Classifier()
-    handle = compress_(model, ADMM(compression=12, rho=0.05, total_steps=60, speed_check=False))
+    handle = compress_(model, ADMM(compression=12, rho=0.05, total_steps=60, speed_check=False, block=block))
+    assert all(type(form) is (BlockSparse if block else MaskedSparse) for _, form in handle.forms())
     train(model, handle, torch.optim.SGD(model.parameters(), lr=0.5), 60)
     gaps = [float((f.weight - handle.method.z[n]).norm() / f.weight.norm()) for n, f in handle.forms()]
     assert max(gaps) < 0.1                                           # W was pulled onto its projection
@@ -152,11 +165,14 @@ def test_training_meets_the_int8_byte_budget_and_retrains_on_the_grid_with_froze
         w = form.weight.detach()
         assert w[~form.mask].abs().max() == 0
         torch.testing.assert_close(w, quantise_tensor(w, form.mask))   # still on the int8 grid
+        if block:
+            assert torch.equal(form.mask, form.covering_mask(form.mask))   # whole 16x4 blocks
     summary = handle.summary()
     assert summary["value_bits"] == 8 and summary["lstm_weight_compression"] >= 12.0
 
 
-CONFIGS = {"fixed": {}, "progressive": {"anneal_end": 0.5, "masked_steps": True, "dual_while_tightening": False}}
+CONFIGS = {"fixed": {}, "progressive": {"anneal_end": 0.5, "masked_steps": True, "dual_while_tightening": False},
+           "blocks": {"block": "16x4", "anneal_end": 0.5, "masked_steps": True}}
 
 
 @pytest.mark.parametrize("variant", CONFIGS)
@@ -207,6 +223,8 @@ def test_bad_input_is_refused_before_any_change():
         ADMM(rho=0)
     with pytest.raises(ValueError, match="clip must be one of"):
         ADMM(clip="l1")
+    with pytest.raises(ValueError, match="ROWSxCOLS"):
+        ADMM(block="16by4")
     handle = compress_(nn.Sequential(nn.LSTM(32, 32)), ADMM(compression=4))
     with pytest.raises(ValueError, match="total_steps=N"):
         handle.after_step()
