@@ -51,7 +51,8 @@ from ..nn.forms.blocksparse import block_norms, expand_blocks
 from ..nn.quant import BITS, CLIPS, Latent, quantise_tensor
 from ..train import Range
 from .base import COMPRESSION, STEPS, UNIT, Method, MethodConfig
-from .pruning import GradualPruning, convert_forms, final_entries, parse_block, schedule_length, sparsity_summary
+from .pruning import (GradualPruning, convert_forms, empty_sparse, final_entries, parse_block, schedule_length,
+                      sparsity_summary, to_sparse)
 
 if TYPE_CHECKING:
     from ..compress import Compression
@@ -151,12 +152,8 @@ class ADMMMethod(Method):
         if c.quantise:
             self.latency_backends = ("leanlstm-int8", "leanlstm", "torch-int8", "onnxruntime", "onnxruntime-int8")
 
-    def _sparse(self, rows: int, cols: int) -> MaskedSparse:
-        """An empty matrix of the form the projections keep (unstructured, or whole blocks)."""
-        return MaskedSparse(rows, cols) if self.block is None else BlockSparse(rows, cols, *self.block)
-
     def _entries(self, name: str, form: MaskedSparse) -> int:
-        shape_only = self._sparse(form.out_features, form.in_features)
+        shape_only = empty_sparse(form.out_features, form.in_features, self.block)
         if self.config.quantise:
             shape_only.set_value_bits(BITS)
         return final_entries(name, shape_only, self.config.compression)
@@ -166,18 +163,12 @@ class ADMMMethod(Method):
             self._entries(name, form)
 
     def convert(self, handle: "Compression") -> None:
-        def sparse(name: str, dense: torch.Tensor) -> MaskedSparse:
-            form = self._sparse(*dense.shape)
-            with torch.no_grad():
-                form.weight.copy_(dense)
-            return form
-
         def keep(form) -> bool:
             if self.block is None:
                 return type(form) is MaskedSparse
             return type(form) is BlockSparse and (form.block_rows, form.block_cols) == self.block
 
-        convert_forms(handle, sparse, keep)
+        convert_forms(handle, lambda name, dense: to_sparse(dense, 1.0, self.block), keep)
 
     def start(self, handle: "Compression") -> None:
         if self._saved is not None:

@@ -91,14 +91,22 @@ class Prune(MethodConfig):
 
     def sparse_form(self, rows: int, cols: int) -> MaskedSparse:
         """An empty matrix of the form this config prunes into (unstructured, or block-sparse)."""
-        block = parse_block(self.block)
-        return MaskedSparse(rows, cols) if block is None else BlockSparse(rows, cols, *block)
+        return empty_sparse(rows, cols, parse_block(self.block))
 
     def sparse_from_dense(self, dense: torch.Tensor, density: float) -> MaskedSparse:
-        block = parse_block(self.block)
-        if block is None:
-            return MaskedSparse.from_dense(dense, density=density)
-        return BlockSparse.from_dense(dense, density=density, block_rows=block[0], block_cols=block[1])
+        return to_sparse(dense, density, parse_block(self.block))
+
+
+def empty_sparse(rows: int, cols: int, block: tuple[int, int] | None) -> MaskedSparse:
+    """An empty ``rows x cols`` sparse matrix: unstructured, or of whole ``block`` (rows, cols) blocks."""
+    return MaskedSparse(rows, cols) if block is None else BlockSparse(rows, cols, *block)
+
+
+def to_sparse(dense: torch.Tensor, density: float, block: tuple[int, int] | None) -> MaskedSparse:
+    """``dense`` as a sparse matrix keeping its largest entries (or blocks of largest norm) at ``density``."""
+    if block is None:
+        return MaskedSparse.from_dense(dense, density=density)
+    return BlockSparse.from_dense(dense, density=density, block_rows=block[0], block_cols=block[1])
 
 
 def check_anneal(config: Any) -> None:

@@ -485,17 +485,19 @@ class Planner:
         each step one matrix goes to its next lower density of ``densities`` (a dense one to the highest), the
         step adding the least predicted latency per parameter it removes (steps that add none first, the largest
         of those first). None when no step is left within ``target``."""
-        while self.params(choice) > params:
-            best, best_key = None, None
+        ladder = sorted(self.config.densities, reverse=True)
+        while (kept := self.params(choice)) > params:
+            best, best_key, now = None, None, self.predict(choice)
             for index in range(len(self.slots)):
-                lower = [d for d in sorted(self.config.densities, reverse=True) if d < choice.densities[index]]
+                lower = [d for d in ladder if d < choice.densities[index]]
                 if not lower:
                     continue
                 move = self.with_density(choice, index, lower[0])
-                if self.predict(move) > target:
+                latency = self.predict(move)
+                if latency > target:
                     continue
-                removed = self.params(choice) - self.params(move)
-                key = (max(self.predict(move) - self.predict(choice), 0.0) / removed, -removed)
+                removed = kept - self.params(move)
+                key = (max(latency - now, 0.0) / removed, -removed)
                 if best_key is None or key < best_key:
                     best, best_key = move, key
             if best is None:

@@ -388,13 +388,13 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, masks: torch.Tensor, p
     """
     if x.dim() != 3 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x must be (T, B, {weight.shape[1]}), got {tuple(x.shape)}")
-    keep = masks.to(x.device).repeat_interleave(steps_per_mask, 0)[:x.shape[0], None]   # (T, 1, in)
-    groups, scale = _groups(masks, x.shape[0], steps_per_mask, x.device), 1.0 / (1.0 - p)
+    scale = 1.0 / (1.0 - p)
 
     def run(way: str, x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
         if way == "compact":        # window_linear's product per group: one gather of the weight's columns each
             return torch.cat([F.linear(_compact(x[steps], kept) * scale, _compact(weights[0], kept))
-                              for steps, kept in groups])
+                              for steps, kept in _groups(masks, x.shape[0], steps_per_mask, x.device)])
+        keep = masks.to(x.device).repeat_interleave(steps_per_mask, 0)[:x.shape[0], None]       # (T, 1, in)
         return F.linear(x * (keep.to(x.dtype) * scale), weights[0])
 
     return run(_window_way(f"grouped/{steps_per_mask}", run, x, [weight], p), x, [weight])
