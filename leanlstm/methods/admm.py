@@ -46,13 +46,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..nn.forms import BlockSparse, MaskedSparse
+from ..nn.forms import MaskedSparse
 from ..nn.forms.blocksparse import block_norms, expand_blocks
 from ..nn.quant import BITS, CLIPS, Latent, quantise_tensor
 from ..train import Range
 from .base import COMPRESSION, STEPS, UNIT, Method, MethodConfig
-from .pruning import (GradualPruning, convert_forms, empty_sparse, final_entries, parse_block, schedule_length,
-                      sparsity_summary, to_sparse)
+from .pruning import (GradualPruning, convert_forms, empty_sparse, final_entries, is_sparse_form, parse_block,
+                      schedule_length, sparsity_summary, to_sparse)
 
 if TYPE_CHECKING:
     from ..compress import Compression
@@ -163,12 +163,8 @@ class ADMMMethod(Method):
             self._entries(name, form)
 
     def convert(self, handle: "Compression") -> None:
-        def keep(form) -> bool:
-            if self.block is None:
-                return type(form) is MaskedSparse
-            return type(form) is BlockSparse and (form.block_rows, form.block_cols) == self.block
-
-        convert_forms(handle, lambda name, dense: to_sparse(dense, 1.0, self.block), keep)
+        convert_forms(handle, lambda name, dense: to_sparse(dense, 1.0, self.block),
+                      keep=lambda form: is_sparse_form(form, self.block))
 
     def start(self, handle: "Compression") -> None:
         if self._saved is not None:

@@ -109,6 +109,14 @@ def to_sparse(dense: torch.Tensor, density: float, block: tuple[int, int] | None
     return BlockSparse.from_dense(dense, density=density, block_rows=block[0], block_cols=block[1])
 
 
+def is_sparse_form(form: Any, block: tuple[int, int] | None) -> bool:
+    """Whether ``form`` already is the sparse form ``empty_sparse(..., block)`` builds, block shape included (the
+    budget arithmetic counts indices per block, so a block-sparse matrix of another block shape is converted)."""
+    if block is None:
+        return type(form) is MaskedSparse
+    return type(form) is BlockSparse and (form.block_rows, form.block_cols) == tuple(block)
+
+
 def check_anneal(config: Any) -> None:
     """The annealing window must not end before it starts."""
     if config.anneal_end < config.anneal_start:
@@ -405,14 +413,17 @@ class PruneMethod(Method):
 
     def convert(self, handle: "Compression") -> None:
         density = self.config.initial_density
-        kind = type(self.config.sparse_form(1, 1))
+        block = parse_block(self.config.block)
 
         def build(name: str, dense: torch.Tensor) -> MaskedSparse:
             return self.config.sparse_from_dense(dense, density)
 
-        convert_forms(handle, build, keep=lambda form: type(form) is kind)
+        def keep(form) -> bool:
+            return is_sparse_form(form, block)
+
+        convert_forms(handle, build, keep)
         if self.head_pruner is not None:
-            convert_heads(handle, heads_to_convert(handle, "Prune"), build, keep=lambda form: type(form) is kind)
+            convert_heads(handle, heads_to_convert(handle, "Prune"), build, keep)
         heads = self._lowrank_heads(handle)
         if heads:
             ranks = {qualified(name, "weight"): self._head_rank(qualified(name, "weight"), head) for name, head in heads}

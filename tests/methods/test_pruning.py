@@ -282,3 +282,18 @@ def test_a_checkpoint_whose_model_config_lacks_the_decoder_loads_from_the_handle
     loaded = _model_from(LanguageModelTask, payload, tmp_path / "checkpoint.pt")
     tokens = torch.randint(0, 50, (4, 1))
     assert torch.equal(loaded.eval()(tokens)[0], model.eval()(tokens)[0])
+
+
+def test_pruning_converts_blocks_of_another_shape_and_keeps_its_own():
+    from leanlstm.nn.forms import BlockSparse
+
+    model = nn.Sequential(nn.LSTM(64, 128))
+    first = compress_(model, Prune(compression=4, block="8x4", total_steps=4, speed_check=False))
+    first.finalize()
+    assert {(f.block_rows, f.block_cols) for _, f in first.forms()} == {(8, 4)}
+    again = compress_(model, Prune(compression=8, block="16x4", total_steps=4, speed_check=False))
+    assert {(f.block_rows, f.block_cols) for _, f in again.forms()} == {(16, 4)}   # rebuilt: the budget counts 16x4
+    kept = {name: form for name, form in again.forms()}
+    again.finalize()
+    same = compress_(model, Prune(compression=8, block="16x4", total_steps=4, speed_check=False))
+    assert all(form is kept[name] and isinstance(form, BlockSparse) for name, form in same.forms())
