@@ -48,8 +48,8 @@ import torch
 
 from ..nn.forms import MaskedSparse
 from ..nn.forms.blocksparse import block_norms, expand_blocks
-from ..nn.quant import BITS, CLIPS, Latent, quantise_tensor
-from ..train import Range
+from ..nn.quant import BITS, CLIPS, QUANT_BITS, Latent, lstm_bits, quantise_tensor
+from ..train import ConfigError, Range
 from .base import COMPRESSION, STEPS, UNIT, Method, MethodConfig
 from .pruning import (GradualPruning, convert_forms, empty_sparse, final_entries, is_sparse_form, parse_block,
                       schedule_length, sparsity_summary, to_sparse)
@@ -83,15 +83,18 @@ class ADMM(MethodConfig):
     speed_check: bool = True      # time each sparse matrix against dense on the engine and warn when slower
     keep_slow_dense: bool = False  # keep the matrices that would run slower than dense dense (not pruned)
     block: str = ""               # "16x4": the sparsity set keeps whole blocks (one index a block; pruning's block)
+    bits: int = BITS              # the quantisation levels' width when quantise: 8, or 4 (with block: packed tiles)
 
     ranges = {"compression": COMPRESSION, "rho": Range(0, 1e6, low_open=True), "rho_growth": Range(1, 100),
               "rho_max": Range(0, 1e9, low_open=True), "updates": Range(1, 10**6, integer=True),
               "update_every": STEPS, "total_steps": STEPS, "anneal_end": UNIT}
-    choices = {"clip": CLIPS}
+    choices = {"clip": CLIPS, "bits": QUANT_BITS}
 
     def __post_init__(self) -> None:
         super().__post_init__()
         parse_block(self.block)
+        if self.bits == 4 and not self.block:
+            raise ConfigError("bits", 4, "be used with block=16x4: only block-sparse forms store 4-bit values")
 
 
 def top_mask(values: torch.Tensor, entries: int, block: tuple[int, int] | None = None) -> torch.Tensor:
@@ -116,19 +119,20 @@ def top_mask(values: torch.Tensor, entries: int, block: tuple[int, int] | None =
 
 
 def project(values: torch.Tensor, entries: int, quantise: bool = True, clip: str = "max",
-            block: tuple[int, int] | None = None) -> torch.Tensor:
+            block: tuple[int, int] | None = None, bits: int = BITS) -> torch.Tensor:
     """The projection onto ``S``: the ``entries`` largest magnitudes of ``values`` (with ``block``, the blocks of
-    largest norm they fill), snapped to their rows' int8 grid when ``quantise``; zeros elsewhere.
+    largest norm they fill), snapped to their rows' grid of ``bits`` when ``quantise``; zeros elsewhere.
 
     >>> project(torch.tensor([[0.5, -2.0, 0.1], [1.0, 0.2, -3.0]]), 3, quantise=False).tolist()
     [[0.0, -2.0, 0.0], [1.0, 0.0, -3.0]]
     """
-    return kept(values, top_mask(values, entries, block), quantise, clip)
+    return kept(values, top_mask(values, entries, block), quantise, clip, bits)
 
 
-def kept(values: torch.Tensor, mask: torch.Tensor, quantise: bool = True, clip: str = "max") -> torch.Tensor:
-    """``values`` on ``mask``, snapped to their rows' int8 grid when ``quantise``; zeros elsewhere."""
-    return quantise_tensor(values, mask, clip) if quantise else values.detach() * mask
+def kept(values: torch.Tensor, mask: torch.Tensor, quantise: bool = True, clip: str = "max", bits: int = BITS
+         ) -> torch.Tensor:
+    """``values`` on ``mask``, snapped to their rows' grid of ``bits`` when ``quantise``; zeros elsewhere."""
+    return quantise_tensor(values, mask, clip, bits) if quantise else values.detach() * mask
 
 
 class ADMMMethod(Method):
@@ -148,14 +152,14 @@ class ADMMMethod(Method):
         c = self.config
         self.block = parse_block(c.block)
         # the projection's entry counts: gradual pruning's schedule (final from the start when anneal_end is 0)
-        self.schedule = GradualPruning(c.compression, end=c.anneal_end, value_bits=BITS if c.quantise else None)
+        self.schedule = GradualPruning(c.compression, end=c.anneal_end, value_bits=c.bits if c.quantise else None)
         if c.quantise:
             self.latency_backends = ("leanlstm-int8", "leanlstm", "torch-int8", "onnxruntime", "onnxruntime-int8")
 
     def _entries(self, name: str, form: MaskedSparse) -> int:
         shape_only = empty_sparse(form.out_features, form.in_features, self.block)
         if self.config.quantise:
-            shape_only.set_value_bits(BITS)
+            shape_only.set_value_bits(self.config.bits)
         return final_entries(name, shape_only, self.config.compression)
 
     def check(self, handle: "Compression") -> None:
@@ -177,7 +181,7 @@ class ADMMMethod(Method):
                 self.z[name] = self._project(form.materialize().detach(), entries[name], name)
                 self.u[name] = torch.zeros_like(form.weight, requires_grad=False)
         if handle.finalized and self.config.quantise and self.latent is None:
-            self.latent = Latent([(name, form.weight, form.mask) for name, form in handle.forms()])
+            self.latent = self._latent(handle)
 
     def _targets(self, handle: "Compression") -> dict[str, int]:
         """Entries each matrix's projection keeps at the handle's step: the final count from the start, or with
@@ -191,7 +195,14 @@ class ADMMMethod(Method):
         mask = top_mask(values, entries, self.block)
         if self.config.masked_steps:
             self.support[name] = mask
-        return kept(values, mask, self.config.quantise, self.config.clip)
+        return kept(values, mask, self.config.quantise, self.config.clip, self.config.bits)
+
+    def _latent(self, handle: "Compression") -> Latent:
+        """Float latent weights of the masked retraining, snapped to the grid of ``bits``."""
+        forms = list(handle.forms())
+        lstm_bits(forms, self.config.bits)                  # every form can store the width
+        return Latent([(name, form.weight, form.mask) for name, form in forms],
+                      bits={name: self.config.bits for name, _ in forms})
 
     def _update_every(self, handle: "Compression") -> int:
         if self.config.update_every:
@@ -252,15 +263,15 @@ class ADMMMethod(Method):
                 w = form.materialize().detach()
                 mask = top_mask(w, self._entries(name, form), self.block)
                 form.set_mask(mask)
-                form.weight.copy_(kept(w, mask, self.config.quantise, self.config.clip))
+                form.weight.copy_(kept(w, mask, self.config.quantise, self.config.clip, self.config.bits))
                 if self.config.quantise:
-                    form.set_value_bits(BITS)
+                    form.set_value_bits(self.config.bits)
         self.z, self.u, self.support = {}, {}, {}
 
     def summarize(self, handle: "Compression") -> dict[str, Any]:
         out = sparsity_summary(handle.forms(), self.config.compression) | {"final_rho": self.rho}
         if self.config.quantise:
-            out["value_bits"] = BITS
+            out["value_bits"] = self.config.bits
         return out
 
     # --- checkpoints --------------------------------------------------------------------------------------------
@@ -280,5 +291,5 @@ class ADMMMethod(Method):
         self.u = {k: v.to(devices[k]) for k, v in state["u"].items()}
         self.support = {k: v.to(devices[k]) for k, v in state.get("support", {}).items()}
         if state.get("latent") is not None:
-            self.latent = Latent([(name, form.weight, form.mask) for name, form in handle.forms()])
+            self.latent = self._latent(handle)
             self.latent.load_state_dict(state["latent"])

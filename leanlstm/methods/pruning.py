@@ -68,7 +68,8 @@ class Prune(MethodConfig):
     anneal_end: float = 0.75      # fraction at which the final density is reached
     prune_every: int = 10         # optimiser steps between pruning events (Zhu & Gupta's dt)
     total_steps: int = 0          # optimiser steps the schedule spans in a user loop (0: Trainer's phase length)
-    value_bits: int = 32          # the value width the budget counts (8: sized for int8 values, to quantise after)
+    value_bits: int = 32          # the value width the budget counts (8: sized for int8 values, to quantise after;
+                                  # 4: for 4-bit values, block-sparse only)
     block: str = ""               # "16x4": prune whole blocks of 16 rows x 4 inputs (one VNNI instruction each)
     speed_check: bool = True      # time each pruned matrix against dense on the engine and warn when slower
     keep_slow_dense: bool = False  # keep the matrices that would run slower than dense dense (not pruned)
@@ -88,6 +89,10 @@ class Prune(MethodConfig):
             raise ConfigError("heads", self.heads, "be 0 (the heads stay dense) or a compression of at least 1")
         if self.head_form != "pruned" and not self.heads:
             raise ConfigError("head_form", self.head_form, "be used with heads=N (the heads' compression)")
+        if self.value_bits == 4 and not self.block:
+            raise ConfigError("value_bits", 4, "be used with block=16x4: only block-sparse forms store 4-bit values")
+        if self.value_bits == 4 and self.heads:
+            raise ConfigError("value_bits", 4, "be 8 or 32 with heads=N: heads are stored in int8")
 
     def sparse_form(self, rows: int, cols: int) -> MaskedSparse:
         """An empty matrix of the form this config prunes into (unstructured, or block-sparse)."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..nn.quant import BITS, CLIPS, Latent, quantise_, quantised_parameters
+from ..nn.quant import BITS, CLIPS, QUANT_BITS, Latent, lstm_bits, quantise_, quantised_parameters
 from .base import Method, MethodConfig
 from .pruning import weight_compression
 
@@ -46,8 +46,9 @@ class Int8(MethodConfig):
     clip: str = "max"         # each row's scale: its largest magnitude ("max"), or least squared error ("mse")
     heads: bool = True        # quantise the model's nn.Linear layers too (the int8 engine runs them in int8)
     embeddings: bool = True   # and its nn.Embedding tables (the int8 engine stores them in int8, a scale per row)
+    bits: int = BITS          # the LSTM matrices' value width: 8, or 4 (block-sparse forms only; heads stay int8)
 
-    choices = {"clip": CLIPS}
+    choices = {"clip": CLIPS, "bits": QUANT_BITS}
 
 
 class Int8Method(Method):
@@ -64,13 +65,18 @@ class Int8Method(Method):
         self.latent: Latent | None = None
         self._saved: dict[str, Any] | None = None
 
+    def check(self, handle: "Compression") -> None:
+        lstm_bits(handle.forms(), self.config.bits)        # a width the forms cannot store fails before any change
+
     def convert(self, handle: "Compression") -> None:
-        quantise_(handle.model, self.config.clip, self.config.heads, handle.forms(), self.config.embeddings)
+        c = self.config
+        quantise_(handle.model, c.clip, c.heads, handle.forms(), c.embeddings, c.bits)
 
     def start(self, handle: "Compression") -> None:
         parameters = quantised_parameters(handle.model, self.config.heads, handle.forms(), self.config.embeddings)
         if self.latent is None or [p for _, p, _ in self.latent.parameters] != [p for _, p, _ in parameters]:
-            self.latent = Latent(parameters, self.config.clip)       # the model's parameters were (re)built
+            self.latent = Latent(parameters, self.config.clip,       # the model's parameters were (re)built
+                                 lstm_bits(handle.forms(), self.config.bits))
         if self._saved is not None:
             self.latent.load_state_dict(self._saved)
             self._saved = None
@@ -82,7 +88,7 @@ class Int8Method(Method):
         self.latent.snap_all()
 
     def summarize(self, handle: "Compression") -> dict[str, Any]:
-        return {"value_bits": BITS, "weight_compression": weight_compression(handle.model),
+        return {"value_bits": self.config.bits, "weight_compression": weight_compression(handle.model),
                 "quantised_tensors": len(quantised_parameters(handle.model, self.config.heads, handle.forms()))}
 
     def state_dict(self) -> dict[str, Any]:

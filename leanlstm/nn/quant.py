@@ -1,9 +1,12 @@
-"""The int8 weight grid, shared by post-training quantisation, quantisation-aware training, ADMM and the engine.
+"""The int8 (and 4-bit) weight grid, shared by post-training quantisation, quantisation-aware training, ADMM and
+the engine.
 
 A quantised tensor keeps one float32 scale per row of its last dimension and values ``scale * q`` with integer
 ``q`` in ``[-127, 127]`` (symmetric, no zero point): the arithmetic of ``leanlstm.runtime.int8``, which re-derives
 the same scale (``max |row| / 127``) and the same integers from the snapped values. So a model snapped here runs in
-the int8 engine with exactly these weights; PyTorch evaluates the same weights in float32.
+the int8 engine with exactly these weights; PyTorch evaluates the same weights in float32. With ``bits=4`` the grid
+is ``q`` in ``[-7, 7]`` (``max |row| / 7``), which the engine stores packed two values a byte in the forms that
+have a 4-bit op (``WeightForm.value_bit_choices``) and multiplies on the same VNNI products.
 
 Clipping: ``clip="max"`` takes the scale from the row's largest magnitude; ``clip="mse"`` tries scales down to
 ``MSE_FLOOR`` of it and keeps, per row, the one with the smallest squared error (large outliers clipped to +-127
@@ -25,15 +28,30 @@ from ..graph import head_forms, lstm_forms
 from .forms.base import WeightForm
 
 BITS = 8
-LEVELS = 2 ** (BITS - 1) - 1               # 127: q in [-127, 127]
+QUANT_BITS = (4, 8)                         # the integer value widths a grid can have
+
+
+def levels(bits: int = BITS) -> int:
+    """The largest integer of the symmetric ``bits``-wide grid: 127 for int8, 7 for 4 bits.
+
+    >>> levels(8), levels(4)
+    (127, 7)
+    """
+    if bits not in QUANT_BITS:
+        raise ValueError(f"quantisation bits must be one of {QUANT_BITS}, got {bits}")
+    return 2 ** (bits - 1) - 1
+
+
+LEVELS = levels(BITS)                       # 127: q in [-127, 127]
 CLIPS = ("max", "mse")
 MSE_FLOOR = 0.5                             # the smallest clipping tried: half the row's largest magnitude
 MSE_STEPS = 26                              # clipping candidates between MSE_FLOOR and 1
 
 
-def row_scales(values: torch.Tensor, mask: torch.Tensor | None = None, clip: str = "max") -> torch.Tensor:
-    """One scale per row of the last dimension (shape ``values.shape[:-1] + (1,)``): ``max |row| / 127``, or the
-    squared-error-minimising clipped scale (``clip="mse"``). An all-zero row gets scale 1.
+def row_scales(values: torch.Tensor, mask: torch.Tensor | None = None, clip: str = "max", bits: int = BITS
+               ) -> torch.Tensor:
+    """One scale per row of the last dimension (shape ``values.shape[:-1] + (1,)``): ``max |row| / 127`` (``/ 7``
+    at 4 bits), or the squared-error-minimising clipped scale (``clip="mse"``). An all-zero row gets scale 1.
 
     >>> row_scales(torch.tensor([[0.5, -1.27], [0.0, 0.0]])).flatten().tolist()
     [0.009999999776482582, 1.0]
@@ -44,13 +62,13 @@ def row_scales(values: torch.Tensor, mask: torch.Tensor | None = None, clip: str
     if mask is not None:
         values = values * mask
     largest = values.abs().amax(dim=-1, keepdim=True)
-    scales = torch.where(largest > 0, largest / LEVELS, torch.ones_like(largest))
+    scales = torch.where(largest > 0, largest / levels(bits), torch.ones_like(largest))
     if clip == "max":
         return scales
     best, best_error = scales, None
     for fraction in torch.linspace(MSE_FLOOR, 1.0, MSE_STEPS).tolist():
         candidate = scales * fraction
-        error = (snap(values, candidate) - values).square()
+        error = (snap(values, candidate, bits) - values).square()
         error = (error if mask is None else error * mask).sum(dim=-1, keepdim=True)
         if best_error is None:
             best, best_error = candidate, error
@@ -60,19 +78,23 @@ def row_scales(values: torch.Tensor, mask: torch.Tensor | None = None, clip: str
     return best
 
 
-def snap(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``values`` on the grid ``scales * q``, ``q`` an integer in ``[-127, 127]`` (round half to even, as
-    ``numpy.rint`` in the engine)."""
-    return torch.clamp(torch.round(values / scales), -LEVELS, LEVELS) * scales
+def snap(values: torch.Tensor, scales: torch.Tensor, bits: int = BITS) -> torch.Tensor:
+    """``values`` on the grid ``scales * q``, ``q`` an integer in ``[-127, 127]`` (``[-7, 7]`` at 4 bits; round half
+    to even, as ``numpy.rint`` in the engine)."""
+    top = levels(bits)
+    return torch.clamp(torch.round(values / scales), -top, top) * scales
 
 
-def quantise_tensor(values: torch.Tensor, mask: torch.Tensor | None = None, clip: str = "max") -> torch.Tensor:
-    """``values`` snapped to their per-row int8 grid (masked-out entries: 0).
+def quantise_tensor(values: torch.Tensor, mask: torch.Tensor | None = None, clip: str = "max", bits: int = BITS
+                    ) -> torch.Tensor:
+    """``values`` snapped to their per-row grid of ``bits`` (masked-out entries: 0).
 
     >>> quantise_tensor(torch.tensor([[0.3, -1.27, 0.004]])).tolist()
     [[0.29999998211860657, -1.2699999809265137, 0.0]]
+    >>> quantise_tensor(torch.tensor([[0.3, -1.4, 0.25]]), bits=4).tolist()      # steps of 0.2
+    [[0.4000000059604645, -1.399999976158142, 0.20000000298023224]]
     """
-    snapped = snap(values.detach(), row_scales(values, mask, clip))
+    snapped = snap(values.detach(), row_scales(values, mask, clip, bits), bits)
     return snapped if mask is None else snapped * mask
 
 
@@ -114,22 +136,38 @@ def _param_name(form: nn.Module, parameter: nn.Parameter) -> str:
     return next(name for name, p in form.named_parameters() if p is parameter)
 
 
+def lstm_bits(forms: Iterable[tuple[str, WeightForm]], bits: int) -> dict[str, int]:
+    """``{name: bits}`` for the value tensors of ``forms`` (named as ``quantised_parameters`` names them), after
+    checking that every form can store values of that width: the widths ``Latent`` snaps them to (every other
+    tensor, heads and embedding tables, stays int8)."""
+    forms = list(forms)
+    levels(bits)
+    for name, form in forms:
+        for leaf in leaf_forms(form):
+            leaf.check_value_bits(bits)
+    return {name: bits for name, _, _ in quantised_parameters(nn.Module(), False, forms)}
+
+
 @torch.no_grad()
 def quantise_(module: nn.Module, clip: str = "max", heads: bool = True,
-              forms: Iterable[tuple[str, WeightForm]] | None = None, embeddings: bool = False) -> int:
-    """Snap every LSTM matrix of ``module`` (or ``forms``), with ``heads`` every ``nn.Linear`` and with
-    ``embeddings`` every ``nn.Embedding`` table to its int8 grid in place and record the value width on the forms;
-    returns the number of tensors snapped.
+              forms: Iterable[tuple[str, WeightForm]] | None = None, embeddings: bool = False, bits: int = BITS
+              ) -> int:
+    """Snap every LSTM matrix of ``module`` (or ``forms``) to its grid of ``bits`` (4 only for forms with a 4-bit
+    op), with ``heads`` every ``nn.Linear`` and with ``embeddings`` every ``nn.Embedding`` table to its int8 grid, in
+    place, and record the value widths on the forms; returns the number of tensors snapped.
 
     >>> from leanlstm.nn import LSTM
     >>> lstm = LSTM(4, 8); quantise_(lstm), lstm.layers[0].weight_ih.value_bits
     (2, 8)
     """
     forms = list(lstm_forms(module) if forms is None else forms)
+    widths = lstm_bits(forms, bits)
     found = quantised_parameters(module, heads, forms, embeddings)
-    for _, parameter, mask in found:
-        parameter.copy_(quantise_tensor(parameter, mask, clip).to(parameter.dtype))
-    for _, form in forms + (list(head_forms(module)) if heads else []):
+    for name, parameter, mask in found:
+        parameter.copy_(quantise_tensor(parameter, mask, clip, widths.get(name, BITS)).to(parameter.dtype))
+    for _, form in forms:
+        form.set_value_bits(bits)
+    for _, form in (head_forms(module) if heads else []):
         form.set_value_bits(BITS)
     return len(found)
 
@@ -146,9 +184,11 @@ class Latent:
     0.11 0.106
     """
 
-    def __init__(self, parameters: list[tuple[str, nn.Parameter, torch.Tensor | None]], clip: str = "max") -> None:
+    def __init__(self, parameters: list[tuple[str, nn.Parameter, torch.Tensor | None]], clip: str = "max",
+                 bits: dict[str, int] | None = None) -> None:
         self.parameters = parameters
         self.clip = clip
+        self.bits = bits or {}                  # a tensor's width by name (``lstm_bits``); int8 when absent
         self.values: dict[str, torch.Tensor] = {name: p.detach().clone() for name, p, _ in parameters}
         self.snapped: dict[str, torch.Tensor] = {}
         self.snap_all()
@@ -156,7 +196,8 @@ class Latent:
     @torch.no_grad()
     def snap_all(self) -> None:
         for name, parameter, mask in self.parameters:
-            snapped = quantise_tensor(self.values[name], mask, self.clip).to(parameter.dtype)
+            snapped = quantise_tensor(self.values[name], mask, self.clip, self.bits.get(name, BITS))
+            snapped = snapped.to(parameter.dtype)
             parameter.copy_(snapped)
             self.snapped[name] = snapped.clone()
 

@@ -14,6 +14,11 @@ Forms with other block shapes run on the same tiles (those their blocks touch; e
   ``int8.quantise_rows`` does on the whole matrix, with the same per-row ``corrections`` (``128 * row sum``) and
   the same per-call input quantisation: the output equals the dense int8 product's (``int8.int8_dense_op``) on the
   same matrix. One 16-lane accumulator per tile row on VNNI; exact integer loops without it.
+- 4 bits (a form with ``value_bits`` 4, its values on the ``[-7, 7]`` grid): tiles ``(nb, 32)`` of packed nibbles,
+  32 bytes a tile: byte ``i`` holds ``q[i] + 8`` in its low half and ``q[i + 32] + 8`` in its high half (``q`` the
+  tile's 64 int8 values in the int8 layout). The kernel unpacks a tile in registers (a mask, a shift, one
+  concatenation and a subtraction) into the int8 tile and runs the same ``vpdpbusd``: the same integer sums as the
+  int8 op on those integers, from half the bytes.
 
 The sequence products (``matmat``) run four time steps per pass over a tile row, each tile loaded once for all four.
 """
@@ -23,9 +28,10 @@ import numpy as np
 from llvmlite import ir
 from numba import carray, njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from ..nn.forms.blocksparse import BlockSparse
+from ..nn.quant import levels
 from .int8 import (VNNI, ZERO_POINT, _check_cpu, _poison, _quantise_input, _splat, emit_scaled_add, packed_rows,
                    quantise_rows, quantise_steps, whole_vectors)
 from .kernels import JIT, RuntimeOp, _scratch, _stack_f32
@@ -34,9 +40,12 @@ from .precision import register_op
 TILE_ROWS = 16                  # output rows per tile: one vector of 16 lanes
 TILE_COLS = 4                   # inputs per tile: one 32-bit word of input bytes
 TILE_VALUES = TILE_ROWS * TILE_COLS       # 64: bytes of an int8 tile, one zmm vector
+PACKED_BYTES = TILE_VALUES // 2           # 32: bytes of a 4-bit tile, two values a byte
+NIBBLE_OFFSET = 8                         # a 4-bit value q in [-7, 7] is stored as q + 8
 STEPS = 4                       # time steps per pass of the sequence products
 _VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"        # unsigned bytes (the input) times signed bytes (the weights)
 _I32x16 = ir.VectorType(ir.IntType(32), 16)
+_I8x32 = ir.VectorType(ir.IntType(8), PACKED_BYTES)
 _I64 = ir.IntType(64)
 
 
@@ -218,11 +227,12 @@ def blocksparse_op(weight: np.ndarray, mask: np.ndarray | None = None) -> Runtim
 
 
 # --- int8: one vpdpbusd per tile -----------------------------------------------------------------------------
-def _emit_tile_sums(builder, w, cols, first, last, x, x_stride, steps: int, index_bits: int) -> list:
+def _emit_tile_sums(builder, w, cols, first, last, x, x_stride, steps: int, index_bits: int, packed: bool) -> list:
     """The IR of ``sum_k vpdpbusd(word(x[s], cols[k]), w[k])`` over tiles ``first <= k < last`` for ``s < steps``,
-    from zero: one <16 x i32> per step. ``w`` holds 64-byte tiles, ``cols`` tile-column indices of ``index_bits``,
-    ``x`` input bytes as 32-bit words (steps ``x_stride`` words apart; tile column ``c`` reads word ``c``). Each tile
-    is loaded once for all ``steps``. (Dealing a step's tiles to 2 or 4 accumulators measured no faster.)"""
+    from zero: one <16 x i32> per step. ``w`` holds 64-byte tiles (``packed``: 32-byte 4-bit tiles, unpacked by
+    ``_emit_unpack``), ``cols`` tile-column indices of ``index_bits``, ``x`` input bytes as 32-bit words (steps
+    ``x_stride`` words apart; tile column ``c`` reads word ``c``). Each tile is loaded once for all ``steps``.
+    (Dealing a step's tiles to 2 or 4 accumulators measured no faster.)"""
     w = builder.inttoptr(w, ir.IntType(8).as_pointer())
     cols = builder.inttoptr(cols, ir.IntType(index_bits).as_pointer())
     x = builder.inttoptr(x, ir.IntType(32).as_pointer())
@@ -230,8 +240,11 @@ def _emit_tile_sums(builder, w, cols, first, last, x, x_stride, steps: int, inde
     sums = [cgutils.alloca_once_value(builder, ir.Constant(_I32x16, None)) for _ in range(steps)]
     with cgutils.for_range(builder, builder.sub(last, first)) as loop:
         k = builder.add(first, loop.index)
-        tile = builder.gep(w, [builder.mul(k, _I64(TILE_VALUES))])
-        weights = builder.load(builder.bitcast(tile, _I32x16.as_pointer()), align=1)
+        tile = builder.gep(w, [builder.mul(k, _I64(PACKED_BYTES if packed else TILE_VALUES))])
+        if packed:
+            weights = _emit_unpack(builder, builder.load(builder.bitcast(tile, _I8x32.as_pointer()), align=1))
+        else:
+            weights = builder.load(builder.bitcast(tile, _I32x16.as_pointer()), align=1)
         column = builder.zext(builder.load(builder.gep(cols, [k]), align=index_bits // 8), _I64)
         for s in range(steps):
             word = builder.load(builder.gep(x, [builder.add(builder.mul(_I64(s), x_stride), column)]), align=1)
@@ -240,7 +253,18 @@ def _emit_tile_sums(builder, w, cols, first, last, x, x_stride, steps: int, inde
     return [builder.load(total) for total in sums]
 
 
-def _tile_row_dot(steps: int, index_bits: int):
+def _emit_unpack(builder, packed):
+    """The IR of a 4-bit tile's 64 int8 values (as <16 x i32>) from its 32 bytes: the low halves are values 0-31,
+    the high halves 32-63, each less ``NIBBLE_OFFSET``."""
+    low = builder.and_(packed, ir.Constant(_I8x32, [0x0F] * PACKED_BYTES))
+    high = builder.lshr(packed, ir.Constant(_I8x32, [4] * PACKED_BYTES))
+    both = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(ir.IntType(32), TILE_VALUES),
+                                                         list(range(TILE_VALUES))))
+    offset = ir.Constant(ir.VectorType(ir.IntType(8), TILE_VALUES), [NIBBLE_OFFSET] * TILE_VALUES)
+    return builder.bitcast(builder.sub(both, offset), _I32x16)
+
+
+def _tile_row_dot(steps: int, index_bits: int, packed: bool = False):
     """An intrinsic ``dot(w, cols, first, last, x, x_stride, acc)`` on raw addresses storing ``_emit_tile_sums``
     in ``acc`` (steps, 16) int32: for a tile row not 16 rows high (the last one), or an ``out`` with gaps."""
     @intrinsic
@@ -250,14 +274,15 @@ def _tile_row_dot(steps: int, index_bits: int):
         def codegen(context, builder, signature, args):
             w, cols, first, last, x, x_stride, acc = args
             acc = builder.inttoptr(acc, _I32x16.as_pointer())
-            for s, total in enumerate(_emit_tile_sums(builder, w, cols, first, last, x, x_stride, steps, index_bits)):
+            for s, total in enumerate(_emit_tile_sums(builder, w, cols, first, last, x, x_stride, steps, index_bits,
+                                                      packed)):
                 builder.store(total, builder.gep(acc, [_I64(s)]), align=4)
             return context.get_dummy_value()
         return signature, codegen
     return dot
 
 
-def _tile_row_scaled(steps: int, index_bits: int):
+def _tile_row_scaled(steps: int, index_bits: int, packed: bool = False):
     """An intrinsic ``dot(w, cols, first, last, x, x_stride, out, out_stride, scales, corrections, step_scales)``
     on raw addresses: for ``s < steps``, ``out[s * out_stride + 0:16] += scales[0:16] * step_scales[s] *
     float(sums[s] - corrections[0:16])`` (``int8.emit_scaled_add``) with ``_emit_tile_sums`` left in registers.
@@ -273,7 +298,7 @@ def _tile_row_scaled(steps: int, index_bits: int):
             scales = builder.inttoptr(scales, ir.FloatType().as_pointer())
             corrections = builder.inttoptr(corrections, ir.IntType(32).as_pointer())
             step_scales = builder.inttoptr(step_scales, ir.FloatType().as_pointer())
-            sums = _emit_tile_sums(builder, w, cols, first, last, x, x_stride, steps, index_bits)
+            sums = _emit_tile_sums(builder, w, cols, first, last, x, x_stride, steps, index_bits, packed)
             for s, total in enumerate(sums):
                 emit_scaled_add(builder, total, builder.gep(out, [builder.mul(_I64(s), out_stride)]), scales,
                                 corrections, builder.load(builder.gep(step_scales, [_I64(s)])))
@@ -286,21 +311,36 @@ _dot_1_u16, _dot_4_u16 = _tile_row_dot(1, 16), _tile_row_dot(STEPS, 16)
 _dot_1_i32, _dot_4_i32 = _tile_row_dot(1, 32), _tile_row_dot(STEPS, 32)
 _scaled_1_u16, _scaled_4_u16 = _tile_row_scaled(1, 16), _tile_row_scaled(STEPS, 16)
 _scaled_1_i32, _scaled_4_i32 = _tile_row_scaled(1, 32), _tile_row_scaled(STEPS, 32)
+_dot4b_1_u16, _dot4b_4_u16 = _tile_row_dot(1, 16, True), _tile_row_dot(STEPS, 16, True)        # 4-bit tiles
+_dot4b_1_i32, _dot4b_4_i32 = _tile_row_dot(1, 32, True), _tile_row_dot(STEPS, 32, True)
+_scaled4b_1_u16, _scaled4b_4_u16 = _tile_row_scaled(1, 16, True), _tile_row_scaled(STEPS, 16, True)
+_scaled4b_1_i32, _scaled4b_4_i32 = _tile_row_scaled(1, 32, True), _tile_row_scaled(STEPS, 32, True)
 
 
 @njit(inline="always", **JIT)
 def _vnni_row(values, cols, first, last, xq, step, x_stride, steps, acc):
-    """``acc[:steps]`` of one tile row for input rows ``step..step+steps`` of ``xq`` (1 or 4 steps)."""
-    w, c, x = values.ctypes.data, cols.ctypes.data, xq.ctypes.data + step * x_stride * 4
-    if cols.itemsize == 2:
-        if steps == STEPS:
-            _dot_4_u16(w, c, first, last, x, x_stride, acc.ctypes.data)
+    """``acc[:steps]`` of one tile row for input rows ``step..step+steps`` of ``xq`` (1 or 4 steps); ``values``
+    int8 tiles (nb, 16, 4) or 4-bit ones (nb, 32)."""
+    w, c, x, a = values.ctypes.data, cols.ctypes.data, xq.ctypes.data + step * x_stride * 4, acc.ctypes.data
+    if values.ndim == 2:
+        if cols.itemsize == 2:
+            if steps == STEPS:
+                _dot4b_4_u16(w, c, first, last, x, x_stride, a)
+            else:
+                _dot4b_1_u16(w, c, first, last, x, x_stride, a)
+        elif steps == STEPS:
+            _dot4b_4_i32(w, c, first, last, x, x_stride, a)
         else:
-            _dot_1_u16(w, c, first, last, x, x_stride, acc.ctypes.data)
+            _dot4b_1_i32(w, c, first, last, x, x_stride, a)
+    elif cols.itemsize == 2:
+        if steps == STEPS:
+            _dot_4_u16(w, c, first, last, x, x_stride, a)
+        else:
+            _dot_1_u16(w, c, first, last, x, x_stride, a)
     elif steps == STEPS:
-        _dot_4_i32(w, c, first, last, x, x_stride, acc.ctypes.data)
+        _dot_4_i32(w, c, first, last, x, x_stride, a)
     else:
-        _dot_1_i32(w, c, first, last, x, x_stride, acc.ctypes.data)
+        _dot_1_i32(w, c, first, last, x, x_stride, a)
 
 
 @njit(inline="always", **JIT)
@@ -311,7 +351,17 @@ def _vnni_row_scaled(values, cols, first, last, xq, step, x_stride, steps, out, 
     of ``xq`` (1 or 4 steps), with ``step_scales[0:steps]`` their input scales."""
     w, c, x = values.ctypes.data, cols.ctypes.data, xq.ctypes.data + step * x_stride * 4
     o, s, k = out + row * 4, scales.ctypes.data + row * 4, corrections.ctypes.data + row * 4
-    if cols.itemsize == 2:
+    if values.ndim == 2:
+        if cols.itemsize == 2:
+            if steps == STEPS:
+                _scaled4b_4_u16(w, c, first, last, x, x_stride, o, out_stride, s, k, step_scales)
+            else:
+                _scaled4b_1_u16(w, c, first, last, x, x_stride, o, out_stride, s, k, step_scales)
+        elif steps == STEPS:
+            _scaled4b_4_i32(w, c, first, last, x, x_stride, o, out_stride, s, k, step_scales)
+        else:
+            _scaled4b_1_i32(w, c, first, last, x, x_stride, o, out_stride, s, k, step_scales)
+    elif cols.itemsize == 2:
         if steps == STEPS:
             _scaled_4_u16(w, c, first, last, x, x_stride, o, out_stride, s, k, step_scales)
         else:
@@ -320,6 +370,24 @@ def _vnni_row_scaled(values, cols, first, last, xq, step, x_stride, steps, out, 
         _scaled_4_i32(w, c, first, last, x, x_stride, o, out_stride, s, k, step_scales)
     else:
         _scaled_1_i32(w, c, first, last, x, x_stride, o, out_stride, s, k, step_scales)
+
+
+def tile_value(values, k, r, j):
+    """The int8 value at row ``r``, input ``j`` of tile ``k``, from int8 tiles (nb, 16, 4) or 4-bit ones (nb, 32);
+    compiled code only (``overload``)."""
+    raise NotImplementedError
+
+
+@overload(tile_value, inline="always")
+def _tile_value(values, k, r, j):
+    if values.ndim == 3:
+        return lambda values, k, r, j: np.int32(values[k, r, j])
+
+    def packed(values, k, r, j):
+        i = r * TILE_COLS + j
+        byte = np.int32(values[k, i % PACKED_BYTES])
+        return (byte >> 4 if i >= PACKED_BYTES else byte & 15) - NIBBLE_OFFSET
+    return packed
 
 
 @njit(inline="always", **JIT)
@@ -332,7 +400,7 @@ def _portable_row(values, cols, first, last, xq, acc):
         for r in range(TILE_ROWS):
             total = np.int32(0)
             for j in range(TILE_COLS):
-                total += np.int32(xq[base + j]) * np.int32(values[k, r, j])
+                total += np.int32(xq[base + j]) * tile_value(values, k, r, j)
             acc[r] += total
 
 
@@ -451,12 +519,14 @@ def int8_blocksparse_matmat(arrays, xs, out):
     int8_blocksparse_gemm(values, cols, ptr, scales, corrections, shape, xs, out)
 
 
-def int8_blocksparse_arrays(weight: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+def int8_blocksparse_arrays(weight: np.ndarray, mask: np.ndarray | None = None, bits: int = 8
+                            ) -> tuple[np.ndarray, ...]:
     """``(values, cols, ptr, scales, corrections, shape)``: the 16x4 tiles of ``weight`` (out, in) holding an entry
     of ``mask`` or a nonzero, as int8 with ``int8.quantise_rows``' per-row scales of the whole matrix, and
-    ``128 * row sums`` of the int8 rows; scales and corrections padded to whole tile rows."""
+    ``128 * row sums`` of the int8 rows; scales and corrections padded to whole tile rows. ``bits=4``: the values on
+    the ``[-7, 7]`` grid, tiles packed two values a byte (``pack_nibbles``)."""
     weight = np.asarray(weight, np.float32)
-    q, row_scales = quantise_rows(weight)
+    q, row_scales = quantise_rows(weight, levels(4 if bits == 4 else 8))
     values, cols, ptr, _ = tiles(q, mask)
     grid_rows = ptr.shape[0] - 1
     scales = np.ones(grid_rows * TILE_ROWS, np.float32)
@@ -464,24 +534,43 @@ def int8_blocksparse_arrays(weight: np.ndarray, mask: np.ndarray | None = None) 
     corrections = np.zeros(grid_rows * TILE_ROWS, np.int64)
     tile_row = np.repeat(np.arange(grid_rows), np.diff(ptr))
     np.add.at(corrections.reshape(grid_rows, TILE_ROWS), tile_row, values.astype(np.int64).sum(axis=2))
+    if bits == 4:
+        values = pack_nibbles(values)
     return values, cols, ptr, scales, (ZERO_POINT * corrections).astype(np.int32), _shape(weight)
 
 
-def int8_blocksparse_op(weight: np.ndarray, mask: np.ndarray | None = None) -> RuntimeOp:
-    """The int8 op of a block-sparse matrix given densely (see ``int8_blocksparse_arrays``).
+def pack_nibbles(values: np.ndarray) -> np.ndarray:
+    """int8 tiles (nb, 16, 4) with values in [-7, 7] as 4-bit tiles (nb, 32): byte ``i`` of a tile holds value
+    ``i`` (in the int8 tile's row-major order) plus 8 in its low half and value ``i + 32`` plus 8 in its high half.
+
+    >>> t = np.zeros((1, 16, 4), np.int8); t[0, 0, 0], t[0, 8, 0] = -7, 3
+    >>> pack_nibbles(t)[0, :2].tolist()                  # (-7 + 8) | (3 + 8) << 4, then 8 | 8 << 4
+    [177, 136]
+    """
+    flat = values.reshape(len(values), TILE_VALUES).astype(np.int16)
+    if len(flat) and np.abs(flat).max() > NIBBLE_OFFSET - 1:
+        raise ValueError("4-bit tiles hold values in [-7, 7]")
+    biased = (flat + NIBBLE_OFFSET).astype(np.uint8)
+    return np.ascontiguousarray(biased[:, :PACKED_BYTES] | (biased[:, PACKED_BYTES:] << 4))
+
+
+def int8_blocksparse_op(weight: np.ndarray, mask: np.ndarray | None = None, bits: int = 8) -> RuntimeOp:
+    """The int8 op of a block-sparse matrix given densely (see ``int8_blocksparse_arrays``; ``bits=4``: its
+    4-bit tiles).
 
     >>> w = np.zeros((20, 6), np.float32); w[17, 4:] = [1.0, -2.0]; out = np.zeros(20, np.float32)
     >>> op = int8_blocksparse_op(w); op.matvec(op.arrays, np.ones(6, np.float32), out, False)
     >>> round(float(out[17]), 1), len(op.arrays[1])      # 1 - 2 on the int8 grid
     (-1.0, 1)
     """
-    return RuntimeOp(int8_blocksparse_arrays(weight, mask), int8_blocksparse_matvec, int8_blocksparse_matmat)
+    return RuntimeOp(int8_blocksparse_arrays(weight, mask, bits), int8_blocksparse_matvec, int8_blocksparse_matmat)
 
 
 @register_op("int8", BlockSparse)
 def _int8(form: BlockSparse) -> RuntimeOp:
     _check_cpu()
-    return int8_blocksparse_op(form.materialize().detach().cpu().float().numpy(), form.mask.cpu().numpy())
+    return int8_blocksparse_op(form.materialize().detach().cpu().float().numpy(), form.mask.cpu().numpy(),
+                               form.value_bits)
 
 
-__all__ = ["blocksparse_op", "int8_blocksparse_op", "tiles"]
+__all__ = ["blocksparse_op", "int8_blocksparse_op", "pack_nibbles", "tiles"]

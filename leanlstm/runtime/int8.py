@@ -46,8 +46,9 @@ VNNI = bool(binding.get_host_cpu_features().get("avx512vnni", False))
 _I32x16 = ir.VectorType(ir.IntType(32), 16)
 
 # --- packing ----------------------------------------------------------------------------------------------------
-def quantise_rows(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(q, scales)``: int8 ``q`` (out, in) and float32 per-row scales with ``weight ~ scales[:, None] * q``.
+def quantise_rows(weight: np.ndarray, levels: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """``(q, scales)``: int8 ``q`` (out, in) and float32 per-row scales with ``weight ~ scales[:, None] * q``;
+    ``q`` in ``[-levels, levels]`` (127; 7 for a form with 4-bit values, whose grid ``nn.quant`` snapped it to).
 
     >>> q, s = quantise_rows(np.array([[0.5, -1.0], [0.0, 0.0]], np.float32))
     >>> q.tolist(), s.tolist()
@@ -55,8 +56,8 @@ def quantise_rows(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     weight = np.asarray(weight, np.float32)
     largest = np.abs(weight).max(axis=1) if weight.size else np.zeros(weight.shape[0], np.float32)
-    scales = np.where(largest > 0, largest / 127.0, 1.0).astype(np.float32)     # an all-zero row: any scale
-    q = np.clip(np.rint(weight / scales[:, None]), -127, 127).astype(np.int8)
+    scales = np.where(largest > 0, largest / np.float32(levels), 1.0).astype(np.float32)   # an all-zero row: any
+    q = np.clip(np.rint(weight / scales[:, None]), -levels, levels).astype(np.int8)
     return q, scales
 
 

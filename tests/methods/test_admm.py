@@ -147,11 +147,24 @@ def test_the_block_projection_keeps_the_whole_blocks_of_largest_norm():
     assert blocks[chosen].min() >= blocks[~chosen].max()
 
 
-@pytest.mark.parametrize("block", ["", "16x4"])
-def test_training_meets_the_int8_byte_budget_and_retrains_on_the_grid_with_frozen_masks(block):
+def test_the_4_bit_projection_snaps_kept_blocks_to_seven_levels_a_side():
+    values = torch.randn(32, 16)
+    z = project(values, 2 * 64, block=(16, 4), bits=4)
+    mask = top_mask(values, 2 * 64, (16, 4))
+    assert int(mask.sum()) == 2 * 64 and z[~mask].abs().max() == 0
+    torch.testing.assert_close(z, quantise_tensor(values, mask, bits=4))
+    kept_rows = mask.any(1)
+    steps = z[kept_rows] / z[kept_rows].abs().amax(1, keepdim=True) * 7      # integers in [-7, 7]
+    torch.testing.assert_close(steps, steps.round())
+    assert steps.abs().max() == 7
+
+
+@pytest.mark.parametrize("block,bits", [("", 8), ("16x4", 8), ("16x4", 4)])
+def test_training_meets_the_int8_byte_budget_and_retrains_on_the_grid_with_frozen_masks(block, bits):
     torch.manual_seed(0)
     model = Classifier()
-    handle = compress_(model, ADMM(compression=12, rho=0.05, total_steps=60, speed_check=False, block=block))
+    handle = compress_(model, ADMM(compression=12, rho=0.05, total_steps=60, speed_check=False, block=block,
+                                   bits=bits))
     assert all(type(form) is (BlockSparse if block else MaskedSparse) for _, form in handle.forms())
     train(model, handle, torch.optim.SGD(model.parameters(), lr=0.5), 60)
     gaps = [float((f.weight - handle.method.z[n]).norm() / f.weight.norm()) for n, f in handle.forms()]
@@ -161,14 +174,18 @@ def test_training_meets_the_int8_byte_budget_and_retrains_on_the_grid_with_froze
     masks = {name: form.mask.clone() for name, form in handle.forms()}
     train(model, handle, torch.optim.Adam(model.parameters(), lr=3e-3), 20, start=60)
     for name, form in handle.forms():
-        assert form.value_bits == 8 and torch.equal(form.mask, masks[name])
+        assert form.value_bits == bits and torch.equal(form.mask, masks[name])
         w = form.weight.detach()
         assert w[~form.mask].abs().max() == 0
-        torch.testing.assert_close(w, quantise_tensor(w, form.mask))   # still on the int8 grid
+        torch.testing.assert_close(w, quantise_tensor(w, form.mask, bits=bits))   # still on the grid
         if block:
             assert torch.equal(form.mask, form.covering_mask(form.mask))   # whole 16x4 blocks
     summary = handle.summary()
-    assert summary["value_bits"] == 8 and summary["lstm_weight_compression"] >= 12.0
+    assert summary["value_bits"] == bits and summary["lstm_weight_compression"] >= 12.0
+    if bits == 4:        # at the same bytes 4-bit values keep about twice the blocks of int8 ones
+        int8_blocks = sum(final_entries(n, BlockSparse(f.out_features, f.in_features), 12, 8)
+                          for n, f in handle.forms())
+        assert sum(int(f.mask.sum()) for _, f in handle.forms()) > 1.8 * int8_blocks
 
 
 CONFIGS = {"fixed": {}, "progressive": {"anneal_end": 0.5, "masked_steps": True, "dual_while_tightening": False},
@@ -225,6 +242,10 @@ def test_bad_input_is_refused_before_any_change():
         ADMM(clip="l1")
     with pytest.raises(ValueError, match="ROWSxCOLS"):
         ADMM(block="16by4")
+    with pytest.raises(ValueError, match="block=16x4"):
+        ADMM(bits=4)                                   # 4-bit values: block-sparse forms only
+    with pytest.raises(ValueError, match="bits must be one of"):
+        ADMM(bits=2, block="16x4")
     handle = compress_(nn.Sequential(nn.LSTM(32, 32)), ADMM(compression=4))
     with pytest.raises(ValueError, match="total_steps=N"):
         handle.after_step()

@@ -160,8 +160,35 @@ def test_pruning_sized_for_int8_meets_its_budget_once_quantised():
     assert weight_compression(model) < 20                 # float32 values: not yet
     compress_(model, Int8())
     assert 20 <= weight_compression(model) < 20.5
-    with pytest.raises(ValueError, match="value_bits must be one of 8, 32"):
-        Prune(value_bits=4)
+    with pytest.raises(ValueError, match="value_bits must be one of 4, 8, 32"):
+        Prune(value_bits=16)
+    with pytest.raises(ValueError, match="block=16x4"):
+        Prune(value_bits=4)                                 # 4-bit values: block-sparse forms only
+
+
+def test_blocks_sized_for_4_bits_meet_their_budget_once_quantised_to_4_bits_in_the_engine():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.LSTM(64, 128))
+    handle = compress_(model, Prune(compression=20, value_bits=4, block="16x4", total_steps=1, speed_check=False))
+    handle.finalize()
+    kept = {name: form.mask.clone() for name, form in lstm_forms(model)}
+    compress_(model, Int8(bits=4, heads=False))
+    assert 20 <= weight_compression(model) < 20.5
+    for name, form in lstm_forms(model):
+        assert form.value_bits == 4 and torch.equal(form.mask, kept[name])
+        w = form.weight.detach()
+        steps = w / w.abs().amax(1, keepdim=True).clamp_min(1e-30) * 7
+        assert torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() == 7    # q in [-7, 7]
+    engine = compile(model[0], precision="int8", choose="always")
+    x = torch.randn(9, 1, 64)
+    with torch.no_grad():
+        want = model[0](x)[0][:, 0].numpy()
+    got = engine.run(x[:, 0].numpy())[0]
+    assert np.abs(got - want).max() < 0.02                             # the engine's per-step input rounding
+    dense = torch.nn.Sequential(torch.nn.LSTM(8, 8))
+    with pytest.raises(ValueError, match="4-bit values need a block-sparse form"):
+        compress_(dense, Int8(bits=4))
+    assert type(dense[0]) is torch.nn.LSTM                             # refused before any change
 
 
 def test_ptq_snaps_the_embedding_table_the_int8_engine_stores():

@@ -1,11 +1,11 @@
-"""The int8 weight grid: the same integers and scales as the engine's packing, squared-error clipping, value width
-in every form's byte count (and through checkpoints), and the straight-through latent update."""
+"""The int8 (and 4-bit) weight grid: the same integers and scales as the engine's packing, squared-error clipping,
+value width in every form's byte count (and through checkpoints), and the straight-through latent update."""
 import numpy as np
 import pytest
 import torch
 
 from leanlstm.nn import LSTM
-from leanlstm.nn.forms import (BlockCirculant, Dense, Doped, GroupDense, GroupLowRank, Kronecker, LowRank,
+from leanlstm.nn.forms import (BlockCirculant, BlockSparse, Dense, Doped, GroupDense, GroupLowRank, Kronecker, LowRank,
                                MaskedSparse, build_form)
 from leanlstm.nn.quant import LEVELS, Latent, quantise_, quantise_tensor, row_scales
 from leanlstm.runtime.int8 import quantise_rows
@@ -71,7 +71,23 @@ def test_doped_forms_and_whole_stacks_carry_the_width_to_their_parts():
     circulant.set_value_bits(8)
     assert circulant.nbytes() == 4 * 3 * 16 + 4 * 3 * 4
     with pytest.raises(ValueError, match="value_bits must be one of"):
+        Dense(4, 4).set_value_bits(16)
+    with pytest.raises(ValueError, match="4-bit values need a block-sparse form"):
         Dense(4, 4).set_value_bits(4)
+
+
+def test_4_bit_blocks_count_half_a_byte_a_value_and_keep_the_width_through_a_checkpoint():
+    form = BlockSparse.from_dense(torch.randn(64, 48), density=0.25)
+    form.set_value_bits(4)
+    grid_rows = 64 // 16
+    assert form.nbytes() == form.nblocks() * 32 + form.nblocks() * 2 + (grid_rows + 1) * 4 + 64 * 4
+    rebuilt = build_form(form.config())
+    rebuilt.load_state_dict(form.state_dict())
+    assert rebuilt.value_bits == 4 and rebuilt.nbytes() == form.nbytes()
+    with pytest.raises(ValueError, match="whole 16x4 tiles"):
+        BlockSparse.from_dense(torch.randn(64, 48), density=0.25, block_rows=8, block_cols=4).set_value_bits(4)
+    snapped = quantise_tensor(torch.tensor([[0.7, -0.35, 0.1, 0.0]]), bits=4)
+    assert snapped.div(0.1).round().tolist() == [[7.0, -4.0, 1.0, 0.0]]         # steps of 0.7 / 7, ties to even
 
 
 def test_latent_updates_resume_exactly():

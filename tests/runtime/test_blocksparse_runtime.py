@@ -5,6 +5,7 @@ import torch
 
 import leanlstm
 from leanlstm.nn.forms.blocksparse import BlockSparse
+from leanlstm.nn.quant import quantise_tensor
 from leanlstm.runtime import blocksparse_ops as bs  # registers the int8 op (until runtime.int8 imports it)
 from leanlstm.runtime import int8
 from leanlstm.runtime.cells import form_op
@@ -218,3 +219,62 @@ def test_an_lstm_of_block_sparse_matrices_runs_in_the_engine(sizes):
     stream = engine.stream()
     np.testing.assert_allclose(np.stack([stream.step(x) for x in xs]), quantised, rtol=1e-5, atol=1e-6)
     assert engine.nbytes() < 0.6 * compile_engine(lstm).nbytes()   # values a quarter; scales, biases as they were
+
+
+def _form_4bit(shape, density=0.3, seed=0) -> BlockSparse:
+    """A block-sparse matrix on the 4-bit grid (as ADMM or ``Int8(bits=4)`` leaves it), width recorded."""
+    form = _form(shape, density, seed)
+    with torch.no_grad():
+        form.weight.copy_(quantise_tensor(form.weight, form.mask, bits=4))
+    form.set_value_bits(4)
+    return form
+
+
+@pytest.mark.parametrize("shape", [(2600, 650), (37, 13), (130, 66)])
+def test_4_bit_tiles_give_the_int8_ops_sums_from_half_the_bytes(shape):
+    """The packed op unpacks each tile in registers into the int8 tile of the same integers: outputs equal the
+    int8 op's on those integers bit for bit, stepping, over sequences, on VNNI and in the portable loops."""
+    form = _form_4bit(shape)
+    weight = _dense(form)
+    packed = op_in("int8", form)
+    assert packed.matvec is bs.int8_blocksparse_matvec and packed.arrays[0].shape[1:] == (32,)
+    q, row_scales = int8.quantise_rows(weight, 7)
+    assert np.abs(q).max() == 7
+    bytewise = (bs.tiles(q, form.mask.numpy())[0],) + packed.arrays[1:]      # the same integers, a byte each
+    np.testing.assert_array_equal(packed.arrays[3][:shape[0]], row_scales)
+    assert packed.arrays[0].nbytes * 2 == bytewise[0].nbytes
+    x, xs = _inputs(shape[1])
+    for flip in (False, True):
+        out, want, slow = (np.zeros(shape[0], np.float32) for _ in range(3))
+        packed.matvec(packed.arrays, x, out, flip)
+        bs.int8_blocksparse_gemv(*bytewise, x, want, flip)
+        bs.portable_blocksparse_gemv(*packed.arrays, x, slow, flip)
+        np.testing.assert_array_equal(out, want)
+        np.testing.assert_array_equal(out, slow)
+    np.testing.assert_allclose(out, weight @ x, rtol=0.05, atol=0.02 * np.abs(weight @ x).max())   # input rounding
+    outs, wants = np.zeros((11, shape[0]), np.float32), np.zeros((11, shape[0]), np.float32)
+    packed.matmat(packed.arrays, xs, outs)
+    bs.int8_blocksparse_gemm(*bytewise, xs, wants)
+    np.testing.assert_array_equal(outs, wants)
+    assert_strided_outputs_equal(packed, shape[0], x, xs)
+
+
+def test_4_bit_tiles_store_what_the_form_counts():
+    form = _form_4bit((130, 66))
+    values, cols, ptr, scales = op_in("int8", form).arrays[:4]
+    assert values.nbytes + cols.nbytes + ptr.nbytes + scales[:130].nbytes == form.nbytes()
+    int8_form = _form((130, 66))
+    int8_form.set_value_bits(8)
+    assert form.nbytes() == int8_form.nbytes() - form.nblocks() * 32                # half a byte less a value
+
+
+def test_nibble_packing_round_trips_and_refuses_values_beyond_seven():
+    rng = np.random.default_rng(0)
+    values = rng.integers(-7, 8, (5, 16, 4)).astype(np.int8)
+    packed = bs.pack_nibbles(values)
+    flat = packed.astype(np.int16)
+    unpacked = np.concatenate([(flat & 15) - 8, (flat >> 4) - 8], axis=1).reshape(5, 16, 4)
+    np.testing.assert_array_equal(unpacked, values)
+    values[2, 3, 1] = -8
+    with pytest.raises(ValueError, match=r"\[-7, 7\]"):
+        bs.pack_nibbles(values)

@@ -22,7 +22,7 @@ FORMS: dict[str, type["WeightForm"]] = {}
 
 FLOAT_BYTES = 4  # float32 storage of every value
 SCALE_BYTES = 4  # one float32 scale per row of quantised values
-VALUE_BITS = (8, 32)   # value widths: float32, or int8 with a scale per row (``leanlstm.nn.quant``)
+VALUE_BITS = (4, 8, 32)   # value widths: float32, int8 or 4 bits with a scale per row (``leanlstm.nn.quant``)
 
 
 class WeightForm(nn.Module):
@@ -35,6 +35,8 @@ class WeightForm(nn.Module):
     # Width of the stored values: 32 (float32), or 8 once quantised (``leanlstm.nn.quant.quantise_``: the values
     # lie on a per-row int8 grid). ``nbytes()`` counts values at this width plus one float32 scale per row.
     value_bits: int = 32
+    # The widths this form's engine ops store: 4 only where an op keeps two values a byte.
+    value_bit_choices: ClassVar[tuple[int, ...]] = (8, 32)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -120,10 +122,20 @@ class WeightForm(nn.Module):
         rows = tensor.numel() // tensor.shape[-1] if tensor.numel() else 0
         return math.ceil(count * self.value_bits / 8) + rows * SCALE_BYTES
 
-    def set_value_bits(self, bits: int) -> None:
-        """Record the width of the stored values, for this form and its child forms (a doped form's parts)."""
+    def check_value_bits(self, bits: int) -> None:
+        """ValueError unless this form can store values ``bits`` wide (``value_bit_choices``): 4-bit values are
+        stored packed, two a byte, only by the forms whose engine op reads them so."""
         if bits not in VALUE_BITS:
             raise ValueError(f"value_bits must be one of {VALUE_BITS}, got {bits}")
+        if bits not in self.value_bit_choices:
+            raise ValueError(f"{type(self).__name__} stores values of {', '.join(map(str, self.value_bit_choices))} "
+                             f"bits, not {bits}: 4-bit values need a block-sparse form (e.g. --set block=16x4)")
+
+    def set_value_bits(self, bits: int) -> None:
+        """Record the width of the stored values, for this form and its child forms (a doped form's parts)."""
+        for module in self.modules():
+            if isinstance(module, WeightForm):
+                module.check_value_bits(bits)
         for module in self.modules():
             if isinstance(module, WeightForm):
                 module.value_bits = int(bits)

@@ -10,7 +10,8 @@ The blocks tile the matrix from its top-left corner; where ``out`` or ``in`` is 
 last block row or column is partial and counts as a block (it is stored padded to a whole block). Stored, as
 ``nbytes()`` counts it (block CSR by block row):
 
-    values   nblocks * block_rows * block_cols at value_bits (int8: 1 byte each, plus a float32 scale per row)
+    values   nblocks * block_rows * block_cols at value_bits (int8: 1 byte each, 4 bits: two a byte, plus a float32
+             scale per row)
     indices  nblocks block-column indices (uint16 while there are at most 65536 block columns, else int32)
     pointers (ceil(out / block_rows) + 1) int32 block-row pointers
 
@@ -121,12 +122,19 @@ class BlockSparse(MaskedSparse):
     """
 
     name = "blocksparse"
+    value_bit_choices = (4, 8, 32)      # 4 bits: the engine keeps two values a byte (16x4 tiles of 32 bytes)
 
     def __init__(self, out_features: int, in_features: int, block_rows: int = 16, block_cols: int = 4) -> None:
         if int(block_rows) != block_rows or int(block_cols) != block_cols or block_rows < 1 or block_cols < 1:
             raise ValueError(f"block sizes must be positive integers, got {block_rows}x{block_cols}")
         super().__init__(out_features, in_features)
         self.block_rows, self.block_cols = int(block_rows), int(block_cols)
+
+    def check_value_bits(self, bits: int) -> None:
+        super().check_value_bits(bits)
+        if bits == 4 and (self.block_rows % 16 or self.block_cols % 4):
+            raise ValueError(f"4-bit values need blocks made of whole 16x4 tiles (the engine's packed tiles), not "
+                             f"{self.block_rows}x{self.block_cols}")
 
     # --- the block structure ---------------------------------------------------------------------------------
     @property
