@@ -9,7 +9,8 @@ doped KP share 0.75: (182x112) kron (15x6) plus 2.42% dense D; doped KP share 0.
 The ``-int8-bytes`` structures keep what fits a byte budget once values are int8 (1 byte, a float32 scale per row,
 indices counted): unstructured at 60x (ADMM's target) and 16x4 blocks (``BlockSparse``) at 20x, 40x and 60x; the
 ``+decoder-Nx`` ones also hold the decoder in 16x4 blocks at N x fewer bytes (a ``FormLinear``), the
-``+lowrank-decoder-Nx`` ones as a low-rank product of the largest rank within those bytes.
+``+lowrank-decoder-Nx`` ones as a low-rank product of the largest rank within those bytes; the ``-int4-bytes`` ones
+keep the 16x4 blocks that fit with 4-bit values (two a byte: ADMM's ``bits=4``), run from packed tiles.
 Latency depends on the structure, not on the trained values, so the models here have random weights of those
 structures. The dense model runs on every backend (leanlstm float32 / int8 / bf16, torch, torch-int8, ONNX Runtime
 float32 and int8); the compressed ones on the leanlstm engine in each precision. Every (model, part, backend) takes
@@ -33,15 +34,15 @@ from leanlstm.tasks.lm import LMConfig, WordLM
 
 PEERS = ("torch", "torch-int8", "onnxruntime", "onnxruntime-int8")
 OURS = ("leanlstm", "leanlstm-int8", "leanlstm-bf16")
-def int8_density(kind: str, compression: float, shape: tuple[int, int] = (2600, 650)) -> float:
+def int8_density(kind: str, compression: float, shape: tuple[int, int] = (2600, 650), bits: int = 8) -> float:
     """The density a matrix (default 2600x650) keeps at ``compression`` x fewer bytes than dense float32 with int8
-    values (indices, pointers and row scales counted): unstructured CSR, or 16x4 blocks."""
+    (or ``bits``-wide) values (indices, pointers and row scales counted): unstructured CSR, or 16x4 blocks."""
     from leanlstm.methods.pruning import csr_entries_within
     from leanlstm.nn.forms.blocksparse import block_entries_within
 
     rows, cols = shape
     within = block_entries_within if kind == "blocksparse" else csr_entries_within
-    return within(rows, cols, rows * cols * 4 / compression, 8) / (rows * cols)
+    return within(rows, cols, rows * cols * 4 / compression, bits) / (rows * cols)
 
 
 DECODER = (10000, 650)
@@ -62,6 +63,7 @@ STRUCTURES = {
     "blocks-20x-int8-bytes": ("blocksparse", {"density": int8_density("blocksparse", 20)}),
     "blocks-40x-int8-bytes": ("blocksparse", {"density": int8_density("blocksparse", 40)}),
     "blocks-60x-int8-bytes": ("blocksparse", {"density": int8_density("blocksparse", 60)}),
+    "blocks-60x-int4-bytes": ("blocksparse", {"density": int8_density("blocksparse", 60, bits=4), "bits": 4}),
     # the same stack with the decoder in 16x4 blocks too (Prune(heads=N, block="16x4", value_bits=8)): N x fewer
     # bytes than the dense float32 decoder, int8 values
     "blocks-60x-int8-bytes+decoder-8x": ("blocksparse", {"density": int8_density("blocksparse", 60)},
@@ -86,8 +88,11 @@ def model(structure) -> WordLM:
     sizes = [227, 445] if structure == "shrunk" else [650, 650]        # ISS's medium-cpu result (row M2)
     lm = WordLM(LMConfig(vocab_size=10000, embed_size=650, hidden_sizes=sizes)).eval()
     if structure not in (None, "shrunk"):
-        form, options = structure[:2]
+        form, options = structure[0], dict(structure[1])
+        bits = options.pop("bits", None)
         lm.lstm.replace_forms(form, speed_check=False, **options)
+        for _, matrix in (lm.lstm.forms() if bits is not None else ()):
+            matrix.set_value_bits(bits)
     if isinstance(structure, tuple) and len(structure) > 2:       # a compressed decoder: a block density or a rank
         weight, decoder = lm.decoder.weight.detach(), structure[2]
         form = (LowRank.from_dense(weight, rank=decoder[1]) if isinstance(decoder, tuple)

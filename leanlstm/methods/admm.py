@@ -1,5 +1,5 @@
-"""ADMM joint pruning and int8 quantisation (ADMM-NN: Ren et al., ASPLOS 2019; the ADMM pruning of Zhang et al.,
-ECCV 2018): ``leanlstm.ADMM``, method ``admm``.
+"""ADMM joint pruning and int8 (or 4-bit) quantisation (ADMM-NN: Ren et al., ASPLOS 2019; the ADMM pruning of Zhang
+et al., ECCV 2018): ``leanlstm.ADMM``, method ``admm``.
 
 Training minimises ``loss(W)`` subject to ``W`` in ``S``: at most ``k`` non-zero entries per matrix (``k`` from
 the byte budget, counted as int8 CSR: 1-byte values, 2-byte column indices, 4-byte row pointers and a 4-byte scale
@@ -33,6 +33,8 @@ phase), int8 levels per row (the engine's), the default numbers, and budgets per
 ``quantise=False`` gives ADMM pruning alone (float32 values). ``block="16x4"`` makes the sparsity set whole blocks
 (``BlockSparse``, pruning's ``block``): the projection keeps the blocks of largest L2 norm, one index a block, so
 at 60x int8 bytes a 2600x650 matrix keeps 5.8% of its weights instead of 1.8%, in the engine's VNNI blocks.
+``bits=4`` (with ``block``) projects onto 15 levels per row instead of 255, as ADMM-NN quantises to a few bits:
+the engine keeps such blocks packed, two values a byte, so at 60x a 2600x650 matrix keeps 11.3% of its weights.
 
     handle = leanlstm.compress_(model, leanlstm.ADMM(compression=60, total_steps=len(loader) * epochs))
     ...  loss = loss + handle.penalty(); loss.backward(); optimizer.step(); handle.after_step()
