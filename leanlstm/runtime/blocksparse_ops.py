@@ -307,40 +307,57 @@ def _tile_row_scaled(steps: int, index_bits: int, packed: bool = False):
     return dot
 
 
-_dot_1_u16, _dot_4_u16 = _tile_row_dot(1, 16), _tile_row_dot(STEPS, 16)
-_dot_1_i32, _dot_4_i32 = _tile_row_dot(1, 32), _tile_row_dot(STEPS, 32)
-_scaled_1_u16, _scaled_4_u16 = _tile_row_scaled(1, 16), _tile_row_scaled(STEPS, 16)
-_scaled_1_i32, _scaled_4_i32 = _tile_row_scaled(1, 32), _tile_row_scaled(STEPS, 32)
-_dot4b_1_u16, _dot4b_4_u16 = _tile_row_dot(1, 16, True), _tile_row_dot(STEPS, 16, True)        # 4-bit tiles
-_dot4b_1_i32, _dot4b_4_i32 = _tile_row_dot(1, 32, True), _tile_row_dot(STEPS, 32, True)
-_scaled4b_1_u16, _scaled4b_4_u16 = _tile_row_scaled(1, 16, True), _tile_row_scaled(STEPS, 16, True)
-_scaled4b_1_i32, _scaled4b_4_i32 = _tile_row_scaled(1, 32, True), _tile_row_scaled(STEPS, 32, True)
+def _tile_row_calls(packed: bool):
+    """``(row, row_scaled)``: compiled functions that call the tile-row intrinsic of ``packed`` tiles (4-bit, or
+    int8) for the index width of ``cols`` and 1 or ``STEPS`` steps: ``row(w, cols, first, last, x, x_stride,
+    steps, acc)`` (``_tile_row_dot``) and ``row_scaled(w, cols, first, last, x, x_stride, steps, out, out_stride,
+    scales, corrections, step_scales)`` (``_tile_row_scaled``), every pointer a raw address but ``cols``."""
+    dot_1_u16, dot_4_u16 = _tile_row_dot(1, 16, packed), _tile_row_dot(STEPS, 16, packed)
+    dot_1_i32, dot_4_i32 = _tile_row_dot(1, 32, packed), _tile_row_dot(STEPS, 32, packed)
+    scaled_1_u16, scaled_4_u16 = _tile_row_scaled(1, 16, packed), _tile_row_scaled(STEPS, 16, packed)
+    scaled_1_i32, scaled_4_i32 = _tile_row_scaled(1, 32, packed), _tile_row_scaled(STEPS, 32, packed)
+
+    @njit(inline="always", **JIT)
+    def row(w, cols, first, last, x, x_stride, steps, acc):
+        c = cols.ctypes.data
+        if cols.itemsize == 2:
+            if steps == STEPS:
+                dot_4_u16(w, c, first, last, x, x_stride, acc)
+            else:
+                dot_1_u16(w, c, first, last, x, x_stride, acc)
+        elif steps == STEPS:
+            dot_4_i32(w, c, first, last, x, x_stride, acc)
+        else:
+            dot_1_i32(w, c, first, last, x, x_stride, acc)
+
+    @njit(inline="always", **JIT)
+    def row_scaled(w, cols, first, last, x, x_stride, steps, out, out_stride, scales, corrections, step_scales):
+        c = cols.ctypes.data
+        if cols.itemsize == 2:
+            if steps == STEPS:
+                scaled_4_u16(w, c, first, last, x, x_stride, out, out_stride, scales, corrections, step_scales)
+            else:
+                scaled_1_u16(w, c, first, last, x, x_stride, out, out_stride, scales, corrections, step_scales)
+        elif steps == STEPS:
+            scaled_4_i32(w, c, first, last, x, x_stride, out, out_stride, scales, corrections, step_scales)
+        else:
+            scaled_1_i32(w, c, first, last, x, x_stride, out, out_stride, scales, corrections, step_scales)
+    return row, row_scaled
+
+
+_int8_row, _int8_row_scaled = _tile_row_calls(packed=False)
+_4bit_row, _4bit_row_scaled = _tile_row_calls(packed=True)
 
 
 @njit(inline="always", **JIT)
 def _vnni_row(values, cols, first, last, xq, step, x_stride, steps, acc):
     """``acc[:steps]`` of one tile row for input rows ``step..step+steps`` of ``xq`` (1 or 4 steps); ``values``
     int8 tiles (nb, 16, 4) or 4-bit ones (nb, 32)."""
-    w, c, x, a = values.ctypes.data, cols.ctypes.data, xq.ctypes.data + step * x_stride * 4, acc.ctypes.data
+    w, x, a = values.ctypes.data, xq.ctypes.data + step * x_stride * 4, acc.ctypes.data
     if values.ndim == 2:
-        if cols.itemsize == 2:
-            if steps == STEPS:
-                _dot4b_4_u16(w, c, first, last, x, x_stride, a)
-            else:
-                _dot4b_1_u16(w, c, first, last, x, x_stride, a)
-        elif steps == STEPS:
-            _dot4b_4_i32(w, c, first, last, x, x_stride, a)
-        else:
-            _dot4b_1_i32(w, c, first, last, x, x_stride, a)
-    elif cols.itemsize == 2:
-        if steps == STEPS:
-            _dot_4_u16(w, c, first, last, x, x_stride, a)
-        else:
-            _dot_1_u16(w, c, first, last, x, x_stride, a)
-    elif steps == STEPS:
-        _dot_4_i32(w, c, first, last, x, x_stride, a)
+        _4bit_row(w, cols, first, last, x, x_stride, steps, a)
     else:
-        _dot_1_i32(w, c, first, last, x, x_stride, a)
+        _int8_row(w, cols, first, last, x, x_stride, steps, a)
 
 
 @njit(inline="always", **JIT)
@@ -349,27 +366,12 @@ def _vnni_row_scaled(values, cols, first, last, xq, step, x_stride, steps, out, 
     """One whole tile row (output rows ``row..row+16``) added, scaled, into ``out`` (float32, rows
     ``out_stride`` floats apart; ``out[0]`` is ``out``'s address for this step) for input rows ``step..step+steps``
     of ``xq`` (1 or 4 steps), with ``step_scales[0:steps]`` their input scales."""
-    w, c, x = values.ctypes.data, cols.ctypes.data, xq.ctypes.data + step * x_stride * 4
+    w, x = values.ctypes.data, xq.ctypes.data + step * x_stride * 4
     o, s, k = out + row * 4, scales.ctypes.data + row * 4, corrections.ctypes.data + row * 4
     if values.ndim == 2:
-        if cols.itemsize == 2:
-            if steps == STEPS:
-                _scaled4b_4_u16(w, c, first, last, x, x_stride, o, out_stride, s, k, step_scales)
-            else:
-                _scaled4b_1_u16(w, c, first, last, x, x_stride, o, out_stride, s, k, step_scales)
-        elif steps == STEPS:
-            _scaled4b_4_i32(w, c, first, last, x, x_stride, o, out_stride, s, k, step_scales)
-        else:
-            _scaled4b_1_i32(w, c, first, last, x, x_stride, o, out_stride, s, k, step_scales)
-    elif cols.itemsize == 2:
-        if steps == STEPS:
-            _scaled_4_u16(w, c, first, last, x, x_stride, o, out_stride, s, k, step_scales)
-        else:
-            _scaled_1_u16(w, c, first, last, x, x_stride, o, out_stride, s, k, step_scales)
-    elif steps == STEPS:
-        _scaled_4_i32(w, c, first, last, x, x_stride, o, out_stride, s, k, step_scales)
+        _4bit_row_scaled(w, cols, first, last, x, x_stride, steps, o, out_stride, s, k, step_scales)
     else:
-        _scaled_1_i32(w, c, first, last, x, x_stride, o, out_stride, s, k, step_scales)
+        _int8_row_scaled(w, cols, first, last, x, x_stride, steps, o, out_stride, s, k, step_scales)
 
 
 def tile_value(values, k, r, j):
