@@ -10,7 +10,8 @@ weights the engine runs.
 Calibration: ``clip="max"`` (the default) uses each row's largest magnitude; ``clip="mse"`` picks each row's scale
 by least squared error over clipping candidates (with 255 levels per row it lowers the weights' squared error by
 under 2% on Gaussian rows of 650-4096 entries, and not at all on heavy-tailed rows: there clipping one outlier costs
-more than the finer grid gains). No data is needed for weights; activations are
+more than the finer grid gains). At ``bits=4`` (15 levels a row, block-sparse forms) it does: on PTB `small` pruned
+to 60x in 4-bit blocks, test 115.71 with it against 116.96 without. No data is needed for weights; activations are
 quantised by the engine per step and per vector at run time (dynamic), so no activation ranges are calibrated.
 
 Quantisation-aware fine-tuning: train after ``compress_`` and call ``handle.after_step()`` after every optimiser
