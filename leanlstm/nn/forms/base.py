@@ -32,8 +32,8 @@ class WeightForm(nn.Module):
     # ONNX export: whether x @ W.T for a whole sequence at once (before the recurrence) beats one step at a
     # time; False for products that gain nothing from batching and would hold a large intermediate.
     onnx_batch_over_time: ClassVar[bool] = True
-    # Width of the stored values: 32 (float32), or 8 once quantised (``leanlstm.nn.quant.quantise_``: the values
-    # lie on a per-row int8 grid). ``nbytes()`` counts values at this width plus one float32 scale per row.
+    # Width of the stored values: 32 (float32), or 8 (or 4) once quantised (``leanlstm.nn.quant.quantise_``: the
+    # values lie on a per-row grid). ``nbytes()`` counts values at this width plus one float32 scale per row.
     value_bits: int = 32
     # The widths this form's engine ops store: 4 only where an op keeps two values a byte.
     value_bit_choices: ClassVar[tuple[int, ...]] = (8, 32)
