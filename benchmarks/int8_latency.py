@@ -91,8 +91,9 @@ def model(structure) -> WordLM:
         form, options = structure[0], dict(structure[1])
         bits = options.pop("bits", None)
         lm.lstm.replace_forms(form, speed_check=False, **options)
-        for _, matrix in (lm.lstm.forms() if bits is not None else ()):
-            matrix.set_value_bits(bits)
+        if bits is not None:
+            for _, matrix in lm.lstm.forms():
+                matrix.set_value_bits(bits)
     if isinstance(structure, tuple) and len(structure) > 2:       # a compressed decoder: a block density or a rank
         weight, decoder = lm.decoder.weight.detach(), structure[2]
         form = (LowRank.from_dense(weight, rank=decoder[1]) if isinstance(decoder, tuple)

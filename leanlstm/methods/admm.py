@@ -50,11 +50,11 @@ import torch
 
 from ..nn.forms import MaskedSparse
 from ..nn.forms.blocksparse import block_norms, expand_blocks
-from ..nn.quant import BITS, CLIPS, QUANT_BITS, Latent, lstm_bits, quantise_tensor
-from ..train import ConfigError, Range
+from ..nn.quant import BITS, CLIPS, QUANT_BITS, Latent, quantise_tensor
+from ..train import Range
 from .base import COMPRESSION, STEPS, UNIT, Method, MethodConfig
-from .pruning import (GradualPruning, convert_forms, empty_sparse, final_entries, is_sparse_form, parse_block,
-                      schedule_length, sparsity_summary, to_sparse)
+from .pruning import (GradualPruning, check_4_bit_block, convert_forms, empty_sparse, final_entries, is_sparse_form,
+                      parse_block, schedule_length, sparsity_summary, to_sparse)
 
 if TYPE_CHECKING:
     from ..compress import Compression
@@ -95,8 +95,7 @@ class ADMM(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         parse_block(self.block)
-        if self.bits == 4 and not self.block:
-            raise ConfigError("bits", 4, "be used with block=16x4: only block-sparse forms store 4-bit values")
+        check_4_bit_block("bits", self.bits, self.block)
 
 
 def top_mask(values: torch.Tensor, entries: int, block: tuple[int, int] | None = None) -> torch.Tensor:
@@ -200,9 +199,9 @@ class ADMMMethod(Method):
         return kept(values, mask, self.config.quantise, self.config.clip, self.config.bits)
 
     def _latent(self, handle: "Compression") -> Latent:
-        """Float latent weights of the masked retraining, snapped to the grid of ``bits``."""
+        """Float latent weights of the masked retraining, snapped to the grid of ``bits`` (the width ``finish``
+        recorded on the forms, checked there)."""
         forms = list(handle.forms())
-        lstm_bits(forms, self.config.bits)                  # every form can store the width
         return Latent([(name, form.weight, form.mask) for name, form in forms],
                       bits={name: self.config.bits for name, _ in forms})
 

@@ -89,8 +89,7 @@ class Prune(MethodConfig):
             raise ConfigError("heads", self.heads, "be 0 (the heads stay dense) or a compression of at least 1")
         if self.head_form != "pruned" and not self.heads:
             raise ConfigError("head_form", self.head_form, "be used with heads=N (the heads' compression)")
-        if self.value_bits == 4 and not self.block:
-            raise ConfigError("value_bits", 4, "be used with block=16x4: only block-sparse forms store 4-bit values")
+        check_4_bit_block("value_bits", self.value_bits, self.block)
         if self.value_bits == 4 and self.heads:
             raise ConfigError("value_bits", 4, "be 8 or 32 with heads=N: heads are stored in int8")
 
@@ -278,6 +277,12 @@ def parse_block(text: str) -> tuple[int, int] | None:
     if not sep or not rows.isdigit() or not cols.isdigit() or int(rows) < 1 or int(cols) < 1:
         raise ConfigError("block", text, "be ROWSxCOLS with positive whole numbers, e.g. 16x4, or empty")
     return int(rows), int(cols)
+
+
+def check_4_bit_block(field: str, bits: int, block: str) -> None:
+    """ConfigError when ``bits`` is 4 without a ``block``: only block-sparse forms store 4-bit values."""
+    if bits == 4 and not block:
+        raise ConfigError(field, 4, "be used with block=16x4: only block-sparse forms store 4-bit values")
 
 
 def convert_forms(handle: "Compression", build, keep) -> None:
