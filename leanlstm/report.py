@@ -174,7 +174,7 @@ class Row:
     preset: str | None = None
     metric: float | None = None                  # the task's test metric
     baseline_metric: float | None = None         # the dense model's, as recorded with the run or found here
-    lstm_params: int | None = None               # stored, sparse indices included
+    lstm_params: int | None = None               # stored float32 words (bytes / 4), indices included
     total_params: int | None = None
     timings: list[Timing] = field(default_factory=list)   # at most one per machine, the first read of each
     command: str = ""

@@ -624,8 +624,9 @@ def _model_from(task: type[Task], payload: dict[str, Any], source: Path) -> nn.M
 def lstm_numbers(model: nn.Module) -> dict[str, Any]:
     """Sizes and parameter counts of the model's LSTM stacks (found in the module tree, any attribute names):
     ``hidden_sizes`` (the per-layer sizes of the only stack, or ``{name: sizes}`` for several), stored and dense
-    LSTM parameters (sparse indices included), and all stored parameters of the model (a ``FormLinear`` head's as
-    its form stores them)."""
+    LSTM parameters, and all stored parameters of the model (a ``FormLinear`` head's as its form stores them).
+    Stored counts are float32 words, ``bytes / 4`` with indices and scales included, so an int8 form's count is
+    about a quarter of its kept weights: the counts compare sizes across value widths, not numbers of weights."""
     stacks = find_lstms(model)
     heads = [head for _, head in find_heads(model) if isinstance(head, FormLinear)]    # compressed: count their form
     inside = {id(p) for part in [stack for _, stack in stacks] + heads for p in part.parameters()}
