@@ -125,6 +125,22 @@ def test_int8_latency_runs_compares_each_run_with_its_own_fastest_peer(tmp_path)
     assert missing.returncode != 0 and "no leanlstm-int8 timing of other/lstm" in missing.stderr
 
 
+def test_int8_dense_parts_splits_the_step_into_products_and_the_rest(tmp_path):
+    script = Path(sweep.__file__).with_name("int8_dense_parts.py")
+    out = tmp_path / "parts.json"
+    done = subprocess.run([sys.executable, str(script), "--out", str(out), "--repeats", "2", "--rounds", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    us, derived = result["median_us"], result["derived"]
+    assert set(us) == {"recurrent", "input", "leanlstm-int8", "onnxruntime-int8"} and min(us.values()) > 0
+    assert derived["rest_us"] == pytest.approx(us["leanlstm-int8"] - us["recurrent"] - us["input"])
+    assert derived["recurrent_gb_per_s"] == pytest.approx(2 * 2600 * 650 / us["recurrent"] / 1e3)
+    refused = subprocess.run([sys.executable, str(script), "--out", str(out), "--rounds", "0"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "--repeats and --rounds must be at least 1" in refused.stderr
+
+
 def test_sweep_waits_for_a_source_training_in_another_process(tmp_path):
     from leanlstm.runs import _lock
 
