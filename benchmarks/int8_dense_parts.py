@@ -7,14 +7,15 @@ not depend on the values), the engine's own kernels and order of work (``kernels
 
 - ``recurrent``: each layer's 35 recurrent products (2600x650, ``int8_gemv``), one layer after the other, the panels
   walked in alternate directions from step to step as the engine walks them;
+- ``recurrent_in_l2``: the same 35 recurrent products on a 1024x650 matrix (0.67 MB), which stays in a 1 MB L2: the
+  rate at which the core brings int8 weights into L1 at all, for comparison with the 1.69 MB matrices' rate;
 - ``input``: each layer's input product over the 35 steps (``int8_gemm``: every 64-row panel loaded once and kept
   in cache while it multiplies all the steps, four at a time);
 - ``stack``: the engine's whole int8 stack (``leanlstm-int8``) and the same stack on ONNX Runtime int8 (the best
   dense peer), through ``runtime.latency.measure``.
 
 Rounds alternate the parts and the whole stacks; the median over rounds of each round's median of ``--repeats``
-samples, microseconds per step.
-From the medians: the rate at which the recurrent products read their 1.69 MB matrices (bandwidth), the rate of the
+samples, microseconds per step. From the medians: the rate at which the recurrent products read their 1.69 MB matrices (bandwidth), the rate of the
 input products' ``vpdpbusd`` instructions (one per 64 multiply-adds), and what is left for the gates and the input
 quantisation. With VNNI off (a CPU without it) the portable kernels are timed and the rates mean little.
 """
@@ -33,6 +34,7 @@ from numba import njit
 
 STEPS, HIDDEN, LAYERS = 35, 650, 2
 ROWS = 4 * HIDDEN
+L2_ROWS = 1024                          # 0.67 MB of int8 weights
 
 
 @njit(nogil=True)
@@ -41,11 +43,11 @@ def _recurrent(gemv, panels, scales, corrections, hs, gates):
         gemv(panels, scales, corrections, hs[k], gates[k], (k & 1) == 1)
 
 
-def _matrices(rng: np.random.Generator):
+def _matrices(rng: np.random.Generator, rows: int = ROWS, count: int = LAYERS):
     from leanlstm.runtime.int8 import pack_int8
 
     bound = 1 / np.sqrt(HIDDEN)           # torch.nn.LSTM's initialisation range
-    return [pack_int8(rng.uniform(-bound, bound, (ROWS, HIDDEN)).astype(np.float32)) for _ in range(LAYERS)]
+    return [pack_int8(rng.uniform(-bound, bound, (rows, HIDDEN)).astype(np.float32)) for _ in range(count)]
 
 
 def _time(call) -> float:
@@ -58,25 +60,30 @@ def parts(repeats: int, rng: np.random.Generator) -> dict[str, list[float]]:
     """``repeats`` samples of each part, taking turns, us per step."""
     from leanlstm.runtime.int8 import int8_gemm, int8_gemv
 
-    recurrent, inputs = _matrices(rng), _matrices(rng)
+    recurrent, inputs, (small,) = _matrices(rng), _matrices(rng), _matrices(rng, L2_ROWS, 1)
     hs = np.tanh(rng.standard_normal((STEPS, HIDDEN))).astype(np.float32)    # h lies in (-1, 1)
     xs = rng.standard_normal((STEPS, HIDDEN)).astype(np.float32)
-    gates = np.zeros((STEPS, ROWS), np.float32)
+    gates, small_gates = np.zeros((STEPS, ROWS), np.float32), np.zeros((STEPS, L2_ROWS), np.float32)
 
     def run_recurrent():
         for panels, scales, corrections in recurrent:
             _recurrent(int8_gemv, panels, scales, corrections, hs, gates)
 
+    def run_in_l2():
+        _recurrent(int8_gemv, *small, hs, small_gates)
+
     def run_input():
         for panels, scales, corrections in inputs:
             int8_gemm(panels, scales, corrections, xs, gates)
 
-    samples = {"recurrent": [], "input": []}
+    runs = {"recurrent": run_recurrent, "recurrent_in_l2": run_in_l2, "input": run_input}
     for _ in range(3):                                                 # compile and warm
-        run_recurrent(), run_input()
+        for run in runs.values():
+            run()
+    samples = {name: [] for name in runs}
     for _ in range(repeats):
-        samples["recurrent"].append(_time(run_recurrent))
-        samples["input"].append(_time(run_input))
+        for name, run in runs.items():
+            samples[name].append(_time(run))
     return samples
 
 
@@ -118,12 +125,14 @@ def main() -> None:
         for name, value in (medians | stacks(args.repeats)).items():
             rounds.setdefault(name, []).append(value)
     us = {name: statistics.median(values) for name, values in rounds.items()}
+    stack_parts = us["recurrent"] + us["input"]
     matrix_bytes = ROWS * HIDDEN                                       # int8 values; row scales are 0.6% more
     instructions = LAYERS * ROWS * HIDDEN / 64                         # vpdpbusd a step, both input products
     derived = {
         "recurrent_gb_per_s": LAYERS * matrix_bytes / us["recurrent"] / 1e3,
+        "recurrent_in_l2_gb_per_s": L2_ROWS * HIDDEN / us["recurrent_in_l2"] / 1e3,
         "input_vpdpbusd_per_ns": instructions / us["input"] / 1e3,
-        "rest_us": us["leanlstm-int8"] - us["recurrent"] - us["input"],
+        "rest_us": us["leanlstm-int8"] - stack_parts,
         "stack_vs_onnxruntime_int8": us["onnxruntime-int8"] / us["leanlstm-int8"],
         "onnxruntime_int8_over_1.4": us["onnxruntime-int8"] / 1.4,
     }
