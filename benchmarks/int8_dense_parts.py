@@ -17,7 +17,8 @@ not depend on the values), the engine's own kernels and order of work (``kernels
 Rounds alternate the parts and the whole stacks; the median over rounds of each round's median of ``--repeats``
 samples, microseconds per step. From the medians: the rates at which the recurrent products read their matrices
 (GB/s), the rate of the input products' ``vpdpbusd`` instructions (one per 64 multiply-adds), and what is left for
-the gates, the input quantisation and the pipeline's calls. With VNNI off (a CPU without it) the portable kernels are timed and the rates mean little.
+the gates, the input quantisation and the pipeline's calls. With VNNI off (a CPU without it) the portable kernels
+are timed and the rates mean little.
 """
 from __future__ import annotations
 
