@@ -88,19 +88,12 @@ def parts(repeats: int, rng: np.random.Generator) -> dict[str, list[float]]:
     return samples
 
 
-def stacks(repeats: int) -> dict[str, float]:
-    """The median of ``repeats`` samples of the whole dense stack on leanlstm int8 and on ONNX Runtime int8, taking
-    turns, us per step."""
-    import torch
-
+def stacks(stack, repeats: int) -> dict[str, float]:
+    """The median of ``repeats`` samples of the whole dense ``stack`` on leanlstm int8 and on ONNX Runtime int8,
+    taking turns, us per step."""
     from leanlstm.runtime.latency import measure
-    from leanlstm.runtime.pipeline import pipeline_of
-    from leanlstm.tasks.lm import LMConfig, WordLM
 
-    torch.manual_seed(0)
-    lm = WordLM(LMConfig(vocab_size=10000, embed_size=HIDDEN, hidden_sizes=[HIDDEN] * LAYERS)).eval()
-    result = measure({"dense": pipeline_of(lm).recurrent_only()}, ["leanlstm-int8", "onnxruntime-int8"],
-                     seq_len=STEPS, repeats=repeats)
+    result = measure({"dense": stack}, ["leanlstm-int8", "onnxruntime-int8"], seq_len=STEPS, repeats=repeats)
     measured = result["models"]["dense"]
     if measured["errors"]:
         raise SystemExit(f"a backend failed: {measured['errors']}")
@@ -116,24 +109,26 @@ def main() -> None:
     if args.repeats < 1 or args.rounds < 1:
         parser.error("--repeats and --rounds must be at least 1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from int8_latency import model          # the dense PTB medium-cpu word model the structures table times
     from leanlstm.runtime.int8 import VNNI_ON
     from leanlstm.runtime.latency import machine_info
+    from leanlstm.runtime.pipeline import pipeline_of
 
     rng = np.random.default_rng(0)
+    stack = pipeline_of(model(None)).recurrent_only()
     rounds: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         medians = {name: statistics.median(values) for name, values in parts(args.repeats, rng).items()}
-        for name, value in (medians | stacks(args.repeats)).items():
+        for name, value in (medians | stacks(stack, args.repeats)).items():
             rounds.setdefault(name, []).append(value)
     us = {name: statistics.median(values) for name, values in rounds.items()}
-    stack_parts = us["recurrent"] + us["input"]
     matrix_bytes = ROWS * HIDDEN                                       # int8 values; row scales are 0.6% more
     instructions = LAYERS * ROWS * HIDDEN / 64                         # vpdpbusd a step, both input products
     derived = {
         "recurrent_gb_per_s": LAYERS * matrix_bytes / us["recurrent"] / 1e3,
         "recurrent_in_l2_gb_per_s": L2_ROWS * HIDDEN / us["recurrent_in_l2"] / 1e3,
         "input_vpdpbusd_per_ns": instructions / us["input"] / 1e3,
-        "rest_us": us["leanlstm-int8"] - stack_parts,
+        "rest_us": us["leanlstm-int8"] - us["recurrent"] - us["input"],
         "stack_vs_onnxruntime_int8": us["onnxruntime-int8"] / us["leanlstm-int8"],
         "onnxruntime_int8_over_1.4": us["onnxruntime-int8"] / 1.4,
     }
